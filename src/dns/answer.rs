@@ -1,0 +1,1 @@
+//! Answer building: a pure function of (query bytes, table, rotation).

@@ -1,0 +1,10 @@
+//! The one integration test binary: real components on 127.0.0.1:0, real
+//! UDP/TCP packets, the real Docker engine.
+
+mod support;
+
+mod cluster;
+mod config;
+mod dns;
+mod docker;
+mod forward;
