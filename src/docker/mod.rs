@@ -1,32 +1,229 @@
 //! Docker watcher: feeds the registry with this host's container records.
+//!
+//! One OS thread runs a small current-thread tokio runtime for bollard. It
+//! lists and inspects the containers on the watched networks, sends the full
+//! set to the registry (`Replace`), then follows the engine's event stream and
+//! sends one `Upsert`/`Remove` per (container, network) that changed. When
+//! the engine is unreachable it retries with capped backoff and resyncs.
+//!
+//! Invariants: this thread never writes the table itself, only sends to the
+//! registry; the DNS never waits on it; a lost engine removes nothing until
+//! the resync after reconnection says what vanished; `stop` returns within
+//! [`STOP_POLL`] plus the join.
+
+mod names;
+mod watch;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
 
+use anyhow::Context;
 use crossbeam_channel::Sender;
 
 use crate::config::Config;
 use crate::registry::RegistryMsg;
 use crate::table::Origin;
 
+pub use names::{ContainerInfo, Endpoint, is_valid_label};
+
+/// First delay before reconnecting to a lost engine.
+pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// Longest delay between reconnection attempts.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Timeout of one engine request (inspect, list, ping; the event stream's
+/// headers).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often an idle event stream is checked with a ping, to notice a
+/// half-open connection to the engine.
+pub const PING_INTERVAL: Duration = Duration::from_secs(5);
+/// How often a blocked registry send checks for stop.
+pub const STOP_POLL: Duration = Duration::from_millis(50);
+/// Events replayed from before the resync, so none falls in the gap
+/// between the list and the subscription.
+pub const EVENTS_REPLAY_SECS: u64 = 2;
+
+/// Events counted for `/metrics`, as (type, action).
+pub const COUNTED_EVENTS: [(&str, &str); 10] = [
+    ("container", "start"),
+    ("container", "die"),
+    ("container", "destroy"),
+    ("container", "rename"),
+    ("container", "kill"),
+    ("network", "connect"),
+    ("network", "disconnect"),
+    ("network", "create"),
+    ("network", "destroy"),
+    ("other", "other"),
+];
+
+/// Counters of the Docker thread, for `/metrics`.
 #[derive(Debug, Default)]
-pub struct DockerStats {}
+pub struct DockerStats {
+    /// Indexed like [`COUNTED_EVENTS`].
+    pub events: [AtomicU64; COUNTED_EVENTS.len()],
+    /// Full resynchronisations (the first one at start included).
+    pub resyncs: AtomicU64,
+    /// Connections re-established after the engine was lost.
+    pub reconnects: AtomicU64,
+    /// Failed connection attempts and lost sessions.
+    pub connect_failures: AtomicU64,
+    /// 1 while the event stream is followed, else 0.
+    pub connected: AtomicU64,
+    /// Containers that currently have at least one record.
+    pub containers: AtomicU64,
+}
 
 impl DockerStats {
-    pub fn render(&self, _out: &mut String) {}
+    /// Counts one event; unknown pairs go to `other`.
+    pub fn count_event(&self, typ: &str, action: &str) {
+        let i = COUNTED_EVENTS
+            .iter()
+            .position(|&(t, a)| t == typ && a == action)
+            .unwrap_or(COUNTED_EVENTS.len() - 1);
+        self.events[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Prometheus text of every counter.
+    pub fn render(&self, out: &mut String) {
+        use std::fmt::Write;
+        let _ = writeln!(out, "# TYPE glued_docker_events_total counter");
+        for (i, (typ, action)) in COUNTED_EVENTS.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "glued_docker_events_total{{type=\"{typ}\",action=\"{action}\"}} {}",
+                self.events[i].load(Ordering::Relaxed)
+            );
+        }
+        for (name, kind, value) in [
+            ("glued_docker_resyncs_total", "counter", &self.resyncs),
+            ("glued_docker_reconnects_total", "counter", &self.reconnects),
+            (
+                "glued_docker_connect_failures_total",
+                "counter",
+                &self.connect_failures,
+            ),
+            ("glued_docker_engine_connected", "gauge", &self.connected),
+            ("glued_docker_containers_watched", "gauge", &self.containers),
+        ] {
+            let _ = writeln!(
+                out,
+                "# TYPE {name} {kind}\n{name} {}",
+                value.load(Ordering::Relaxed)
+            );
+        }
+    }
 }
 
 /// Handle to the Docker thread.
-pub struct Docker {}
+pub struct Docker {
+    stop: tokio::sync::watch::Sender<bool>,
+    thread: Option<JoinHandle<()>>,
+}
 
 impl Docker {
+    /// Starts the Docker thread. Returns at once: an absent engine is not an
+    /// error, the thread waits for it.
     pub fn start(
-        _config: &Config,
-        _origin: Origin,
-        _registry: Sender<RegistryMsg>,
-        _stats: Arc<DockerStats>,
+        config: &Config,
+        origin: Origin,
+        registry: Sender<RegistryMsg>,
+        stats: Arc<DockerStats>,
     ) -> anyhow::Result<Docker> {
-        Ok(Docker {})
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("building the Docker thread's runtime")?;
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let watcher = watch::Watcher::new(config, origin, registry, stats, stop_rx.clone());
+        let thread = std::thread::Builder::new()
+            .name("docker".into())
+            .spawn(move || runtime.block_on(watch::run(watcher, stop_rx)))
+            .context("spawning the Docker thread")?;
+        Ok(Docker {
+            stop: stop_tx,
+            thread: Some(thread),
+        })
     }
 
-    pub fn stop(self) {}
+    /// Stops the thread and joins it.
+    pub fn stop(mut self) {
+        let _ = self.stop.send(true);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Docker {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn render_lists_every_counter() {
+        let stats = DockerStats::default();
+        stats.count_event("container", "start");
+        stats.count_event("container", "pause");
+        let mut out = String::new();
+        stats.render(&mut out);
+        assert!(out.contains("glued_docker_events_total{type=\"container\",action=\"start\"} 1"));
+        assert!(out.contains("glued_docker_events_total{type=\"other\",action=\"other\"} 1"));
+        assert!(out.contains("glued_docker_engine_connected 0"));
+        assert!(out.contains("glued_docker_resyncs_total 0"));
+    }
+
+    #[test]
+    fn start_and_stop_without_an_engine_is_quick() {
+        let mut config = test_config();
+        config.docker_host = "unix:///nonexistent/docker.sock".into();
+        let (tx, _rx) = crossbeam_channel::bounded(4);
+        let stats = Arc::new(DockerStats::default());
+        let t0 = std::time::Instant::now();
+        let d = Docker::start(
+            &config,
+            Origin {
+                id: "a".into(),
+                node_name: "a".into(),
+            },
+            tx,
+            stats.clone(),
+        )
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        d.stop();
+        assert!(t0.elapsed() < Duration::from_millis(800));
+        assert!(stats.connect_failures.load(Ordering::Relaxed) >= 1);
+        assert_eq!(stats.connected.load(Ordering::Relaxed), 0);
+    }
+
+    fn test_config() -> Config {
+        Config {
+            dns_bind: "127.0.0.1:0".parse().unwrap(),
+            dns_threads: 1,
+            http_bind: "127.0.0.1:0".parse().unwrap(),
+            domain: "glued.internal".into(),
+            node_name: "a".into(),
+            ttl_secs: 5,
+            upstreams: vec![],
+            allow_nets: vec![],
+            networks: vec!["glued_net".into()],
+            docker_host: "unix:///var/run/docker.sock".into(),
+            data_dir: std::env::temp_dir(),
+            gossip_bind: "127.0.0.1:0".parse().unwrap(),
+            mdns: false,
+            lease_secs: 15,
+            bootstrap_peers: vec![],
+            topic_id: None,
+            cluster_secret: crate::config::Secret::new("x".into()),
+            records: vec![],
+            log: "info".into(),
+        }
+    }
 }

@@ -1,0 +1,285 @@
+//! From one `docker inspect` to the record groups of that container: pure
+//! functions, tested without an engine.
+//!
+//! Invariant: every name in a returned [`Group`] is a lowercase, valid single
+//! DNS label, the container name (when valid) comes first, no name repeats,
+//! and a container that is not running or opted out has no groups.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use bollard::models::{ContainerInspectResponse, EndpointSettings};
+
+use crate::table::Group;
+
+/// Label holding extra names, comma-separated.
+pub const LABEL_NAMES: &str = "glued.names";
+/// Label that hides a container when set to a false value.
+pub const LABEL_ENABLE: &str = "glued.enable";
+/// Label Compose sets to the service name.
+pub const LABEL_COMPOSE_SERVICE: &str = "com.docker.compose.service";
+/// Hex digits of the short container id.
+pub const SHORT_ID_LEN: usize = 12;
+/// Longest DNS label (RFC 1035 §2.3.4).
+pub const MAX_LABEL_LEN: usize = 63;
+
+/// What Glued needs of one container, taken from an inspect response.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ContainerInfo {
+    /// Full id (64 hex digits).
+    pub id: String,
+    /// Name without the leading `/`.
+    pub name: String,
+    pub running: bool,
+    pub labels: HashMap<String, String>,
+    /// Network name → the container's endpoint on it.
+    pub networks: HashMap<String, Endpoint>,
+}
+
+/// One container's endpoint on one network.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Endpoint {
+    pub aliases: Vec<String>,
+    pub v4: Option<Ipv4Addr>,
+    pub v6: Option<Ipv6Addr>,
+}
+
+impl ContainerInfo {
+    /// Extracts the fields Glued uses; `None` when the response has no id.
+    pub fn from_inspect(c: ContainerInspectResponse) -> Option<ContainerInfo> {
+        let id = c.id?;
+        let name = c
+            .name
+            .unwrap_or_default()
+            .trim_start_matches('/')
+            .to_owned();
+        let running = c.state.and_then(|s| s.running).unwrap_or(false);
+        let labels = c.config.and_then(|c| c.labels).unwrap_or_default();
+        let networks = c
+            .network_settings
+            .and_then(|n| n.networks)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(net, ep)| (net, Endpoint::from_settings(ep)))
+            .collect();
+        Some(ContainerInfo {
+            id,
+            name,
+            running,
+            labels,
+            networks,
+        })
+    }
+
+    /// The 12-hex-digit short id.
+    pub fn short_id(&self) -> &str {
+        &self.id[..self.id.len().min(SHORT_ID_LEN)]
+    }
+
+    /// False when the `glued.enable` label opts the container out.
+    pub fn enabled(&self) -> bool {
+        match self.labels.get(LABEL_ENABLE) {
+            None => true,
+            Some(v) => !matches!(
+                v.trim().to_ascii_lowercase().as_str(),
+                "false" | "0" | "no" | "off"
+            ),
+        }
+    }
+
+    /// One group per watched network the container is attached to (keyed
+    /// by network name). Empty when the container is stopped or opted out.
+    pub fn groups(&self, watched: &[String]) -> BTreeMap<String, Group> {
+        let mut out = BTreeMap::new();
+        if !self.running || !self.enabled() {
+            return out;
+        }
+        for net in watched {
+            let Some(ep) = self.networks.get(net) else {
+                continue;
+            };
+            let group = Group {
+                names: self.names(ep),
+                v4: ep.v4.into_iter().collect(),
+                v6: ep.v6.into_iter().collect(),
+            };
+            if !group.names.is_empty() && !(group.v4.is_empty() && group.v6.is_empty()) {
+                out.insert(net.clone(), group);
+            }
+        }
+        out
+    }
+
+    /// Names on one network, in SPEC §3 order: container name (the PTR
+    /// primary), aliases, Compose service, short id, `glued.names`.
+    fn names(&self, ep: &Endpoint) -> Vec<String> {
+        let mut names: Vec<String> = Vec::new();
+        let candidates = std::iter::once(self.name.as_str())
+            .chain(ep.aliases.iter().map(String::as_str))
+            .chain(self.labels.get(LABEL_COMPOSE_SERVICE).map(String::as_str))
+            .chain(std::iter::once(self.short_id()))
+            .chain(
+                self.labels
+                    .get(LABEL_NAMES)
+                    .into_iter()
+                    .flat_map(|v| v.split(',')),
+            );
+        for raw in candidates {
+            let name = raw.trim().to_ascii_lowercase();
+            if name.is_empty() {
+                continue;
+            }
+            if !is_valid_label(&name) {
+                log::debug!(
+                    "container {}: name {name:?} is not a single DNS label, skipped",
+                    self.short_id()
+                );
+                continue;
+            }
+            if !names.contains(&name) {
+                names.push(name);
+            }
+        }
+        names
+    }
+}
+
+impl Endpoint {
+    fn from_settings(ep: EndpointSettings) -> Endpoint {
+        Endpoint {
+            aliases: ep.aliases.unwrap_or_default(),
+            v4: ep.ip_address.and_then(|s| s.parse().ok()),
+            v6: ep.global_ipv6_address.and_then(|s| s.parse().ok()),
+        }
+    }
+}
+
+/// A lowercase single DNS label: 1 to 63 of `a-z 0-9 - _`, not starting or
+/// ending with `-`. Underscores are kept because Docker and Compose v1 names
+/// use them and DNS carries them fine.
+pub fn is_valid_label(name: &str) -> bool {
+    let b = name.as_bytes();
+    !b.is_empty()
+        && b.len() <= MAX_LABEL_LEN
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-' || *c == b'_')
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-'
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ID: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    fn info(labels: &[(&str, &str)]) -> ContainerInfo {
+        let mut networks = HashMap::new();
+        networks.insert(
+            "glued_net".to_owned(),
+            Endpoint {
+                aliases: vec!["Web".into(), "0123456789ab".into(), "bad.alias".into()],
+                v4: Some("172.20.0.5".parse().unwrap()),
+                v6: Some("fd00::5".parse().unwrap()),
+            },
+        );
+        networks.insert(
+            "other".to_owned(),
+            Endpoint {
+                aliases: vec![],
+                v4: Some("172.21.0.5".parse().unwrap()),
+                v6: None,
+            },
+        );
+        ContainerInfo {
+            id: ID.into(),
+            name: "My_App".into(),
+            running: true,
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            networks,
+        }
+    }
+
+    #[test]
+    fn names_follow_the_spec_order_lowercased_and_deduplicated() {
+        let c = info(&[
+            (LABEL_COMPOSE_SERVICE, "web"),
+            (LABEL_NAMES, " api , API,-bad,x.y,extra"),
+        ]);
+        let groups = c.groups(&["glued_net".into()]);
+        let g = &groups["glued_net"];
+        assert_eq!(g.names, ["my_app", "web", "0123456789ab", "api", "extra"]);
+        assert_eq!(g.v4, ["172.20.0.5".parse::<Ipv4Addr>().unwrap()]);
+        assert_eq!(g.v6, ["fd00::5".parse::<Ipv6Addr>().unwrap()]);
+    }
+
+    #[test]
+    fn only_watched_networks_give_groups() {
+        let c = info(&[]);
+        let groups = c.groups(&["other".into(), "absent".into()]);
+        assert_eq!(groups.keys().collect::<Vec<_>>(), ["other"]);
+        assert_eq!(groups["other"].names, ["my_app", "0123456789ab"]);
+    }
+
+    #[test]
+    fn stopped_or_opted_out_containers_have_no_groups() {
+        let mut c = info(&[]);
+        c.running = false;
+        assert!(c.groups(&["glued_net".into()]).is_empty());
+        for v in ["false", "FALSE", "0", "no", "off"] {
+            assert!(
+                info(&[(LABEL_ENABLE, v)])
+                    .groups(&["glued_net".into()])
+                    .is_empty()
+            );
+        }
+        assert_eq!(
+            info(&[(LABEL_ENABLE, "true")])
+                .groups(&["glued_net".into()])
+                .len(),
+            1
+        );
+    }
+
+    #[test]
+    fn an_endpoint_without_addresses_gives_no_group() {
+        let mut c = info(&[]);
+        let ep = c.networks.get_mut("other").unwrap();
+        ep.v4 = None;
+        assert!(c.groups(&["other".into()]).is_empty());
+    }
+
+    #[test]
+    fn label_validity() {
+        for ok in ["a", "api", "my_app", "web-1", &"a".repeat(63)] {
+            assert!(is_valid_label(ok), "{ok}");
+        }
+        for bad in ["", "-a", "a-", "a.b", "A", "a b", "é", &"a".repeat(64)] {
+            assert!(!is_valid_label(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn from_inspect_reads_the_engine_json() {
+        let json = serde_json::json!({
+            "Id": ID,
+            "Name": "/db",
+            "State": {"Running": true},
+            "Config": {"Labels": {"glued.names": "postgres"}},
+            "NetworkSettings": {"Networks": {"glued_net": {
+                "Aliases": ["database"],
+                "IPAddress": "10.1.0.2",
+                "GlobalIPv6Address": ""
+            }}}
+        });
+        let c: ContainerInspectResponse = serde_json::from_value(json).unwrap();
+        let c = ContainerInfo::from_inspect(c).unwrap();
+        let g = &c.groups(&["glued_net".into()])["glued_net"];
+        assert_eq!(g.names, ["db", "database", "0123456789ab", "postgres"]);
+        assert_eq!(g.v4, ["10.1.0.2".parse::<Ipv4Addr>().unwrap()]);
+        assert!(g.v6.is_empty());
+    }
+}
