@@ -450,18 +450,18 @@ start_glued() {
         echo "http_bind = \"127.0.0.1:0\""
         echo "domain = \"$ZONE_DOMAIN\""
         echo "node_name = \"bench\""
-        echo "upstreams = [\"$upstream\"]"
+        echo "upstreams = \"$upstream\""
         echo "data_dir = \"$dir/data\""
         echo "gossip_bind = \"127.0.0.1:0\""
         echo "mdns = false"
-        echo "networks = [\"glued-bench-no-such-network\"]"
+        echo "network_name = \"glued-bench-no-such-network\""
         echo "log = \"warn\""
         for ((i = 0; i < ZONE_COUNT; i++)); do
             printf '\n[[records]]\nname = "%s%d"\nip = "%s"\n' "$ZONE_PREFIX" "$i" "$(host_ip "$i")"
         done
     } > "$dir/glued.toml"
-    # The environment repeats the essentials in case a file key is spelled
-    # differently; it also wins over the file (SPEC §8).
+    # The environment repeats the essentials (it wins over the file, SPEC §8),
+    # so a run is the same whatever ./glued.toml or GLUED_* the caller has.
     start_pinned "$cpu" "$label" env \
         GLUED_DNS_BIND="127.0.0.1:$port" GLUED_DNS_THREADS=1 GLUED_MDNS=false \
         GLUED_GOSSIP_BIND=127.0.0.1:0 GLUED_HTTP_BIND=127.0.0.1:0 \
