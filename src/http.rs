@@ -1,26 +1,335 @@
 //! HTTP status: `/metrics`, `/healthz`, `/records`, `/peers`.
+//!
+//! A deliberately small HTTP/1.1 server on one thread: it accepts one
+//! connection at a time, reads one `GET` request of bounded size under a
+//! short deadline, answers with `Connection: close`, and moves on.
+//!
+//! Invariants: a slow, stuck or hostile client holds the thread for at most
+//! [`REQUEST_DEADLINE`] plus [`WRITE_TIMEOUT`]; no request makes it allocate
+//! more than [`MAX_REQUEST_BYTES`] for input; nothing here panics on input;
+//! the thread only reads the table, the metrics and the peer list.
 
-use std::io;
-use std::net::SocketAddr;
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use crate::gossip::Peers;
 use crate::metrics::Metrics;
-use crate::table::SharedTable;
+use crate::table::{SharedTable, Source};
 
+/// Largest request head (request line and headers) read; larger gets 431.
+pub const MAX_REQUEST_BYTES: usize = 8 * 1024;
+/// Time a client has to send its whole request head.
+pub const REQUEST_DEADLINE: Duration = Duration::from_secs(2);
+/// Time a client has to take each chunk of the answer.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often the idle accept loop looks at the stop flag.
+pub const STOP_POLL: Duration = Duration::from_millis(100);
+/// Prometheus text exposition format.
+pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+const JSON_CONTENT_TYPE: &str = "application/json";
+const TEXT_CONTENT_TYPE: &str = "text/plain; charset=utf-8";
+
+/// What the status thread reads to answer.
+struct State {
+    table: SharedTable,
+    metrics: Arc<Metrics>,
+    peers: Peers,
+}
+
+/// The running status thread.
 pub struct HttpServer {
     pub addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
 }
 
 impl HttpServer {
+    /// Binds `bind` and starts the status thread.
     pub fn start(
-        _bind: SocketAddr,
-        _table: SharedTable,
-        _metrics: Arc<Metrics>,
-        _peers: Peers,
+        bind: SocketAddr,
+        table: SharedTable,
+        metrics: Arc<Metrics>,
+        peers: Peers,
     ) -> io::Result<HttpServer> {
-        todo!("http")
+        let listener = TcpListener::bind(bind)?;
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let state = State {
+            table,
+            metrics,
+            peers,
+        };
+        let thread = std::thread::Builder::new()
+            .name("glued-http".into())
+            .spawn({
+                let stop = stop.clone();
+                move || serve(listener, state, &stop)
+            })?;
+        Ok(HttpServer {
+            addr,
+            stop,
+            thread: Some(thread),
+        })
     }
 
-    pub fn stop(self) {}
+    /// Stops the thread and joins it (within [`STOP_POLL`] when idle).
+    pub fn stop(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn serve(listener: TcpListener, state: State, stop: &AtomicBool) {
+    while !stop.load(Ordering::Relaxed) {
+        match listener.accept() {
+            Ok((stream, peer)) => {
+                if let Err(e) = handle(stream, &state) {
+                    log::debug!("http: client {peer}: {e}");
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => wait_readable(&listener),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                // Out of descriptors and the like: back off instead of spinning.
+                log::warn!("http: accept failed: {e}");
+                std::thread::sleep(STOP_POLL);
+            }
+        }
+    }
+}
+
+/// Sleeps until the listener has a connection or [`STOP_POLL`] passes.
+fn wait_readable(listener: &TcpListener) {
+    let mut fd = libc::pollfd {
+        fd: listener.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call.
+    unsafe { libc::poll(&mut fd, 1, STOP_POLL.as_millis() as libc::c_int) };
+}
+
+/// An answer: status line, content type, body.
+struct Response {
+    status: &'static str,
+    content_type: &'static str,
+    body: String,
+    allow_get: bool,
+}
+
+impl Response {
+    fn text(status: &'static str, body: &str) -> Response {
+        Response {
+            status,
+            content_type: TEXT_CONTENT_TYPE,
+            body: format!("{body}\n"),
+            allow_get: false,
+        }
+    }
+}
+
+fn handle(mut stream: TcpStream, state: &State) -> io::Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
+    let (response, head_only) = match read_head(&mut stream)? {
+        Head::Complete(head) => route(&head, state),
+        Head::TooLarge => (
+            Response::text("431 Request Header Fields Too Large", "request too large"),
+            false,
+        ),
+        Head::Closed => return Ok(()),
+    };
+    let mut out = format!(
+        "HTTP/1.1 {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n",
+        response.status,
+        response.content_type,
+        response.body.len()
+    );
+    if response.allow_get {
+        out.push_str("Allow: GET, HEAD\r\n");
+    }
+    out.push_str("\r\n");
+    if !head_only {
+        out.push_str(&response.body);
+    }
+    stream.write_all(out.as_bytes())?;
+    stream.flush()?;
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    Ok(())
+}
+
+enum Head {
+    Complete(Vec<u8>),
+    TooLarge,
+    /// The client went away (or never finished) before the end of the head.
+    Closed,
+}
+
+/// Reads up to the blank line that ends the request head, within
+/// [`REQUEST_DEADLINE`] and [`MAX_REQUEST_BYTES`].
+fn read_head(stream: &mut TcpStream) -> io::Result<Head> {
+    let deadline = Instant::now() + REQUEST_DEADLINE;
+    let mut buf = vec![0u8; MAX_REQUEST_BYTES];
+    let mut len = 0;
+    loop {
+        if find_head_end(&buf[..len]).is_some() {
+            buf.truncate(len);
+            return Ok(Head::Complete(buf));
+        }
+        if len == buf.len() {
+            return Ok(Head::TooLarge);
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "request too slow"));
+        }
+        stream.set_read_timeout(Some(left))?;
+        match stream.read(&mut buf[len..]) {
+            Ok(0) => return Ok(Head::Closed),
+            Ok(n) => len += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn find_head_end(buf: &[u8]) -> Option<usize> {
+    buf.windows(4).position(|w| w == b"\r\n\r\n").or_else(|| {
+        // Be lenient with bare-LF clients (netcat, hand-typed requests).
+        buf.windows(2).position(|w| w == b"\n\n")
+    })
+}
+
+/// Picks the answer for a request head; the flag is true for `HEAD`.
+fn route(head: &[u8], state: &State) -> (Response, bool) {
+    let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
+    let line = String::from_utf8_lossy(line);
+    let mut words = line.split_whitespace();
+    let (Some(method), Some(target), Some(version)) = (words.next(), words.next(), words.next())
+    else {
+        return (Response::text("400 Bad Request", "bad request"), false);
+    };
+    if !version.starts_with("HTTP/1.") {
+        return (Response::text("400 Bad Request", "bad request"), false);
+    }
+    let head_only = method == "HEAD";
+    if method != "GET" && !head_only {
+        let mut r = Response::text("405 Method Not Allowed", "method not allowed");
+        r.allow_get = true;
+        return (r, false);
+    }
+    let path = target.split(['?', '#']).next().unwrap_or_default();
+    let response = match path {
+        "/metrics" => Response {
+            status: "200 OK",
+            content_type: METRICS_CONTENT_TYPE,
+            body: state.metrics.render(&state.table.load()),
+            allow_get: false,
+        },
+        "/healthz" => Response::text("200 OK", "ok"),
+        "/records" => json(records_json(state)),
+        "/peers" => {
+            let peers = state.peers.lock().unwrap_or_else(|e| e.into_inner());
+            json(serde_json::to_string(&*peers))
+        }
+        _ => Response::text("404 Not Found", "not found"),
+    };
+    (response, head_only)
+}
+
+fn json(body: serde_json::Result<String>) -> Response {
+    match body {
+        Ok(mut body) => {
+            body.push('\n');
+            Response {
+                status: "200 OK",
+                content_type: JSON_CONTENT_TYPE,
+                body,
+                allow_get: false,
+            }
+        }
+        Err(e) => Response::text("500 Internal Server Error", &e.to_string()),
+    }
+}
+
+/// One entry of `/records`.
+#[derive(serde::Serialize)]
+struct RecordJson<'a> {
+    origin: &'a str,
+    node_name: &'a str,
+    source: &'a Source,
+    names: &'a [String],
+    addresses: Vec<String>,
+}
+
+/// Every record group of the table as a JSON array.
+fn records_json(state: &State) -> serde_json::Result<String> {
+    let table = state.table.load();
+    let records: Vec<RecordJson> = table
+        .groups
+        .iter()
+        .map(|((origin, source), group)| RecordJson {
+            origin: &origin.id,
+            node_name: &origin.node_name,
+            source,
+            names: &group.names,
+            addresses: group
+                .v4
+                .iter()
+                .map(|ip| ip.to_string())
+                .chain(group.v6.iter().map(|ip| ip.to_string()))
+                .collect(),
+        })
+        .collect();
+    serde_json::to_string(&records)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn head_end() {
+        assert_eq!(
+            find_head_end(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"),
+            Some(23)
+        );
+        assert_eq!(find_head_end(b"GET / HTTP/1.0\n\n"), Some(14));
+        assert_eq!(find_head_end(b"GET / HTTP/1.1\r\nHost: x\r\n"), None);
+    }
+
+    fn state() -> State {
+        State {
+            table: crate::table::shared("glued.internal", 5),
+            metrics: Arc::new(Metrics::default()),
+            peers: Peers::default(),
+        }
+    }
+
+    #[test]
+    fn routes() {
+        let s = state();
+        let status = |head: &str| route(head.as_bytes(), &s).0.status;
+        assert_eq!(status("GET /healthz HTTP/1.1\r\n\r\n"), "200 OK");
+        assert_eq!(status("GET /metrics?x=1 HTTP/1.1\r\n\r\n"), "200 OK");
+        assert_eq!(status("GET /records HTTP/1.1\r\n\r\n"), "200 OK");
+        assert_eq!(status("GET /peers HTTP/1.1\r\n\r\n"), "200 OK");
+        assert_eq!(status("GET /nope HTTP/1.1\r\n\r\n"), "404 Not Found");
+        assert_eq!(
+            status("POST /healthz HTTP/1.1\r\n\r\n"),
+            "405 Method Not Allowed"
+        );
+        assert_eq!(status("garbage\r\n\r\n"), "400 Bad Request");
+        assert_eq!(status("GET / SPDY/3\r\n\r\n"), "400 Bad Request");
+        assert!(route(b"HEAD /healthz HTTP/1.1\r\n\r\n", &s).1);
+        assert_eq!(route(b"GET /records HTTP/1.1\r\n\r\n", &s).0.body, "[]\n");
+    }
 }
