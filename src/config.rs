@@ -1865,6 +1865,41 @@ mod tests {
         assert_eq!(default_upstreams(resolv, other_port, &local).len(), 5);
     }
 
+    /// glued.toml.example documents every key, and its example values,
+    /// uncommented, are valid.
+    #[test]
+    fn example_file_is_complete_and_valid() {
+        let example = include_str!("../glued.toml.example");
+        for spec in KEYS {
+            assert!(
+                example.contains(&format!("\n# {} = ", spec.file)),
+                "{}",
+                spec.file
+            );
+        }
+        let is_setting = |rest: &str| {
+            rest.starts_with("[[records]]")
+                || (rest.starts_with(' ') && rest.trim_start().starts_with('"'))
+                || rest
+                    .split_once(" = ")
+                    .is_some_and(|(k, _)| k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'))
+        };
+        let uncommented: String = example
+            .lines()
+            .filter(|l| !l.starts_with("# cluster_secret_file"))
+            .map(|l| match l.strip_prefix("# ") {
+                Some(rest) if is_setting(rest) => rest,
+                _ => l,
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let file = parse_file(Path::new("glued.toml"), &uncommented).unwrap();
+        assert!(file.settings.len() >= KEYS.len() - 1, "{uncommented}");
+        let c = Config::from_layers(file, vec![], vec![], &host()).unwrap();
+        assert_eq!(c.records.len(), 2);
+        assert_eq!(c.dns_bind, "192.168.1.10:53".parse().unwrap());
+    }
+
     #[test]
     fn node_name_default_is_a_label() {
         assert_eq!(default_node_name("Web-1.example.com"), "web-1");
