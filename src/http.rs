@@ -5,7 +5,8 @@
 //! short deadline, answers with `Connection: close`, and moves on.
 //!
 //! Invariants: a slow, stuck or hostile client holds the thread for at most
-//! [`REQUEST_DEADLINE`] plus [`WRITE_TIMEOUT`]; no request makes it allocate
+//! [`REQUEST_DEADLINE`] plus [`WRITE_TIMEOUT`] (plus [`DRAIN_TIMEOUT`] for
+//! a refused request); no request makes it allocate
 //! more than [`MAX_REQUEST_BYTES`] for input; nothing here panics on input;
 //! the thread only reads the table, the metrics and the peer list.
 
@@ -27,6 +28,10 @@ pub const MAX_REQUEST_BYTES: usize = 8 * 1024;
 pub const REQUEST_DEADLINE: Duration = Duration::from_secs(2);
 /// Time a client has to take each chunk of the answer.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest time spent discarding the rest of a refused request.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_millis(200);
+/// Most bytes discarded from a refused request.
+pub const MAX_DRAIN_BYTES: usize = 64 * 1024;
 /// How often the idle accept loop looks at the stop flag.
 pub const STOP_POLL: Duration = Duration::from_millis(100);
 /// Prometheus text exposition format.
@@ -141,12 +146,21 @@ fn handle(mut stream: TcpStream, state: &State) -> io::Result<()> {
     stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
     let (response, head_only) = match read_head(&mut stream)? {
         Head::Complete(head) => route(&head, state),
-        Head::TooLarge => (
-            Response::text("431 Request Header Fields Too Large", "request too large"),
-            false,
-        ),
+        Head::TooLarge => {
+            let r = Response::text("431 Request Header Fields Too Large", "request too large");
+            write_response(&mut stream, &r, false)?;
+            // Read (a bounded amount of) what the client is still sending, so
+            // that closing does not reset the connection before it reads the
+            // answer.
+            drain(&mut stream);
+            return Ok(());
+        }
         Head::Closed => return Ok(()),
     };
+    write_response(&mut stream, &response, head_only)
+}
+
+fn write_response(stream: &mut TcpStream, response: &Response, head_only: bool) -> io::Result<()> {
     let mut out = format!(
         "HTTP/1.1 {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n",
         response.status,
@@ -164,6 +178,23 @@ fn handle(mut stream: TcpStream, state: &State) -> io::Result<()> {
     stream.flush()?;
     let _ = stream.shutdown(std::net::Shutdown::Write);
     Ok(())
+}
+
+/// Discards input for at most [`DRAIN_TIMEOUT`] or [`MAX_DRAIN_BYTES`].
+fn drain(stream: &mut TcpStream) {
+    let deadline = Instant::now() + DRAIN_TIMEOUT;
+    let mut buf = [0u8; 4096];
+    let mut total = 0;
+    while total < MAX_DRAIN_BYTES {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
+            return;
+        }
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => total += n,
+        }
+    }
 }
 
 enum Head {

@@ -8,3 +8,4 @@ mod config;
 mod dns;
 mod docker;
 mod forward;
+mod http;
