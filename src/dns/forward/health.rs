@@ -1,0 +1,190 @@
+//! Health of one upstream: a small state machine driven by the outcomes of
+//! the queries sent to it, with time passed in as an argument.
+//!
+//! Invariant: an upstream that is down receives at most one probe per
+//! [`PROBE_INTERVAL`]; any answer it gives (to a probe or to a real query)
+//! brings it back up at once.
+
+use std::time::{Duration, Instant};
+
+/// Consecutive failures (timeouts, SERVFAIL, REFUSED) that mark an upstream
+/// down.
+pub const DOWN_AFTER_FAILURES: u32 = 3;
+/// How often an upstream that is down is probed.
+pub const PROBE_INTERVAL: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone)]
+pub struct Health {
+    consecutive_failures: u32,
+    /// Set while down: when the next probe may be sent.
+    next_probe: Option<Instant>,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Health::new()
+    }
+}
+
+impl Health {
+    pub fn new() -> Health {
+        Health {
+            consecutive_failures: 0,
+            next_probe: None,
+        }
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.next_probe.is_none()
+    }
+
+    pub fn consecutive_failures(&self) -> u32 {
+        self.consecutive_failures
+    }
+
+    /// The upstream answered usefully. Returns true when it was down.
+    pub fn on_success(&mut self) -> bool {
+        self.consecutive_failures = 0;
+        self.next_probe.take().is_some()
+    }
+
+    /// The upstream timed out or answered SERVFAIL/REFUSED. Returns true
+    /// when this failure marked it down.
+    pub fn on_failure(&mut self, now: Instant) -> bool {
+        self.consecutive_failures = self.consecutive_failures.saturating_add(1);
+        if self.is_up() && self.consecutive_failures >= DOWN_AFTER_FAILURES {
+            self.next_probe = Some(now + PROBE_INTERVAL);
+            return true;
+        }
+        false
+    }
+
+    /// When the next probe is due, if the upstream is down.
+    pub fn next_probe(&self) -> Option<Instant> {
+        self.next_probe
+    }
+
+    /// True (once per interval) when a probe should be sent now; the caller
+    /// sends it.
+    pub fn take_probe(&mut self, now: Instant) -> bool {
+        match self.next_probe {
+            Some(at) if now >= at => {
+                self.next_probe = Some(now + PROBE_INTERVAL);
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn goes_down_after_consecutive_failures_only() {
+        let t0 = Instant::now();
+        let mut h = Health::new();
+        for _ in 0..DOWN_AFTER_FAILURES - 1 {
+            assert!(!h.on_failure(t0));
+        }
+        assert!(!h.on_success(), "was up");
+        for _ in 0..DOWN_AFTER_FAILURES - 1 {
+            assert!(!h.on_failure(t0));
+        }
+        assert!(h.is_up());
+        assert!(h.on_failure(t0), "the Nth failure in a row marks it down");
+        assert!(!h.is_up());
+        assert!(!h.on_failure(t0), "already down");
+        assert_eq!(h.consecutive_failures(), DOWN_AFTER_FAILURES + 1);
+    }
+
+    #[test]
+    fn down_upstream_is_probed_once_per_interval() {
+        let t0 = Instant::now();
+        let mut h = Health::new();
+        for _ in 0..DOWN_AFTER_FAILURES {
+            h.on_failure(t0);
+        }
+        assert_eq!(h.next_probe(), Some(t0 + PROBE_INTERVAL));
+        assert!(!h.take_probe(t0));
+        assert!(!h.take_probe(t0 + PROBE_INTERVAL / 2));
+        let t1 = t0 + PROBE_INTERVAL;
+        assert!(h.take_probe(t1));
+        assert!(!h.take_probe(t1), "one probe per interval");
+        assert!(!h.take_probe(t1 + PROBE_INTERVAL - Duration::from_millis(1)));
+        assert!(h.take_probe(t1 + PROBE_INTERVAL));
+        // A failed probe keeps it down without moving the schedule earlier.
+        assert!(!h.on_failure(t1 + PROBE_INTERVAL));
+        assert!(!h.is_up());
+    }
+
+    #[test]
+    fn any_success_brings_it_back() {
+        let t0 = Instant::now();
+        let mut h = Health::new();
+        for _ in 0..DOWN_AFTER_FAILURES {
+            h.on_failure(t0);
+        }
+        assert!(h.on_success(), "reports the recovery");
+        assert!(h.is_up());
+        assert_eq!(h.next_probe(), None);
+        assert!(!h.take_probe(t0 + PROBE_INTERVAL * 10), "up: no probes");
+        assert_eq!(h.consecutive_failures(), 0);
+    }
+}
+
+/// Picks the upstream for the next attempt of a query that already tried
+/// `tried` (indexes into `upstreams`): the first healthy one not yet tried,
+/// in configuration order. When none is healthy and nothing was tried yet,
+/// the down upstream with the fewest consecutive failures (the first one on
+/// a tie), so that a total outage still gets one attempt per query.
+pub fn choose(upstreams: &[Health], tried: &[u16]) -> Option<usize> {
+    let untried = |i: &usize| !tried.contains(&(*i as u16));
+    if let Some(i) = (0..upstreams.len())
+        .filter(untried)
+        .find(|i| upstreams[*i].is_up())
+    {
+        return Some(i);
+    }
+    if !tried.is_empty() || upstreams.iter().any(Health::is_up) {
+        return None;
+    }
+    (0..upstreams.len()).min_by_key(|i| upstreams[*i].consecutive_failures())
+}
+
+#[cfg(test)]
+mod choose_tests {
+    use super::*;
+
+    fn down(failures: u32) -> Health {
+        let mut h = Health::new();
+        for _ in 0..failures {
+            h.on_failure(Instant::now());
+        }
+        assert!(!h.is_up());
+        h
+    }
+
+    #[test]
+    fn healthy_upstreams_in_order_then_nothing() {
+        let ups = [Health::new(), down(3), Health::new()];
+        assert_eq!(choose(&ups, &[]), Some(0));
+        assert_eq!(choose(&ups, &[0]), Some(2), "down one skipped");
+        assert_eq!(
+            choose(&ups, &[0, 2]),
+            None,
+            "down one not tried as a fallback"
+        );
+        assert_eq!(choose(&[], &[]), None);
+    }
+
+    #[test]
+    fn total_outage_tries_the_best_down_upstream_once() {
+        let ups = [down(5), down(3), down(4)];
+        assert_eq!(choose(&ups, &[]), Some(1));
+        assert_eq!(choose(&ups, &[1]), None);
+        let tie = [down(3), down(3)];
+        assert_eq!(choose(&tie, &[]), Some(0));
+    }
+}
