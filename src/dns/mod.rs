@@ -1,36 +1,185 @@
 //! DNS serving: hand-rolled UDP and TCP loops around a pure answer builder,
 //! plus the forwarder for names that are not ours.
+//!
+//! Threads: `config.dns_threads` UDP threads (`dns-udp-N`), each on its own
+//! `SO_REUSEPORT` socket bound to the same address, and one TCP thread
+//! (`dns-tcp`) running a `mio` event loop. They read the name table with one
+//! `load()` per query and hand what is not ours to the [`Forwarder`].
+//!
+//! Invariants: the serving threads never block on anything but their own
+//! sockets (forwarding is a non-blocking hand-over); names of the zone are
+//! never forwarded; [`DnsServer::stop`] returns within a few hundred
+//! milliseconds.
 
+pub mod acl;
 pub mod answer;
 pub mod forward;
 pub mod stats;
+pub mod tcp;
+pub mod udp;
+pub mod wire;
 
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
 
 use crate::config::Config;
 use crate::table::SharedTable;
+use acl::Acl;
 use forward::Forwarder;
 use stats::DnsStats;
+pub use tcp::TcpLimits;
+
+/// Attempts at finding a port free for both UDP and TCP when the
+/// configuration asks for port 0.
+const BIND_ATTEMPTS: usize = 16;
 
 /// The running DNS listeners (UDP threads and the TCP thread).
 pub struct DnsServer {
     pub udp_addr: SocketAddr,
     pub tcp_addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    waker: Arc<mio::Waker>,
+    threads: Vec<JoinHandle<()>>,
 }
 
 impl DnsServer {
     /// Binds UDP and TCP on `config.dns_bind` and starts the serving threads.
     pub fn start(
-        _config: &Config,
-        _table: SharedTable,
-        _forwarder: Forwarder,
-        _stats: Arc<DnsStats>,
+        config: &Config,
+        table: SharedTable,
+        forwarder: Forwarder,
+        stats: Arc<DnsStats>,
     ) -> io::Result<DnsServer> {
-        todo!("dns server")
+        DnsServer::start_with(config, table, forwarder, stats, TcpLimits::default())
+    }
+
+    /// [`DnsServer::start`] with explicit TCP limits.
+    pub fn start_with(
+        config: &Config,
+        table: SharedTable,
+        forwarder: Forwarder,
+        stats: Arc<DnsStats>,
+        limits: TcpLimits,
+    ) -> io::Result<DnsServer> {
+        let (udp_sockets, listener) = bind_all(config.dns_bind, config.dns_threads.max(1))?;
+        let udp_addr = udp_sockets[0].local_addr()?;
+        let tcp_addr = listener.local_addr()?;
+        let acl = Acl::new(&config.allow_nets);
+        let stop = Arc::new(AtomicBool::new(false));
+        let poll = mio::Poll::new()?;
+        let waker = Arc::new(mio::Waker::new(poll.registry(), tcp::WAKER)?);
+        let mut threads = Vec::new();
+        let server =
+            |threads: &mut Vec<JoinHandle<()>>| -> io::Result<()> {
+                for (i, socket) in udp_sockets.into_iter().enumerate() {
+                    let socket = Arc::new(socket);
+                    let (table, forwarder, acl, stop) =
+                        (table.clone(), forwarder.clone(), acl.clone(), stop.clone());
+                    let counters = stats.register();
+                    threads.push(
+                        std::thread::Builder::new()
+                            .name(format!("dns-udp-{i}"))
+                            .spawn(move || {
+                                let mut worker =
+                                    udp::UdpWorker::new(socket, table, forwarder, counters, acl);
+                                serve_udp(&mut worker, &stop);
+                            })?,
+                    );
+                }
+                let listener = mio::net::TcpListener::from_std(listener);
+                let (table, forwarder, stop) = (table.clone(), forwarder.clone(), stop.clone());
+                let counters = stats.register();
+                threads.push(std::thread::Builder::new().name("dns-tcp".into()).spawn(
+                    move || {
+                        tcp::run(
+                            poll, listener, stop, table, forwarder, counters, acl, limits,
+                        )
+                    },
+                )?);
+                Ok(())
+            };
+        let started = server(&mut threads);
+        let mut dns = DnsServer {
+            udp_addr,
+            tcp_addr,
+            stop,
+            waker,
+            threads,
+        };
+        if let Err(e) = started {
+            dns.shutdown();
+            return Err(e);
+        }
+        log::info!(
+            "DNS serving on {udp_addr} (UDP, {} threads) and {tcp_addr} (TCP)",
+            config.dns_threads.max(1)
+        );
+        Ok(dns)
     }
 
     /// Stops the serving threads and joins them.
-    pub fn stop(self) {}
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.waker.wake();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for DnsServer {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn serve_udp(worker: &mut udp::UdpWorker, stop: &AtomicBool) {
+    while !stop.load(Ordering::Relaxed) {
+        match worker.serve_batch() {
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) => {
+                log::debug!("DNS UDP: receive failed: {e}");
+                std::thread::sleep(udp::READ_TIMEOUT / 10);
+            }
+        }
+    }
+}
+
+/// Binds the UDP sockets (one per thread) and the TCP listener on one
+/// port. With port 0 the first UDP socket picks the port; if TCP cannot
+/// have it, another is tried.
+fn bind_all(
+    addr: SocketAddr,
+    n_udp: usize,
+) -> io::Result<(Vec<std::net::UdpSocket>, std::net::TcpListener)> {
+    let attempts = if addr.port() == 0 { BIND_ATTEMPTS } else { 1 };
+    let mut last = None;
+    for _ in 0..attempts {
+        let first = udp::bind(addr)?;
+        let local = first.local_addr()?;
+        let mut sockets = vec![first];
+        for _ in 1..n_udp {
+            sockets.push(udp::bind(local)?);
+        }
+        match tcp::bind(local) {
+            Ok(listener) => return Ok((sockets, listener)),
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| io::Error::from(io::ErrorKind::AddrInUse)))
 }

@@ -1,1 +1,699 @@
-//! Integration tests: dns.
+//! Integration tests: dns. A real registry, table, forwarder (no upstreams)
+//! and DNS server on 127.0.0.1:0, queried over real UDP and TCP sockets.
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_proto::rr::{Name, RData, RecordType};
+
+use glued::config::Config;
+use glued::dns::DnsServer;
+use glued::dns::TcpLimits;
+use glued::dns::forward::{ForwardStats, Forwarder};
+use glued::dns::stats::DnsStats;
+use glued::registry::{Registry, RegistryMsg, RegistryStats};
+use glued::table::{self, Group, Origin, Source};
+
+use crate::support::test_config;
+
+/// How long a test waits for an answer that must come.
+const ANSWER_WAIT: Duration = Duration::from_secs(2);
+/// How long a test waits to be sure that no answer comes.
+const SILENCE_WAIT: Duration = Duration::from_millis(300);
+
+struct Server {
+    dns: Option<DnsServer>,
+    registry: Option<Registry>,
+    forwarder: Forwarder,
+    stats: Arc<DnsStats>,
+    udp: SocketAddr,
+    tcp: SocketAddr,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(d) = self.dns.take() {
+            d.stop();
+        }
+        self.forwarder.stop();
+        if let Some(r) = self.registry.take() {
+            r.stop();
+        }
+    }
+}
+
+fn origin(node: &str) -> Origin {
+    Origin {
+        id: format!("id-{node}"),
+        node_name: node.into(),
+    }
+}
+
+fn upsert(node: &str, name: &str, ips: &[IpAddr]) -> RegistryMsg {
+    RegistryMsg::Upsert {
+        origin: origin(node),
+        source: Source::Static { name: name.into() },
+        group: Group {
+            names: vec![name.into()],
+            v4: ips
+                .iter()
+                .filter_map(|i| match i {
+                    IpAddr::V4(a) => Some(*a),
+                    _ => None,
+                })
+                .collect(),
+            v6: ips
+                .iter()
+                .filter_map(|i| match i {
+                    IpAddr::V6(a) => Some(*a),
+                    _ => None,
+                })
+                .collect(),
+        },
+    }
+}
+
+fn ips(list: &[&str]) -> Vec<IpAddr> {
+    list.iter().map(|a| a.parse().unwrap()).collect()
+}
+
+/// `n` IPv4 addresses 10.9.x.y.
+fn many(n: u16) -> Vec<IpAddr> {
+    (0..n)
+        .map(|i| IpAddr::V4(Ipv4Addr::new(10, 9, (i / 250) as u8, (i % 250) as u8 + 1)))
+        .collect()
+}
+
+fn start() -> Server {
+    start_with(test_config(), TcpLimits::default())
+}
+
+/// Starts registry, forwarder and DNS server, loads the test records and
+/// waits until the table holds them.
+fn start_with(config: Config, limits: TcpLimits) -> Server {
+    let table = table::shared(&config.domain, config.ttl_secs);
+    let registry = Registry::spawn(
+        table.clone(),
+        Arc::new(RegistryStats::default()),
+        "id-node-a".into(),
+        None,
+    );
+    for msg in [
+        upsert("node-a", "api", &ips(&["10.0.0.1", "fd00::1"])),
+        upsert("node-b", "api", &ips(&["10.0.0.2"])),
+        upsert("node-a", "web", &ips(&["10.0.0.3"])),
+        upsert("node-a", "mid", &many(50)),
+        upsert("node-a", "big", &many(100)),
+    ] {
+        registry.tx.send(msg).unwrap();
+    }
+    let deadline = Instant::now() + ANSWER_WAIT;
+    while table.load().lookup(b"big").is_none() {
+        assert!(Instant::now() < deadline, "registry never published");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let forwarder = Forwarder::start(&config, Arc::new(ForwardStats::default())).unwrap();
+    let stats = Arc::new(DnsStats::default());
+    let dns =
+        DnsServer::start_with(&config, table, forwarder.clone(), stats.clone(), limits).unwrap();
+    Server {
+        udp: dns.udp_addr,
+        tcp: dns.tcp_addr,
+        dns: Some(dns),
+        registry: Some(registry),
+        forwarder,
+        stats,
+    }
+}
+
+fn query_bytes(name: &str, rtype: RecordType, edns: Option<u16>) -> Vec<u8> {
+    let mut m = Message::new(fastrand::u16(..), MessageType::Query, OpCode::Query);
+    m.metadata.recursion_desired = true;
+    m.add_query(Query::query(Name::from_ascii(name).unwrap(), rtype));
+    if let Some(p) = edns {
+        let mut e = Edns::new();
+        e.set_max_payload(p);
+        m.set_edns(e);
+    }
+    m.to_vec().unwrap()
+}
+
+/// Sends raw bytes over UDP; the reply, or None after `wait`.
+fn udp_raw(server: SocketAddr, bytes: &[u8], wait: Duration) -> Option<Vec<u8>> {
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(wait)).unwrap();
+    sock.send_to(bytes, server).unwrap();
+    let mut buf = vec![0; 65535];
+    match sock.recv(&mut buf) {
+        Ok(n) => Some(buf[..n].to_vec()),
+        Err(_) => None,
+    }
+}
+
+fn udp_ask(server: SocketAddr, name: &str, rtype: RecordType, edns: Option<u16>) -> Message {
+    let q = query_bytes(name, rtype, edns);
+    let reply = udp_raw(server, &q, ANSWER_WAIT).expect("no UDP answer");
+    let m = Message::from_vec(&reply).unwrap();
+    assert_eq!(&reply[..2], &q[..2], "id not echoed");
+    m
+}
+
+fn tcp_connect(server: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect(server).unwrap();
+    s.set_read_timeout(Some(ANSWER_WAIT)).unwrap();
+    s
+}
+
+fn tcp_send(s: &mut TcpStream, bytes: &[u8]) {
+    let mut framed = (bytes.len() as u16).to_be_bytes().to_vec();
+    framed.extend_from_slice(bytes);
+    s.write_all(&framed).unwrap();
+}
+
+/// Reads one framed message; None on close or timeout.
+fn tcp_recv(s: &mut TcpStream) -> Option<Vec<u8>> {
+    let mut len = [0; 2];
+    s.read_exact(&mut len).ok()?;
+    let mut buf = vec![0; u16::from_be_bytes(len) as usize];
+    s.read_exact(&mut buf).ok()?;
+    Some(buf)
+}
+
+fn tcp_ask(server: SocketAddr, name: &str, rtype: RecordType) -> Message {
+    let mut s = tcp_connect(server);
+    tcp_send(&mut s, &query_bytes(name, rtype, None));
+    Message::from_vec(&tcp_recv(&mut s).expect("no TCP answer")).unwrap()
+}
+
+fn addresses(m: &Message) -> Vec<String> {
+    m.answers
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::A(a) => Some(a.0.to_string()),
+            RData::AAAA(a) => Some(a.0.to_string()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Proof the server still answers, over UDP and TCP.
+fn assert_alive(s: &Server) {
+    let m = udp_ask(s.udp, "web.", RecordType::A, None);
+    assert_eq!(addresses(&m), ["10.0.0.3"]);
+    let m = tcp_ask(s.tcp, "web.", RecordType::A);
+    assert_eq!(addresses(&m), ["10.0.0.3"]);
+}
+
+fn rcode_of(reply: &[u8]) -> ResponseCode {
+    Message::from_vec(reply).unwrap().metadata.response_code
+}
+
+fn soa_in_authority(m: &Message) -> bool {
+    m.authorities.len() == 1
+        && matches!(&m.authorities[0].data, RData::SOA(soa) if soa.minimum == 5)
+        && m.authorities[0].name.to_ascii() == "glued.internal."
+}
+
+#[test]
+fn a_and_aaaa_from_the_table() {
+    let s = start();
+    let m = udp_ask(s.udp, "web.glued.internal.", RecordType::A, None);
+    assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+    assert!(m.metadata.authoritative);
+    assert_eq!(addresses(&m), ["10.0.0.3"]);
+    assert_eq!(m.answers[0].ttl, 5);
+    let m = udp_ask(s.udp, "api.node-a.glued.internal.", RecordType::AAAA, None);
+    assert_eq!(addresses(&m), ["fd00::1"]);
+    let t = s.stats.totals();
+    assert_eq!(t.qtype("A"), 1);
+    assert_eq!(t.qtype("AAAA"), 1);
+    assert_eq!(t.rcode("NOERROR"), 2);
+}
+
+#[test]
+fn nodata_and_nxdomain_both_carry_the_soa() {
+    let s = start();
+    let nodata = udp_ask(s.udp, "web.glued.internal.", RecordType::AAAA, None);
+    assert_eq!(nodata.metadata.response_code, ResponseCode::NoError);
+    assert!(nodata.answers.is_empty());
+    assert!(soa_in_authority(&nodata), "{nodata:?}");
+    let other_type = udp_ask(s.udp, "web.", RecordType::MX, None);
+    assert_eq!(other_type.metadata.response_code, ResponseCode::NoError);
+    assert!(soa_in_authority(&other_type));
+    for name in [
+        "nope.",
+        "nope.glued.internal.",
+        "web.node-b.glued.internal.",
+    ] {
+        let m = udp_ask(s.udp, name, RecordType::A, None);
+        assert_eq!(m.metadata.response_code, ResponseCode::NXDomain, "{name}");
+        assert!(m.metadata.authoritative);
+        assert!(soa_in_authority(&m), "{name}: {m:?}");
+    }
+    // Never forwarded: the forwarder saw nothing.
+    assert_eq!(s.stats.totals().forwarded, 0);
+}
+
+#[test]
+fn ptr_for_v4_and_v6_addresses() {
+    let s = start();
+    let m = udp_ask(s.udp, "3.0.0.10.in-addr.arpa.", RecordType::PTR, None);
+    let RData::PTR(ptr) = &m.answers[0].data else {
+        panic!("{m:?}")
+    };
+    assert_eq!(ptr.0.to_ascii(), "web.glued.internal.");
+    let v6 = "1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.d.f.ip6.arpa.";
+    let m = udp_ask(s.udp, v6, RecordType::PTR, None);
+    let RData::PTR(ptr) = &m.answers[0].data else {
+        panic!("{m:?}")
+    };
+    assert_eq!(ptr.0.to_ascii(), "api.glued.internal.");
+    assert!(m.metadata.authoritative);
+}
+
+#[test]
+fn apex_soa_and_ns_and_any() {
+    let s = start();
+    let m = udp_ask(s.udp, "glued.internal.", RecordType::SOA, None);
+    let RData::SOA(soa) = &m.answers[0].data else {
+        panic!("{m:?}")
+    };
+    assert_eq!(soa.mname.to_ascii(), "ns.glued.internal.");
+    assert_eq!(soa.minimum, 5);
+    let m = udp_ask(s.udp, "glued.internal.", RecordType::NS, None);
+    let RData::NS(ns) = &m.answers[0].data else {
+        panic!("{m:?}")
+    };
+    assert_eq!(ns.0.to_ascii(), "ns.glued.internal.");
+    let m = udp_ask(s.udp, "api.node-a.glued.internal.", RecordType::ANY, None);
+    let mut got = addresses(&m);
+    got.sort();
+    assert_eq!(got, ["10.0.0.1", "fd00::1"]);
+}
+
+#[test]
+fn the_query_case_is_echoed() {
+    let s = start();
+    let m = udp_ask(s.udp, "WeB.GlUeD.InTeRnAl.", RecordType::A, None);
+    assert_eq!(m.queries[0].name().to_ascii(), "WeB.GlUeD.InTeRnAl.");
+    assert_eq!(m.answers[0].name.to_ascii(), "WeB.GlUeD.InTeRnAl.");
+    assert_eq!(addresses(&m), ["10.0.0.3"]);
+}
+
+#[test]
+fn multi_address_answers_rotate() {
+    let s = start();
+    let mut firsts = std::collections::HashSet::new();
+    for _ in 0..6 {
+        let m = udp_ask(s.udp, "api.", RecordType::A, None);
+        let mut all = addresses(&m);
+        firsts.insert(all[0].clone());
+        all.sort();
+        assert_eq!(all, ["10.0.0.1", "10.0.0.2"]);
+    }
+    assert_eq!(firsts.len(), 2, "the first address never changed");
+}
+
+#[test]
+fn single_label_domain_and_node_pinned_names() {
+    let s = start();
+    let mut both = addresses(&udp_ask(s.udp, "api.", RecordType::A, None));
+    both.sort();
+    assert_eq!(both, ["10.0.0.1", "10.0.0.2"]);
+    let mut under = addresses(&udp_ask(s.udp, "api.glued.internal.", RecordType::A, None));
+    under.sort();
+    assert_eq!(under, both);
+    let a = udp_ask(s.udp, "api.node-a.glued.internal.", RecordType::A, None);
+    assert_eq!(addresses(&a), ["10.0.0.1"]);
+    let b = udp_ask(s.udp, "api.node-b.glued.internal.", RecordType::A, None);
+    assert_eq!(addresses(&b), ["10.0.0.2"]);
+}
+
+#[test]
+fn large_answer_truncated_over_udp_and_whole_over_tcp() {
+    let s = start();
+    for edns in [None, Some(1232), Some(4096)] {
+        let m = udp_ask(s.udp, "big.", RecordType::A, edns);
+        assert!(m.metadata.truncation, "{edns:?}");
+        assert!(m.answers.is_empty());
+        assert_eq!(m.queries.len(), 1);
+        assert_eq!(m.edns.is_some(), edns.is_some());
+    }
+    let m = tcp_ask(s.tcp, "big.", RecordType::A);
+    assert!(!m.metadata.truncation);
+    assert_eq!(m.answers.len(), 100);
+    assert!(s.stats.totals().truncated >= 3);
+}
+
+#[test]
+fn edns_payload_size_is_honoured() {
+    let s = start();
+    // 50 A records: ~850 bytes.
+    let plain = udp_ask(s.udp, "mid.", RecordType::A, None);
+    assert!(plain.metadata.truncation);
+    let small = udp_ask(s.udp, "mid.", RecordType::A, Some(700));
+    assert!(small.metadata.truncation);
+    let fits = udp_ask(s.udp, "mid.", RecordType::A, Some(1232));
+    assert!(!fits.metadata.truncation);
+    assert_eq!(fits.answers.len(), 50);
+    assert_eq!(fits.edns.as_ref().unwrap().max_payload(), 1232);
+}
+
+#[test]
+fn pipelined_tcp_queries_are_all_answered() {
+    let s = start();
+    let mut conn = tcp_connect(s.tcp);
+    let names = [
+        "web.",
+        "api.node-a.glued.internal.",
+        "nope.",
+        "big.",
+        "web.",
+    ];
+    let mut ids = Vec::new();
+    let mut batch = Vec::new();
+    for name in names {
+        let q = query_bytes(name, RecordType::A, None);
+        ids.push(u16::from_be_bytes([q[0], q[1]]));
+        batch.extend_from_slice(&(q.len() as u16).to_be_bytes());
+        batch.extend_from_slice(&q);
+    }
+    conn.write_all(&batch).unwrap();
+    for (i, id) in ids.iter().enumerate() {
+        let m = Message::from_vec(&tcp_recv(&mut conn).expect("answer")).unwrap();
+        assert_eq!(m.metadata.id, *id, "answer {i} out of order");
+    }
+}
+
+#[test]
+fn idle_tcp_client_is_dropped_while_others_are_served() {
+    let limits = TcpLimits {
+        idle_timeout: Duration::from_millis(400),
+        ..TcpLimits::default()
+    };
+    let s = start_with(test_config(), limits);
+    let mut idle = tcp_connect(s.tcp);
+    let started = Instant::now();
+    // Others are served meanwhile.
+    for _ in 0..3 {
+        assert_eq!(
+            addresses(&tcp_ask(s.tcp, "web.", RecordType::A)),
+            ["10.0.0.3"]
+        );
+    }
+    let mut buf = [0; 1];
+    idle.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let n = idle.read(&mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "idle connection got data instead of a close");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(350),
+        "closed too early: {waited:?}"
+    );
+    assert!(
+        waited < Duration::from_secs(2),
+        "closed too late: {waited:?}"
+    );
+    assert_eq!(s.stats.totals().tcp_idle_closed, 1);
+    assert_alive(&s);
+}
+
+#[test]
+fn clients_outside_allow_nets_get_refused() {
+    let mut config = test_config();
+    config.allow_nets = vec!["10.0.0.0/8".parse().unwrap(), "fd00::/8".parse().unwrap()];
+    let s = start_with(config, TcpLimits::default());
+    let m = udp_ask(s.udp, "web.", RecordType::A, None);
+    assert_eq!(m.metadata.response_code, ResponseCode::Refused);
+    assert!(m.answers.is_empty());
+    let m = udp_ask(s.udp, "example.com.", RecordType::A, None);
+    assert_eq!(m.metadata.response_code, ResponseCode::Refused);
+    let m = tcp_ask(s.tcp, "web.", RecordType::A);
+    assert_eq!(m.metadata.response_code, ResponseCode::Refused);
+    let t = s.stats.totals();
+    assert_eq!(t.acl_refused, 3);
+    assert_eq!(t.forwarded, 0);
+}
+
+#[test]
+fn a_packet_shorter_than_a_header_is_dropped() {
+    let s = start();
+    let q = query_bytes("web.", RecordType::A, None);
+    assert_eq!(udp_raw(s.udp, &q[..11], SILENCE_WAIT), None);
+    assert_eq!(udp_raw(s.udp, &[], SILENCE_WAIT), None);
+    assert!(s.stats.totals().dropped >= 2);
+    assert_alive(&s);
+}
+
+#[test]
+fn bad_label_lengths_get_formerr() {
+    let s = start();
+    let q = query_bytes("web.", RecordType::A, None);
+    for bad in [
+        // length runs past the end of the packet
+        &[0x3F, b'a', b'b', 0, 0, 1, 0, 1][..],
+        // reserved label types 0x40 and 0x80
+        &[0x41, b'a', 0, 0, 1, 0, 1][..],
+        &[0x81, b'a', 0, 0, 1, 0, 1][..],
+        // truncated question: no type/class
+        &[0x03, b'w', b'e', b'b', 0][..],
+    ] {
+        let mut p = q[..12].to_vec();
+        p.extend_from_slice(bad);
+        let reply = udp_raw(s.udp, &p, ANSWER_WAIT).expect("FORMERR expected");
+        assert_eq!(rcode_of(&reply), ResponseCode::FormErr, "{bad:?}");
+    }
+    assert_alive(&s);
+}
+
+#[test]
+fn a_compression_pointer_loop_gets_formerr() {
+    let s = start();
+    let q = query_bytes("web.", RecordType::A, None);
+    let mut p = q[..12].to_vec();
+    // A label, then a pointer back to the label: an endless name.
+    p.extend_from_slice(&[0x01, b'a', 0xC0, 12, 0, 1, 0, 1]);
+    let reply = udp_raw(s.udp, &p, ANSWER_WAIT).expect("FORMERR expected");
+    assert_eq!(rcode_of(&reply), ResponseCode::FormErr);
+    let mut p = q[..12].to_vec();
+    p.extend_from_slice(&[0xC0, 12, 0, 1, 0, 1]);
+    let reply = udp_raw(s.udp, &p, ANSWER_WAIT).expect("FORMERR expected");
+    assert_eq!(rcode_of(&reply), ResponseCode::FormErr);
+    assert_alive(&s);
+}
+
+#[test]
+fn qdcount_zero_and_two_get_formerr() {
+    let s = start();
+    let mut zero = query_bytes("web.", RecordType::A, None)[..12].to_vec();
+    zero[5] = 0;
+    let reply = udp_raw(s.udp, &zero, ANSWER_WAIT).expect("FORMERR expected");
+    assert_eq!(rcode_of(&reply), ResponseCode::FormErr);
+    let mut m = Message::new(7, MessageType::Query, OpCode::Query);
+    m.add_query(Query::query(
+        Name::from_ascii("web.").unwrap(),
+        RecordType::A,
+    ));
+    m.add_query(Query::query(
+        Name::from_ascii("api.").unwrap(),
+        RecordType::A,
+    ));
+    let reply = udp_raw(s.udp, &m.to_vec().unwrap(), ANSWER_WAIT).expect("FORMERR expected");
+    let r = Message::from_vec(&reply).unwrap();
+    assert_eq!(r.metadata.response_code, ResponseCode::FormErr);
+    assert_eq!(r.metadata.id, 7);
+    assert_alive(&s);
+}
+
+#[test]
+fn a_packet_with_qr_set_is_dropped() {
+    let s = start();
+    let mut q = query_bytes("web.", RecordType::A, None);
+    q[2] |= 0x80;
+    assert_eq!(udp_raw(s.udp, &q, SILENCE_WAIT), None);
+    assert_alive(&s);
+}
+
+#[test]
+fn update_and_notify_get_notimp() {
+    let s = start();
+    for op in [OpCode::Update, OpCode::Notify] {
+        let mut m = Message::new(9, MessageType::Query, op);
+        m.add_query(Query::query(
+            Name::from_ascii("glued.internal.").unwrap(),
+            RecordType::SOA,
+        ));
+        let reply = udp_raw(s.udp, &m.to_vec().unwrap(), ANSWER_WAIT).expect("NOTIMP expected");
+        let r = Message::from_vec(&reply).unwrap();
+        assert_eq!(r.metadata.response_code, ResponseCode::NotImp, "{op:?}");
+        assert_eq!(r.metadata.op_code, op);
+    }
+    assert_eq!(s.stats.totals().rcode("NOTIMP"), 2);
+    assert_alive(&s);
+}
+
+#[test]
+fn a_tcp_frame_of_length_zero_closes_the_connection() {
+    let s = start();
+    let mut conn = tcp_connect(s.tcp);
+    conn.write_all(&[0, 0]).unwrap();
+    let mut buf = [0; 16];
+    assert_eq!(conn.read(&mut buf).unwrap_or(0), 0);
+    assert_alive(&s);
+}
+
+#[test]
+fn a_tcp_frame_of_65535_bytes_of_garbage_gets_formerr() {
+    let s = start();
+    let mut conn = tcp_connect(s.tcp);
+    // Zeros: a QUERY header with QDCOUNT 0, then garbage.
+    let mut garbage = vec![0u8; 65535];
+    for (i, b) in garbage.iter_mut().enumerate().skip(12) {
+        *b = (i * 7) as u8;
+    }
+    tcp_send(&mut conn, &garbage);
+    let reply = tcp_recv(&mut conn).expect("FORMERR expected");
+    assert_eq!(rcode_of(&reply), ResponseCode::FormErr);
+    // And random bytes with QDCOUNT 1: answered or closed, never a hang.
+    garbage[4..6].copy_from_slice(&[0, 1]);
+    garbage[12] = 0xC0;
+    tcp_send(&mut conn, &garbage);
+    let reply = tcp_recv(&mut conn).expect("FORMERR expected");
+    assert_eq!(rcode_of(&reply), ResponseCode::FormErr);
+    // The connection still works.
+    tcp_send(&mut conn, &query_bytes("web.", RecordType::A, None));
+    let m = Message::from_vec(&tcp_recv(&mut conn).unwrap()).unwrap();
+    assert_eq!(addresses(&m), ["10.0.0.3"]);
+    assert_alive(&s);
+}
+
+#[test]
+fn a_stalled_half_frame_does_not_hold_the_server() {
+    let limits = TcpLimits {
+        idle_timeout: Duration::from_millis(500),
+        ..TcpLimits::default()
+    };
+    let s = start_with(test_config(), limits);
+    let mut stalled = tcp_connect(s.tcp);
+    let q = query_bytes("web.", RecordType::A, None);
+    let mut framed = (q.len() as u16).to_be_bytes().to_vec();
+    framed.extend_from_slice(&q);
+    stalled.write_all(&framed[..framed.len() / 2]).unwrap();
+    // Another client is answered at once.
+    let t = Instant::now();
+    assert_alive(&s);
+    assert!(t.elapsed() < Duration::from_millis(400));
+    // The stalled one is closed after the idle timeout.
+    let mut buf = [0; 16];
+    stalled
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    assert_eq!(stalled.read(&mut buf).unwrap_or(0), 0);
+}
+
+#[test]
+fn a_thousand_tcp_connections_at_once_do_not_stop_the_server() {
+    let limits = TcpLimits {
+        idle_timeout: Duration::from_secs(5),
+        max_connections: 256,
+    };
+    let s = start_with(test_config(), limits);
+    let mut conns = Vec::new();
+    for _ in 0..1000 {
+        match TcpStream::connect_timeout(&s.tcp, Duration::from_secs(2)) {
+            Ok(c) => conns.push(c),
+            Err(e) => panic!("connect {} failed: {e}", conns.len()),
+        }
+    }
+    // UDP is unaffected while they are open.
+    let m = udp_ask(s.udp, "web.", RecordType::A, None);
+    assert_eq!(addresses(&m), ["10.0.0.3"]);
+    let deadline = Instant::now() + ANSWER_WAIT;
+    loop {
+        let t = s.stats.totals();
+        if t.tcp_accepted + t.tcp_rejected >= 1000 {
+            assert!(t.tcp_open <= 256, "cap not enforced: {}", t.tcp_open);
+            assert!(t.tcp_rejected >= 744);
+            break;
+        }
+        assert!(Instant::now() < deadline, "not all accepted: {t:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(conns);
+    // Once they are gone, TCP answers again.
+    let deadline = Instant::now() + ANSWER_WAIT;
+    loop {
+        let mut c = tcp_connect(s.tcp);
+        tcp_send(&mut c, &query_bytes("web.", RecordType::A, None));
+        if let Some(r) = tcp_recv(&mut c) {
+            assert_eq!(addresses(&Message::from_vec(&r).unwrap()), ["10.0.0.3"]);
+            break;
+        }
+        assert!(Instant::now() < deadline, "TCP never recovered");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_alive(&s);
+}
+
+#[test]
+fn several_udp_threads_share_one_port_and_stop_promptly() {
+    let mut config = test_config();
+    config.dns_threads = 3;
+    let mut s = start_with(config, TcpLimits::default());
+    assert_eq!(s.udp.port(), s.tcp.port());
+    for _ in 0..20 {
+        assert_eq!(
+            addresses(&udp_ask(s.udp, "web.", RecordType::A, None)),
+            ["10.0.0.3"]
+        );
+    }
+    let _held = tcp_connect(s.tcp);
+    let t = Instant::now();
+    s.dns.take().unwrap().stop();
+    assert!(
+        t.elapsed() < Duration::from_millis(600),
+        "stop took {:?}",
+        t.elapsed()
+    );
+}
+
+#[test]
+fn ipv6_bind_is_accepted() {
+    let mut config = test_config();
+    config.dns_bind = "[::1]:0".parse().unwrap();
+    if UdpSocket::bind("[::1]:0").is_err() {
+        assert!(!crate::support::in_ci(), "no IPv6 loopback in CI");
+        eprintln!("skipped: no IPv6 loopback on this machine");
+        return;
+    }
+    let s = start_with(config, TcpLimits::default());
+    let sock = UdpSocket::bind("[::1]:0").unwrap();
+    sock.set_read_timeout(Some(ANSWER_WAIT)).unwrap();
+    sock.send_to(&query_bytes("web.", RecordType::A, None), s.udp)
+        .unwrap();
+    let mut buf = [0; 512];
+    let n = sock.recv(&mut buf).unwrap();
+    assert_eq!(
+        addresses(&Message::from_vec(&buf[..n]).unwrap()),
+        ["10.0.0.3"]
+    );
+}
+
+#[test]
+fn metrics_text_counts_queries_by_type_and_rcode() {
+    let s = start();
+    udp_ask(s.udp, "web.", RecordType::A, None);
+    udp_ask(s.udp, "nope.", RecordType::AAAA, None);
+    let mut out = String::new();
+    s.stats.render(&mut out);
+    assert!(
+        out.contains("glued_dns_queries_total{qtype=\"A\"} 1\n"),
+        "{out}"
+    );
+    assert!(out.contains("glued_dns_queries_total{qtype=\"AAAA\"} 1\n"));
+    assert!(out.contains("glued_dns_responses_total{rcode=\"NXDOMAIN\"} 1\n"));
+    assert!(out.contains("glued_dns_local_answers_total 2\n"));
+}

@@ -1,0 +1,366 @@
+//! A bounds-checked view over untrusted DNS message bytes (RFC 1035 §4,
+//! RFC 6891 for OPT): the header, the one question, and the client's EDNS
+//! OPT record.
+//!
+//! Invariant: nothing here allocates, panics or loops on any input; every
+//! read is bounds-checked and every parse moves strictly forward through the
+//! buffer. Malformed input is an `Err(Malformed)`, never a panic.
+
+/// Length of the fixed DNS header.
+pub const HEADER_LEN: usize = 12;
+/// Longest name in wire format (RFC 1035 §2.3.4).
+pub const MAX_NAME_LEN: usize = 255;
+/// Longest label (RFC 1035 §2.3.4).
+pub const MAX_LABEL_LEN: usize = 63;
+/// Most labels a name of [`MAX_NAME_LEN`] bytes can hold.
+pub const MAX_LABELS: usize = 127;
+
+pub const TYPE_A: u16 = 1;
+pub const TYPE_NS: u16 = 2;
+pub const TYPE_SOA: u16 = 6;
+pub const TYPE_PTR: u16 = 12;
+pub const TYPE_AAAA: u16 = 28;
+pub const TYPE_OPT: u16 = 41;
+pub const TYPE_ANY: u16 = 255;
+pub const CLASS_IN: u16 = 1;
+pub const CLASS_ANY: u16 = 255;
+
+pub const OPCODE_QUERY: u8 = 0;
+
+pub const RCODE_NOERROR: u16 = 0;
+pub const RCODE_FORMERR: u16 = 1;
+pub const RCODE_SERVFAIL: u16 = 2;
+pub const RCODE_NXDOMAIN: u16 = 3;
+pub const RCODE_NOTIMP: u16 = 4;
+pub const RCODE_REFUSED: u16 = 5;
+/// Extended rcode (RFC 6891 §6.1.3): upper 8 bits go in the OPT TTL.
+pub const RCODE_BADVERS: u16 = 16;
+
+pub const FLAG_QR: u16 = 0x8000;
+pub const FLAG_AA: u16 = 0x0400;
+pub const FLAG_TC: u16 = 0x0200;
+pub const FLAG_RD: u16 = 0x0100;
+pub const FLAG_RA: u16 = 0x0080;
+pub const FLAG_CD: u16 = 0x0010;
+/// DNSSEC OK bit in the OPT TTL's flags (RFC 3225).
+pub const EDNS_FLAG_DO: u16 = 0x8000;
+
+/// The input is not a well-formed DNS query (answer FORMERR).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Malformed;
+
+#[inline]
+fn be16(buf: &[u8], at: usize) -> Result<u16, Malformed> {
+    match buf.get(at..at + 2) {
+        Some(b) => Ok(u16::from_be_bytes([b[0], b[1]])),
+        None => Err(Malformed),
+    }
+}
+
+#[inline]
+fn be32(buf: &[u8], at: usize) -> Result<u32, Malformed> {
+    match buf.get(at..at + 4) {
+        Some(b) => Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]])),
+        None => Err(Malformed),
+    }
+}
+
+/// The fixed 12-byte header of a message at least [`HEADER_LEN`] long.
+#[derive(Clone, Copy)]
+pub struct Header<'a> {
+    buf: &'a [u8],
+}
+
+impl<'a> Header<'a> {
+    /// `None` when the buffer is shorter than a header.
+    #[inline]
+    pub fn new_checked(buf: &'a [u8]) -> Option<Header<'a>> {
+        (buf.len() >= HEADER_LEN).then_some(Header { buf })
+    }
+    #[inline]
+    fn word(&self, at: usize) -> u16 {
+        u16::from_be_bytes([self.buf[at], self.buf[at + 1]])
+    }
+    pub fn id(&self) -> u16 {
+        self.word(0)
+    }
+    pub fn flags(&self) -> u16 {
+        self.word(2)
+    }
+    pub fn is_response(&self) -> bool {
+        self.flags() & FLAG_QR != 0
+    }
+    pub fn opcode(&self) -> u8 {
+        ((self.flags() >> 11) & 0xF) as u8
+    }
+    pub fn qdcount(&self) -> u16 {
+        self.word(4)
+    }
+    pub fn ancount(&self) -> u16 {
+        self.word(6)
+    }
+    pub fn nscount(&self) -> u16 {
+        self.word(8)
+    }
+    pub fn arcount(&self) -> u16 {
+        self.word(10)
+    }
+}
+
+/// A question name copied into a stack buffer, lowercased.
+pub struct Name {
+    /// Lowercase wire format, terminated by the root label.
+    wire: [u8; MAX_NAME_LEN],
+    len: usize,
+    /// Offset in `wire` of each label's length byte.
+    starts: [u8; MAX_LABELS],
+    n_labels: usize,
+    /// Some label holds a `.` byte (such names cannot match a table key).
+    has_dot: bool,
+}
+
+impl Name {
+    /// The lowercase name in wire format.
+    pub fn wire(&self) -> &[u8] {
+        &self.wire[..self.len]
+    }
+    pub fn n_labels(&self) -> usize {
+        self.n_labels
+    }
+    /// Offset of label `i`'s length byte in [`Name::wire`] (`i ==
+    /// n_labels` gives the root label).
+    pub fn label_start(&self, i: usize) -> usize {
+        if i >= self.n_labels {
+            self.len - 1
+        } else {
+            self.starts[i] as usize
+        }
+    }
+    /// The bytes of label `i` (lowercase, without its length byte).
+    pub fn label(&self, i: usize) -> &[u8] {
+        let s = self.label_start(i);
+        let n = self.wire[s] as usize;
+        &self.wire[s + 1..s + 1 + n]
+    }
+    pub fn has_dot(&self) -> bool {
+        self.has_dot
+    }
+    /// If the name is `domain` or below it (both lowercase wire format),
+    /// the number of labels before the domain.
+    pub fn labels_below(&self, domain_wire: &[u8]) -> Option<usize> {
+        let name = self.wire();
+        if domain_wire.len() > name.len() || !name.ends_with(domain_wire) {
+            return None;
+        }
+        let at = name.len() - domain_wire.len();
+        (0..=self.n_labels).find(|&i| self.label_start(i) == at)
+    }
+    /// Writes labels `0..n` as a dotted key (`api.node-a`) into `out`;
+    /// returns its length.
+    pub fn dotted_prefix(&self, n: usize, out: &mut [u8; MAX_NAME_LEN]) -> usize {
+        let end = self.label_start(n);
+        if end == 0 {
+            return 0;
+        }
+        let src = &self.wire[1..end];
+        out[..src.len()].copy_from_slice(src);
+        for i in 1..n {
+            out[self.label_start(i) - 1] = b'.';
+        }
+        src.len()
+    }
+}
+
+/// The one question of a query.
+pub struct Question {
+    pub name: Name,
+    pub qtype: u16,
+    pub qclass: u16,
+    /// Offset just past the question in the message.
+    pub end: usize,
+}
+
+/// Parses the question at [`HEADER_LEN`]. Compression pointers are refused:
+/// in the first name of a message a pointer can only point into the header
+/// or back into the name itself (a loop).
+pub fn parse_question(msg: &[u8]) -> Result<Question, Malformed> {
+    let mut name = Name {
+        wire: [0; MAX_NAME_LEN],
+        len: 0,
+        starts: [0; MAX_LABELS],
+        n_labels: 0,
+        has_dot: false,
+    };
+    let mut pos = HEADER_LEN;
+    loop {
+        let len = *msg.get(pos).ok_or(Malformed)? as usize;
+        if len == 0 {
+            if name.len + 1 > MAX_NAME_LEN {
+                return Err(Malformed);
+            }
+            name.wire[name.len] = 0;
+            name.len += 1;
+            pos += 1;
+            break;
+        }
+        if len > MAX_LABEL_LEN {
+            // 0xC0 pointers, 0x40/0x80 extended label types, or garbage.
+            return Err(Malformed);
+        }
+        // The label, its length byte and the final root byte must fit.
+        if name.len + 1 + len + 1 > MAX_NAME_LEN || name.n_labels >= MAX_LABELS {
+            return Err(Malformed);
+        }
+        let label = msg.get(pos + 1..pos + 1 + len).ok_or(Malformed)?;
+        name.starts[name.n_labels] = name.len as u8;
+        name.n_labels += 1;
+        name.wire[name.len] = len as u8;
+        let dst = &mut name.wire[name.len + 1..name.len + 1 + len];
+        for (d, s) in dst.iter_mut().zip(label) {
+            *d = s.to_ascii_lowercase();
+            name.has_dot |= *s == b'.';
+        }
+        name.len += 1 + len;
+        pos += 1 + len;
+    }
+    let qtype = be16(msg, pos)?;
+    let qclass = be16(msg, pos + 2)?;
+    Ok(Question {
+        name,
+        qtype,
+        qclass,
+        end: pos + 4,
+    })
+}
+
+/// Skips a name anywhere in a message (pointers allowed: a pointer ends the
+/// name). Returns the offset just past it.
+fn skip_name(msg: &[u8], mut pos: usize) -> Result<usize, Malformed> {
+    loop {
+        let len = *msg.get(pos).ok_or(Malformed)?;
+        match len & 0xC0 {
+            0x00 if len == 0 => return Ok(pos + 1),
+            0x00 => pos += 1 + len as usize,
+            0xC0 => {
+                return if pos + 2 <= msg.len() {
+                    Ok(pos + 2)
+                } else {
+                    Err(Malformed)
+                };
+            }
+            _ => return Err(Malformed),
+        }
+    }
+}
+
+/// The client's EDNS(0) OPT record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Edns {
+    /// Requester's UDP payload size (RFC 6891 §6.2.3), as sent.
+    pub payload: u16,
+    pub version: u8,
+    pub dnssec_ok: bool,
+}
+
+/// Walks the answer, authority and additional sections after the question
+/// and returns the OPT record if there is one. Two OPT records, an OPT
+/// whose owner is not the root, or a record running past the end are
+/// malformed (RFC 6891 §6.1.1).
+pub fn parse_edns(
+    msg: &[u8],
+    header: Header<'_>,
+    mut pos: usize,
+) -> Result<Option<Edns>, Malformed> {
+    let before = header.ancount() as usize + header.nscount() as usize;
+    let total = before + header.arcount() as usize;
+    let mut edns = None;
+    for i in 0..total {
+        let owner = pos;
+        pos = skip_name(msg, pos)?;
+        let rtype = be16(msg, pos)?;
+        let class = be16(msg, pos + 2)?;
+        let ttl = be32(msg, pos + 4)?;
+        let rdlen = be16(msg, pos + 8)? as usize;
+        pos += 10;
+        if pos + rdlen > msg.len() {
+            return Err(Malformed);
+        }
+        pos += rdlen;
+        if rtype == TYPE_OPT {
+            if i < before || edns.is_some() || msg[owner] != 0 {
+                return Err(Malformed);
+            }
+            edns = Some(Edns {
+                payload: class,
+                version: (ttl >> 16) as u8,
+                dnssec_ok: ttl as u16 & EDNS_FLAG_DO != 0,
+            });
+        }
+    }
+    Ok(edns)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn query(name: &[u8]) -> Vec<u8> {
+        let mut q = vec![0, 1, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0];
+        q.extend_from_slice(name);
+        q.extend_from_slice(&[0, 1, 0, 1]);
+        q
+    }
+
+    #[test]
+    fn question_is_lowercased_and_split_into_labels() {
+        let q = parse_question(&query(b"\x03API\x06node-a\x05glued\x08internal\x00")).unwrap();
+        assert_eq!(q.name.n_labels(), 4);
+        assert_eq!(q.name.label(1), b"node-a");
+        let below = q.name.labels_below(b"\x05glued\x08internal\x00").unwrap();
+        assert_eq!(below, 2);
+        let mut key = [0; MAX_NAME_LEN];
+        let n = q.name.dotted_prefix(below, &mut key);
+        assert_eq!(&key[..n], b"api.node-a");
+        assert_eq!(q.qtype, TYPE_A);
+    }
+
+    #[test]
+    fn a_name_is_not_below_a_domain_it_only_ends_like() {
+        let q = parse_question(&query(b"\x06xglued\x08internal\x00")).unwrap();
+        assert_eq!(q.name.labels_below(b"\x05glued\x08internal\x00"), None);
+        let root = parse_question(&query(b"\x00")).unwrap();
+        assert_eq!(root.name.n_labels(), 0);
+    }
+
+    #[test]
+    fn pointers_bad_lengths_and_truncation_are_malformed() {
+        assert!(parse_question(&query(b"\xC0\x0C")).is_err());
+        assert!(parse_question(&query(b"\x40abc\x00")).is_err());
+        assert!(parse_question(&query(b"\x3Fabc")).is_err());
+        let mut long = Vec::new();
+        for _ in 0..5 {
+            long.push(63);
+            long.extend_from_slice(&[b'a'; 63]);
+        }
+        long.push(0);
+        assert!(parse_question(&query(&long)).is_err());
+        let q = query(b"\x03api\x00");
+        assert!(parse_question(&q[..q.len() - 1]).is_err());
+    }
+
+    #[test]
+    fn edns_is_found_in_the_additional_section() {
+        let mut q = query(b"\x03api\x00");
+        q[11] = 1;
+        q.extend_from_slice(&[0, 0, 41, 0x04, 0xD0, 0, 0, 0x80, 0, 0, 0]);
+        let h = Header::new_checked(&q).unwrap();
+        let end = parse_question(&q).unwrap().end;
+        let e = parse_edns(&q, h, end).unwrap().unwrap();
+        assert_eq!((e.payload, e.version, e.dnssec_ok), (1232, 0, true));
+        // A second OPT is malformed.
+        q[11] = 2;
+        q.extend_from_slice(&[0, 0, 41, 0x04, 0xD0, 0, 0, 0, 0, 0, 0]);
+        let h = Header::new_checked(&q).unwrap();
+        assert!(parse_edns(&q, h, end).is_err());
+    }
+}
