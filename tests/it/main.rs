@@ -7,5 +7,6 @@ mod cluster;
 mod config;
 mod dns;
 mod docker;
+mod e2e;
 mod forward;
 mod http;
