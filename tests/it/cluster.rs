@@ -1,1 +1,558 @@
-//! Integration tests: cluster.
+//! Integration tests: cluster. Real iroh endpoints on 127.0.0.1, one
+//! registry + table + gossip thread per in-process node.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::bounded;
+use glued::config::{BootstrapPeer, Config, Secret};
+use glued::gossip::wire::{self, Change, Header, Keys, Payload, WireGroup, WireSource};
+use glued::gossip::{DropReason, Gossip, GossipStats, Peers, load_key};
+use glued::registry::{Registry, RegistryMsg, RegistryStats};
+use glued::table::{self, Group, Origin, SharedTable, Source};
+
+use crate::support;
+
+/// One in-process Glued: registry, table and gossip.
+struct Node {
+    origin: Origin,
+    config: Config,
+    table: SharedTable,
+    registry: Option<Registry>,
+    gossip: Option<Gossip>,
+    stats: Arc<GossipStats>,
+    peers: Peers,
+}
+
+/// Options of a test node.
+struct Opts<'a> {
+    name: &'a str,
+    topic: [u8; 32],
+    secret: &'a str,
+    lease_secs: u64,
+    bootstrap: Option<&'a Node>,
+    data_dir: Option<PathBuf>,
+    records: Vec<(&'a str, Ipv4Addr)>,
+}
+
+impl<'a> Opts<'a> {
+    fn new(name: &'a str, topic: [u8; 32]) -> Opts<'a> {
+        Opts {
+            name,
+            topic,
+            secret: "test-secret",
+            lease_secs: 15,
+            bootstrap: None,
+            data_dir: None,
+            records: vec![],
+        }
+    }
+    fn boot(mut self, n: &'a Node) -> Self {
+        self.bootstrap = Some(n);
+        self
+    }
+    fn lease(mut self, secs: u64) -> Self {
+        self.lease_secs = secs;
+        self
+    }
+}
+
+fn topic() -> [u8; 32] {
+    let mut t = [0u8; 32];
+    for b in t.iter_mut() {
+        *b = fastrand::u8(..);
+    }
+    t
+}
+
+fn start(o: Opts) -> Node {
+    let mut config = support::test_config();
+    config.node_name = o.name.into();
+    config.topic_id = Some(o.topic);
+    config.cluster_secret = Secret::new(o.secret.into());
+    config.lease_secs = o.lease_secs;
+    if let Some(d) = o.data_dir {
+        config.data_dir = d;
+    }
+    if let Some(b) = o.bootstrap {
+        let g = b.gossip.as_ref().unwrap();
+        config.bootstrap_peers = vec![BootstrapPeer {
+            id: g.id.to_string(),
+            addr: Some(g.addrs[0].to_string()),
+        }];
+    }
+    let origin = Origin {
+        id: glued::gossip::local_id(&config.data_dir).unwrap(),
+        node_name: o.name.into(),
+    };
+    let table = table::shared(&config.domain, config.ttl_secs);
+    let (changed_tx, changed_rx) = bounded(1);
+    let registry = Registry::spawn(
+        table.clone(),
+        Arc::new(RegistryStats::default()),
+        origin.id.clone(),
+        Some(changed_tx),
+    );
+    // Like the daemon: this node's static records before gossip starts.
+    for (name, ip) in &o.records {
+        registry.tx.send(upsert(&origin, name, *ip)).unwrap();
+    }
+    let stats = Arc::new(GossipStats::default());
+    let peers = Peers::default();
+    let gossip = Gossip::start(
+        &config,
+        origin.clone(),
+        table.clone(),
+        registry.tx.clone(),
+        changed_rx,
+        stats.clone(),
+        peers.clone(),
+    )
+    .unwrap();
+    Node {
+        origin,
+        config,
+        table,
+        registry: Some(registry),
+        gossip: Some(gossip),
+        stats,
+        peers,
+    }
+}
+
+fn group(name: &str, ip: Ipv4Addr) -> Group {
+    Group {
+        names: vec![name.into()],
+        v4: vec![ip],
+        v6: vec![],
+    }
+}
+
+fn upsert(origin: &Origin, name: &str, ip: Ipv4Addr) -> RegistryMsg {
+    RegistryMsg::Upsert {
+        origin: origin.clone(),
+        source: Source::Static { name: name.into() },
+        group: group(name, ip),
+    }
+}
+
+impl Node {
+    fn tx(&self) -> &crossbeam_channel::Sender<RegistryMsg> {
+        &self.registry.as_ref().unwrap().tx
+    }
+    fn add(&self, name: &str, ip: Ipv4Addr) {
+        self.tx().send(upsert(&self.origin, name, ip)).unwrap();
+    }
+    fn remove(&self, name: &str) {
+        self.tx()
+            .send(RegistryMsg::Remove {
+                origin: self.origin.clone(),
+                source: Source::Static { name: name.into() },
+            })
+            .unwrap();
+    }
+    fn resolves(&self, name: &str) -> Option<Vec<Ipv4Addr>> {
+        self.table
+            .load()
+            .lookup(name.as_bytes())
+            .map(|e| e.v4.to_vec())
+    }
+    fn gossip(&self) -> &Gossip {
+        self.gossip.as_ref().unwrap()
+    }
+    /// The groups of `origin` id in this node's table.
+    fn groups_of(&self, id: &str) -> BTreeMap<Source, Group> {
+        self.table
+            .load()
+            .groups
+            .iter()
+            .filter(|((o, _), _)| o.id == id)
+            .map(|((_, s), g)| (s.clone(), g.clone()))
+            .collect()
+    }
+    fn stop(mut self) {
+        if let Some(g) = self.gossip.take() {
+            g.stop();
+        }
+        if let Some(r) = self.registry.take() {
+            r.stop();
+        }
+    }
+    fn kill(mut self) {
+        if let Some(g) = self.gossip.take() {
+            g.kill();
+        }
+        if let Some(r) = self.registry.take() {
+            r.stop();
+        }
+    }
+}
+
+fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    f()
+}
+
+const CONVERGE: Duration = Duration::from_secs(10);
+
+fn ip(n: u32) -> Ipv4Addr {
+    Ipv4Addr::from(0x0a00_0000 + n)
+}
+
+#[test]
+fn three_nodes_replicate_an_add_and_a_remove() {
+    let t = topic();
+    let a = start(Opts::new("node-a", t));
+    let b = start(Opts::new("node-b", t).boot(&a));
+    let c = start(Opts::new("node-c", t).boot(&a));
+    a.add("web", ip(1));
+    for n in [&b, &c] {
+        assert!(
+            wait_until(CONVERGE, || n.resolves("web") == Some(vec![ip(1)])),
+            "{} never got web",
+            n.origin.node_name
+        );
+        assert_eq!(n.resolves("web.node-a"), Some(vec![ip(1)]));
+    }
+    a.remove("web");
+    for n in [&b, &c] {
+        assert!(
+            wait_until(CONVERGE, || n.resolves("web").is_none()),
+            "{} still has web",
+            n.origin.node_name
+        );
+    }
+    // /peers shows the authenticated peers with their names.
+    assert!(wait_until(CONVERGE, || {
+        let p = b.peers.lock().unwrap();
+        p.iter()
+            .any(|p| p.node_name == "node-a" && p.authenticated && p.last_heard_ms_ago < 15_000)
+    }));
+    let mut metrics = String::new();
+    a.stats.render(&mut metrics);
+    assert!(metrics.contains("glued_gossip_messages_sent_total"));
+    for n in [a, b, c] {
+        n.stop();
+    }
+}
+
+#[test]
+fn a_late_joiner_receives_the_full_state_of_10000_records() {
+    let t = topic();
+    let a = start(Opts::new("node-a", t));
+    let groups: Vec<(Source, Group)> = (0..10_000u32)
+        .map(|i| {
+            let name = format!("svc-{i}");
+            (Source::Static { name: name.clone() }, group(&name, ip(i)))
+        })
+        .collect();
+    a.tx()
+        .send(RegistryMsg::Replace {
+            origin: a.origin.clone(),
+            kind: None,
+            groups,
+        })
+        .unwrap();
+    assert!(wait_until(CONVERGE, || a.groups_of(&a.origin.id).len() == 10_000));
+    // Let A settle and publish first: B joins late.
+    std::thread::sleep(Duration::from_millis(800));
+    let started = Instant::now();
+    let b = start(Opts::new("node-b", t).boot(&a));
+    let got = wait_until(CONVERGE, || b.groups_of(&a.origin.id).len() == 10_000);
+    let took = started.elapsed();
+    eprintln!("late joiner: 10000 records in {took:?}");
+    assert!(got, "only {} records", b.groups_of(&a.origin.id).len());
+    assert_eq!(b.groups_of(&a.origin.id), a.groups_of(&a.origin.id));
+    assert_eq!(b.resolves("svc-9999"), Some(vec![ip(9999)]));
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    a.stop();
+    b.stop();
+}
+
+#[test]
+fn a_node_with_another_secret_is_refused_and_exchanges_no_records() {
+    let t = topic();
+    let mut a_opts = Opts::new("node-a", t);
+    a_opts.records = vec![("honest", ip(1))];
+    let a = start(a_opts);
+    let b = start(Opts::new("node-b", t).boot(&a));
+    let mut x_opts = Opts::new("intruder", t).boot(&a);
+    x_opts.secret = "another-secret";
+    x_opts.records = vec![("evil", ip(66))];
+    let x = start(x_opts);
+    assert!(wait_until(CONVERGE, || b.resolves("honest").is_some()));
+    assert!(
+        wait_until(CONVERGE, || {
+            x.stats
+                .auth_refused
+                .load(std::sync::atomic::Ordering::Relaxed)
+                > 0
+                && a.stats
+                    .auth_refused
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                    > 0
+        }),
+        "the admission was not refused on both sides"
+    );
+    // Give it time to try: nothing crosses in either direction.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(x.resolves("honest").is_none());
+    assert!(a.resolves("evil").is_none());
+    assert!(b.resolves("evil").is_none());
+    assert!(x.groups_of(&a.origin.id).is_empty());
+    assert!(!a.peers.lock().unwrap().iter().any(|p| p.id == x.origin.id));
+    for n in [a, b, x] {
+        n.stop();
+    }
+}
+
+#[test]
+fn forged_and_replayed_messages_change_nothing() {
+    let t = topic();
+    let mut a_opts = Opts::new("node-a", t);
+    a_opts.records = vec![("real", ip(1))];
+    let a = start(a_opts);
+    let b = start(Opts::new("node-b", t).boot(&a));
+    let m = start(Opts::new("node-m", t).boot(&a));
+    m.add("mine", ip(7));
+    assert!(wait_until(CONVERGE, || b.resolves("real").is_some()
+        && b.resolves("mine").is_some()));
+    let keys = Keys::derive(b"test-secret");
+    let m_key = load_key(&m.config.data_dir).unwrap();
+    let a_id = *a.gossip().id.as_bytes();
+    let m_id = *m.gossip().id.as_bytes();
+    let evil = |name: &str| Payload::Delta {
+        version: 1_000,
+        changes: vec![
+            Change::Upsert(
+                WireSource::Static(name.into()),
+                WireGroup {
+                    names: vec![name.into()],
+                    v4: vec![ip(66)],
+                    v6: vec![],
+                },
+            ),
+            Change::Remove(WireSource::Static("real".into())),
+        ],
+    };
+    let before = |r| b.stats.dropped(r);
+    let (not_owner, bad_sig, replay) = (
+        before(DropReason::NotOwner),
+        before(DropReason::BadSignature),
+        before(DropReason::Replay),
+    );
+    // 1. Valid HMAC, honestly signed by M, claiming A's records.
+    let forged = Header {
+        signer: m_id,
+        origin: a_id,
+        node_name: "node-a".into(),
+        incarnation: u64::MAX,
+        seq: 1,
+        payload: evil("forged"),
+    };
+    m.gossip().broadcast_raw(wire::seal(&keys, &m_key, &forged));
+    // 2. Valid HMAC, claims to be signed by A, signed by M.
+    let impersonated = Header {
+        signer: a_id,
+        payload: evil("impersonated"),
+        ..forged.clone()
+    };
+    m.gossip()
+        .broadcast_raw(wire::seal(&keys, &m_key, &impersonated));
+    // 3. M's own message from an older incarnation (a replay of its past).
+    let old = wire::seal_own(
+        &keys,
+        &m_key,
+        "node-m",
+        m.gossip().incarnation - 1,
+        1_000_000,
+        evil("replayed"),
+    );
+    m.gossip().broadcast_raw(old);
+    // 4. M's current incarnation, a fresh sequence, but an old version:
+    //    undoing "mine" with a stale delta.
+    let stale = wire::seal_own(
+        &keys,
+        &m_key,
+        "node-m",
+        m.gossip().incarnation,
+        u64::MAX / 2,
+        Payload::Delta {
+            version: 1,
+            changes: vec![Change::Remove(WireSource::Static("mine".into()))],
+        },
+    );
+    m.gossip().broadcast_raw(stale);
+    assert!(
+        wait_until(CONVERGE, || {
+            before(DropReason::NotOwner) > not_owner
+                && before(DropReason::BadSignature) > bad_sig
+                && before(DropReason::Replay) >= replay + 2
+        }),
+        "the crafted messages were not all dropped as expected"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    for n in [&a, &b] {
+        assert_eq!(n.resolves("real"), Some(vec![ip(1)]));
+        assert_eq!(n.resolves("mine"), Some(vec![ip(7)]));
+        assert!(n.resolves("forged").is_none());
+        assert!(n.resolves("impersonated").is_none());
+        assert!(n.resolves("replayed").is_none());
+    }
+    let mut metrics = String::new();
+    b.stats.render(&mut metrics);
+    assert!(metrics.contains("reason=\"not_owner\"} 1"), "{metrics}");
+    for n in [a, b, m] {
+        n.stop();
+    }
+}
+
+#[test]
+fn a_killed_node_keeps_its_records_until_the_lease_ends() {
+    let t = topic();
+    let a = start(Opts::new("node-a", t).lease(3));
+    let b = start(Opts::new("node-b", t).lease(3).boot(&a));
+    b.add("doomed", ip(9));
+    assert!(wait_until(CONVERGE, || a.resolves("doomed").is_some()));
+    // Let a heartbeat pass so "last heard" is recent.
+    std::thread::sleep(Duration::from_millis(1200));
+    let killed = Instant::now();
+    b.kill();
+    // Lease 3 s, heartbeats every 1 s: kept for at least 2 s.
+    while killed.elapsed() < Duration::from_millis(1900) {
+        assert!(
+            a.resolves("doomed").is_some(),
+            "dropped after {:?}, before the lease",
+            killed.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        wait_until(Duration::from_secs(4), || a.resolves("doomed").is_none()),
+        "still there {:?} after the kill",
+        killed.elapsed()
+    );
+    let gone = killed.elapsed();
+    assert!(gone >= Duration::from_secs(2), "{gone:?}");
+    assert!(gone <= Duration::from_millis(4500), "{gone:?}");
+    a.stop();
+}
+
+#[test]
+fn a_graceful_restart_never_makes_names_vanish() {
+    let t = topic();
+    let a = start(Opts::new("node-a", t).lease(3));
+    let dir = support::data_dir();
+    let mut b_opts = Opts::new("node-b", t).lease(3).boot(&a);
+    b_opts.data_dir = Some(dir.clone());
+    b_opts.records = vec![("stable", ip(5)), ("old-only", ip(6))];
+    let b = start(b_opts);
+    assert!(wait_until(CONVERGE, || a.resolves("stable").is_some()
+        && a.resolves("old-only").is_some()));
+    let b_id = b.origin.id.clone();
+    b.stop();
+    let mut b_opts = Opts::new("node-b", t).lease(3).boot(&a);
+    b_opts.data_dir = Some(dir);
+    b_opts.records = vec![("stable", ip(5)), ("new-only", ip(7))];
+    let b2 = start(b_opts);
+    assert_eq!(b2.origin.id, b_id, "same key, same id");
+    // Watch for longer than the lease: "stable" never disappears, and the
+    // new incarnation's state replaces the old one's.
+    let end = Instant::now() + Duration::from_secs(5);
+    let mut replaced = false;
+    while Instant::now() < end {
+        assert_eq!(a.resolves("stable"), Some(vec![ip(5)]), "stable vanished");
+        replaced = a.resolves("new-only").is_some() && a.resolves("old-only").is_none();
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(
+        replaced,
+        "the new incarnation's state did not replace the old"
+    );
+    a.stop();
+    b2.stop();
+}
+
+#[test]
+fn a_partition_heals_and_converges() {
+    // Partition simulated at the endpoint level: every connection between
+    // the two sides is closed and refused until unblocked.
+    let t = topic();
+    let a = start(Opts::new("node-a", t));
+    let b = start(Opts::new("node-b", t).boot(&a));
+    let c = start(Opts::new("node-c", t).boot(&a));
+    a.add("before", ip(1));
+    assert!(wait_until(CONVERGE, || c.resolves("before").is_some()
+        && b.resolves("before").is_some()));
+    let (ida, idb, idc) = (a.gossip().id, b.gossip().id, c.gossip().id);
+    a.gossip().block(vec![idb, idc], true);
+    b.gossip().block(vec![ida], true);
+    c.gossip().block(vec![ida], true);
+    std::thread::sleep(Duration::from_millis(300));
+    a.add("during-a", ip(2));
+    c.add("during-c", ip(3));
+    assert!(wait_until(CONVERGE, || b.resolves("during-c").is_some()));
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(b.resolves("during-a").is_none(), "the partition leaked");
+    assert!(a.resolves("during-c").is_none(), "the partition leaked");
+    a.gossip().block(vec![idb, idc], false);
+    b.gossip().block(vec![ida], false);
+    c.gossip().block(vec![ida], false);
+    for (n, name) in [(&a, "during-c"), (&b, "during-a"), (&c, "during-a")] {
+        assert!(
+            wait_until(CONVERGE, || n.resolves(name).is_some()),
+            "{} did not get {name} after the partition",
+            n.origin.node_name
+        );
+    }
+    for n in [a, b, c] {
+        n.stop();
+    }
+}
+
+#[test]
+fn a_burst_of_2000_changes_converges_everywhere() {
+    let t = topic();
+    let a = start(Opts::new("node-a", t));
+    let b = start(Opts::new("node-b", t).boot(&a));
+    let c = start(Opts::new("node-c", t).boot(&a));
+    assert!(wait_until(CONVERGE, || {
+        b.gossip.is_some() && a.peers.lock().unwrap().len() >= 2
+    }));
+    std::thread::sleep(Duration::from_millis(600));
+    // 1 200 adds, 500 updates, 300 removes.
+    for i in 0..1200 {
+        a.add(&format!("b-{i}"), ip(i));
+    }
+    for i in 0..500 {
+        a.add(&format!("b-{i}"), ip(50_000 + i));
+    }
+    for i in 700..1000 {
+        a.remove(&format!("b-{i}"));
+    }
+    let want = |n: &Node| n.groups_of(&a.origin.id);
+    assert!(wait_until(CONVERGE, || want(&a).len() == 900));
+    for n in [&b, &c] {
+        assert!(
+            wait_until(CONVERGE, || want(n) == want(&a)),
+            "{} has {} groups of A, A has {}",
+            n.origin.node_name,
+            want(n).len(),
+            want(&a).len()
+        );
+    }
+    assert_eq!(c.resolves("b-1"), Some(vec![ip(50_001)]));
+    assert!(c.resolves("b-800").is_none());
+    for n in [a, b, c] {
+        n.stop();
+    }
+}

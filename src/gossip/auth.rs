@@ -1,0 +1,381 @@
+//! Admission: a mutual challenge–response on Glued's own ALPN.
+//!
+//! Before any gossip or state connection to or from a peer, both sides prove
+//! that they know the cluster secret:
+//!
+//! ```text
+//! client → server: version (1) ‖ client nonce (32)
+//! server → client: server nonce (32) ‖ HMAC(k_auth, "server" ‖ cn ‖ sn ‖ client id ‖ server id)
+//! client → server: HMAC(k_auth, "client" ‖ cn ‖ sn ‖ client id ‖ server id)
+//! server → client: 1 (admitted) or 0 (refused)
+//! ```
+//!
+//! The endpoint ids are those proven by the QUIC/TLS handshake, so a proof
+//! cannot be replayed to or reflected at another node.
+//!
+//! Invariant: [`Hooks`] let a gossip or state connection through (either
+//! direction) only when its remote is in the authenticated set; a remote
+//! gets there only through a successful exchange.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use iroh::endpoint::{
+    AfterHandshakeOutcome, BeforeConnectOutcome, Connection, EndpointHooks, WeakConnectionHandle,
+};
+use iroh::protocol::{AcceptError, ProtocolHandler};
+use iroh::{Endpoint, EndpointAddr, EndpointId, SecretKey, TransportAddr};
+
+use super::GossipStats;
+use super::wire::{Keys, hmac};
+
+/// ALPN of the admission exchange.
+pub const AUTH_ALPN: &[u8] = b"glued/auth/1";
+/// ALPN of the direct full-state stream.
+pub const STATE_ALPN: &[u8] = b"glued/state/1";
+/// Version byte of the admission exchange.
+pub const AUTH_VERSION: u8 = 1;
+/// Longest an admission exchange may take.
+pub const AUTH_TIMEOUT: Duration = Duration::from_secs(5);
+/// QUIC application close code of a refused admission.
+pub const REFUSED_CODE: u32 = 403;
+
+/// Who is admitted, shared by the hooks, the handlers and the gossip loop.
+#[derive(Debug)]
+pub struct AuthState {
+    keys: Keys,
+    /// Set once the endpoint exists (the hooks are built before it).
+    pub endpoint: OnceLock<Endpoint>,
+    bootstrap: HashSet<EndpointId>,
+    admitted: Mutex<HashMap<EndpointId, Admitted>>,
+    stats: Arc<GossipStats>,
+    /// Peers whose traffic is refused at the endpoint (a simulated partition).
+    blocked: Mutex<HashSet<EndpointId>>,
+    /// Every gated connection, so a block can close it.
+    conns: Mutex<Vec<(EndpointId, WeakConnectionHandle)>>,
+}
+
+/// One admitted peer.
+#[derive(Clone, Debug)]
+pub struct Admitted {
+    pub since: Instant,
+    pub addr: Option<SocketAddr>,
+}
+
+impl AuthState {
+    pub fn new(keys: Keys, bootstrap: HashSet<EndpointId>, stats: Arc<GossipStats>) -> AuthState {
+        AuthState {
+            keys,
+            endpoint: OnceLock::new(),
+            bootstrap,
+            admitted: Mutex::new(HashMap::new()),
+            stats,
+            blocked: Mutex::new(HashSet::new()),
+            conns: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub fn is_blocked(&self, id: &EndpointId) -> bool {
+        self.blocked.lock().expect("auth lock").contains(id)
+    }
+
+    /// Refuses (or allows again) every connection with `peers`, closing
+    /// the open ones.
+    pub fn block(&self, peers: &[EndpointId], blocked: bool) {
+        let mut set = self.blocked.lock().expect("auth lock");
+        for p in peers {
+            if blocked {
+                set.insert(*p);
+            } else {
+                set.remove(p);
+            }
+        }
+        drop(set);
+        if blocked {
+            let mut conns = self.conns.lock().expect("auth lock");
+            conns.retain(|(id, weak)| {
+                let Some(conn) = weak.upgrade() else {
+                    return false;
+                };
+                if peers.contains(id) {
+                    conn.close(REFUSED_CODE.into(), b"blocked");
+                    return false;
+                }
+                true
+            });
+        }
+    }
+
+    fn track(&self, conn: &Connection) {
+        let mut conns = self.conns.lock().expect("auth lock");
+        conns.retain(|(_, weak)| weak.upgrade().is_some());
+        conns.push((conn.remote_id(), conn.weak_handle()));
+    }
+
+    pub fn is_admitted(&self, id: &EndpointId) -> bool {
+        self.admitted.lock().expect("auth lock").contains_key(id)
+    }
+
+    /// Every admitted peer.
+    pub fn admitted(&self) -> HashMap<EndpointId, Admitted> {
+        self.admitted.lock().expect("auth lock").clone()
+    }
+
+    fn admit(&self, id: EndpointId, addr: Option<SocketAddr>) {
+        let first = self
+            .admitted
+            .lock()
+            .expect("auth lock")
+            .insert(
+                id,
+                Admitted {
+                    since: Instant::now(),
+                    addr,
+                },
+            )
+            .is_none();
+        self.stats.auth_ok.fetch_add(1, Ordering::Relaxed);
+        if first {
+            if self.bootstrap.contains(&id) {
+                log::info!("Authenticated with bootstrap peer {id}");
+            } else {
+                log::info!("Authenticated with peer {id}");
+            }
+        }
+    }
+
+    fn refuse(&self, id: EndpointId, why: &str) {
+        self.stats.auth_refused.fetch_add(1, Ordering::Relaxed);
+        let what = if self.bootstrap.contains(&id) {
+            "bootstrap peer"
+        } else {
+            "peer"
+        };
+        log::warn!("Refused {what} {id}: {why}");
+    }
+
+    fn proof(
+        &self,
+        role: &[u8],
+        cn: &[u8; 32],
+        sn: &[u8; 32],
+        client: &EndpointId,
+        server: &EndpointId,
+    ) -> [u8; 32] {
+        hmac(
+            &self.keys.auth,
+            &[role, cn, sn, client.as_bytes(), server.as_bytes()],
+        )
+    }
+
+    /// Runs the client side against `addr`, admitting it on success.
+    pub async fn authenticate(&self, addr: EndpointAddr) -> Result<(), String> {
+        let id = addr.id;
+        let Some(endpoint) = self.endpoint.get() else {
+            return Err("endpoint not ready".into());
+        };
+        match tokio::time::timeout(AUTH_TIMEOUT, self.client(endpoint, addr)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(Failure::Refused(why))) => {
+                self.refuse(id, &why);
+                Err(why)
+            }
+            Ok(Err(Failure::Io(why))) => {
+                log::debug!("admission with {id} failed: {why}");
+                Err(why)
+            }
+            Err(_) => {
+                log::debug!("admission with {id} timed out");
+                Err("timed out".into())
+            }
+        }
+    }
+
+    async fn client(&self, endpoint: &Endpoint, addr: EndpointAddr) -> Result<(), Failure> {
+        let conn = endpoint.connect(addr, AUTH_ALPN).await.map_err(io)?;
+        let me = endpoint.id();
+        let peer = conn.remote_id();
+        let (mut send, mut recv) = conn.open_bi().await.map_err(io)?;
+        let cn = nonce();
+        let mut hello = [0u8; 33];
+        hello[0] = AUTH_VERSION;
+        hello[1..].copy_from_slice(&cn);
+        send.write_all(&hello).await.map_err(io)?;
+        let mut reply = [0u8; 64];
+        recv.read_exact(&mut reply).await.map_err(io)?;
+        let sn: [u8; 32] = reply[..32].try_into().expect("32");
+        let expected = self.proof(b"server", &cn, &sn, &me, &peer);
+        if !constant_eq(&expected, &reply[32..]) {
+            conn.close(REFUSED_CODE.into(), b"bad proof");
+            return Err(Failure::Refused(
+                "it does not know the cluster secret".into(),
+            ));
+        }
+        let proof = self.proof(b"client", &cn, &sn, &me, &peer);
+        send.write_all(&proof).await.map_err(io)?;
+        let mut verdict = [0u8; 1];
+        recv.read_exact(&mut verdict).await.map_err(io)?;
+        let _ = send.finish();
+        if verdict[0] != 1 {
+            return Err(Failure::Refused(
+                "it refused our proof (another cluster secret)".into(),
+            ));
+        }
+        self.admit(peer, selected_addr(&conn));
+        conn.close(0u32.into(), b"done");
+        Ok(())
+    }
+
+    async fn server(&self, conn: &Connection) -> Result<(), Failure> {
+        let Some(endpoint) = self.endpoint.get() else {
+            return Err(Failure::Io("endpoint not ready".into()));
+        };
+        let me = endpoint.id();
+        let peer = conn.remote_id();
+        let (mut send, mut recv) = conn.accept_bi().await.map_err(io)?;
+        let mut hello = [0u8; 33];
+        recv.read_exact(&mut hello).await.map_err(io)?;
+        if hello[0] != AUTH_VERSION {
+            return Err(Failure::Refused(format!(
+                "unknown admission version {}",
+                hello[0]
+            )));
+        }
+        let cn: [u8; 32] = hello[1..].try_into().expect("32");
+        let sn = nonce();
+        let mut reply = [0u8; 64];
+        reply[..32].copy_from_slice(&sn);
+        reply[32..].copy_from_slice(&self.proof(b"server", &cn, &sn, &peer, &me));
+        send.write_all(&reply).await.map_err(io)?;
+        let mut proof = [0u8; 32];
+        recv.read_exact(&mut proof).await.map_err(io)?;
+        let expected = self.proof(b"client", &cn, &sn, &peer, &me);
+        if !constant_eq(&expected, &proof) {
+            let _ = send.write_all(&[0]).await;
+            let _ = send.finish();
+            return Err(Failure::Refused(
+                "it does not know the cluster secret".into(),
+            ));
+        }
+        self.admit(peer, selected_addr(conn));
+        send.write_all(&[1]).await.map_err(io)?;
+        let _ = send.finish();
+        // Wait for the client to read the verdict and close.
+        let _ = tokio::time::timeout(AUTH_TIMEOUT, conn.closed()).await;
+        Ok(())
+    }
+}
+
+enum Failure {
+    Refused(String),
+    Io(String),
+}
+
+fn io(e: impl std::fmt::Display) -> Failure {
+    Failure::Io(e.to_string())
+}
+
+/// 32 unpredictable bytes from the OS random source.
+fn nonce() -> [u8; 32] {
+    SecretKey::generate().to_bytes()
+}
+
+fn constant_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The IP address a connection currently uses, if any.
+pub fn selected_addr(conn: &Connection) -> Option<SocketAddr> {
+    let paths = conn.paths();
+    let mut best = None;
+    for p in paths.iter() {
+        if let TransportAddr::Ip(sa) = p.remote_addr() {
+            if p.is_selected() {
+                return Some(*sa);
+            }
+            best = Some(*sa);
+        }
+    }
+    best
+}
+
+/// Server side of the admission ALPN.
+#[derive(Debug, Clone)]
+pub struct AuthHandler(pub Arc<AuthState>);
+
+impl ProtocolHandler for AuthHandler {
+    async fn accept(&self, conn: Connection) -> Result<(), AcceptError> {
+        let peer = conn.remote_id();
+        match tokio::time::timeout(AUTH_TIMEOUT, self.0.server(&conn)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(Failure::Refused(why))) => {
+                self.0.refuse(peer, &why);
+                conn.close(REFUSED_CODE.into(), b"refused");
+            }
+            Ok(Err(Failure::Io(why))) => log::debug!("admission from {peer} failed: {why}"),
+            Err(_) => log::debug!("admission from {peer} timed out"),
+        }
+        Ok(())
+    }
+}
+
+/// Endpoint hooks that gate the gossip and state ALPNs on admission.
+#[derive(Debug)]
+pub struct Hooks {
+    pub state: Arc<AuthState>,
+    pub gossip_alpn: &'static [u8],
+}
+
+impl Hooks {
+    fn gated(&self, alpn: &[u8]) -> bool {
+        alpn == self.gossip_alpn || alpn == STATE_ALPN
+    }
+}
+
+impl EndpointHooks for Hooks {
+    async fn before_connect<'a>(
+        &'a self,
+        remote_addr: &'a EndpointAddr,
+        alpn: &'a [u8],
+    ) -> BeforeConnectOutcome {
+        if self.state.is_blocked(&remote_addr.id) {
+            return BeforeConnectOutcome::Reject;
+        }
+        if !self.gated(alpn) || self.state.is_admitted(&remote_addr.id) {
+            return BeforeConnectOutcome::Accept;
+        }
+        match self.state.authenticate(remote_addr.clone()).await {
+            Ok(()) => BeforeConnectOutcome::Accept,
+            Err(_) => BeforeConnectOutcome::Reject,
+        }
+    }
+
+    async fn after_handshake<'a>(&'a self, conn: &'a Connection) -> AfterHandshakeOutcome {
+        let id = conn.remote_id();
+        if self.state.is_blocked(&id) {
+            return AfterHandshakeOutcome::Reject {
+                error_code: REFUSED_CODE.into(),
+                reason: b"blocked".to_vec(),
+            };
+        }
+        if !self.gated(conn.alpn()) {
+            return AfterHandshakeOutcome::Accept;
+        }
+        self.state.track(conn);
+        if self.state.is_admitted(&id) {
+            return AfterHandshakeOutcome::Accept;
+        }
+        // An incoming connection from a peer that admitted us before we
+        // (re)started: prove ourselves again, and check it, by dialing back.
+        match self.state.authenticate(EndpointAddr::new(id)).await {
+            Ok(()) => AfterHandshakeOutcome::Accept,
+            Err(_) => AfterHandshakeOutcome::Reject {
+                error_code: REFUSED_CODE.into(),
+                reason: b"not admitted".to_vec(),
+            },
+        }
+    }
+}

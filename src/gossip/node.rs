@@ -1,0 +1,1100 @@
+//! The gossip thread's event loop: endpoint set-up, publishing this node's
+//! records, tracking every remote origin, state pulls and leases.
+//!
+//! Invariant: only this loop sends remote records to the registry, and it
+//! keeps one [`OriginState`] per remote origin; the records of an origin are
+//! held from a full state plus the consecutive deltas that follow it.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Sender, TrySendError};
+use futures_lite::StreamExt;
+use iroh::address_lookup::memory::MemoryLookup;
+use iroh::endpoint::{Connection, PortmapperConfig, presets};
+use iroh::protocol::{AcceptError, ProtocolHandler, Router};
+use iroh::{Endpoint, EndpointAddr, EndpointId, RelayMode, SecretKey};
+use iroh_gossip::api::{Event, GossipReceiver, GossipSender, JoinOptions};
+use iroh_gossip::proto::TopicId;
+
+use super::auth::{AuthHandler, AuthState, Hooks, STATE_ALPN};
+use super::wire::{self, Change, DropReason, Fresh, Keys, Payload, ReplayWindow};
+use super::{Bound, Command, GossipStats, PeerStatus, Peers};
+use crate::config::Config;
+use crate::registry::RegistryMsg;
+use crate::table::{Group, Origin, SharedTable, Source};
+
+/// Period of the housekeeping tick (leases, pulls, heartbeats, re-joins).
+pub const TICK: Duration = Duration::from_millis(100);
+/// Shortest heartbeat period (the period is a third of the lease).
+pub const MIN_HEARTBEAT: Duration = Duration::from_millis(200);
+/// A start is "settled" (ready to serve its full state) once this long has
+/// passed and no local change came for [`SETTLE_QUIET`]...
+pub const SETTLE_MIN: Duration = Duration::from_millis(500);
+pub const SETTLE_QUIET: Duration = Duration::from_millis(250);
+/// ...or at the latest after this long.
+pub const SETTLE_MAX: Duration = Duration::from_secs(3);
+/// How long a version gap may last before a full-state pull.
+pub const GAP_GRACE: Duration = Duration::from_millis(300);
+/// Wait before retrying a failed state pull.
+pub const PULL_RETRY: Duration = Duration::from_secs(1);
+/// Longest a state pull may take.
+pub const PULL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most state pulls running at once.
+pub const MAX_PULLS: usize = 8;
+/// Out-of-order deltas kept per origin while waiting for the missing ones.
+pub const MAX_PENDING: usize = 4096;
+/// Re-join known peers this often while the neighbour set is small.
+pub const REJOIN_EVERY: Duration = Duration::from_secs(2);
+/// The neighbour set is "small" below this many (or below the number of
+/// known peers, when fewer).
+pub const WANTED_NEIGHBORS: usize = 3;
+/// Shortest interval between two heartbeats sent in answer to `Hello`s.
+pub const HELLO_ANSWER_EVERY: Duration = Duration::from_millis(200);
+/// Period of the `/peers` refresh.
+pub const PEERS_EVERY: Duration = Duration::from_millis(500);
+/// Capacity of the event subscription (the buffer before `Lagged`).
+pub const SUBSCRIPTION_CAPACITY: usize = 4096;
+
+/// Everything the thread needs, moved into it.
+pub(super) struct Setup {
+    pub config: Config,
+    pub key: SecretKey,
+    pub incarnation: u64,
+    pub origin: Origin,
+    pub table: SharedTable,
+    pub registry: Sender<RegistryMsg>,
+    pub stats: Arc<GossipStats>,
+    pub peers: Peers,
+}
+
+/// What this node has published, shared with the state server.
+#[derive(Default)]
+struct Published {
+    version: u64,
+    groups: BTreeMap<Source, Group>,
+    ready: bool,
+    /// Sealed full state of `version`, reused until the next change.
+    cache: Option<(u64, Arc<Vec<u8>>)>,
+}
+
+/// This node's signing identity, shared with the state server.
+struct Me {
+    keys: Keys,
+    key: SecretKey,
+    node_name: String,
+    incarnation: u64,
+    seq: AtomicU64,
+    published: Mutex<Published>,
+    stats: Arc<GossipStats>,
+}
+
+impl Me {
+    fn seal(&self, payload: Payload) -> Vec<u8> {
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
+        wire::seal_own(
+            &self.keys,
+            &self.key,
+            &self.node_name,
+            self.incarnation,
+            seq,
+            payload,
+        )
+    }
+
+    /// The sealed full state, or a not-ready heartbeat.
+    fn full_state(&self) -> Arc<Vec<u8>> {
+        let mut p = self.published.lock().expect("published lock");
+        if !p.ready {
+            let hb = Payload::Heartbeat {
+                version: p.version,
+                n_groups: p.groups.len() as u64,
+                ready: false,
+            };
+            return Arc::new(self.seal(hb));
+        }
+        if let Some((v, bytes)) = &p.cache
+            && *v == p.version
+        {
+            return bytes.clone();
+        }
+        let payload = Payload::FullState {
+            version: p.version,
+            groups: p.groups.iter().map(|(s, g)| (s.into(), g.into())).collect(),
+        };
+        let bytes = Arc::new(self.seal(payload));
+        p.cache = Some((p.version, bytes.clone()));
+        bytes
+    }
+}
+
+/// Serves this node's full state on [`STATE_ALPN`] (admitted peers only:
+/// the hooks gate the connection).
+#[derive(Clone)]
+struct StateHandler(Arc<Me>);
+
+impl std::fmt::Debug for StateHandler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StateHandler")
+    }
+}
+
+impl ProtocolHandler for StateHandler {
+    async fn accept(&self, conn: Connection) -> Result<(), AcceptError> {
+        let (mut send, mut recv) = conn.accept_bi().await?;
+        let mut req = [0u8; 1];
+        recv.read_exact(&mut req)
+            .await
+            .map_err(AcceptError::from_err)?;
+        let bytes = self.0.full_state();
+        send.write_all(&bytes)
+            .await
+            .map_err(AcceptError::from_err)?;
+        send.finish()?;
+        self.0.stats.state_served.fetch_add(1, Ordering::Relaxed);
+        let _ = tokio::time::timeout(PULL_TIMEOUT, conn.closed()).await;
+        Ok(())
+    }
+}
+
+/// What the loop knows of one remote origin.
+struct OriginState {
+    node_name: String,
+    window: ReplayWindow,
+    last_heard: Instant,
+    /// Version of the records we hold for the current incarnation; `None`
+    /// until a full state of this incarnation arrived.
+    known: Option<u64>,
+    /// Highest version heard of in this incarnation.
+    advertised: u64,
+    ready: bool,
+    /// The registry holds records of this origin.
+    holds: bool,
+    pending: BTreeMap<u64, Vec<Change>>,
+    gap_since: Option<Instant>,
+    pulling: bool,
+    next_pull: Instant,
+    expired: bool,
+}
+
+impl OriginState {
+    fn new(now: Instant) -> OriginState {
+        OriginState {
+            node_name: String::new(),
+            window: ReplayWindow::default(),
+            last_heard: now,
+            known: None,
+            advertised: 0,
+            ready: false,
+            holds: false,
+            pending: BTreeMap::new(),
+            gap_since: None,
+            pulling: false,
+            next_pull: now,
+            expired: false,
+        }
+    }
+
+    /// True when a full-state pull is due.
+    fn wants_pull(&self, now: Instant) -> bool {
+        if self.pulling || self.expired || !self.ready || now < self.next_pull {
+            return false;
+        }
+        match self.known {
+            None => true,
+            Some(k) => {
+                self.advertised > k
+                    && self
+                        .gap_since
+                        .is_some_and(|t| now.duration_since(t) >= GAP_GRACE)
+            }
+        }
+    }
+}
+
+/// Result of a state pull task.
+struct Pulled {
+    id: EndpointId,
+    result: Result<wire::Header, String>,
+}
+
+struct Node {
+    me: Arc<Me>,
+    my_id: EndpointId,
+    origin: Origin,
+    table: SharedTable,
+    registry: Sender<RegistryMsg>,
+    stats: Arc<GossipStats>,
+    peers: Peers,
+    endpoint: Endpoint,
+    auth: Arc<AuthState>,
+    memory: MemoryLookup,
+    router: Router,
+    gossip: iroh_gossip::net::Gossip,
+    topic: TopicId,
+    sender: GossipSender,
+    lease: Duration,
+    heartbeat_every: Duration,
+    started: Instant,
+    last_local_change: Instant,
+    next_heartbeat: Instant,
+    last_hello_answer: Option<Instant>,
+    next_rejoin: Instant,
+    next_peers: Instant,
+    neighbors: HashSet<EndpointId>,
+    bootstrap: Vec<(EndpointId, Option<String>)>,
+    origins: HashMap<EndpointId, OriginState>,
+    n_pulls: usize,
+    pulled_tx: tokio::sync::mpsc::Sender<Pulled>,
+}
+
+/// Entry point of the gossip thread.
+pub(super) fn run_thread(
+    setup: Setup,
+    mut inbox: tokio::sync::mpsc::Receiver<Command>,
+    bound: std::sync::mpsc::Sender<anyhow::Result<Bound>>,
+) {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(super::RUNTIME_WORKERS)
+        .thread_name("gossip-rt")
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            let _ = bound.send(Err(anyhow::anyhow!("gossip runtime: {e}")));
+            return;
+        }
+    };
+    let kill = rt.block_on(async move {
+        let (mut node, receiver, mut pulled_rx) = match Node::start(setup).await {
+            Ok(n) => n,
+            Err(e) => {
+                let _ = bound.send(Err(e));
+                return false;
+            }
+        };
+        let _ = bound.send(Ok(Bound {
+            id: node.my_id,
+            addrs: node.endpoint.bound_sockets(),
+            incarnation: node.me.incarnation,
+        }));
+        node.run(receiver, &mut inbox, &mut pulled_rx).await
+    });
+    if kill {
+        rt.shutdown_background();
+    } else {
+        rt.shutdown_timeout(super::STOP_TIMEOUT);
+    }
+}
+
+impl Node {
+    async fn start(
+        setup: Setup,
+    ) -> anyhow::Result<(Node, GossipReceiver, tokio::sync::mpsc::Receiver<Pulled>)> {
+        let Setup {
+            config,
+            key,
+            incarnation,
+            origin,
+            table,
+            registry,
+            stats,
+            peers,
+        } = setup;
+        let keys = Keys::derive(config.cluster_secret.expose());
+        let topic = TopicId::from_bytes(config.topic_id.unwrap_or(keys.topic));
+        let mut bootstrap = Vec::new();
+        for p in &config.bootstrap_peers {
+            match p.id.parse::<EndpointId>() {
+                Ok(id) => bootstrap.push((id, p.addr.clone())),
+                Err(e) => log::warn!("ignoring bootstrap peer {}: bad id: {e}", p.id),
+            }
+        }
+        let auth = Arc::new(AuthState::new(
+            keys.clone(),
+            bootstrap.iter().map(|(id, _)| *id).collect(),
+            stats.clone(),
+        ));
+        let memory = MemoryLookup::new();
+        let endpoint = Endpoint::builder(presets::Minimal)
+            .secret_key(key.clone())
+            .relay_mode(RelayMode::Disabled)
+            .portmapper_config(PortmapperConfig::Disabled)
+            .address_lookup(memory.clone())
+            .hooks(Hooks {
+                state: auth.clone(),
+                gossip_alpn: iroh_gossip::ALPN,
+            })
+            .clear_ip_transports()
+            .bind_addr(config.gossip_bind)
+            .map_err(|e| anyhow::anyhow!("gossip bind address {}: {e}", config.gossip_bind))?
+            .bind()
+            .await
+            .map_err(|e| anyhow::anyhow!("binding gossip on {}: {e}", config.gossip_bind))?;
+        let _ = auth.endpoint.set(endpoint.clone());
+        let my_id = endpoint.id();
+        log::info!(
+            "Gossip endpoint created: id {my_id}, bound {:?}",
+            endpoint.bound_sockets()
+        );
+        if config.mdns {
+            start_mdns(&endpoint);
+        }
+        let gossip = iroh_gossip::net::Gossip::builder()
+            .max_message_size(wire::GOSSIP_MAX_MESSAGE_SIZE)
+            .spawn(endpoint.clone());
+        let me = Arc::new(Me {
+            keys,
+            key,
+            node_name: config.node_name.clone(),
+            incarnation,
+            seq: AtomicU64::new(0),
+            published: Mutex::new(Published::default()),
+            stats: stats.clone(),
+        });
+        let router = Router::builder(endpoint.clone())
+            .accept(iroh_gossip::ALPN, gossip.clone())
+            .accept(super::auth::AUTH_ALPN, AuthHandler(auth.clone()))
+            .accept(STATE_ALPN, StateHandler(me.clone()))
+            .spawn();
+        resolve_bootstrap(&memory, &bootstrap).await;
+        let topic_handle = gossip
+            .subscribe_with_opts(topic, join_options(bootstrap.iter().map(|(id, _)| *id)))
+            .await
+            .map_err(|e| anyhow::anyhow!("joining the gossip topic: {e}"))?;
+        let (sender, receiver) = topic_handle.split();
+        let lease = Duration::from_secs(config.lease_secs.max(1));
+        let now = Instant::now();
+        let (pulled_tx, pulled_rx) = tokio::sync::mpsc::channel(MAX_PULLS * 2);
+        let node = Node {
+            me,
+            my_id,
+            origin,
+            table,
+            registry,
+            stats,
+            peers,
+            endpoint,
+            auth,
+            memory,
+            router,
+            gossip,
+            topic,
+            sender,
+            lease,
+            heartbeat_every: (lease / 3).max(MIN_HEARTBEAT),
+            started: now,
+            last_local_change: now,
+            next_heartbeat: now,
+            last_hello_answer: None,
+            next_rejoin: now + REJOIN_EVERY,
+            next_peers: now,
+            neighbors: HashSet::new(),
+            bootstrap,
+            origins: HashMap::new(),
+            n_pulls: 0,
+            pulled_tx,
+        };
+        Ok((node, receiver, pulled_rx))
+    }
+
+    /// The loop; returns true when killed (no clean leave).
+    async fn run(
+        &mut self,
+        mut receiver: GossipReceiver,
+        inbox: &mut tokio::sync::mpsc::Receiver<Command>,
+        pulled_rx: &mut tokio::sync::mpsc::Receiver<Pulled>,
+    ) -> bool {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            tokio::select! {
+                cmd = inbox.recv() => match cmd {
+                    None | Some(Command::Stop) => break,
+                    Some(Command::Kill) => return true,
+                    Some(Command::LocalChanged) => {
+                        self.last_local_change = Instant::now();
+                        self.publish().await;
+                    }
+                    Some(Command::BroadcastRaw(bytes)) => {
+                        let _ = self.sender.broadcast(bytes.into()).await;
+                    }
+                    Some(Command::Block(ids, blocked)) => self.auth.block(&ids, blocked),
+                },
+                event = receiver.next() => match event {
+                    Some(Ok(event)) => self.on_event(event).await,
+                    Some(Err(e)) => {
+                        log::debug!("gossip event stream error: {e}");
+                        receiver = self.resubscribe().await;
+                    }
+                    None => receiver = self.resubscribe().await,
+                },
+                Some(p) = pulled_rx.recv() => self.on_pulled(p),
+                _ = tick.tick() => self.on_tick().await,
+            }
+        }
+        let _ = tokio::time::timeout(super::STOP_TIMEOUT, self.router.shutdown()).await;
+        false
+    }
+
+    async fn resubscribe(&mut self) -> GossipReceiver {
+        loop {
+            let peers = self.known_peers();
+            match self
+                .gossip
+                .subscribe_with_opts(self.topic, join_options(peers))
+                .await
+            {
+                Ok(t) => {
+                    let (sender, receiver) = t.split();
+                    self.sender = sender;
+                    self.neighbors.clear();
+                    return receiver;
+                }
+                Err(e) => {
+                    log::warn!("re-subscribing to the gossip topic: {e}");
+                    tokio::time::sleep(REJOIN_EVERY).await;
+                }
+            }
+        }
+    }
+
+    async fn broadcast(&mut self, bytes: Vec<u8>) {
+        if bytes.len() > wire::MAX_GOSSIP_BYTES {
+            // Never sent: an oversize message silently breaks links.
+            log::warn!(
+                "not broadcasting an oversize message ({} bytes)",
+                bytes.len()
+            );
+            return;
+        }
+        self.stats.sent.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .sent_bytes
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        if let Err(e) = self.sender.broadcast(bytes.into()).await {
+            log::debug!("gossip broadcast failed: {e}");
+        }
+    }
+
+    async fn send_heartbeat(&mut self) {
+        let payload = {
+            let p = self.me.published.lock().expect("published lock");
+            Payload::Heartbeat {
+                version: p.version,
+                n_groups: p.groups.len() as u64,
+                ready: p.ready,
+            }
+        };
+        let bytes = self.me.seal(payload);
+        self.broadcast(bytes).await;
+        self.next_heartbeat = Instant::now() + self.heartbeat_every;
+    }
+
+    /// This node's groups as the table holds them now.
+    fn local_groups(&self) -> BTreeMap<Source, Group> {
+        let table = self.table.load();
+        table
+            .groups
+            .iter()
+            .filter(|((o, _), _)| o.id == self.origin.id)
+            .map(|((_, s), g)| (s.clone(), g.clone()))
+            .collect()
+    }
+
+    /// Diffs this node's groups against what was published and broadcasts
+    /// the changes as deltas.
+    async fn publish(&mut self) {
+        let current = self.local_groups();
+        let mut messages = Vec::new();
+        {
+            let mut p = self.me.published.lock().expect("published lock");
+            if !p.ready {
+                p.groups = current;
+                return;
+            }
+            let changes = diff(&p.groups, &current);
+            if changes.is_empty() {
+                return;
+            }
+            p.groups = current;
+            p.cache = None;
+            let (chunks, skipped) =
+                wire::chunk_changes(changes, wire::MAX_GOSSIP_BYTES, wire::HEADER_BUDGET);
+            for changes in chunks {
+                p.version += 1;
+                messages.push(Payload::Delta {
+                    version: p.version,
+                    changes,
+                });
+            }
+            if skipped > 0 {
+                // Peers see the version jump and pull the full state.
+                self.stats
+                    .oversize_changes
+                    .fetch_add(skipped as u64, Ordering::Relaxed);
+                p.version += 1;
+            }
+        }
+        for payload in messages {
+            let bytes = self.me.seal(payload);
+            self.broadcast(bytes).await;
+        }
+    }
+
+    /// Marks this start as settled: peers may now replace the previous
+    /// incarnation's records with this one's full state.
+    async fn become_ready(&mut self) {
+        let current = self.local_groups();
+        {
+            let mut p = self.me.published.lock().expect("published lock");
+            p.groups = current;
+            p.version = 1;
+            p.ready = true;
+            p.cache = None;
+        }
+        log::debug!("gossip: local records settled, serving full state");
+        self.send_heartbeat().await;
+    }
+
+    async fn on_event(&mut self, event: Event) {
+        match event {
+            Event::Received(msg) => {
+                self.stats.received.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .received_bytes
+                    .fetch_add(msg.content.len() as u64, Ordering::Relaxed);
+                if self.auth.is_blocked(&msg.delivered_from) {
+                    return;
+                }
+                self.on_message(&msg.content, Instant::now()).await;
+            }
+            Event::NeighborUp(id) => {
+                log::debug!("gossip neighbour up: {id}");
+                let first = self.neighbors.is_empty();
+                self.neighbors.insert(id);
+                if first {
+                    // Joined (or re-joined after a partition): ask every
+                    // holder to announce itself.
+                    let hello = self.me.seal(Payload::Hello);
+                    self.broadcast(hello).await;
+                }
+                self.send_heartbeat().await;
+            }
+            Event::NeighborDown(id) => {
+                log::debug!("gossip neighbour down: {id}");
+                self.neighbors.remove(&id);
+            }
+            Event::Lagged => {
+                self.stats.lagged.fetch_add(1, Ordering::Relaxed);
+                log::debug!("gossip: lagged, resynchronising every origin");
+                for o in self.origins.values_mut() {
+                    o.known = None;
+                    o.pending.clear();
+                }
+            }
+        }
+        self.stats
+            .neighbors
+            .store(self.neighbors.len() as u64, Ordering::Relaxed);
+    }
+
+    fn drop_msg(&self, reason: DropReason, detail: &str) {
+        self.stats.dropped[reason.index()].fetch_add(1, Ordering::Relaxed);
+        log::debug!("gossip: dropped a message: {reason} {detail}");
+    }
+
+    async fn on_message(&mut self, bytes: &[u8], now: Instant) {
+        let header = match wire::open(&self.me.keys, bytes, wire::MAX_GOSSIP_BYTES) {
+            Ok(h) => h,
+            Err(reason) => return self.drop_msg(reason, ""),
+        };
+        let Ok(id) = EndpointId::from_bytes(&header.origin) else {
+            return self.drop_msg(DropReason::Malformed, "origin key");
+        };
+        if id == self.my_id {
+            return;
+        }
+        let o = self
+            .origins
+            .entry(id)
+            .or_insert_with(|| OriginState::new(now));
+        match o.window.check(header.incarnation, header.seq) {
+            Fresh::No => {
+                return self.drop_msg(
+                    DropReason::Replay,
+                    &format!("from {id} ({}, {})", header.incarnation, header.seq),
+                );
+            }
+            Fresh::NewIncarnation => {
+                log::info!(
+                    "gossip: {id} ({}) restarted; keeping its records until its full state arrives",
+                    header.node_name
+                );
+                o.known = None;
+                o.advertised = 0;
+                o.ready = false;
+                o.pending.clear();
+                o.gap_since = None;
+            }
+            Fresh::Yes => {}
+        }
+        o.last_heard = now;
+        o.expired = false;
+        o.node_name = header.node_name;
+        let mut answer_hello = false;
+        let mut apply = Vec::new();
+        let mut stale = false;
+        match header.payload {
+            Payload::Hello => answer_hello = true,
+            Payload::Heartbeat { version, ready, .. } => {
+                o.ready = ready;
+                o.advertised = o.advertised.max(version);
+                if let Some(k) = o.known
+                    && version > k
+                {
+                    o.gap_since.get_or_insert(now);
+                }
+            }
+            Payload::Delta { version, changes } => {
+                o.ready = true;
+                o.advertised = o.advertised.max(version);
+                match o.known {
+                    Some(k) if version <= k => stale = true,
+                    Some(k) if version == k + 1 => {
+                        apply.push(changes);
+                        let mut next = version;
+                        while let Some(c) = o.pending.remove(&(next + 1)) {
+                            apply.push(c);
+                            next += 1;
+                        }
+                        o.known = Some(next);
+                        o.gap_since = if o.advertised > next { Some(now) } else { None };
+                    }
+                    _ => {
+                        if o.pending.len() >= MAX_PENDING {
+                            o.pending.clear();
+                            o.known = None;
+                        }
+                        o.pending.insert(version, changes);
+                        o.gap_since.get_or_insert(now);
+                    }
+                }
+            }
+            Payload::FullState { .. } => {
+                return self.drop_msg(DropReason::Malformed, "full state over gossip");
+            }
+        }
+        if stale {
+            return self.drop_msg(DropReason::Replay, &format!("stale delta from {id}"));
+        }
+        let origin = Origin {
+            id: id.to_string(),
+            node_name: o.node_name.clone(),
+        };
+        if !apply.is_empty() {
+            o.holds = true;
+        }
+        for changes in apply {
+            for c in changes {
+                let msg = match c {
+                    Change::Upsert(s, g) => RegistryMsg::Upsert {
+                        origin: origin.clone(),
+                        source: s.into(),
+                        group: g.into(),
+                    },
+                    Change::Remove(s) => RegistryMsg::Remove {
+                        origin: origin.clone(),
+                        source: s.into(),
+                    },
+                };
+                send_registry(&self.registry, msg);
+            }
+        }
+        if answer_hello
+            && self
+                .last_hello_answer
+                .is_none_or(|t| now.duration_since(t) >= HELLO_ANSWER_EVERY)
+        {
+            self.last_hello_answer = Some(now);
+            self.send_heartbeat().await;
+        }
+    }
+
+    fn on_pulled(&mut self, p: Pulled) {
+        self.n_pulls = self.n_pulls.saturating_sub(1);
+        let now = Instant::now();
+        let Some(o) = self.origins.get_mut(&p.id) else {
+            return;
+        };
+        o.pulling = false;
+        let header = match p.result {
+            Ok(h) => h,
+            Err(e) => {
+                self.stats
+                    .state_pull_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                log::debug!("gossip: state pull from {} failed: {e}", p.id);
+                o.next_pull = now + PULL_RETRY;
+                return;
+            }
+        };
+        if header.incarnation < o.window.incarnation() {
+            return;
+        }
+        if header.incarnation > o.window.incarnation() {
+            o.window.check(header.incarnation, header.seq);
+            o.known = None;
+            o.pending.clear();
+        }
+        let (version, groups) = match header.payload {
+            Payload::FullState { version, groups } => (version, groups),
+            Payload::Heartbeat { .. } => {
+                // Not settled yet: try again later.
+                o.ready = false;
+                o.next_pull = now + PULL_RETRY;
+                return;
+            }
+            _ => return,
+        };
+        if o.known.is_some_and(|k| version < k) {
+            return;
+        }
+        self.stats.state_pulls.fetch_add(1, Ordering::Relaxed);
+        o.last_heard = now;
+        o.node_name = header.node_name;
+        o.ready = true;
+        o.holds = true;
+        o.advertised = o.advertised.max(version);
+        let origin = Origin {
+            id: p.id.to_string(),
+            node_name: o.node_name.clone(),
+        };
+        send_registry(
+            &self.registry,
+            RegistryMsg::Replace {
+                origin: origin.clone(),
+                kind: None,
+                groups: groups
+                    .into_iter()
+                    .map(|(s, g)| (s.into(), g.into()))
+                    .collect(),
+            },
+        );
+        let mut next = version;
+        o.pending = o.pending.split_off(&(version + 1));
+        while let Some(changes) = o.pending.remove(&(next + 1)) {
+            for c in changes {
+                let msg = match c {
+                    Change::Upsert(s, g) => RegistryMsg::Upsert {
+                        origin: origin.clone(),
+                        source: s.into(),
+                        group: g.into(),
+                    },
+                    Change::Remove(s) => RegistryMsg::Remove {
+                        origin: origin.clone(),
+                        source: s.into(),
+                    },
+                };
+                send_registry(&self.registry, msg);
+            }
+            next += 1;
+        }
+        o.known = Some(next);
+        o.gap_since = (o.advertised > next).then_some(now);
+        log::debug!("gossip: full state of {} at version {next}", p.id);
+    }
+
+    async fn on_tick(&mut self) {
+        let now = Instant::now();
+        let ready = self.me.published.lock().expect("published lock").ready;
+        if !ready {
+            let since_start = now.duration_since(self.started);
+            if since_start >= SETTLE_MAX
+                || (since_start >= SETTLE_MIN
+                    && now.duration_since(self.last_local_change) >= SETTLE_QUIET)
+            {
+                self.become_ready().await;
+            }
+        }
+        if now >= self.next_heartbeat {
+            self.send_heartbeat().await;
+        }
+        // Leases.
+        for (id, o) in self.origins.iter_mut() {
+            if !o.expired && now.duration_since(o.last_heard) > self.lease {
+                o.expired = true;
+                o.known = None;
+                o.pending.clear();
+                self.stats.leases_expired.fetch_add(1, Ordering::Relaxed);
+                if o.holds {
+                    o.holds = false;
+                    log::info!(
+                        "gossip: lease of {id} ({}) expired, dropping its records",
+                        o.node_name
+                    );
+                    send_registry(
+                        &self.registry,
+                        RegistryMsg::DropOrigin { id: id.to_string() },
+                    );
+                }
+            }
+        }
+        self.stats.origins.store(
+            self.origins.values().filter(|o| !o.expired).count() as u64,
+            Ordering::Relaxed,
+        );
+        // State pulls.
+        let due: Vec<EndpointId> = self
+            .origins
+            .iter()
+            .filter(|(_, o)| o.wants_pull(now))
+            .map(|(id, _)| *id)
+            .take(MAX_PULLS.saturating_sub(self.n_pulls))
+            .collect();
+        for id in due {
+            if let Some(o) = self.origins.get_mut(&id) {
+                o.pulling = true;
+            }
+            self.n_pulls += 1;
+            let endpoint = self.endpoint.clone();
+            let keys = self.me.keys.clone();
+            let tx = self.pulled_tx.clone();
+            tokio::spawn(async move {
+                let result =
+                    match tokio::time::timeout(PULL_TIMEOUT, pull(&endpoint, &keys, id)).await {
+                        Ok(r) => r,
+                        Err(_) => Err("timed out".into()),
+                    };
+                let _ = tx.send(Pulled { id, result }).await;
+            });
+        }
+        // Healing.
+        if now >= self.next_rejoin {
+            self.next_rejoin = now + REJOIN_EVERY;
+            let known = self.known_peers();
+            if self.neighbors.len() < WANTED_NEIGHBORS.min(known.len()) {
+                resolve_bootstrap(&self.memory, &self.bootstrap).await;
+                let want: Vec<EndpointId> = known
+                    .into_iter()
+                    .filter(|id| !self.neighbors.contains(id) && !self.auth.is_blocked(id))
+                    .collect();
+                if !want.is_empty() {
+                    log::debug!("gossip: re-joining {} known peers", want.len());
+                    let _ = self.sender.join_peers(want).await;
+                }
+            }
+        }
+        if now >= self.next_peers {
+            self.next_peers = now + PEERS_EVERY;
+            self.refresh_peers(now);
+        }
+    }
+
+    /// Every peer worth joining: bootstrap peers, admitted peers, live origins.
+    fn known_peers(&self) -> Vec<EndpointId> {
+        let mut set: HashSet<EndpointId> = self.bootstrap.iter().map(|(id, _)| *id).collect();
+        set.extend(self.auth.admitted().into_keys());
+        set.extend(
+            self.origins
+                .iter()
+                .filter(|(_, o)| !o.expired)
+                .map(|(id, _)| *id),
+        );
+        set.remove(&self.my_id);
+        set.into_iter().collect()
+    }
+
+    fn refresh_peers(&self, now: Instant) {
+        let admitted = self.auth.admitted();
+        let mut records: HashMap<&str, usize> = HashMap::new();
+        let table = self.table.load();
+        for (o, _) in table.groups.keys() {
+            *records.entry(o.id.as_str()).or_default() += 1;
+        }
+        let mut ids: HashSet<EndpointId> = admitted.keys().copied().collect();
+        ids.extend(
+            self.origins
+                .iter()
+                .filter(|(_, o)| !o.expired)
+                .map(|(id, _)| *id),
+        );
+        let mut list: Vec<PeerStatus> = ids
+            .into_iter()
+            .map(|id| {
+                let o = self.origins.get(&id).filter(|o| !o.expired);
+                let a = admitted.get(&id);
+                PeerStatus {
+                    id: id.to_string(),
+                    node_name: o.map(|o| o.node_name.clone()).unwrap_or_default(),
+                    addr: a.and_then(|a| a.addr).map(|s| s.to_string()).or_else(|| {
+                        self.bootstrap
+                            .iter()
+                            .find(|(b, _)| *b == id)
+                            .and_then(|(_, addr)| addr.clone())
+                    }),
+                    last_heard_ms_ago: o
+                        .map(|o| now.duration_since(o.last_heard).as_millis() as u64)
+                        .unwrap_or(u64::MAX),
+                    records: records.get(id.to_string().as_str()).copied().unwrap_or(0),
+                    authenticated: a.is_some(),
+                }
+            })
+            .collect();
+        list.sort_by(|a, b| a.node_name.cmp(&b.node_name).then(a.id.cmp(&b.id)));
+        *self.peers.lock().expect("peers lock") = list;
+    }
+}
+
+/// Sends to the registry without stalling the runtime for long: the
+/// registry inbox is bounded and paces bursts.
+fn send_registry(registry: &Sender<RegistryMsg>, msg: RegistryMsg) {
+    match registry.try_send(msg) {
+        Ok(()) | Err(TrySendError::Disconnected(_)) => {}
+        Err(TrySendError::Full(msg)) => {
+            let _ = tokio::task::block_in_place(|| registry.send(msg));
+        }
+    }
+}
+
+fn join_options(peers: impl IntoIterator<Item = EndpointId>) -> JoinOptions {
+    let mut opts = JoinOptions::with_bootstrap(peers);
+    opts.subscription_capacity = SUBSCRIPTION_CAPACITY;
+    opts
+}
+
+/// Adds the addresses of bootstrap peers given as `id@host:port` to the
+/// memory lookup, resolving host names.
+async fn resolve_bootstrap(memory: &MemoryLookup, bootstrap: &[(EndpointId, Option<String>)]) {
+    for (id, addr) in bootstrap {
+        let Some(addr) = addr else { continue };
+        let addrs: Vec<SocketAddr> = match addr.parse::<SocketAddr>() {
+            Ok(sa) => vec![sa],
+            Err(_) => match tokio::net::lookup_host(addr.as_str()).await {
+                Ok(it) => it.collect(),
+                Err(e) => {
+                    log::warn!("cannot resolve bootstrap peer {id}@{addr}: {e}");
+                    continue;
+                }
+            },
+        };
+        let mut ea = EndpointAddr::new(*id);
+        for sa in addrs {
+            ea = ea.with_ip_addr(sa);
+        }
+        memory.add_endpoint_info(ea);
+    }
+}
+
+/// Starts mDNS local discovery, never advertising Docker bridge addresses.
+/// A failure is a warning: bootstrap peers still work.
+fn start_mdns(endpoint: &Endpoint) {
+    use iroh::TransportAddr;
+    use iroh::address_lookup::AddrFilter;
+    let hidden = super::bridge_ips();
+    let filter = AddrFilter::new(move |addrs: &Vec<TransportAddr>| {
+        std::borrow::Cow::Owned(
+            addrs
+                .iter()
+                .filter(|a| match a {
+                    TransportAddr::Ip(sa) => !hidden.contains(&sa.ip()),
+                    _ => false,
+                })
+                .cloned()
+                .collect(),
+        )
+    });
+    match iroh_mdns_address_lookup::MdnsAddressLookup::builder()
+        .service_name("glued")
+        .addr_filter(filter)
+        .build(endpoint.id())
+    {
+        Ok(mdns) => match endpoint.address_lookup() {
+            Ok(lookup) => {
+                lookup.add(mdns);
+                log::info!("mDNS local discovery started");
+            }
+            Err(e) => log::warn!("mDNS local discovery not started: {e}"),
+        },
+        Err(e) => log::warn!("mDNS local discovery not started: {e}"),
+    }
+}
+
+/// Fetches the full state of `id` over a direct stream.
+async fn pull(endpoint: &Endpoint, keys: &Keys, id: EndpointId) -> Result<wire::Header, String> {
+    let conn = endpoint
+        .connect(EndpointAddr::new(id), STATE_ALPN)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    send.write_all(&[1]).await.map_err(|e| e.to_string())?;
+    let _ = send.finish();
+    let bytes = recv
+        .read_to_end(wire::MAX_STREAM_BYTES)
+        .await
+        .map_err(|e| e.to_string())?;
+    conn.close(0u32.into(), b"done");
+    let header = wire::open(keys, &bytes, wire::MAX_STREAM_BYTES).map_err(|r| r.to_string())?;
+    if header.origin != *id.as_bytes() {
+        return Err("state of another origin".into());
+    }
+    Ok(header)
+}
+
+/// The changes that turn `old` into `new`.
+fn diff(old: &BTreeMap<Source, Group>, new: &BTreeMap<Source, Group>) -> Vec<Change> {
+    let mut out = Vec::new();
+    for (s, g) in new {
+        if old.get(s) != Some(g) {
+            out.push(Change::Upsert(s.into(), g.into()));
+        }
+    }
+    for s in old.keys() {
+        if !new.contains_key(s) {
+            out.push(Change::Remove(s.into()));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn diff_lists_upserts_and_removes() {
+        let g = |ip: &str| Group {
+            names: vec!["x".into()],
+            v4: vec![ip.parse().unwrap()],
+            v6: vec![],
+        };
+        let s = |n: &str| Source::Static { name: n.into() };
+        let old: BTreeMap<_, _> = [(s("a"), g("10.0.0.1")), (s("b"), g("10.0.0.2"))].into();
+        let new: BTreeMap<_, _> = [(s("a"), g("10.0.0.9")), (s("c"), g("10.0.0.3"))].into();
+        let d = diff(&old, &new);
+        assert_eq!(d.len(), 3);
+        assert!(d.contains(&Change::Remove(wire::WireSource::Static("b".into()))));
+        assert!(diff(&new, &new).is_empty());
+    }
+
+    #[test]
+    fn a_pull_waits_for_readiness_and_the_gap_grace() {
+        let now = Instant::now();
+        let mut o = OriginState::new(now);
+        assert!(!o.wants_pull(now), "not ready");
+        o.ready = true;
+        assert!(o.wants_pull(now), "no state yet");
+        o.known = Some(3);
+        o.advertised = 5;
+        assert!(!o.wants_pull(now), "no gap seen");
+        o.gap_since = Some(now);
+        assert!(!o.wants_pull(now + GAP_GRACE / 2));
+        assert!(o.wants_pull(now + GAP_GRACE));
+        o.pulling = true;
+        assert!(!o.wants_pull(now + GAP_GRACE));
+    }
+}

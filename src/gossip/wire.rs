@@ -1,0 +1,598 @@
+//! The gossip wire format: sealed, versioned, compact messages.
+//!
+//! A message on the wire is
+//! `version (1 byte) ‖ body (postcard) ‖ HMAC-SHA256 (32) ‖ ed25519 signature (64)`.
+//! The HMAC (key derived from the cluster secret) covers `version ‖ body`; the
+//! signature (by the `signer` key named in the body) covers
+//! `version ‖ body ‖ HMAC`. The body is a [`Header`] and a [`Payload`].
+//!
+//! Invariant: [`open`] returns a [`Header`] only for bytes that carry the
+//! current version, a valid HMAC, a valid signature by `signer`, and
+//! `origin == signer`; everything else is a [`DropReason`]. Decoding never
+//! panics on any input. Replay protection (per origin incarnation and
+//! sequence) is [`ReplayWindow`], a pure function of its inputs.
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use hmac::{Hmac, KeyInit, Mac};
+use iroh::{PublicKey, SecretKey, Signature};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+
+use crate::table::{Group, Source};
+
+/// Current wire version. A message with another first byte is dropped.
+pub const WIRE_VERSION: u8 = 1;
+/// Bytes of the HMAC-SHA256 tag.
+pub const MAC_LEN: usize = 32;
+/// Bytes of an ed25519 signature.
+pub const SIG_LEN: usize = 64;
+/// Bytes added around the body: version, MAC, signature.
+pub const OVERHEAD: usize = 1 + MAC_LEN + SIG_LEN;
+/// iroh-gossip `max_message_size`, set explicitly on every node (the same
+/// on all of them: IROH.md trap 2).
+pub const GOSSIP_MAX_MESSAGE_SIZE: usize = 4096;
+/// Largest sealed message Glued broadcasts: far below the
+/// `GOSSIP_MAX_MESSAGE_SIZE - 39` bytes that silently break a link.
+pub const MAX_GOSSIP_BYTES: usize = 3072;
+/// Largest sealed message accepted on a direct state stream (full state).
+pub const MAX_STREAM_BYTES: usize = 64 * 1024 * 1024;
+/// Width of the per-origin replay window, in sequence numbers.
+pub const REPLAY_WINDOW: u64 = 1024;
+/// Longest node name carried (a DNS label).
+pub const MAX_NODE_NAME_LEN: usize = 63;
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// Keys derived from the cluster secret. Never logged.
+#[derive(Clone)]
+pub struct Keys {
+    /// Key of the per-message HMAC.
+    pub message: [u8; 32],
+    /// Key of the admission challenge–response.
+    pub auth: [u8; 32],
+    /// Topic id derived from the secret (used when no topic is configured).
+    pub topic: [u8; 32],
+}
+
+impl std::fmt::Debug for Keys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Keys(<redacted>)")
+    }
+}
+
+/// HMAC-SHA256 of the concatenated `parts` under `key`.
+pub fn hmac(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+    let mut mac = <HmacSha256 as KeyInit>::new_from_slice(key).expect("any key length");
+    for p in parts {
+        mac.update(p);
+    }
+    mac.finalize().into_bytes().into()
+}
+
+impl Keys {
+    /// HKDF-style derivation: extract with a fixed salt, then one expand
+    /// step per domain-separated label.
+    pub fn derive(secret: &[u8]) -> Keys {
+        let prk = hmac(b"glued/v1/extract", &[secret]);
+        Keys {
+            message: hmac(&prk, &[b"glued/v1/gossip-mac", &[1]]),
+            auth: hmac(&prk, &[b"glued/v1/auth", &[1]]),
+            topic: hmac(&prk, &[b"glued/v1/topic", &[1]]),
+        }
+    }
+}
+
+/// Where a group comes from, as carried on the wire (postcard needs an
+/// externally tagged enum; [`Source`] is internally tagged for JSON).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WireSource {
+    Static(String),
+    Container { id: String, network: String },
+}
+
+impl From<&Source> for WireSource {
+    fn from(s: &Source) -> WireSource {
+        match s {
+            Source::Static { name } => WireSource::Static(name.clone()),
+            Source::Container { id, network } => WireSource::Container {
+                id: id.clone(),
+                network: network.clone(),
+            },
+        }
+    }
+}
+
+impl From<WireSource> for Source {
+    fn from(s: WireSource) -> Source {
+        match s {
+            WireSource::Static(name) => Source::Static { name },
+            WireSource::Container { id, network } => Source::Container { id, network },
+        }
+    }
+}
+
+/// One group as carried on the wire.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireGroup {
+    pub names: Vec<String>,
+    pub v4: Vec<Ipv4Addr>,
+    pub v6: Vec<Ipv6Addr>,
+}
+
+impl From<&Group> for WireGroup {
+    fn from(g: &Group) -> WireGroup {
+        WireGroup {
+            names: g.names.clone(),
+            v4: g.v4.clone(),
+            v6: g.v6.clone(),
+        }
+    }
+}
+
+impl From<WireGroup> for Group {
+    fn from(g: WireGroup) -> Group {
+        Group {
+            names: g.names,
+            v4: g.v4,
+            v6: g.v6,
+        }
+    }
+}
+
+/// One change of one group of the origin.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Change {
+    Upsert(WireSource, WireGroup),
+    Remove(WireSource),
+}
+
+/// What a message says.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Payload {
+    /// "I just joined": holders answer with a heartbeat at once.
+    Hello,
+    /// Alive; the origin's records are at `version`. `ready` is false while a
+    /// restarted node is still collecting its own records: peers keep the
+    /// previous incarnation's records until it is true.
+    Heartbeat {
+        version: u64,
+        n_groups: u64,
+        ready: bool,
+    },
+    /// The changes that take the origin's records from `version - 1` to
+    /// `version`.
+    Delta { version: u64, changes: Vec<Change> },
+    /// Every group of the origin at `version` (direct stream only).
+    FullState {
+        version: u64,
+        groups: Vec<(WireSource, WireGroup)>,
+    },
+}
+
+/// Who sent a message, in which life, in which order.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Header {
+    /// Public key that signed the message.
+    pub signer: [u8; 32],
+    /// Node whose records the payload is about; must equal `signer`.
+    pub origin: [u8; 32],
+    pub node_name: String,
+    /// Grows with every start of the origin.
+    pub incarnation: u64,
+    /// Grows with every message of one incarnation.
+    pub seq: u64,
+    pub payload: Payload,
+}
+
+/// Why a message was dropped; each has a counter in `/metrics`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropReason {
+    TooLarge,
+    UnknownVersion,
+    Malformed,
+    BadMac,
+    BadSignature,
+    NotOwner,
+    Replay,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 7] = [
+        DropReason::TooLarge,
+        DropReason::UnknownVersion,
+        DropReason::Malformed,
+        DropReason::BadMac,
+        DropReason::BadSignature,
+        DropReason::NotOwner,
+        DropReason::Replay,
+    ];
+
+    /// Label used in `/metrics` and logs.
+    pub fn label(self) -> &'static str {
+        match self {
+            DropReason::TooLarge => "too_large",
+            DropReason::UnknownVersion => "unknown_version",
+            DropReason::Malformed => "malformed",
+            DropReason::BadMac => "bad_hmac",
+            DropReason::BadSignature => "bad_signature",
+            DropReason::NotOwner => "not_owner",
+            DropReason::Replay => "replay",
+        }
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl std::fmt::Display for DropReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.label())
+    }
+}
+
+/// Encodes, MACs and signs `header` with `key`. Does not check the size.
+pub fn seal(keys: &Keys, key: &SecretKey, header: &Header) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256);
+    out.push(WIRE_VERSION);
+    let mut out = postcard::to_extend(header, out).expect("encoding into a Vec cannot fail");
+    let mac = hmac(&keys.message, &[&out]);
+    out.extend_from_slice(&mac);
+    let sig = key.sign(&out);
+    out.extend_from_slice(&sig.to_bytes());
+    out
+}
+
+/// Seals a message of this node (`signer == origin == key.public()`).
+pub fn seal_own(
+    keys: &Keys,
+    key: &SecretKey,
+    node_name: &str,
+    incarnation: u64,
+    seq: u64,
+    payload: Payload,
+) -> Vec<u8> {
+    let id = *key.public().as_bytes();
+    let header = Header {
+        signer: id,
+        origin: id,
+        node_name: node_name.to_string(),
+        incarnation,
+        seq,
+        payload,
+    };
+    seal(keys, key, &header)
+}
+
+/// Checks and decodes a sealed message of at most `max_len` bytes.
+pub fn open(keys: &Keys, bytes: &[u8], max_len: usize) -> Result<Header, DropReason> {
+    if bytes.len() > max_len {
+        return Err(DropReason::TooLarge);
+    }
+    if bytes.len() < OVERHEAD + 1 {
+        return Err(DropReason::Malformed);
+    }
+    if bytes[0] != WIRE_VERSION {
+        return Err(DropReason::UnknownVersion);
+    }
+    let sig_at = bytes.len() - SIG_LEN;
+    let mac_at = sig_at - MAC_LEN;
+    let mut mac = <HmacSha256 as KeyInit>::new_from_slice(&keys.message).expect("any key length");
+    mac.update(&bytes[..mac_at]);
+    if mac.verify_slice(&bytes[mac_at..sig_at]).is_err() {
+        return Err(DropReason::BadMac);
+    }
+    let header: Header =
+        postcard::from_bytes(&bytes[1..mac_at]).map_err(|_| DropReason::Malformed)?;
+    if header.node_name.len() > MAX_NODE_NAME_LEN {
+        return Err(DropReason::Malformed);
+    }
+    let signer = PublicKey::from_bytes(&header.signer).map_err(|_| DropReason::BadSignature)?;
+    let sig: &[u8; SIG_LEN] = bytes[sig_at..].try_into().expect("length checked");
+    signer
+        .verify(&bytes[..sig_at], &Signature::from_bytes(sig))
+        .map_err(|_| DropReason::BadSignature)?;
+    if header.origin != header.signer {
+        return Err(DropReason::NotOwner);
+    }
+    Ok(header)
+}
+
+/// Sliding replay window of one origin: accepts each `(incarnation, seq)`
+/// once, rejects older incarnations and sequences older than the window.
+#[derive(Clone, Debug, Default)]
+pub struct ReplayWindow {
+    incarnation: u64,
+    /// Highest sequence accepted in `incarnation`.
+    top: u64,
+    /// Bit `i` set: `top - i` was accepted.
+    seen: [u64; (REPLAY_WINDOW / 64) as usize],
+    started: bool,
+}
+
+/// What [`ReplayWindow::check`] decided.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fresh {
+    /// New message of the known incarnation.
+    Yes,
+    /// First message of a newer incarnation (a restart).
+    NewIncarnation,
+    /// Replayed or too old.
+    No,
+}
+
+impl ReplayWindow {
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation
+    }
+
+    /// Accepts `(incarnation, seq)` if it was never seen; records it.
+    pub fn check(&mut self, incarnation: u64, seq: u64) -> Fresh {
+        if !self.started || incarnation > self.incarnation {
+            let fresh = if self.started {
+                Fresh::NewIncarnation
+            } else {
+                Fresh::Yes
+            };
+            *self = ReplayWindow {
+                incarnation,
+                top: seq,
+                seen: Default::default(),
+                started: true,
+            };
+            self.seen[0] = 1;
+            return fresh;
+        }
+        if incarnation < self.incarnation {
+            return Fresh::No;
+        }
+        if seq > self.top {
+            self.shift(seq - self.top);
+            self.top = seq;
+            self.seen[0] |= 1;
+            return Fresh::Yes;
+        }
+        let age = self.top - seq;
+        if age >= REPLAY_WINDOW {
+            return Fresh::No;
+        }
+        let (word, bit) = ((age / 64) as usize, age % 64);
+        if self.seen[word] & (1 << bit) != 0 {
+            return Fresh::No;
+        }
+        self.seen[word] |= 1 << bit;
+        Fresh::Yes
+    }
+
+    /// Ages every bit by `by` positions.
+    fn shift(&mut self, by: u64) {
+        if by >= REPLAY_WINDOW {
+            self.seen = Default::default();
+            return;
+        }
+        let words = (by / 64) as usize;
+        let bits = by % 64;
+        let n = self.seen.len();
+        for i in (0..n).rev() {
+            let from = i as isize - words as isize;
+            let mut v = if from >= 0 {
+                self.seen[from as usize] << bits
+            } else {
+                0
+            };
+            if bits > 0 && from >= 1 {
+                v |= self.seen[from as usize - 1] >> (64 - bits);
+            }
+            self.seen[i] = v;
+        }
+    }
+}
+
+/// Splits `changes` into payloads that each seal to at most `max_bytes`.
+/// A change too large for any message is left out and reported in the
+/// second value: the caller then relies on a full-state pull.
+pub fn chunk_changes(
+    changes: Vec<Change>,
+    max_bytes: usize,
+    header_budget: usize,
+) -> (Vec<Vec<Change>>, usize) {
+    let budget = max_bytes.saturating_sub(OVERHEAD + header_budget);
+    let mut out = Vec::new();
+    let mut current = Vec::new();
+    let mut size = 0;
+    let mut skipped = 0;
+    for c in changes {
+        let n = postcard::experimental::serialized_size(&c).unwrap_or(usize::MAX);
+        if n > budget {
+            skipped += 1;
+            continue;
+        }
+        if size + n > budget && !current.is_empty() {
+            out.push(std::mem::take(&mut current));
+            size = 0;
+        }
+        size += n;
+        current.push(c);
+    }
+    if !current.is_empty() {
+        out.push(current);
+    }
+    (out, skipped)
+}
+
+/// Bytes a header with an empty payload list can take, plus varint slack:
+/// used as the budget reserved for the header when chunking.
+pub const HEADER_BUDGET: usize = 32 + 32 + 1 + MAX_NODE_NAME_LEN + 10 + 10 + 1 + 10 + 5;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(n: u8) -> SecretKey {
+        SecretKey::from_bytes(&[n; 32])
+    }
+
+    fn delta(version: u64) -> Payload {
+        Payload::Delta {
+            version,
+            changes: vec![Change::Upsert(
+                WireSource::Static("db".into()),
+                WireGroup {
+                    names: vec!["db".into()],
+                    v4: vec![Ipv4Addr::new(10, 0, 0, 1)],
+                    v6: vec![],
+                },
+            )],
+        }
+    }
+
+    #[test]
+    fn roundtrip() {
+        let keys = Keys::derive(b"s");
+        let bytes = seal_own(&keys, &key(1), "node-a", 7, 9, delta(3));
+        let h = open(&keys, &bytes, MAX_GOSSIP_BYTES).unwrap();
+        assert_eq!(h.origin, *key(1).public().as_bytes());
+        assert_eq!((h.incarnation, h.seq), (7, 9));
+        assert_eq!(h.node_name, "node-a");
+        assert_eq!(h.payload, delta(3));
+        assert!(bytes.len() < 200, "compact: {} bytes", bytes.len());
+    }
+
+    #[test]
+    fn another_secret_fails_the_hmac() {
+        let bytes = seal_own(&Keys::derive(b"s"), &key(1), "a", 1, 1, Payload::Hello);
+        assert_eq!(
+            open(&Keys::derive(b"other"), &bytes, MAX_GOSSIP_BYTES),
+            Err(DropReason::BadMac)
+        );
+    }
+
+    #[test]
+    fn tampering_fails() {
+        let keys = Keys::derive(b"s");
+        let bytes = seal_own(&keys, &key(1), "a", 1, 1, delta(1));
+        let mut v = bytes.clone();
+        v[0] = 2;
+        assert_eq!(open(&keys, &v, 4096), Err(DropReason::UnknownVersion));
+        let mut v = bytes.clone();
+        v[10] ^= 1;
+        assert_eq!(open(&keys, &v, 4096), Err(DropReason::BadMac));
+        let mut v = bytes.clone();
+        let n = v.len();
+        v[n - 1] ^= 1;
+        assert_eq!(open(&keys, &v, 4096), Err(DropReason::BadSignature));
+        assert_eq!(open(&keys, &bytes, 10), Err(DropReason::TooLarge));
+        assert_eq!(
+            open(&keys, &bytes[..bytes.len() - 1], 4096),
+            Err(DropReason::BadMac)
+        );
+        assert_eq!(open(&keys, &[1, 2, 3], 4096), Err(DropReason::Malformed));
+    }
+
+    #[test]
+    fn signature_by_another_key_fails_and_origin_must_be_signer() {
+        let keys = Keys::derive(b"s");
+        // Claims to be signed by key 1 but is signed by key 2.
+        let header = Header {
+            signer: *key(1).public().as_bytes(),
+            origin: *key(1).public().as_bytes(),
+            node_name: "a".into(),
+            incarnation: 1,
+            seq: 1,
+            payload: delta(1),
+        };
+        let bytes = seal(&keys, &key(2), &header);
+        assert_eq!(open(&keys, &bytes, 4096), Err(DropReason::BadSignature));
+        // Signed by key 2, honest signer, claims key 1's records.
+        let header = Header {
+            signer: *key(2).public().as_bytes(),
+            ..header
+        };
+        let bytes = seal(&keys, &key(2), &header);
+        assert_eq!(open(&keys, &bytes, 4096), Err(DropReason::NotOwner));
+    }
+
+    #[test]
+    fn replay_window_accepts_each_sequence_once() {
+        let mut w = ReplayWindow::default();
+        assert_eq!(w.check(5, 10), Fresh::Yes);
+        assert_eq!(w.check(5, 10), Fresh::No);
+        assert_eq!(w.check(5, 12), Fresh::Yes);
+        // Out of order but inside the window: accepted once.
+        assert_eq!(w.check(5, 11), Fresh::Yes);
+        assert_eq!(w.check(5, 11), Fresh::No);
+        assert_eq!(w.check(5, 9), Fresh::Yes);
+        // Far ahead, then the old ones are outside the window.
+        assert_eq!(w.check(5, 12 + REPLAY_WINDOW), Fresh::Yes);
+        assert_eq!(w.check(5, 12), Fresh::No);
+        assert_eq!(w.check(5, 13), Fresh::Yes);
+        assert_eq!(w.check(5, 13), Fresh::No);
+        // Older incarnation: never; newer: a restart.
+        assert_eq!(w.check(4, 100_000), Fresh::No);
+        assert_eq!(w.check(6, 1), Fresh::NewIncarnation);
+        assert_eq!(w.check(6, 1), Fresh::No);
+        assert_eq!(w.check(5, 99_999), Fresh::No);
+    }
+
+    #[test]
+    fn replay_window_shifts_across_words() {
+        let mut w = ReplayWindow::default();
+        for s in 0..300 {
+            assert_eq!(w.check(1, s), Fresh::Yes);
+        }
+        for s in 0..300 {
+            assert_eq!(w.check(1, s), Fresh::No, "seq {s}");
+        }
+        assert_eq!(w.check(1, 370), Fresh::Yes);
+        for s in 300..370 {
+            assert_eq!(w.check(1, s), Fresh::Yes, "seq {s}");
+        }
+    }
+
+    #[test]
+    fn chunks_fit_the_limit() {
+        let keys = Keys::derive(b"s");
+        let changes: Vec<Change> = (0..500)
+            .map(|i| {
+                Change::Upsert(
+                    WireSource::Container {
+                        id: format!("{i:064x}"),
+                        network: "net".into(),
+                    },
+                    WireGroup {
+                        names: vec![format!("c{i}")],
+                        v4: vec![Ipv4Addr::new(10, 0, 1, (i % 250) as u8)],
+                        v6: vec![],
+                    },
+                )
+            })
+            .chain([Change::Upsert(
+                WireSource::Static("huge".into()),
+                WireGroup {
+                    names: (0..400).map(|i| format!("name-{i}")).collect(),
+                    v4: vec![],
+                    v6: vec![],
+                },
+            )])
+            .collect();
+        let (chunks, skipped) = chunk_changes(changes, MAX_GOSSIP_BYTES, HEADER_BUDGET);
+        assert_eq!(skipped, 1);
+        assert_eq!(chunks.iter().map(Vec::len).sum::<usize>(), 500);
+        let name = "n".repeat(MAX_NODE_NAME_LEN);
+        for c in chunks {
+            let bytes = seal_own(
+                &keys,
+                &key(1),
+                &name,
+                u64::MAX,
+                u64::MAX,
+                Payload::Delta {
+                    version: u64::MAX,
+                    changes: c,
+                },
+            );
+            assert!(bytes.len() <= MAX_GOSSIP_BYTES, "{}", bytes.len());
+        }
+    }
+}
