@@ -110,6 +110,7 @@ fn run(config: &Config) -> i32 {
         }
     };
     log::info!("glued {} starting", env!("CARGO_PKG_VERSION"));
+    log::debug!("log filter: {}", config.log);
     for line in config.effective_lines() {
         log::info!("config: {line}");
     }
@@ -118,9 +119,6 @@ fn run(config: &Config) -> i32 {
             "USING THE DEFAULT CLUSTER SECRET: ANY HOST THAT KNOWS IT CAN JOIN THIS CLUSTER \
              AND PUBLISH NAMES. Set GLUED_CLUSTER_SECRET or GLUED_CLUSTER_SECRET_FILE."
         );
-    }
-    if config.upstreams.is_empty() {
-        log::warn!("no upstream resolvers: names that are not Glued's own get SERVFAIL");
     }
     let daemon = match Daemon::start(config) {
         Ok(d) => d,
