@@ -305,7 +305,11 @@ impl Watcher {
                 self.stats.count_event("container", &action);
                 let Some(id) = actor.id else { return Ok(()) };
                 match action.as_str() {
-                    "start" | "die" | "destroy" | "rename" => self.refresh(docker, &id).await,
+                    "start" => self.refresh(docker, &id).await,
+                    // Only a container with records can lose or change them.
+                    "die" | "destroy" | "rename" if self.sent.contains_key(&id) => {
+                        self.refresh(docker, &id).await
+                    }
                     // A signal (`docker kill -s HUP`), not a stop: a real stop
                     // follows as `die`.
                     _ => Ok(()),

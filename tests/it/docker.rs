@@ -276,6 +276,7 @@ struct Glued {
 
 impl Glued {
     fn start(config: &Config, with_dns: bool) -> Glued {
+        let _ = env_logger::builder().is_test(true).try_init();
         let table = table::shared(&config.domain, config.ttl_secs);
         let origin = Origin {
             id: "test-node".into(),
@@ -337,6 +338,15 @@ impl Glued {
             dns,
             dns_addr,
         }
+    }
+
+    /// Stops the Docker thread alone; returns how long it took.
+    fn stop_docker(&mut self) -> Duration {
+        let t0 = Instant::now();
+        if let Some(d) = self.docker.take() {
+            d.stop();
+        }
+        t0.elapsed()
     }
 
     fn wait_connected(&self) {
@@ -442,7 +452,7 @@ fn every_name_of_a_container_answers_its_inspected_addresses() {
         return;
     }
     let net = Net::create_dual_stack();
-    let glued = Glued::start(&config_watching(&[&net.name]), false);
+    let glued = Glued::start(&config_watching(&[&net.name]), true);
     glued.wait_connected();
     let alias = unique("alias");
     let service = unique("svc");
@@ -503,10 +513,49 @@ fn every_name_of_a_container_answers_its_inspected_addresses() {
             "PTR of {ip}"
         );
     }
+    // Over DNS: every name, as a single label and under the domain.
+    let dns = glued.dns_addr.unwrap();
+    let want_ips: Vec<IpAddr> =
+        sorted(&want.0.iter().map(|ip| IpAddr::V4(*ip)).collect::<Vec<_>>());
+    let want_ips6: Vec<IpAddr> = want.1.iter().map(|ip| IpAddr::V6(*ip)).collect();
+    for name in [
+        &web.name,
+        &alias,
+        &service,
+        web.short_id(),
+        &extra1,
+        &extra2,
+    ] {
+        for fqdn in [
+            format!("{name}."),
+            format!("{}.glued.internal.", name.to_uppercase()),
+        ] {
+            let (ips, _) = query(dns, &fqdn, RecordType::A).expect("DNS answer");
+            assert_eq!(sorted(&ips), want_ips, "A {fqdn}");
+            let (ips, _) = query(dns, &fqdn, RecordType::AAAA).expect("DNS answer");
+            assert_eq!(ips, want_ips6, "AAAA {fqdn}");
+        }
+    }
+    let [a, b, c, d] = want.0[0].octets();
+    let (_, ptrs) = query(
+        dns,
+        &format!("{d}.{c}.{b}.{a}.in-addr.arpa."),
+        RecordType::PTR,
+    )
+    .unwrap();
+    assert_eq!(ptrs, [format!("{}.glued.internal.", web.name)]);
+
     // Opted out: no name at all, not even the short id.
     assert!(glued.lookup(&hidden.name).is_none());
     assert!(glued.lookup(hidden.short_id()).is_none());
     assert!(glued.group_names(&hidden.id, &net.name).is_none());
+    let (ips, _) = query(
+        dns,
+        &format!("{}.glued.internal.", hidden.name),
+        RecordType::A,
+    )
+    .unwrap();
+    assert!(ips.is_empty());
 
     let mut metrics = String::new();
     glued.stats.render(&mut metrics);
@@ -538,6 +587,11 @@ fn containers_already_running_are_found_at_start() {
     glued.expect(&a.name, Some(&a.addrs(&net)), FOLLOW);
     assert!(glued.lookup(&b.name).is_none(), "unwatched network leaked");
     assert_eq!(glued.stats.resyncs.load(Ordering::Relaxed), 1);
+    let mut glued = glued;
+    let took = glued.stop_docker();
+    assert!(took < Duration::from_millis(500), "stop took {took:?}");
+    // Stopping the watcher keeps the records: the engine did not say they went.
+    assert!(glued.lookup(&a.name).is_some());
 }
 
 #[test]
@@ -620,7 +674,10 @@ fn the_table_converges_after_the_engine_comes_back() {
         name: static_name.clone(),
         ip: "10.9.8.7".parse().unwrap(),
     }];
-    let glued = Glued::start(&config, false);
+    let glued = Glued::start(&config, true);
+    let dns = glued.dns_addr.unwrap();
+    let static_fqdn = format!("{static_name}.glued.internal.");
+    let static_ip: Vec<IpAddr> = vec!["10.9.8.7".parse().unwrap()];
     glued.wait_connected();
     let gone = Ctr::run("gone", &["--network", &net.name]);
     let stays = Ctr::run("stays", &["--network", &net.name]);
@@ -636,16 +693,70 @@ fn the_table_converges_after_the_engine_comes_back() {
     // Changes while the engine is unreachable.
     docker(&["rm", "-f", &gone.id]);
     let born = Ctr::run("born", &["--network", &net.name]);
-    std::thread::sleep(Duration::from_millis(300));
-    // Meanwhile the known names are still answered.
-    assert!(glued.lookup(&static_name).is_some());
-    assert!(glued.lookup(&stays.name).is_some());
+    // Meanwhile the known names are still answered over DNS.
+    for _ in 0..10 {
+        let (ips, _) =
+            query(dns, &static_fqdn, RecordType::A).expect("DNS answers during the outage");
+        assert_eq!(ips, static_ip);
+        let (ips, _) = query(dns, &format!("{}.", stays.name), RecordType::A).expect("DNS answer");
+        assert_eq!(ips.len(), 1);
+        std::thread::sleep(Duration::from_millis(30));
+    }
 
     let _proxy = Proxy::start(&sock);
     glued.expect(&born.name, Some(&born.addrs(&net)), CONVERGE);
     glued.expect(&gone.name, None, FOLLOW);
     glued.expect(&stays.name, Some(&stays.addrs(&net)), FOLLOW);
-    assert!(glued.lookup(&static_name).is_some());
+    let (ips, _) = query(dns, &static_fqdn, RecordType::A).expect("DNS answer");
+    assert_eq!(ips, static_ip);
+    let (ips, _) = query(dns, &format!("{}.", gone.name), RecordType::A).expect("DNS answer");
+    assert!(
+        ips.is_empty(),
+        "removed during the outage, still answered: {ips:?}"
+    );
     assert!(glued.stats.reconnects.load(Ordering::Relaxed) >= 1);
     assert!(glued.stats.resyncs.load(Ordering::Relaxed) >= 2);
+}
+
+#[test]
+fn a_container_resolves_names_through_busybox_nslookup() {
+    if !docker_ready() {
+        return;
+    }
+    let net = Net::create(&[]);
+    let gateway = net.gateway_v4();
+    let mut config = config_watching(&[&net.name]);
+    // busybox nslookup only talks to port 53.
+    config.dns_bind = SocketAddr::new(IpAddr::V4(gateway), 53);
+    config.allow_nets = vec![net.subnet_v4().parse().unwrap()];
+    let glued = Glued::start(&config, true);
+    glued.wait_connected();
+    let target = Ctr::run("target", &["--network", &net.name]);
+    let (v4, _) = target.addrs(&net);
+    glued.expect(&target.name, Some(&(v4.clone(), vec![])), FOLLOW);
+    let client = unique("client");
+    for name in [
+        target.name.clone(),
+        format!("{}.glued.internal", target.short_id()),
+    ] {
+        let out = docker(&[
+            "run",
+            "--rm",
+            "--name",
+            &client,
+            "--network",
+            &net.name,
+            IMAGE,
+            "nslookup",
+            "-type=a",
+            &name,
+            &gateway.to_string(),
+        ]);
+        let want = v4[0].to_string();
+        assert!(
+            out.lines()
+                .any(|l| l.strip_prefix("Address:").map(str::trim) == Some(want.as_str())),
+            "nslookup {name} via {gateway}:\n{out}"
+        );
+    }
 }
