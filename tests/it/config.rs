@@ -594,3 +594,30 @@ fn dns_port_in_use_exits_1_with_one_line() {
         lines[0]
     );
 }
+
+#[test]
+fn id_lines_are_accepted_as_bootstrap_peers() {
+    let dir = dir_with(&[]);
+    let data = dir.path().join("data");
+    let env = [
+        ("GLUED_DATA_DIR", data.to_str().unwrap()),
+        ("GLUED_GOSSIP_BIND", "0.0.0.0:9254"),
+    ];
+    let first = glued(dir.path(), &["id"], &env);
+    assert_eq!(first.code, 0, "{}", first.stderr);
+    let lines: Vec<&str> = first.stdout.lines().collect();
+    let id = lines.first().copied().unwrap_or_default();
+    assert!(
+        id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+        "first line is not an endpoint id: {:?}",
+        first.stdout
+    );
+    let again = glued(dir.path(), &["id"], &env);
+    assert_eq!(again.stdout.lines().next(), Some(id), "id not stable");
+    let peers = lines.join(",");
+    let out = check_ok(dir.path(), &[], &[("GLUED_BOOTSTRAP_PEERS", &peers)]);
+    assert_eq!(
+        line(&out, "bootstrap_peers"),
+        format!("bootstrap_peers = {peers}")
+    );
+}
