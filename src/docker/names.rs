@@ -103,7 +103,8 @@ impl ContainerInfo {
                 v4: ep.v4.into_iter().collect(),
                 v6: ep.v6.into_iter().collect(),
             };
-            if !group.names.is_empty() && !(group.v4.is_empty() && group.v6.is_empty()) {
+            let has_addr = !group.v4.is_empty() || !group.v6.is_empty();
+            if !group.names.is_empty() && has_addr {
                 out.insert(net.clone(), group);
             }
         }
