@@ -128,7 +128,8 @@ pub fn answer(
     }
 
     let name = &question.name;
-    let zone = classify(name, table);
+    let mut key = [0; MAX_NAME_LEN];
+    let zone = classify(name, table, &mut key);
     if matches!(zone, Zone::Other) {
         return match reverse_addr(name).and_then(|ip| table.reverse(&ip)) {
             Some(target) if qtype == TYPE_PTR && question.qclass == CLASS_IN => {
@@ -164,7 +165,7 @@ pub fn answer(
             }
             w.finish(RCODE_NOERROR, true, qtype)
         }
-        Zone::Key { len, ref key } => match table.lookup(&key[..len]) {
+        Zone::Key { len } => match table.lookup(&key[..len]) {
             None => {
                 w.soa(table, domain_at, true);
                 w.finish(RCODE_NXDOMAIN, true, qtype)
@@ -250,14 +251,15 @@ enum Zone {
     /// The domain itself.
     Apex,
     /// A name of the zone with its table key (`api`, `api.node-a`).
-    Key { len: usize, key: [u8; MAX_NAME_LEN] },
+    Key { len: usize },
     /// A name of the zone that cannot be a key.
     Unknown,
     /// Not ours (root, reverse zones, the rest of the internet).
     Other,
 }
 
-fn classify(name: &Name, table: &Table) -> Zone {
+/// Sorts `name` into the zone; a table key is written into `key`.
+fn classify(name: &Name, table: &Table, key: &mut [u8; MAX_NAME_LEN]) -> Zone {
     let n = name.n_labels();
     let below = if table.domain_wire.len() > 1 {
         name.labels_below(&table.domain_wire)
@@ -273,9 +275,8 @@ fn classify(name: &Name, table: &Table) -> Zone {
     if name.has_dot() {
         return Zone::Unknown;
     }
-    let mut key = [0; MAX_NAME_LEN];
-    let len = name.dotted_prefix(key_labels, &mut key);
-    Zone::Key { len, key }
+    let len = name.dotted_prefix(key_labels, key);
+    Zone::Key { len }
 }
 
 /// The address named by `d.c.b.a.in-addr.arpa.` or a full 32-nibble

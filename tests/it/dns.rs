@@ -697,3 +697,79 @@ fn metrics_text_counts_queries_by_type_and_rcode() {
     assert!(out.contains("glued_dns_responses_total{rcode=\"NXDOMAIN\"} 1\n"));
     assert!(out.contains("glued_dns_local_answers_total 2\n"));
 }
+
+/// A stub upstream on loopback: answers every query with its own question
+/// and one TXT record; stops after `IDLE` without queries.
+fn stub_upstream() -> SocketAddr {
+    const IDLE: Duration = Duration::from_secs(5);
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(IDLE)).unwrap();
+    let addr = sock.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok((n, peer)) = sock.recv_from(&mut buf) {
+            let Ok(q) = Message::from_vec(&buf[..n]) else {
+                continue;
+            };
+            let mut r = Message::new(q.metadata.id, MessageType::Response, OpCode::Query);
+            r.metadata.recursion_available = true;
+            r.add_queries(q.queries.clone());
+            let txt = hickory_proto::rr::rdata::TXT::new(vec!["from-stub".into()]);
+            r.add_answer(hickory_proto::rr::Record::from_rdata(
+                q.queries[0].name().clone(),
+                60,
+                RData::TXT(txt),
+            ));
+            let _ = sock.send_to(&r.to_vec().unwrap(), peer);
+        }
+    });
+    addr
+}
+
+fn is_stub_answer(m: &Message) -> bool {
+    m.answers.len() == 1
+        && matches!(&m.answers[0].data, RData::TXT(t) if t.to_string().contains("from-stub"))
+}
+
+#[test]
+fn other_names_are_forwarded_over_udp_and_tcp() {
+    let mut config = test_config();
+    config.upstreams = vec![stub_upstream()];
+    let s = start_with(config, TcpLimits::default());
+    let m = udp_ask(s.udp, "Example.COM.", RecordType::TXT, None);
+    assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+    assert!(is_stub_answer(&m), "{m:?}");
+    // Over TCP, pipelined with a local name: both answered on the one
+    // connection.
+    let mut conn = tcp_connect(s.tcp);
+    let fwd = query_bytes("example.com.", RecordType::TXT, None);
+    let local = query_bytes("web.", RecordType::A, None);
+    tcp_send(&mut conn, &fwd);
+    tcp_send(&mut conn, &local);
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        got.push(Message::from_vec(&tcp_recv(&mut conn).expect("answer")).unwrap());
+    }
+    got.sort_by_key(|m| m.metadata.id != u16::from_be_bytes([fwd[0], fwd[1]]));
+    assert!(is_stub_answer(&got[0]), "{:?}", got[0]);
+    assert_eq!(addresses(&got[1]), ["10.0.0.3"]);
+    let t = s.stats.totals();
+    assert_eq!(t.forwarded, 2);
+    // Names of the zone never reach the upstream.
+    let m = udp_ask(s.udp, "nope.glued.internal.", RecordType::TXT, None);
+    assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+    assert_eq!(s.stats.totals().forwarded, 2);
+}
+
+#[test]
+fn without_upstreams_other_names_get_servfail_at_once() {
+    let s = start();
+    let t = Instant::now();
+    let m = udp_ask(s.udp, "example.com.", RecordType::A, None);
+    assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
+    assert_eq!(m.queries.len(), 1);
+    let m = tcp_ask(s.tcp, "example.com.", RecordType::A);
+    assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
+    assert!(t.elapsed() < Duration::from_millis(500));
+    assert_eq!(s.stats.totals().forward_rejected, 2);
+}

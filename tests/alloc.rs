@@ -1,0 +1,224 @@
+//! Zero heap allocations per local answer, after warm-up.
+//!
+//! A counting global allocator must own its test binary, so this is not in
+//! `tests/it`. Allocations are counted per thread, so only the code under
+//! test (run on the test's own thread) is measured: the pure answer
+//! function, and one real `recvmmsg`/`sendmmsg` pass of the UDP loop.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::collections::BTreeMap;
+use std::net::UdpSocket;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_proto::rr::{Name, RecordType};
+
+use glued::dns::acl::Acl;
+use glued::dns::answer::{self, MAX_MESSAGE_LEN, Outcome, Transport};
+use glued::dns::forward::{ForwardStats, Forwarder};
+use glued::dns::stats::DnsStats;
+use glued::dns::udp::{self, UdpWorker};
+use glued::table::{Group, Origin, Source, Table};
+
+struct Counting;
+
+thread_local! {
+    static ALLOCS: Cell<u64> = const { Cell::new(0) };
+}
+
+fn count() {
+    let _ = ALLOCS.try_with(|c| c.set(c.get() + 1));
+}
+
+fn allocations() -> u64 {
+    ALLOCS.with(|c| c.get())
+}
+
+// SAFETY: forwards every call to the system allocator unchanged.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        count();
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        count();
+        unsafe { System.alloc_zeroed(layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        count();
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+fn table() -> Table {
+    let mut groups = BTreeMap::new();
+    for (node, name, v4, v6) in [
+        ("node-a", "api", vec!["10.0.0.1"], vec!["fd00::1"]),
+        ("node-b", "api", vec!["10.0.0.2"], vec![]),
+        ("node-a", "web", vec!["10.0.0.3"], vec![]),
+    ] {
+        groups.insert(
+            (
+                Origin {
+                    id: node.into(),
+                    node_name: node.into(),
+                },
+                Source::Static { name: name.into() },
+            ),
+            Group {
+                names: vec![name.into()],
+                v4: v4.iter().map(|a| a.parse().unwrap()).collect(),
+                v6: v6.iter().map(|a| a.parse().unwrap()).collect(),
+            },
+        );
+    }
+    Table::build("glued.internal", 5, 1, Arc::new(groups))
+}
+
+/// Local queries of every kind, with the rcode each must get.
+fn queries() -> Vec<(Vec<u8>, ResponseCode)> {
+    [
+        ("API.glued.internal.", RecordType::A, ResponseCode::NoError),
+        (
+            "api.node-a.glued.internal.",
+            RecordType::AAAA,
+            ResponseCode::NoError,
+        ),
+        (
+            "nope.glued.internal.",
+            RecordType::A,
+            ResponseCode::NXDomain,
+        ),
+        ("nope.", RecordType::AAAA, ResponseCode::NXDomain),
+        ("web.", RecordType::AAAA, ResponseCode::NoError),
+        (
+            "3.0.0.10.in-addr.arpa.",
+            RecordType::PTR,
+            ResponseCode::NoError,
+        ),
+        ("glued.internal.", RecordType::SOA, ResponseCode::NoError),
+    ]
+    .into_iter()
+    .map(|(name, rtype, rcode)| {
+        let mut m = Message::new(42, MessageType::Query, OpCode::Query);
+        m.add_query(Query::query(Name::from_ascii(name).unwrap(), rtype));
+        (m.to_vec().unwrap(), rcode)
+    })
+    .collect()
+}
+
+#[test]
+fn the_answer_function_allocates_nothing_per_local_answer() {
+    let table = table();
+    let queries = queries();
+    let mut out = Vec::with_capacity(MAX_MESSAGE_LEN);
+    for (q, rcode) in &queries {
+        let o = answer::answer(q, &table, 0, Transport::Udp, &mut out);
+        assert!(matches!(o, Outcome::Answered { .. }), "{o:?}");
+        assert_eq!(
+            Message::from_vec(&out).unwrap().metadata.response_code,
+            *rcode
+        );
+    }
+    let before = allocations();
+    for round in 0..1000 {
+        for (q, _) in &queries {
+            let o = answer::answer(q, &table, round, Transport::Udp, &mut out);
+            assert!(matches!(o, Outcome::Answered { .. }));
+        }
+    }
+    let n = allocations() - before;
+    assert_eq!(
+        n,
+        0,
+        "{n} allocations for {} local answers",
+        1000 * queries.len()
+    );
+}
+
+#[test]
+fn the_udp_loop_allocates_nothing_per_local_answer() {
+    let config = glued::config::Config {
+        dns_bind: "127.0.0.1:0".parse().unwrap(),
+        dns_threads: 1,
+        http_bind: "127.0.0.1:0".parse().unwrap(),
+        domain: "glued.internal".into(),
+        node_name: "node-a".into(),
+        ttl_secs: 5,
+        upstreams: vec![],
+        allow_nets: vec!["127.0.0.0/8".parse().unwrap()],
+        networks: vec![],
+        docker_host: String::new(),
+        data_dir: std::env::temp_dir(),
+        gossip_bind: "127.0.0.1:0".parse().unwrap(),
+        mdns: false,
+        lease_secs: 15,
+        bootstrap_peers: vec![],
+        topic_id: None,
+        cluster_secret: glued::config::Secret::new("x".into()),
+        records: vec![],
+        log: "info".into(),
+    };
+    let forwarder = Forwarder::start(&config, Arc::new(ForwardStats::default())).unwrap();
+    let stats = DnsStats::default();
+    let shared = Arc::new(arc_swap::ArcSwap::from_pointee(table()));
+    let socket = Arc::new(udp::bind("127.0.0.1:0".parse().unwrap()).unwrap());
+    let server = socket.local_addr().unwrap();
+    let mut worker = UdpWorker::new(
+        socket,
+        shared,
+        forwarder.clone(),
+        stats.register(),
+        Acl::new(&config.allow_nets),
+    );
+    let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let queries = queries();
+    let mut buf = vec![0u8; 4096];
+    let mut measured = 0;
+    let mut n_answers = 0;
+    for round in 0..50 {
+        for (q, _) in &queries {
+            client.send_to(q, server).unwrap();
+        }
+        let mut received = 0;
+        while received < queries.len() {
+            let before = allocations();
+            received += worker.serve_batch().unwrap();
+            if round >= 5 {
+                measured += allocations() - before;
+            }
+        }
+        for (_, rcode) in &queries {
+            let n = client.recv(&mut buf).unwrap();
+            let m = Message::from_vec(&buf[..n]).unwrap();
+            assert_eq!(m.metadata.response_code, *rcode);
+            if round >= 5 {
+                n_answers += 1;
+            }
+        }
+    }
+    forwarder.stop();
+    assert!(n_answers >= 300);
+    assert_eq!(
+        measured, 0,
+        "{measured} allocations for {n_answers} UDP answers"
+    );
+}
+
+#[test]
+fn the_counter_sees_allocations_on_this_thread() {
+    let before = allocations();
+    drop(std::hint::black_box(vec![1u8; 10]));
+    assert_eq!(allocations() - before, 1);
+}
