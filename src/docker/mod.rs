@@ -38,6 +38,8 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often an idle event stream is checked with a ping, to notice a
 /// half-open connection to the engine.
 pub const PING_INTERVAL: Duration = Duration::from_secs(5);
+/// Container inspections in flight during a resynchronisation.
+pub const RESYNC_CONCURRENCY: usize = 8;
 /// How often a blocked registry send checks for stop.
 pub const STOP_POLL: Duration = Duration::from_millis(50);
 /// Events replayed from before the resync, so none falls in the gap

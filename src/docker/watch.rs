@@ -15,11 +15,12 @@ use bollard::query_parameters::{EventsOptions, ListContainersOptions, ListNetwor
 use crossbeam_channel::{SendTimeoutError, Sender};
 use futures_lite::StreamExt;
 use tokio::sync::watch;
+use tokio::task::JoinSet;
 
 use super::names::ContainerInfo;
 use super::{
     BACKOFF_MAX, BACKOFF_MIN, DockerStats, EVENTS_REPLAY_SECS, PING_INTERVAL, REQUEST_TIMEOUT,
-    STOP_POLL,
+    RESYNC_CONCURRENCY, STOP_POLL,
 };
 use crate::config::Config;
 use crate::registry::RegistryMsg;
@@ -50,7 +51,7 @@ enum EngineState {
 
 pub(super) struct Watcher {
     host: String,
-    networks: Vec<String>,
+    networks: Arc<[String]>,
     origin: Origin,
     registry: Sender<RegistryMsg>,
     stats: Arc<DockerStats>,
@@ -96,7 +97,7 @@ impl Watcher {
     ) -> Watcher {
         Watcher {
             host: config.docker_host.clone(),
-            networks: config.networks.clone(),
+            networks: config.networks.clone().into(),
             origin,
             registry,
             stats,
@@ -220,7 +221,7 @@ impl Watcher {
     async fn check_networks(&mut self, docker: &bollard::Docker) -> Result<(), Lost> {
         let nets = timed(docker.list_networks(None::<ListNetworksOptions>)).await?;
         let present: BTreeSet<&str> = nets.iter().filter_map(|n| n.name.as_deref()).collect();
-        for net in &self.networks {
+        for net in self.networks.iter() {
             if present.contains(net.as_str()) {
                 if self.missing.remove(net) {
                     log::info!("Watched Docker network {net} exists now");
@@ -241,16 +242,27 @@ impl Watcher {
                 all: false,
                 filters: Some(HashMap::from([(
                     "network".to_owned(),
-                    self.networks.clone(),
+                    self.networks.to_vec(),
                 )])),
                 ..Default::default()
             })))
             .await?;
-            for c in list {
-                let Some(id) = c.id else { continue };
-                let groups = self.inspect(docker, &id).await?;
-                if !groups.is_empty() {
-                    fresh.insert(id, groups);
+            let mut ids = list.into_iter().filter_map(|c| c.id);
+            let mut running = JoinSet::new();
+            loop {
+                while running.len() < RESYNC_CONCURRENCY {
+                    let Some(id) = ids.next() else { break };
+                    running.spawn(inspect(docker.clone(), id, self.networks.clone()));
+                }
+                match running.join_next().await {
+                    None => break,
+                    Some(Ok(Ok((id, groups)))) => {
+                        if !groups.is_empty() {
+                            fresh.insert(id, groups);
+                        }
+                    }
+                    Some(Ok(Err(lost))) => return Err(lost),
+                    Some(Err(e)) => return Err(Lost::Engine(format!("inspect task: {e}"))),
                 }
             }
         }
@@ -269,31 +281,6 @@ impl Watcher {
             .containers
             .store(self.sent.len() as u64, Ordering::Relaxed);
         Ok(self.sent.len())
-    }
-
-    /// The current groups of one container: empty when it is gone, stopped
-    /// or opted out.
-    async fn inspect(
-        &self,
-        docker: &bollard::Docker,
-        id: &str,
-    ) -> Result<BTreeMap<String, Group>, Lost> {
-        let request = docker.inspect_container(id, None);
-        match tokio::time::timeout(REQUEST_TIMEOUT, request).await {
-            Ok(Ok(c)) => Ok(ContainerInfo::from_inspect(c)
-                .map(|c| c.groups(&self.networks))
-                .unwrap_or_default()),
-            // Removed between the event and the inspect.
-            Ok(Err(BollardError::DockerResponseServerError {
-                status_code: 404, ..
-            })) => Ok(BTreeMap::new()),
-            Ok(Err(e @ BollardError::JsonDataError { .. })) => {
-                log::warn!("container {id}: unreadable inspect answer ({e}); skipped");
-                Ok(BTreeMap::new())
-            }
-            Ok(Err(e)) => Err(e.into()),
-            Err(_) => Err(timed_out()),
-        }
     }
 
     async fn handle(&mut self, docker: &bollard::Docker, ev: EventMessage) -> Result<(), Lost> {
@@ -352,7 +339,7 @@ impl Watcher {
 
     /// Re-inspects one container and sends what changed for it.
     async fn refresh(&mut self, docker: &bollard::Docker, id: &str) -> Result<(), Lost> {
-        let new = self.inspect(docker, id).await?;
+        let (_, new) = inspect(docker.clone(), id.to_owned(), self.networks.clone()).await?;
         let old = self.sent.remove(id).unwrap_or_default();
         for (net, group) in &new {
             if old.get(net) != Some(group) {
@@ -396,6 +383,32 @@ impl Watcher {
     }
 }
 
+/// The current groups of one container: empty when it is gone, stopped or
+/// opted out.
+async fn inspect(
+    docker: bollard::Docker,
+    id: String,
+    networks: Arc<[String]>,
+) -> Result<(String, BTreeMap<String, Group>), Lost> {
+    let request = docker.inspect_container(&id, None);
+    let groups = match tokio::time::timeout(REQUEST_TIMEOUT, request).await {
+        Ok(Ok(c)) => ContainerInfo::from_inspect(c)
+            .map(|c| c.groups(&networks))
+            .unwrap_or_default(),
+        // Removed between the event (or list) and the inspect.
+        Ok(Err(BollardError::DockerResponseServerError {
+            status_code: 404, ..
+        })) => BTreeMap::new(),
+        Ok(Err(e @ BollardError::JsonDataError { .. })) => {
+            log::warn!("container {id}: unreadable inspect answer ({e}); skipped");
+            BTreeMap::new()
+        }
+        Ok(Err(e)) => return Err(e.into()),
+        Err(_) => return Err(timed_out()),
+    };
+    Ok((id, groups))
+}
+
 fn source(id: &str, network: &str) -> Source {
     Source::Container {
         id: id.to_owned(),
@@ -412,6 +425,12 @@ fn connect(host: &str) -> Result<bollard::Docker, Lost> {
         bollard::Docker::connect_with_unix(host, secs, version)?
     } else if host.starts_with("tcp://") || host.starts_with("http://") {
         bollard::Docker::connect_with_http(host, secs, version)?
+    } else if host.starts_with("https://") {
+        return Err(Lost::Engine(
+            "DOCKER_HOST https:// (TLS) is not supported; use unix:// or tcp:// (behind a \
+             TLS-terminating proxy)"
+                .into(),
+        ));
     } else {
         return Err(Lost::Engine(format!(
             "unsupported DOCKER_HOST {host:?} (expected unix://, tcp:// or http://)"

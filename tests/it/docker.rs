@@ -35,33 +35,37 @@ const CONVERGE: Duration = Duration::from_secs(10);
 /// True when the engine and the test image are usable; otherwise prints why
 /// (or panics in CI).
 fn docker_ready() -> bool {
-    let why = match Command::new("docker")
-        .args(["info", "-f", "{{.ServerVersion}}"])
-        .output()
-    {
-        Err(e) => Some(format!("docker CLI not runnable: {e}")),
-        Ok(o) if !o.status.success() => Some(format!(
-            "docker engine not reachable: {}",
-            String::from_utf8_lossy(&o.stderr).trim()
-        )),
-        Ok(_) => {
-            let has_image = Command::new("docker")
-                .args(["image", "inspect", IMAGE])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success());
-            let built = has_image
-                || Command::new(concat!(
-                    env!("CARGO_MANIFEST_DIR"),
-                    "/tests/images/build-busybox.sh"
-                ))
-                .status()
-                .is_ok_and(|s| s.success());
-            (!built).then(|| format!("image {IMAGE} missing: run tests/images/build-busybox.sh"))
+    static WHY: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let why = WHY.get_or_init(|| {
+        match Command::new("docker")
+            .args(["info", "-f", "{{.ServerVersion}}"])
+            .output()
+        {
+            Err(e) => Some(format!("docker CLI not runnable: {e}")),
+            Ok(o) if !o.status.success() => Some(format!(
+                "docker engine not reachable: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            )),
+            Ok(_) => {
+                let has_image = Command::new("docker")
+                    .args(["image", "inspect", IMAGE])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success());
+                let built = has_image
+                    || Command::new(concat!(
+                        env!("CARGO_MANIFEST_DIR"),
+                        "/tests/images/build-busybox.sh"
+                    ))
+                    .status()
+                    .is_ok_and(|s| s.success());
+                (!built)
+                    .then(|| format!("image {IMAGE} missing: run tests/images/build-busybox.sh"))
+            }
         }
-    };
-    match why {
+    });
+    match why.clone() {
         None => true,
         Some(why) if in_ci() => panic!("Docker test cannot run in CI: {why}"),
         Some(why) => {
@@ -580,13 +584,19 @@ fn containers_already_running_are_found_at_start() {
     }
     let net = Net::create(&[]);
     let other = Net::create(&[]);
-    let a = Ctr::run("early", &["--network", &net.name]);
+    let early: Vec<Ctr> = (0..4)
+        .map(|_| Ctr::run("early", &["--network", &net.name]))
+        .collect();
     let b = Ctr::run("elsewhere", &["--network", &other.name]);
     let glued = Glued::start(&config_watching(&[&net.name]), false);
     glued.wait_connected();
-    glued.expect(&a.name, Some(&a.addrs(&net)), FOLLOW);
+    for c in &early {
+        glued.expect(&c.name, Some(&c.addrs(&net)), FOLLOW);
+    }
+    let a = &early[0];
     assert!(glued.lookup(&b.name).is_none(), "unwatched network leaked");
     assert_eq!(glued.stats.resyncs.load(Ordering::Relaxed), 1);
+    assert_eq!(glued.stats.containers.load(Ordering::Relaxed), 4);
     let mut glued = glued;
     let took = glued.stop_docker();
     assert!(took < Duration::from_millis(500), "stop took {took:?}");
@@ -662,6 +672,14 @@ fn a_watched_network_created_after_start_is_picked_up() {
 #[test]
 fn the_table_converges_after_the_engine_comes_back() {
     if !docker_ready() {
+        return;
+    }
+    if Command::new("socat").arg("-V").output().is_err() {
+        assert!(
+            !in_ci(),
+            "socat missing in CI (.ci/install-test-deps installs it)"
+        );
+        eprintln!("skipped: socat missing (apt-get install socat)");
         return;
     }
     let net = Net::create(&[]);
