@@ -209,6 +209,11 @@ impl AuthState {
         let sn: [u8; 32] = reply[..32].try_into().expect("32");
         let expected = self.proof(b"server", &cn, &sn, &me, &peer);
         if !constant_eq(&expected, &reply[32..]) {
+            // Send a proof that cannot verify, so the server records the
+            // refusal too, and wait for its verdict before closing.
+            let _ = send.write_all(&[0u8; 32]).await;
+            let mut verdict = [0u8; 1];
+            let _ = recv.read_exact(&mut verdict).await;
             conn.close(REFUSED_CODE.into(), b"bad proof");
             return Err(Failure::Refused(
                 "it does not know the cluster secret".into(),

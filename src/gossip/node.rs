@@ -287,7 +287,7 @@ pub(super) fn run_thread(
     if kill {
         rt.shutdown_background();
     } else {
-        rt.shutdown_timeout(super::STOP_TIMEOUT);
+        rt.shutdown_timeout(Duration::from_millis(100));
     }
 }
 
