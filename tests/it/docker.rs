@@ -549,6 +549,22 @@ fn every_name_of_a_container_answers_its_inspected_addresses() {
     .unwrap();
     assert_eq!(ptrs, [format!("{}.glued.internal.", web.name)]);
 
+    // A second container sharing a name: the name answers both.
+    let shared = format!("glued.names={extra1}");
+    let twin = Ctr::run("twin", &["--network", &net.name, "--label", &shared]);
+    let twin_addrs = twin.addrs(&net);
+    let both = (
+        [want.0.clone(), twin_addrs.0.clone()].concat(),
+        [want.1.clone(), twin_addrs.1.clone()].concat(),
+    );
+    glued.expect(&extra1, Some(&both), FOLLOW);
+    let (ips, _) = query(dns, &format!("{extra1}."), RecordType::A).unwrap();
+    assert_eq!(
+        sorted(&ips),
+        sorted(&both.0.iter().map(|ip| IpAddr::V4(*ip)).collect::<Vec<_>>())
+    );
+    glued.expect(&extra2, Some(&want), FOLLOW);
+
     // Opted out: no name at all, not even the short id.
     assert!(glued.lookup(&hidden.name).is_none());
     assert!(glued.lookup(hidden.short_id()).is_none());
@@ -568,7 +584,7 @@ fn every_name_of_a_container_answers_its_inspected_addresses() {
         "{metrics}"
     );
     assert!(
-        metrics.contains("glued_docker_containers_watched 1"),
+        metrics.contains("glued_docker_containers_watched 2"),
         "{metrics}"
     );
     assert!(
