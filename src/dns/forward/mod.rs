@@ -74,6 +74,12 @@ pub enum Reply {
     },
     /// To the TCP connection's writer.
     Tcp(crossbeam_channel::Sender<Vec<u8>>),
+    /// To the TCP connection's writer, then wakes its `mio` loop (so that
+    /// loop needs no polling interval for forwarded answers).
+    TcpWake {
+        tx: crossbeam_channel::Sender<Vec<u8>>,
+        waker: Arc<Waker>,
+    },
 }
 
 impl Reply {
@@ -99,6 +105,11 @@ impl Reply {
             }
             Reply::Tcp(tx) => {
                 let _ = tx.try_send(answer.to_vec());
+            }
+            Reply::TcpWake { tx, waker } => {
+                if tx.try_send(answer.to_vec()).is_ok() {
+                    let _ = waker.wake();
+                }
             }
         }
     }
@@ -621,10 +632,7 @@ impl Forwarding {
     /// Reads every datagram waiting on socket `index`.
     fn drain_socket(&mut self, index: usize) {
         let mut buf = std::mem::take(&mut self.recv_buf);
-        loop {
-            let Some(socket) = self.sockets.get(index) else {
-                break;
-            };
+        while let Some(socket) = self.sockets.get(index) {
             match socket.recv_from(&mut buf) {
                 Ok((len, from)) => self.on_reply(&mut buf[..len], from, index),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -692,20 +700,22 @@ impl Forwarding {
                 truncated: msg.to_vec(),
                 received: p.received,
             };
-            match tcp::try_submit(&self.tcp_tx, job) {
-                Ok(()) => return,
-                Err(job) => {
-                    log::debug!("TCP retry pool saturated: passing TC=1 on");
-                    wire::set_id(msg, p.original_id);
-                    job.reply.deliver(msg, &mut self.scratch);
-                }
+            if let Some(job) = tcp::try_submit(&self.tcp_tx, job) {
+                log::debug!("TCP retry pool saturated: passing TC=1 on");
+                self.relay(msg, p.original_id, p.received, &job.reply);
             }
         } else {
-            wire::set_id(msg, p.original_id);
-            reply.deliver(msg, &mut self.scratch);
+            self.relay(msg, p.original_id, p.received, &reply);
         }
+    }
+
+    /// Sends an upstream answer to its client with the client's id.
+    fn relay(&mut self, msg: &mut [u8], original_id: u16, received: Instant, reply: &Reply) {
+        wire::set_id(msg, original_id);
+        // Counted first: whoever sees the answer sees the count.
         self.stats.answered.fetch_add(1, Ordering::Relaxed);
-        self.stats.observe_latency(p.received.elapsed());
+        self.stats.observe_latency(received.elapsed());
+        reply.deliver(msg, &mut self.scratch);
     }
 
     /// Answers query `id` SERVFAIL and forgets it.
@@ -724,9 +734,10 @@ impl Forwarding {
     fn answer_servfail(&mut self, query: &[u8], reply: &Reply) {
         let mut out = std::mem::take(&mut self.scratch);
         if wire::servfail(query, &mut out) {
+            // Counted first: whoever sees the answer sees the count.
+            self.stats.servfail.fetch_add(1, Ordering::Relaxed);
             let mut unused = Vec::new();
             reply.deliver(&out, &mut unused);
-            self.stats.servfail.fetch_add(1, Ordering::Relaxed);
         }
         self.scratch = out;
     }

@@ -62,10 +62,11 @@ pub fn spawn(
 }
 
 /// Hands a job to the pool; gives it back when the pool is saturated.
-pub fn try_submit(tx: &Sender<TcpJob>, job: TcpJob) -> Result<(), TcpJob> {
-    tx.try_send(job).map_err(|e| match e {
-        TrySendError::Full(j) | TrySendError::Disconnected(j) => j,
-    })
+pub fn try_submit(tx: &Sender<TcpJob>, job: TcpJob) -> Option<TcpJob> {
+    match tx.try_send(job) {
+        Ok(()) => None,
+        Err(TrySendError::Full(j) | TrySendError::Disconnected(j)) => Some(j),
+    }
 }
 
 fn worker(rx: Receiver<TcpJob>, stats: Arc<ForwardStats>, stopping: Arc<AtomicBool>) {
@@ -84,9 +85,9 @@ fn worker(rx: Receiver<TcpJob>, stats: Arc<ForwardStats>, stopping: Arc<AtomicBo
             }
         };
         wire::set_id(&mut answer, job.original_id);
-        job.reply.deliver(&answer, &mut scratch);
         stats.answered.fetch_add(1, Relaxed);
         stats.observe_latency(job.received.elapsed());
+        job.reply.deliver(&answer, &mut scratch);
     }
 }
 
