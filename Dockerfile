@@ -40,7 +40,8 @@ WORKDIR /src
 # Everything .dockerignore lets through: the crate, its tests and benches
 # (so every target Cargo.toml names exists) and docker/make-rootfs.sh.
 COPY . .
-RUN cargo build --release --locked \
+# Symbols stripped: the binary is most of the image.
+RUN CARGO_PROFILE_RELEASE_STRIP=symbols cargo build --release --locked \
  && sh docker/make-rootfs.sh target/release/glued /rootfs
 
 # ---- final (default): the same image as `offline`, built from source ------
