@@ -956,7 +956,9 @@ fn send_registry(registry: &Sender<RegistryMsg>, msg: RegistryMsg) {
     match registry.try_send(msg) {
         Ok(()) | Err(TrySendError::Disconnected(_)) => {}
         Err(TrySendError::Full(msg)) => {
-            let _ = tokio::task::block_in_place(|| registry.send(msg));
+            tokio::task::block_in_place(|| {
+                let _ = registry.send(msg);
+            });
         }
     }
 }

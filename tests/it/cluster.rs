@@ -556,3 +556,137 @@ fn a_burst_of_2000_changes_converges_everywhere() {
         n.stop();
     }
 }
+
+/// A free loopback port (bound then released).
+fn free_port() -> u16 {
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = udp.local_addr().unwrap().port();
+    // The same port must be free for TCP too (DNS binds both).
+    if std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
+        return free_port();
+    }
+    port
+}
+
+/// One `glued run` process on loopback.
+struct Proc {
+    child: std::process::Child,
+    dns: std::net::SocketAddr,
+    gossip: std::net::SocketAddr,
+    log: PathBuf,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn_glued(name: &str, dir: &std::path::Path, extra: &[(&str, String)], record: &str) -> Proc {
+    let dns_port = free_port();
+    let config = dir.join("glued.toml");
+    std::fs::write(
+        &config,
+        format!("[[records]]\nname = \"{record}\"\nip = \"10.9.9.9\"\n"),
+    )
+    .unwrap();
+    let log = dir.join("glued.log");
+    let gossip: std::net::SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_glued"));
+    cmd.arg("run")
+        .arg("--config")
+        .arg(&config)
+        .env_clear()
+        .env("GLUED_DNS_BIND", format!("127.0.0.1:{dns_port}"))
+        .env("GLUED_DNS_THREADS", "1")
+        .env("GLUED_HTTP_BIND", "127.0.0.1:0")
+        .env("GLUED_NODE_NAME", name)
+        .env("GLUED_UPSTREAMS", "none")
+        .env("GLUED_NETWORK_NAME", support::unique("glued-absent-net"))
+        .env("GLUED_DATA_DIR", dir)
+        .env("GLUED_GOSSIP_BIND", gossip.to_string())
+        .env("GLUED_MDNS", "false")
+        .env("GLUED_CLUSTER_SECRET", "process-secret")
+        .env(
+            "RUST_LOG",
+            "info,iroh=warn,iroh_gossip=warn,noq=warn,noq_proto=warn",
+        )
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
+    for (k, v) in extra {
+        cmd.env(k, v);
+    }
+    Proc {
+        child: cmd.spawn().unwrap(),
+        dns: ([127, 0, 0, 1], dns_port).into(),
+        gossip,
+        log,
+    }
+}
+
+/// Asks `server` for the A record of `name.glued.internal`: Some(true) when
+/// answered, Some(false) on NXDOMAIN/empty, None on no answer.
+fn dns_has(server: std::net::SocketAddr, name: &str) -> Option<bool> {
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut q = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    for label in format!("{name}.glued.internal").split('.') {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    sock.send_to(&q, server).ok()?;
+    let mut buf = [0u8; 512];
+    let n = sock.recv(&mut buf).ok()?;
+    (n >= 12).then(|| buf[3] & 0x0f == 0 && u16::from_be_bytes([buf[6], buf[7]]) > 0)
+}
+
+#[test]
+fn kill_9_of_a_process_keeps_its_records_until_the_lease_ends() {
+    let dir_a = support::data_dir();
+    let dir_b = support::data_dir();
+    let lease = [("GLUED_LEASE_SECS", "3".to_string())];
+    let b = spawn_glued("proc-b", &dir_b, &lease, "from-b");
+    let b_id = glued::gossip::local_id(&dir_b).unwrap();
+    let b_log = || std::fs::read_to_string(&b.log).unwrap_or_default();
+    assert!(
+        wait_until(CONVERGE, || b_log().contains("Gossip endpoint created")),
+        "B did not start: {}",
+        b_log()
+    );
+    let b_addr = b.gossip;
+    let mut extra = lease.to_vec();
+    extra.push(("GLUED_BOOTSTRAP_PEERS", format!("{b_id}@{b_addr}")));
+    let a = spawn_glued("proc-a", &dir_a, &extra, "from-a");
+    let a_log = || std::fs::read_to_string(&a.log).unwrap_or_default();
+    assert!(
+        wait_until(CONVERGE, || dns_has(a.dns, "from-b") == Some(true)),
+        "A never answered for B's record; A's log:\n{}",
+        a_log()
+    );
+    assert!(a_log().contains(&format!("Authenticated with bootstrap peer {b_id}")));
+    assert!(!a_log().contains("process-secret") && !b_log().contains("process-secret"));
+    std::thread::sleep(Duration::from_millis(1100));
+    let mut b = b;
+    b.child.kill().unwrap(); // SIGKILL
+    let killed = Instant::now();
+    b.child.wait().unwrap();
+    while killed.elapsed() < Duration::from_millis(1800) {
+        assert_eq!(
+            dns_has(a.dns, "from-b"),
+            Some(true),
+            "dropped {:?} after kill -9, before the lease",
+            killed.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        wait_until(Duration::from_secs(4), || dns_has(a.dns, "from-b")
+            == Some(false)),
+        "still answered {:?} after kill -9",
+        killed.elapsed()
+    );
+    assert_eq!(dns_has(a.dns, "from-a"), Some(true));
+}
