@@ -190,12 +190,27 @@ impl Forwarder {
             }
             let start = sockets.len();
             for _ in 0..SOCKETS_PER_FAMILY {
-                let mut socket = upstream_socket(unspecified)?;
-                poll.registry()
-                    .register(&mut socket, Token(sockets.len()), Interest::READABLE)?;
-                sockets.push(socket);
+                match upstream_socket(unspecified) {
+                    Ok(mut socket) => {
+                        poll.registry().register(
+                            &mut socket,
+                            Token(sockets.len()),
+                            Interest::READABLE,
+                        )?;
+                        sockets.push(socket);
+                    }
+                    // E.g. IPv6 disabled on the host: its upstreams fail
+                    // over to the others.
+                    Err(e) => {
+                        log::warn!("no UDP socket toward {unspecified} upstreams: {e}");
+                        break;
+                    }
+                }
             }
             families[family] = start..sockets.len();
+        }
+        if sockets.is_empty() {
+            return Err(io::Error::other("no UDP socket toward any upstream"));
         }
         let stopping = Arc::new(AtomicBool::new(false));
         let (tcp_tx, mut threads) = tcp::spawn(stats.clone(), stopping.clone())?;
@@ -304,7 +319,8 @@ fn upstream_socket(unspecified: IpAddr) -> io::Result<mio::net::UdpSocket> {
     let addr = SocketAddr::new(unspecified, 0);
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     if addr.is_ipv6() {
-        socket.set_only_v6(true)?;
+        // Dual-stack, so that an IPv4-mapped upstream address works too.
+        let _ = socket.set_only_v6(false);
     }
     // A smaller buffer than asked for is not fatal.
     let _ = socket.set_recv_buffer_size(SOCKET_BUFFER_BYTES);
@@ -532,7 +548,13 @@ impl Forwarding {
     fn send(&mut self, id: u16, upstream: usize, now: Instant) -> bool {
         let addr = self.upstreams[upstream].addr;
         let family = &self.families[usize::from(addr.is_ipv6())];
-        let socket = family.start + fastrand::usize(..family.len().max(1));
+        // No socket for this family (it could not be opened): the attempt is
+        // recorded and fails below.
+        let socket = if family.is_empty() {
+            usize::from(u16::MAX)
+        } else {
+            family.start + fastrand::usize(..family.len())
+        };
         let seq = self.next_seq;
         self.next_seq = self.next_seq.wrapping_add(1);
         let Some(p) = self.pending.get_mut(&id) else {
