@@ -610,6 +610,30 @@ fn truncated_answer_is_retried_over_tcp_for_a_tcp_client() {
 }
 
 #[test]
+fn tcp_wake_reply_wakes_the_connection_loop() {
+    let stub = Stub::start(Mode::Answer);
+    let (fwd, _) = start(&[&stub]);
+    let mut poll = mio::Poll::new().unwrap();
+    let waker = Arc::new(mio::Waker::new(poll.registry(), mio::Token(7)).unwrap());
+    let (tx, rx) = crossbeam_channel::bounded(4);
+    let q = query(14, "mx.example.", RecordType::MX, false);
+    // The connection loop keeps its waker (a dropped one closes its fd).
+    let reply = Reply::TcpWake {
+        tx,
+        waker: waker.clone(),
+    };
+    assert!(fwd.submit(&q, reply));
+    let mut events = mio::Events::with_capacity(4);
+    poll.poll(&mut events, Some(Duration::from_secs(3)))
+        .unwrap();
+    assert!(events.iter().any(|e| e.token() == mio::Token(7)), "woken");
+    let answer = rx.try_recv().expect("answer queued before the wake");
+    assert_eq!(id(&answer), 14);
+    assert_eq!(answer[2..], stub.sent_for("mx.example")[2..]);
+    fwd.stop();
+}
+
+#[test]
 fn answer_too_big_for_a_udp_client_is_truncated_with_tc() {
     let stub = Stub::start(Mode::Answer);
     let (fwd, _) = start(&[&stub]);
@@ -688,18 +712,19 @@ fn down_upstream_is_not_tried_on_every_query_and_is_probed_back() {
     assert_eq!(metric(&stats, &up), 0.0);
     let tried = flaky.udp_count();
     assert_eq!(tried, DOWN_AFTER_FAILURES as usize);
-    let t0 = Instant::now();
     for i in 0..50 {
+        let t = Instant::now();
         let answer = client.ask(
             &fwd,
             &query(i, &format!("e{i}.example."), RecordType::A, false),
         );
         assert_eq!(rcode(&answer), ResponseCode::NoError);
+        assert!(
+            t.elapsed() < ATTEMPT_TIMEOUT,
+            "query {i} waited for the down upstream: {:?}",
+            t.elapsed()
+        );
     }
-    assert!(
-        t0.elapsed() < ATTEMPT_TIMEOUT,
-        "no query waited for the down upstream"
-    );
     assert_eq!(flaky.udp_count(), tried, "the down upstream is skipped");
 
     // It comes back: one probe per interval finds it.
@@ -981,11 +1006,11 @@ fn end_to_end_silent_upstreams_never_slow_local_answers() {
         "SERVFAIL after {elapsed:?}"
     );
     assert!(
-        all_local < Duration::from_millis(1500),
+        all_local < Duration::from_secs(2),
         "2000 local answers took {all_local:?}, i.e. they waited for the upstreams"
     );
     assert!(
-        slowest < Duration::from_millis(100),
-        "slowest local answer {slowest:?}"
+        slowest < Duration::from_millis(250),
+        "slowest local answer {slowest:?}; one that waited for an upstream takes {ATTEMPT_TIMEOUT:?}"
     );
 }

@@ -48,8 +48,8 @@ pub const INBOX_CAPACITY: usize = 1024;
 pub const MAX_IN_FLIGHT: usize = 4096;
 /// How long one upstream gets to answer before the next is tried.
 pub const ATTEMPT_TIMEOUT: Duration = Duration::from_millis(700);
-/// How long a query may take in all before the client gets SERVFAIL
-/// (clients usually retry after 5 s; RFC 1536 §1).
+/// How long a query may take in all before the client gets SERVFAIL: well
+/// under the usual stub resolver retry timer (glibc `timeout:5`).
 pub const QUERY_BUDGET: Duration = Duration::from_secs(2);
 /// Upstreams tried for one query at most.
 pub const MAX_ATTEMPTS: usize = 4;
@@ -271,7 +271,7 @@ impl Forwarder {
                 };
                 match link.tx.try_send(job) {
                     Ok(()) => {
-                        // Pairs with the fence in `Forwarding::sleep`: either
+                        // Pairs with the fence in `Forwarding::run`: either
                         // it sees the job, or we see it asleep and wake it.
                         fence(Ordering::SeqCst);
                         if link.shared.asleep.swap(false, Ordering::SeqCst) {
