@@ -69,6 +69,11 @@ fn topic() -> [u8; 32] {
 }
 
 fn start(o: Opts) -> Node {
+    start_with(o, |_| {})
+}
+
+/// Starts a node, letting `edit` change its configuration last.
+fn start_with(o: Opts, edit: impl FnOnce(&mut Config)) -> Node {
     let mut config = support::test_config();
     config.node_name = o.name.into();
     config.topic_id = Some(o.topic);
@@ -84,6 +89,7 @@ fn start(o: Opts) -> Node {
             addr: Some(g.addrs[0].to_string()),
         }];
     }
+    edit(&mut config);
     let origin = Origin {
         id: glued::gossip::local_id(&config.data_dir).unwrap(),
         node_name: o.name.into(),
@@ -689,4 +695,160 @@ fn kill_9_of_a_process_keeps_its_records_until_the_lease_ends() {
         killed.elapsed()
     );
     assert_eq!(dns_has(a.dns, "from-a"), Some(true));
+}
+
+/// Three network namespaces (`a`, `b`, `c`) whose `eth0` hang on a bridge
+/// in a fourth one; nothing touches the host's own namespace.
+struct Netns {
+    bridge: String,
+    nodes: Vec<String>,
+}
+
+impl Netns {
+    const SUBNET: &'static str = "10.213.0";
+
+    fn ip(args: &[&str]) -> Result<(), String> {
+        let out = std::process::Command::new("ip")
+            .args(args)
+            .output()
+            .map_err(|e| format!("ip: {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "ip {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        }
+    }
+
+    fn create(n: usize) -> Result<Netns, String> {
+        let base = support::unique("gl");
+        let ns = Netns {
+            bridge: format!("{base}-br"),
+            nodes: (0..n).map(|i| format!("{base}-{i}")).collect(),
+        };
+        Self::ip(&["netns", "add", &ns.bridge])?;
+        for name in &ns.nodes {
+            Self::ip(&["netns", "add", name])?;
+        }
+        let br = ns.bridge.as_str();
+        Self::ip(&["-n", br, "link", "add", "br0", "type", "bridge"])?;
+        Self::ip(&["-n", br, "link", "set", "br0", "up"])?;
+        for (i, name) in ns.nodes.iter().enumerate() {
+            let port = format!("p{i}");
+            Self::ip(&[
+                "-n", br, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns",
+                name,
+            ])?;
+            Self::ip(&["-n", br, "link", "set", &port, "master", "br0", "up"])?;
+            let addr = format!("{}.{}/24", Self::SUBNET, i + 1);
+            Self::ip(&["-n", name, "addr", "add", &addr, "dev", "eth0"])?;
+            Self::ip(&["-n", name, "link", "set", "eth0", "up"])?;
+            Self::ip(&["-n", name, "link", "set", "lo", "up"])?;
+        }
+        Ok(ns)
+    }
+
+    fn addr(&self, i: usize) -> String {
+        format!("{}.{}:0", Self::SUBNET, i + 1)
+    }
+
+    /// Cuts (or restores) node `i`'s link to the bridge.
+    fn link(&self, i: usize, up: bool) {
+        let port = format!("p{i}");
+        let state = if up { "up" } else { "down" };
+        Self::ip(&["-n", &self.bridge, "link", "set", &port, state]).unwrap();
+    }
+
+    /// Runs `f` on a thread inside namespace `i`: the threads it starts
+    /// (registry, gossip runtime) and their sockets live there too.
+    fn run_in<T: Send + 'static>(&self, i: usize, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/run/netns/{}", self.nodes[i]);
+        std::thread::spawn(move || {
+            use std::os::fd::AsRawFd;
+            let file = std::fs::File::open(&path).unwrap();
+            // SAFETY: setns on a valid namespace fd; affects this thread only.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .unwrap()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for name in self.nodes.iter().chain([&self.bridge]) {
+            let _ = Self::ip(&["netns", "del", name]);
+        }
+    }
+}
+
+#[test]
+fn a_partition_of_network_namespaces_heals_and_converges() {
+    let ns = match Netns::create(3) {
+        Ok(ns) => ns,
+        Err(e) if !support::in_ci() => {
+            eprintln!("skipped: cannot create network namespaces ({e})");
+            return;
+        }
+        Err(e) => panic!("cannot create network namespaces: {e}"),
+    };
+    let t = topic();
+    let lease = 30;
+    let boot = |n: &Node| {
+        let g = n.gossip();
+        vec![BootstrapPeer {
+            id: g.id.to_string(),
+            addr: Some(g.addrs[0].to_string()),
+        }]
+    };
+    let start_in = |i: usize, name: &'static str, bootstrap: Vec<BootstrapPeer>| {
+        let bind = ns.addr(i);
+        ns.run_in(i, move || {
+            start_with(Opts::new(name, t).lease(lease), |c| {
+                c.gossip_bind = bind.parse().unwrap();
+                c.bootstrap_peers = bootstrap;
+            })
+        })
+    };
+    let a = start_in(0, "ns-a", vec![]);
+    let b = start_in(1, "ns-b", boot(&a));
+    let c = start_in(2, "ns-c", boot(&a));
+    a.add("before", ip(1));
+    assert!(wait_until(CONVERGE, || b.resolves("before").is_some()
+        && c.resolves("before").is_some()));
+    // Cut A off for longer than the QUIC idle timeout: its connections die
+    // and only Glued's re-joins bring it back.
+    ns.link(0, false);
+    let cut = Instant::now();
+    a.add("during-a", ip(2));
+    c.add("during-c", ip(3));
+    assert!(wait_until(CONVERGE, || b.resolves("during-c").is_some()));
+    std::thread::sleep(Duration::from_secs(12).saturating_sub(cut.elapsed()));
+    assert!(b.resolves("during-a").is_none(), "the partition leaked");
+    assert!(a.resolves("during-c").is_none(), "the partition leaked");
+    assert!(
+        b.resolves("before").is_some(),
+        "records dropped before the lease"
+    );
+    ns.link(0, true);
+    let healed = Instant::now();
+    for (n, name) in [(&a, "during-c"), (&b, "during-a"), (&c, "during-a")] {
+        assert!(
+            wait_until(Duration::from_secs(20), || n.resolves(name).is_some()),
+            "{} did not get {name} after the partition",
+            n.origin.node_name
+        );
+    }
+    eprintln!("partition healed and converged in {:?}", healed.elapsed());
+    for n in [&b, &c] {
+        assert_eq!(n.groups_of(&a.origin.id), a.groups_of(&a.origin.id));
+    }
+    for n in [a, b, c] {
+        n.stop();
+    }
 }
