@@ -39,6 +39,8 @@ const STOP_LIMIT: Duration = Duration::from_secs(2);
 /// with some other network of the engine the next ones are tried.
 const SUBNET_OCTET_SPAN: usize = 250;
 const SUBNET_ATTEMPTS: usize = 60;
+/// Lines of each Glued's log printed when a test fails.
+const LOG_LINES_ON_FAILURE: usize = 80;
 /// The gossip port inside the Glued containers (the default).
 const GOSSIP_PORT: u16 = 9254;
 
@@ -121,16 +123,17 @@ impl Drop for Cleanup {
     fn drop(&mut self) {
         if std::thread::panicking() {
             for name in &self.log_on_failure {
-                let logs = Command::new("docker")
-                    .args(["logs", "--tail", "60", name])
-                    .output();
-                if let Ok(out) = logs {
-                    eprintln!(
-                        "---- docker logs {name} ----\n{}{}",
-                        String::from_utf8_lossy(&out.stdout),
-                        String::from_utf8_lossy(&out.stderr)
-                    );
-                }
+                // Glued's own lines and warnings, not iroh's per-packet tracing.
+                let text = logs(name);
+                let lines: Vec<&str> = text
+                    .lines()
+                    .filter(|l| !l.contains("iroh::socket") && !l.contains("tracing::span"))
+                    .collect();
+                let tail = &lines[lines.len().saturating_sub(LOG_LINES_ON_FAILURE)..];
+                eprintln!(
+                    "---- docker logs {name} (filtered) ----\n{}",
+                    tail.join("\n")
+                );
             }
         }
         for (kind, name) in self.created.iter().rev() {
