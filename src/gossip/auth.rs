@@ -40,6 +40,9 @@ pub const STATE_ALPN: &[u8] = b"glued/state/1";
 pub const AUTH_VERSION: u8 = 1;
 /// Longest an admission exchange may take.
 pub const AUTH_TIMEOUT: Duration = Duration::from_secs(5);
+/// A peer that failed admission is not tried again for this long (the
+/// re-join loop would otherwise retry, and log, every few seconds).
+pub const REFUSED_BACKOFF: Duration = Duration::from_secs(30);
 /// QUIC application close code of a refused admission.
 pub const REFUSED_CODE: u32 = 403;
 
@@ -54,6 +57,8 @@ pub struct AuthState {
     stats: Arc<GossipStats>,
     /// Peers whose traffic is refused at the endpoint (a simulated partition).
     blocked: Mutex<HashSet<EndpointId>>,
+    /// Peers that failed admission, and when.
+    refused: Mutex<HashMap<EndpointId, Instant>>,
     /// Every gated connection, so a block can close it.
     conns: Mutex<Vec<(EndpointId, WeakConnectionHandle)>>,
 }
@@ -74,6 +79,7 @@ impl AuthState {
             admitted: Mutex::new(HashMap::new()),
             stats,
             blocked: Mutex::new(HashSet::new()),
+            refused: Mutex::new(HashMap::new()),
             conns: Mutex::new(Vec::new()),
         }
     }
@@ -125,6 +131,7 @@ impl AuthState {
     }
 
     fn admit(&self, id: EndpointId, addr: Option<SocketAddr>) {
+        self.refused.lock().expect("auth lock").remove(&id);
         let first = self
             .admitted
             .lock()
@@ -148,6 +155,10 @@ impl AuthState {
     }
 
     fn refuse(&self, id: EndpointId, why: &str) {
+        self.refused
+            .lock()
+            .expect("auth lock")
+            .insert(id, Instant::now());
         self.stats.auth_refused.fetch_add(1, Ordering::Relaxed);
         let what = if self.bootstrap.contains(&id) {
             "bootstrap peer"
@@ -177,6 +188,15 @@ impl AuthState {
         let Some(endpoint) = self.endpoint.get() else {
             return Err("endpoint not ready".into());
         };
+        if self
+            .refused
+            .lock()
+            .expect("auth lock")
+            .get(&id)
+            .is_some_and(|t| t.elapsed() < REFUSED_BACKOFF)
+        {
+            return Err("refused recently".into());
+        }
         match tokio::time::timeout(AUTH_TIMEOUT, self.client(endpoint, addr)).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(Failure::Refused(why))) => {

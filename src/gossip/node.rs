@@ -60,6 +60,8 @@ pub const PEERS_EVERY: Duration = Duration::from_millis(500);
 /// that vanished (`kill -9`, a cut link) leaves the neighbour set sooner, so
 /// re-joins start sooner. Records still rest on the lease only.
 pub const QUIC_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Capacity of the queue of peers found by mDNS.
+pub const DISCOVERED_CAPACITY: usize = 64;
 /// Capacity of the event subscription (the buffer before `Lagged`).
 pub const SUBSCRIPTION_CAPACITY: usize = 4096;
 
@@ -253,6 +255,9 @@ struct Node {
     origins: HashMap<EndpointId, OriginState>,
     n_pulls: usize,
     pulled_tx: tokio::sync::mpsc::Sender<Pulled>,
+    discovered_rx: tokio::sync::mpsc::Receiver<EndpointId>,
+    /// Peers found by mDNS.
+    discovered: HashSet<EndpointId>,
 }
 
 /// Entry point of the gossip thread.
@@ -353,8 +358,23 @@ impl Node {
             "Gossip endpoint created: id {my_id}, bound {:?}",
             endpoint.bound_sockets()
         );
-        if config.mdns {
-            start_mdns(&endpoint);
+        let (discovered_tx, discovered_rx) = tokio::sync::mpsc::channel(DISCOVERED_CAPACITY);
+        if config.mdns
+            && let Some(mdns) = start_mdns(&endpoint)
+        {
+            tokio::spawn(async move {
+                let mut events = mdns.subscribe().await;
+                while let Some(event) = events.next().await {
+                    if let iroh_mdns_address_lookup::DiscoveryEvent::Discovered {
+                        endpoint_info,
+                        ..
+                    } = event
+                        && discovered_tx.send(endpoint_info.endpoint_id).await.is_err()
+                    {
+                        return;
+                    }
+                }
+            });
         }
         let gossip = iroh_gossip::net::Gossip::builder()
             .max_message_size(wire::GOSSIP_MAX_MESSAGE_SIZE)
@@ -410,6 +430,8 @@ impl Node {
             origins: HashMap::new(),
             n_pulls: 0,
             pulled_tx,
+            discovered_rx,
+            discovered: HashSet::new(),
         };
         Ok((node, receiver, pulled_rx))
     }
@@ -446,6 +468,7 @@ impl Node {
                     None => receiver = self.resubscribe().await,
                 },
                 Some(p) = pulled_rx.recv() => self.on_pulled(p),
+                Some(id) = self.discovered_rx.recv() => self.on_discovered(id).await,
                 _ = tick.tick() => self.on_tick().await,
             }
         }
@@ -907,9 +930,21 @@ impl Node {
         }
     }
 
-    /// Every peer worth joining: bootstrap peers, admitted peers, live origins.
+    /// A peer found on the local network: joined (admission first, by the
+    /// hooks) unless already a neighbour.
+    async fn on_discovered(&mut self, id: EndpointId) {
+        if id == self.my_id || self.neighbors.contains(&id) || !self.discovered.insert(id) {
+            return;
+        }
+        log::debug!("gossip: discovered {id} on the local network");
+        let _ = self.sender.join_peers(vec![id]).await;
+    }
+
+    /// Every peer worth joining: bootstrap peers, admitted and discovered
+    /// peers, live origins.
     fn known_peers(&self) -> Vec<EndpointId> {
         let mut set: HashSet<EndpointId> = self.bootstrap.iter().map(|(id, _)| *id).collect();
+        set.extend(self.discovered.iter().copied());
         set.extend(self.auth.admitted().into_keys());
         set.extend(
             self.origins
@@ -1006,7 +1041,7 @@ async fn resolve_bootstrap(memory: &MemoryLookup, bootstrap: &[(EndpointId, Opti
 
 /// Starts mDNS local discovery, never advertising Docker bridge addresses.
 /// A failure is a warning: bootstrap peers still work.
-fn start_mdns(endpoint: &Endpoint) {
+fn start_mdns(endpoint: &Endpoint) -> Option<iroh_mdns_address_lookup::MdnsAddressLookup> {
     use iroh::TransportAddr;
     use iroh::address_lookup::AddrFilter;
     let hidden = super::bridge_ips();
@@ -1029,12 +1064,19 @@ fn start_mdns(endpoint: &Endpoint) {
     {
         Ok(mdns) => match endpoint.address_lookup() {
             Ok(lookup) => {
-                lookup.add(mdns);
+                lookup.add(mdns.clone());
                 log::info!("mDNS local discovery started");
+                Some(mdns)
             }
-            Err(e) => log::warn!("mDNS local discovery not started: {e}"),
+            Err(e) => {
+                log::warn!("mDNS local discovery not started: {e}");
+                None
+            }
         },
-        Err(e) => log::warn!("mDNS local discovery not started: {e}"),
+        Err(e) => {
+            log::warn!("mDNS local discovery not started: {e}");
+            None
+        }
     }
 }
 

@@ -747,6 +747,8 @@ impl Netns {
             Self::ip(&["-n", name, "addr", "add", &addr, "dev", "eth0"])?;
             Self::ip(&["-n", name, "link", "set", "eth0", "up"])?;
             Self::ip(&["-n", name, "link", "set", "lo", "up"])?;
+            // mDNS needs a route for multicast (IROH.md trap 8).
+            Self::ip(&["-n", name, "route", "add", "224.0.0.0/4", "dev", "eth0"])?;
         }
         Ok(ns)
     }
@@ -849,6 +851,50 @@ fn a_partition_of_network_namespaces_heals_and_converges() {
         assert_eq!(n.groups_of(&a.origin.id), a.groups_of(&a.origin.id));
     }
     for n in [a, b, c] {
+        n.stop();
+    }
+}
+
+#[test]
+fn mdns_finds_peers_on_the_local_network_without_bootstrap() {
+    let ns = match Netns::create(3) {
+        Ok(ns) => ns,
+        Err(e) if !support::in_ci() => {
+            eprintln!("skipped: cannot create network namespaces ({e})");
+            return;
+        }
+        Err(e) => panic!("cannot create network namespaces: {e}"),
+    };
+    let t = topic();
+    let start_in = |i: usize, name: &'static str, secret: &'static str| {
+        let bind = ns.addr(i);
+        ns.run_in(i, move || {
+            let mut o = Opts::new(name, t);
+            o.secret = secret;
+            start_with(o, |c| {
+                c.gossip_bind = bind.parse().unwrap();
+                c.mdns = true;
+            })
+        })
+    };
+    let a = start_in(0, "mdns-a", "test-secret");
+    let b = start_in(1, "mdns-b", "test-secret");
+    let x = start_in(2, "mdns-x", "another-secret");
+    a.add("found", ip(1));
+    x.add("intruder", ip(66));
+    assert!(
+        wait_until(Duration::from_secs(20), || b.resolves("found").is_some()),
+        "B never found A through mDNS"
+    );
+    assert!(wait_until(CONVERGE, || x
+        .stats
+        .auth_refused
+        .load(std::sync::atomic::Ordering::Relaxed)
+        > 0));
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(x.resolves("found").is_none());
+    assert!(a.resolves("intruder").is_none() && b.resolves("intruder").is_none());
+    for n in [a, b, x] {
         n.stop();
     }
 }
