@@ -60,6 +60,8 @@ pub const PEERS_EVERY: Duration = Duration::from_millis(500);
 /// that vanished (`kill -9`, a cut link) leaves the neighbour set sooner, so
 /// re-joins start sooner. Records still rest on the lease only.
 pub const QUIC_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// `/peers` forgets a peer silent for this many leases.
+pub const PEER_FORGET_LEASES: u32 = 40;
 /// Capacity of the queue of peers found by mDNS.
 pub const DISCOVERED_CAPACITY: usize = 64;
 /// Capacity of the event subscription (the buffer before `Lagged`).
@@ -546,6 +548,7 @@ impl Node {
     async fn publish(&mut self) {
         let current = self.local_groups();
         let mut messages = Vec::new();
+        let mut oversize = false;
         {
             let mut p = self.me.published.lock().expect("published lock");
             if !p.ready {
@@ -573,11 +576,16 @@ impl Node {
                     .oversize_changes
                     .fetch_add(skipped as u64, Ordering::Relaxed);
                 p.version += 1;
+                oversize = true;
             }
         }
         for payload in messages {
             let bytes = self.me.seal(payload);
             self.broadcast(bytes).await;
+        }
+        if oversize {
+            // Announce the version at once so peers pull the full state.
+            self.send_heartbeat().await;
         }
     }
 
@@ -963,17 +971,22 @@ impl Node {
         for (o, _) in table.groups.keys() {
             *records.entry(o.id.as_str()).or_default() += 1;
         }
-        let mut ids: HashSet<EndpointId> = admitted.keys().copied().collect();
+        let forget = self.lease * PEER_FORGET_LEASES;
+        let mut ids: HashSet<EndpointId> = admitted
+            .iter()
+            .filter(|(_, a)| now.duration_since(a.since) < forget)
+            .map(|(id, _)| *id)
+            .collect();
         ids.extend(
             self.origins
                 .iter()
-                .filter(|(_, o)| !o.expired)
+                .filter(|(_, o)| now.duration_since(o.last_heard) < forget)
                 .map(|(id, _)| *id),
         );
         let mut list: Vec<PeerStatus> = ids
             .into_iter()
             .map(|id| {
-                let o = self.origins.get(&id).filter(|o| !o.expired);
+                let o = self.origins.get(&id);
                 let a = admitted.get(&id);
                 PeerStatus {
                     id: id.to_string(),
@@ -985,8 +998,10 @@ impl Node {
                             .and_then(|(_, addr)| addr.clone())
                     }),
                     last_heard_ms_ago: o
-                        .map(|o| now.duration_since(o.last_heard).as_millis() as u64)
-                        .unwrap_or(u64::MAX),
+                        .map(|o| o.last_heard)
+                        .or(a.map(|a| a.since))
+                        .map(|t| now.duration_since(t).as_millis() as u64)
+                        .unwrap_or_default(),
                     records: records.get(id.to_string().as_str()).copied().unwrap_or(0),
                     authenticated: a.is_some(),
                 }

@@ -898,3 +898,44 @@ fn mdns_finds_peers_on_the_local_network_without_bootstrap() {
         n.stop();
     }
 }
+
+#[test]
+fn a_group_too_large_for_one_message_arrives_through_the_full_state() {
+    let t = topic();
+    let a = start(Opts::new("node-a", t));
+    let b = start(Opts::new("node-b", t).boot(&a));
+    a.add("small", ip(1));
+    assert!(wait_until(CONVERGE, || b.resolves("small").is_some()));
+    let names: Vec<String> = (0..400).map(|i| format!("alias-{i}")).collect();
+    a.tx()
+        .send(RegistryMsg::Upsert {
+            origin: a.origin.clone(),
+            source: Source::Static { name: "big".into() },
+            group: Group {
+                names,
+                v4: vec![ip(2)],
+                v6: vec![],
+            },
+        })
+        .unwrap();
+    assert!(
+        wait_until(CONVERGE, || b.resolves("alias-399") == Some(vec![ip(2)])),
+        "the oversize group never arrived"
+    );
+    assert!(
+        a.stats
+            .oversize_changes
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+    );
+    assert_eq!(b.groups_of(&a.origin.id), a.groups_of(&a.origin.id));
+    let stopping = Instant::now();
+    a.stop();
+    eprintln!("stop took {:?}", stopping.elapsed());
+    assert!(
+        stopping.elapsed() < Duration::from_millis(1000),
+        "stop took {:?}",
+        stopping.elapsed()
+    );
+    b.stop();
+}
