@@ -20,7 +20,7 @@
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use iroh::endpoint::{
@@ -50,8 +50,9 @@ pub const REFUSED_CODE: u32 = 403;
 #[derive(Debug)]
 pub struct AuthState {
     keys: Keys,
-    /// Set once the endpoint exists (the hooks are built before it).
-    pub endpoint: OnceLock<Endpoint>,
+    /// Set once the endpoint exists (the hooks are built before it), and
+    /// cleared at stop: the endpoint holds the hooks, which hold this.
+    endpoint: Mutex<Option<Endpoint>>,
     bootstrap: HashSet<EndpointId>,
     admitted: Mutex<HashMap<EndpointId, Admitted>>,
     stats: Arc<GossipStats>,
@@ -74,7 +75,7 @@ impl AuthState {
     pub fn new(keys: Keys, bootstrap: HashSet<EndpointId>, stats: Arc<GossipStats>) -> AuthState {
         AuthState {
             keys,
-            endpoint: OnceLock::new(),
+            endpoint: Mutex::new(None),
             bootstrap,
             admitted: Mutex::new(HashMap::new()),
             stats,
@@ -82,6 +83,15 @@ impl AuthState {
             refused: Mutex::new(HashMap::new()),
             conns: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Sets (or, at stop, clears) the endpoint used to dial peers.
+    pub fn set_endpoint(&self, endpoint: Option<Endpoint>) {
+        *self.endpoint.lock().expect("auth lock") = endpoint;
+    }
+
+    fn endpoint(&self) -> Option<Endpoint> {
+        self.endpoint.lock().expect("auth lock").clone()
     }
 
     pub fn is_blocked(&self, id: &EndpointId) -> bool {
@@ -185,7 +195,7 @@ impl AuthState {
     /// Runs the client side against `addr`, admitting it on success.
     pub async fn authenticate(&self, addr: EndpointAddr) -> Result<(), String> {
         let id = addr.id;
-        let Some(endpoint) = self.endpoint.get() else {
+        let Some(endpoint) = self.endpoint() else {
             return Err("endpoint not ready".into());
         };
         if self
@@ -197,7 +207,7 @@ impl AuthState {
         {
             return Err("refused recently".into());
         }
-        match tokio::time::timeout(AUTH_TIMEOUT, self.client(endpoint, addr)).await {
+        match tokio::time::timeout(AUTH_TIMEOUT, self.client(&endpoint, addr)).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(Failure::Refused(why))) => {
                 self.refuse(id, &why);
@@ -255,7 +265,7 @@ impl AuthState {
     }
 
     async fn server(&self, conn: &Connection) -> Result<(), Failure> {
-        let Some(endpoint) = self.endpoint.get() else {
+        let Some(endpoint) = self.endpoint() else {
             return Err(Failure::Io("endpoint not ready".into()));
         };
         let me = endpoint.id();

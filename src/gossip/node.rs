@@ -293,7 +293,10 @@ pub(super) fn run_thread(
             addrs: node.endpoint.bound_sockets(),
             incarnation: node.me.incarnation,
         }));
-        node.run(receiver, &mut inbox, &mut pulled_rx).await
+        let killed = node.run(receiver, &mut inbox, &mut pulled_rx).await;
+        // Break the endpoint → hooks → auth state → endpoint cycle.
+        node.auth.set_endpoint(None);
+        killed
     });
     if kill {
         rt.shutdown_background();
@@ -354,7 +357,7 @@ impl Node {
             .bind()
             .await
             .map_err(|e| anyhow::anyhow!("binding gossip on {}: {e}", config.gossip_bind))?;
-        let _ = auth.endpoint.set(endpoint.clone());
+        auth.set_endpoint(Some(endpoint.clone()));
         let my_id = endpoint.id();
         log::info!(
             "Gossip endpoint created: id {my_id}, bound {:?}",
@@ -399,7 +402,10 @@ impl Node {
         let topic_handle = gossip
             .subscribe_with_opts(topic, join_options(bootstrap.iter().map(|(id, _)| *id)))
             .await
-            .map_err(|e| anyhow::anyhow!("joining the gossip topic: {e}"))?;
+            .map_err(|e| {
+                auth.set_endpoint(None);
+                anyhow::anyhow!("joining the gossip topic: {e}")
+            })?;
         let (sender, receiver) = topic_handle.split();
         let lease = Duration::from_secs(config.lease_secs.max(1));
         let now = Instant::now();

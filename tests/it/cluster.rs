@@ -939,3 +939,34 @@ fn a_group_too_large_for_one_message_arrives_through_the_full_state() {
     );
     b.stop();
 }
+
+#[test]
+fn a_restarted_bootstrap_node_is_admitted_again_by_its_peers() {
+    // B keeps A admitted from before A's restart; A2 (same key, fresh
+    // process state, no bootstrap peers of its own) must prove itself
+    // again when B re-joins it.
+    let t = topic();
+    let dir = support::data_dir();
+    let mut a_opts = Opts::new("node-a", t);
+    a_opts.data_dir = Some(dir.clone());
+    let a = start(a_opts);
+    let a_bind = a.gossip().addrs[0];
+    let mut b_opts = Opts::new("node-b", t).boot(&a);
+    b_opts.records = vec![("from-b", ip(2))];
+    let b = start(b_opts);
+    assert!(wait_until(CONVERGE, || a.resolves("from-b").is_some()));
+    a.stop();
+    // Stopping releases the port: the restart binds the same one.
+    let mut a_opts = Opts::new("node-a", t);
+    a_opts.data_dir = Some(dir);
+    a_opts.records = vec![("from-a2", ip(1))];
+    let a2 = start_with(a_opts, |c| c.gossip_bind = a_bind);
+    assert!(
+        wait_until(CONVERGE, || a2.resolves("from-b").is_some()
+            && b.resolves("from-a2").is_some()),
+        "A2 and B did not meet again"
+    );
+    for n in [a2, b] {
+        n.stop();
+    }
+}
