@@ -729,11 +729,16 @@ fn three_hosts_resolve_each_other_and_survive_partition_and_restart() {
 
     step("restart: host 2's Glued killed and re-created on the same volume");
     let web2_ip = ip_on(&web(2), &h2.network);
+    let backbone_ip_before = ip_on(&h2.glued, &backbone);
     must(&["kill", &h2.glued]);
     let killed = Instant::now();
     must(&["rm", "-f", &h2.glued]);
     let peers: Vec<&Host> = vec![h1, h3];
     start_glued(&image, &backbone, &secret, h2, &peers);
+    println!(
+        "    host 2's Glued on the backbone at {backbone_ip_before}, after the restart at {}",
+        ip_on(&h2.glued, &backbone)
+    );
     // Poll host 1 through the restart and well past it: host 2's names
     // must never vanish there.
     let window = Duration::from_secs(LEASE_SECS + 5);
