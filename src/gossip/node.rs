@@ -206,6 +206,11 @@ impl OriginState {
         }
     }
 
+    /// True when the origin has been silent for longer than the lease.
+    fn lease_expired(&self, now: Instant, lease: Duration) -> bool {
+        !self.expired && now.saturating_duration_since(self.last_heard) > lease
+    }
+
     /// True when a full-state pull is due.
     fn wants_pull(&self, now: Instant) -> bool {
         if self.pulling || self.expired || !self.ready || now < self.next_pull {
@@ -875,7 +880,7 @@ impl Node {
         }
         // Leases.
         for (id, o) in self.origins.iter_mut() {
-            if !o.expired && now.duration_since(o.last_heard) > self.lease {
+            if o.lease_expired(now, self.lease) {
                 o.expired = true;
                 o.known = None;
                 o.pending.clear();
@@ -1156,6 +1161,22 @@ mod tests {
         assert_eq!(d.len(), 3);
         assert!(d.contains(&Change::Remove(wire::WireSource::Static("b".into()))));
         assert!(diff(&new, &new).is_empty());
+    }
+
+    #[test]
+    fn the_lease_ends_after_the_silence_not_before() {
+        let t0 = Instant::now();
+        let lease = Duration::from_secs(3);
+        let mut o = OriginState::new(t0);
+        assert!(!o.lease_expired(t0 + lease, lease));
+        assert!(o.lease_expired(t0 + lease + Duration::from_millis(1), lease));
+        o.last_heard = t0 + Duration::from_secs(2);
+        assert!(!o.lease_expired(t0 + Duration::from_secs(4), lease));
+        o.expired = true;
+        assert!(
+            !o.lease_expired(t0 + Duration::from_secs(60), lease),
+            "once"
+        );
     }
 
     #[test]
