@@ -403,9 +403,17 @@ impl Node {
             .accept(super::auth::AUTH_ALPN, AuthHandler(auth.clone()))
             .accept(STATE_ALPN, StateHandler(me.clone()))
             .spawn();
-        resolve_bootstrap(&memory, &bootstrap).await;
+        let unresolved = resolve_bootstrap(&memory, &bootstrap, true).await;
         let topic_handle = gossip
-            .subscribe_with_opts(topic, join_options(bootstrap.iter().map(|(id, _)| *id)))
+            .subscribe_with_opts(
+                topic,
+                join_options(
+                    bootstrap
+                        .iter()
+                        .map(|(id, _)| *id)
+                        .filter(|id| !unresolved.contains(id)),
+                ),
+            )
             .await
             .map_err(|e| {
                 auth.set_endpoint(None);
@@ -467,9 +475,7 @@ impl Node {
                         self.last_local_change = Instant::now();
                         self.publish().await;
                     }
-                    Some(Command::BroadcastRaw(bytes)) => {
-                        let _ = self.sender.broadcast(bytes.into()).await;
-                    }
+                    Some(Command::BroadcastRaw(bytes)) => self.broadcast(bytes).await,
                     Some(Command::Block(ids, blocked)) => self.auth.block(&ids, blocked),
                 },
                 event = receiver.next() => match event {
@@ -932,10 +938,14 @@ impl Node {
             self.next_rejoin = now + REJOIN_EVERY;
             let known = self.known_peers();
             if self.neighbors.len() < WANTED_NEIGHBORS.min(known.len()) {
-                resolve_bootstrap(&self.memory, &self.bootstrap).await;
+                let unresolved = resolve_bootstrap(&self.memory, &self.bootstrap, false).await;
                 let want: Vec<EndpointId> = known
                     .into_iter()
-                    .filter(|id| !self.neighbors.contains(id) && !self.auth.is_blocked(id))
+                    .filter(|id| {
+                        !self.neighbors.contains(id)
+                            && !self.auth.is_blocked(id)
+                            && !unresolved.contains(id)
+                    })
                     .collect();
                 if !want.is_empty() {
                     log::debug!("gossip: re-joining {} known peers", want.len());
@@ -1043,8 +1053,14 @@ fn join_options(peers: impl IntoIterator<Item = EndpointId>) -> JoinOptions {
 }
 
 /// Adds the addresses of bootstrap peers given as `id@host:port` to the
-/// memory lookup, resolving host names.
-async fn resolve_bootstrap(memory: &MemoryLookup, bootstrap: &[(EndpointId, Option<String>)]) {
+/// memory lookup, resolving host names. A name that does not resolve is a
+/// warning at start (`first`), and at debug level on each retry.
+async fn resolve_bootstrap(
+    memory: &MemoryLookup,
+    bootstrap: &[(EndpointId, Option<String>)],
+    first: bool,
+) -> HashSet<EndpointId> {
+    let mut unresolved = HashSet::new();
     for (id, addr) in bootstrap {
         let Some(addr) = addr else { continue };
         let addrs: Vec<SocketAddr> = match addr.parse::<SocketAddr>() {
@@ -1052,7 +1068,12 @@ async fn resolve_bootstrap(memory: &MemoryLookup, bootstrap: &[(EndpointId, Opti
             Err(_) => match tokio::net::lookup_host(addr.as_str()).await {
                 Ok(it) => it.collect(),
                 Err(e) => {
-                    log::warn!("cannot resolve bootstrap peer {id}@{addr}: {e}");
+                    if first {
+                        log::warn!("cannot resolve bootstrap peer {id}@{addr} yet: {e}");
+                    } else {
+                        log::debug!("cannot resolve bootstrap peer {id}@{addr}: {e}");
+                    }
+                    unresolved.insert(*id);
                     continue;
                 }
             },
@@ -1063,6 +1084,7 @@ async fn resolve_bootstrap(memory: &MemoryLookup, bootstrap: &[(EndpointId, Opti
         }
         memory.add_endpoint_info(ea);
     }
+    unresolved
 }
 
 /// Starts mDNS local discovery, never advertising Docker bridge addresses.
