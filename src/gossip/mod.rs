@@ -6,6 +6,17 @@
 //! full state over a direct QUIC stream ([`auth::STATE_ALPN`]), and turns
 //! what peers publish into [`RegistryMsg`]s.
 //!
+//! Protocol in short: every node broadcasts `Hello` when it gains its first
+//! neighbour, a `Heartbeat` (its records' version) every lease/3 and on each
+//! new neighbour, and one `Delta` per change batch (consecutive versions).
+//! A receiver holds an origin's records from a full state pulled from the
+//! owner over [`auth::STATE_ALPN`] plus the consecutive deltas after it; it
+//! pulls again on a new incarnation, a version gap older than
+//! [`node::GAP_GRACE`], or `Lagged`. Peers are admitted by [`auth`] before
+//! any gossip or state connection. Limits: [`wire::MAX_GOSSIP_BYTES`] per
+//! broadcast (iroh-gossip `max_message_size` [`wire::GOSSIP_MAX_MESSAGE_SIZE`]
+//! on every node), [`wire::MAX_STREAM_BYTES`] per full state.
+//!
 //! Invariants: a remote record reaches the registry only from a message that
 //! passed [`wire::open`] (version, HMAC, signature, origin = signer), the
 //! replay window and the version order of its origin; an origin's records
@@ -13,7 +24,7 @@
 //! of an origin replaces the old one's records only with its full state.
 
 pub mod auth;
-mod node;
+pub mod node;
 pub mod wire;
 
 use std::collections::HashSet;
