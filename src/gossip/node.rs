@@ -352,6 +352,7 @@ impl Node {
             .portmapper_config(PortmapperConfig::Disabled)
             .transport_config(transport)
             .address_lookup(memory.clone())
+            .addr_filter(bridge_filter())
             .hooks(Hooks {
                 state: auth.clone(),
                 gossip_alpn: iroh_gossip::ALPN,
@@ -1087,13 +1088,12 @@ async fn resolve_bootstrap(
     unresolved
 }
 
-/// Starts mDNS local discovery, never advertising Docker bridge addresses.
-/// A failure is a warning: bootstrap peers still work.
-fn start_mdns(endpoint: &Endpoint) -> Option<iroh_mdns_address_lookup::MdnsAddressLookup> {
+/// Publishes IP addresses only, never those of Docker bridges (`docker0`,
+/// `br-*`, `veth*`).
+fn bridge_filter() -> iroh::address_lookup::AddrFilter {
     use iroh::TransportAddr;
-    use iroh::address_lookup::AddrFilter;
     let hidden = super::bridge_ips();
-    let filter = AddrFilter::new(move |addrs: &Vec<TransportAddr>| {
+    iroh::address_lookup::AddrFilter::new(move |addrs: &Vec<TransportAddr>| {
         std::borrow::Cow::Owned(
             addrs
                 .iter()
@@ -1104,10 +1104,15 @@ fn start_mdns(endpoint: &Endpoint) -> Option<iroh_mdns_address_lookup::MdnsAddre
                 .cloned()
                 .collect(),
         )
-    });
+    })
+}
+
+/// Starts mDNS local discovery, never advertising Docker bridge addresses.
+/// A failure is a warning: bootstrap peers still work.
+fn start_mdns(endpoint: &Endpoint) -> Option<iroh_mdns_address_lookup::MdnsAddressLookup> {
     match iroh_mdns_address_lookup::MdnsAddressLookup::builder()
         .service_name("glued")
-        .addr_filter(filter)
+        .addr_filter(bridge_filter())
         .build(endpoint.id())
     {
         Ok(mdns) => match endpoint.address_lookup() {
