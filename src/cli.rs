@@ -95,9 +95,19 @@ fn id(config: &Config) -> i32 {
     }
 }
 
+/// Log filter applied before `RUST_LOG`: iroh and its QUIC stack log every
+/// packet at info and pass tracing span names through `log` (a bare
+/// `ERROR iroh_gossip::net` line at start). Glued logs what matters about
+/// the cluster itself; name a module in `RUST_LOG` (`iroh=debug`) to see
+/// more, since a module-specific directive beats these.
+pub const QUIET_DEPENDENCIES: &str = "iroh=warn,iroh_gossip=off,iroh_relay=warn,noq=warn,\
+     noq_proto=warn,noq_udp=warn,netwatch=warn,swarm_discovery=warn,\
+     iroh_mdns_address_lookup=warn,tracing::span=off,bollard=warn,hyper_util=warn,mio=warn";
+
 /// `glued run`: start every component, wait for SIGTERM or SIGINT, stop.
 fn run(config: &Config) -> i32 {
     env_logger::Builder::new()
+        .parse_filters(QUIET_DEPENDENCIES)
         .parse_filters(&config.log)
         .format_timestamp_millis()
         .init();
