@@ -77,6 +77,7 @@ echo
 echo "Pass 2: fixed offered rate, -Q $RATE"
 print_header
 for s in $ordered; do [ -n "${FIXED[$s]:-}" ] && print_row "$s" "${FIXED[$s]}"; done
+print_noise_legend
 echo
 
 us() { awk '{ print $6 }' <<<"${1:-}"; }

@@ -89,6 +89,7 @@ echo
 echo "Pass 2: fixed offered rate, -Q $RATE"
 print_header
 for s in $FORWARDERS; do [ -n "${FIXED[$s]:-}" ] && print_row "$s" "${FIXED[$s]}"; done
+print_noise_legend
 echo
 us() { awk '{ print $6 }' <<<"${1:-}"; }
 echo "Forwarding CPU µs/query, Glued/dnsmasq: saturated $(ratio "$(us "${SAT[glued]:-}")" "$(us "${SAT[dnsmasq]:-}")")," \

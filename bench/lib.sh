@@ -146,6 +146,7 @@ tree_ticks() {
         stat="$(cat "/proc/$pid/stat" 2>/dev/null)" || continue
         # Fields after the ")" of comm: state is field 3, utime 14, stime 15.
         stat="${stat##*) }"
+        # shellcheck disable=SC2086 # split into fields on purpose
         set -- $stat
         total=$((total + ${12} + ${13}))
     done
@@ -274,10 +275,28 @@ print_header() {
 print_row() {
     local label=$1
     shift
-    # shellcheck disable=SC2086
+    # shellcheck disable=SC2048,SC2086 # split the fields on purpose
     set -- $*
+    local mark=""
+    # CPU 0 much busier than the server: something else ran there.
+    if awk -v s="$6" -v c="$7" 'BEGIN { exit !(c > s * 1.25 + 0.3) }'; then
+        mark=" *"
+        NOISY_ROWS=1
+    fi
     # shellcheck disable=SC2059
-    printf "$ROW_FMT" "$label" "$1" "$2" "$3" "$4" "$5" "$6" "$7" "$8" "$9"
+    printf "${ROW_FMT%\\n}%s\n" "$label" "$1" "$2" "$3" "$4" "$5" "$6" "$7" "$8" "$9" "$mark"
+}
+
+NOISY_ROWS=0
+
+# Explains the "*" of print_row, if any row had one.
+print_noise_legend() {
+    if [ "$NOISY_ROWS" = 1 ]; then
+        echo "* CPU $SERVER_CPU was more than 25 % busier than the server during that pass:" \
+            "another process ran there, the row is noisy (not meaningful for rows whose" \
+            "server is not on CPU $SERVER_CPU)."
+    fi
+    return 0
 }
 
 # Ratio a/b with two decimals, or "n/a".
@@ -285,10 +304,12 @@ ratio() {
     awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0 && a > 0) printf "%.2f", a / b; else printf "n/a" }'
 }
 
-# Warns when something else is eating the machine (e.g. a compile).
+# Warns when something else is eating the machine (e.g. a compile). ps's %CPU
+# is averaged over each process's life: a hint only; the "*" rows are the
+# per-pass measure.
 load_note() {
     local busy
-    busy="$(ps -eo pcpu=,comm= --sort=-pcpu | awk '$1 > 20 && $2 !~ /^(dnsperf|nsd|knotd|unbound|dnsmasq|glued|dns-echo)$/ { print $2 "(" $1 "%)" }' | head -5 | tr '\n' ' ')"
+    busy="$(ps -eo pcpu=,comm= --sort=-pcpu | awk '$1 > 20 && $2 !~ /^(dnsperf|nsd|knotd|unbound|dnsmasq|glued|dns-echo|ps|awk)/ { print $2 "(" $1 "%)" }' | head -5 | tr '\n' ' ')"
     if [ -n "$busy" ]; then
         echo "NOTE: other busy processes during the run: $busy— figures are noisy." >&2
     fi
