@@ -4,14 +4,21 @@
 //! that they know the cluster secret:
 //!
 //! ```text
-//! client → server: version (1) ‖ client nonce (32)
-//! server → client: server nonce (32) ‖ HMAC(k_auth, "server" ‖ cn ‖ sn ‖ client id ‖ server id)
-//! client → server: HMAC(k_auth, "client" ‖ cn ‖ sn ‖ client id ‖ server id)
+//! client → server: version (1) ‖ client nonce (32) ‖ client incarnation (8, BE)
+//! server → client: server nonce (32) ‖ server incarnation (8) ‖ HMAC(k_auth, "server" ‖ bound)
+//! client → server: HMAC(k_auth, "client" ‖ bound)
 //! server → client: 1 (admitted) or 0 (refused)
+//!   where bound = cn ‖ sn ‖ client id ‖ server id ‖ client inc ‖ server inc
 //! ```
 //!
 //! The endpoint ids are those proven by the QUIC/TLS handshake, so a proof
 //! cannot be replayed to or reflected at another node.
+//!
+//! A peer admitted again with a new incarnation restarted: its old process
+//! is gone (maybe without a goodbye, `kill -9`), but our QUIC connections to
+//! it live on until they idle out, and iroh-gossip keeps it in its active
+//! view over them, so it would not answer the new process's joins. Those
+//! connections are closed at once, before the new process is let in.
 //!
 //! Invariant: [`Hooks`] let a gossip or state connection through (either
 //! direction) only when its remote is in the authenticated set; a remote
@@ -36,8 +43,8 @@ use super::wire::{Keys, hmac};
 pub const AUTH_ALPN: &[u8] = b"glued/auth/1";
 /// ALPN of the direct full-state stream.
 pub const STATE_ALPN: &[u8] = b"glued/state/1";
-/// Version byte of the admission exchange.
-pub const AUTH_VERSION: u8 = 1;
+/// Version byte of the admission exchange (2: incarnations exchanged).
+pub const AUTH_VERSION: u8 = 2;
 /// Longest an admission exchange may take.
 pub const AUTH_TIMEOUT: Duration = Duration::from_secs(5);
 /// A peer that failed admission is not tried again for this long (the
@@ -45,11 +52,20 @@ pub const AUTH_TIMEOUT: Duration = Duration::from_secs(5);
 pub const REFUSED_BACKOFF: Duration = Duration::from_secs(30);
 /// QUIC application close code of a refused admission.
 pub const REFUSED_CODE: u32 = 403;
+/// QUIC application close code of a connection to a peer's previous
+/// incarnation.
+pub const RESTARTED_CODE: u32 = 410;
+/// After closing a restarted peer's old connections, wait this long before
+/// letting the new process in, so iroh-gossip has dropped the old
+/// neighbour before the new one's join arrives.
+pub const STALE_CLOSE_GRACE: Duration = Duration::from_millis(200);
 
 /// Who is admitted, shared by the hooks, the handlers and the gossip loop.
 #[derive(Debug)]
 pub struct AuthState {
     keys: Keys,
+    /// This node's incarnation, told to every peer at admission.
+    incarnation: u64,
     /// Set once the endpoint exists (the hooks are built before it), and
     /// cleared at stop: the endpoint holds the hooks, which hold this.
     endpoint: Mutex<Option<Endpoint>>,
@@ -60,7 +76,7 @@ pub struct AuthState {
     blocked: Mutex<HashSet<EndpointId>>,
     /// Peers that failed admission, and when.
     refused: Mutex<HashMap<EndpointId, Instant>>,
-    /// Every gated connection, so a block can close it.
+    /// Every gated connection, so a block or a restart can close it.
     conns: Mutex<Vec<(EndpointId, WeakConnectionHandle)>>,
 }
 
@@ -69,12 +85,20 @@ pub struct AuthState {
 pub struct Admitted {
     pub since: Instant,
     pub addr: Option<SocketAddr>,
+    /// The incarnation it proved at its last admission.
+    pub incarnation: u64,
 }
 
 impl AuthState {
-    pub fn new(keys: Keys, bootstrap: HashSet<EndpointId>, stats: Arc<GossipStats>) -> AuthState {
+    pub fn new(
+        keys: Keys,
+        incarnation: u64,
+        bootstrap: HashSet<EndpointId>,
+        stats: Arc<GossipStats>,
+    ) -> AuthState {
         AuthState {
             keys,
+            incarnation,
             endpoint: Mutex::new(None),
             bootstrap,
             admitted: Mutex::new(HashMap::new()),
@@ -140,28 +164,55 @@ impl AuthState {
         self.admitted.lock().expect("auth lock").clone()
     }
 
-    fn admit(&self, id: EndpointId, addr: Option<SocketAddr>) {
+    /// Admits `id`; true when it was admitted before with another
+    /// incarnation, and its old connections were closed.
+    fn admit(&self, id: EndpointId, addr: Option<SocketAddr>, incarnation: u64) -> bool {
         self.refused.lock().expect("auth lock").remove(&id);
-        let first = self
-            .admitted
-            .lock()
-            .expect("auth lock")
-            .insert(
-                id,
-                Admitted {
-                    since: Instant::now(),
-                    addr,
-                },
-            )
-            .is_none();
+        let previous = self.admitted.lock().expect("auth lock").insert(
+            id,
+            Admitted {
+                since: Instant::now(),
+                addr,
+                incarnation,
+            },
+        );
         self.stats.auth_ok.fetch_add(1, Ordering::Relaxed);
-        if first {
-            if self.bootstrap.contains(&id) {
-                log::info!("Authenticated with bootstrap peer {id}");
-            } else {
-                log::info!("Authenticated with peer {id}");
+        match previous {
+            None => {
+                if self.bootstrap.contains(&id) {
+                    log::info!("Authenticated with bootstrap peer {id}");
+                } else {
+                    log::info!("Authenticated with peer {id}");
+                }
+                false
             }
+            Some(p) if p.incarnation != incarnation => {
+                let n = self.close_all(&id, RESTARTED_CODE, b"restarted");
+                log::info!(
+                    "Authenticated with peer {id} again: it restarted; closed {n} connections to its previous incarnation"
+                );
+                true
+            }
+            Some(_) => false,
         }
+    }
+
+    /// Closes every tracked connection with `id`; returns how many.
+    fn close_all(&self, id: &EndpointId, code: u32, reason: &[u8]) -> usize {
+        let mut n = 0;
+        let mut conns = self.conns.lock().expect("auth lock");
+        conns.retain(|(peer, weak)| {
+            let Some(conn) = weak.upgrade() else {
+                return false;
+            };
+            if peer == id {
+                conn.close(code.into(), reason);
+                n += 1;
+                return false;
+            }
+            true
+        });
+        n
     }
 
     fn refuse(&self, id: EndpointId, why: &str) {
@@ -178,17 +229,18 @@ impl AuthState {
         log::warn!("Refused {what} {id}: {why}");
     }
 
-    fn proof(
-        &self,
-        role: &[u8],
-        cn: &[u8; 32],
-        sn: &[u8; 32],
-        client: &EndpointId,
-        server: &EndpointId,
-    ) -> [u8; 32] {
+    fn proof(&self, role: &[u8], b: &Transcript) -> [u8; 32] {
         hmac(
             &self.keys.auth,
-            &[role, cn, sn, client.as_bytes(), server.as_bytes()],
+            &[
+                role,
+                &b.cn,
+                &b.sn,
+                b.client.as_bytes(),
+                b.server.as_bytes(),
+                &b.client_incarnation.to_be_bytes(),
+                &b.server_incarnation.to_be_bytes(),
+            ],
         )
     }
 
@@ -230,15 +282,23 @@ impl AuthState {
         let peer = conn.remote_id();
         let (mut send, mut recv) = conn.open_bi().await.map_err(io)?;
         let cn = nonce();
-        let mut hello = [0u8; 33];
+        let mut hello = [0u8; HELLO_LEN];
         hello[0] = AUTH_VERSION;
-        hello[1..].copy_from_slice(&cn);
+        hello[1..33].copy_from_slice(&cn);
+        hello[33..].copy_from_slice(&self.incarnation.to_be_bytes());
         send.write_all(&hello).await.map_err(io)?;
-        let mut reply = [0u8; 64];
+        let mut reply = [0u8; REPLY_LEN];
         recv.read_exact(&mut reply).await.map_err(io)?;
-        let sn: [u8; 32] = reply[..32].try_into().expect("32");
-        let expected = self.proof(b"server", &cn, &sn, &me, &peer);
-        if !constant_eq(&expected, &reply[32..]) {
+        let bound = Transcript {
+            cn,
+            sn: reply[..32].try_into().expect("32"),
+            client: me,
+            server: peer,
+            client_incarnation: self.incarnation,
+            server_incarnation: u64::from_be_bytes(reply[32..40].try_into().expect("8")),
+        };
+        let expected = self.proof(b"server", &bound);
+        if !constant_eq(&expected, &reply[40..]) {
             // Send a proof that cannot verify, so the server records the
             // refusal too, and wait for its verdict before closing.
             let _ = send.write_all(&[0u8; 32]).await;
@@ -249,7 +309,7 @@ impl AuthState {
                 "it does not know the cluster secret".into(),
             ));
         }
-        let proof = self.proof(b"client", &cn, &sn, &me, &peer);
+        let proof = self.proof(b"client", &bound);
         send.write_all(&proof).await.map_err(io)?;
         let mut verdict = [0u8; 1];
         recv.read_exact(&mut verdict).await.map_err(io)?;
@@ -259,7 +319,9 @@ impl AuthState {
                 "it refused our proof (another cluster secret)".into(),
             ));
         }
-        self.admit(peer, selected_addr(&conn));
+        if self.admit(peer, selected_addr(&conn), bound.server_incarnation) {
+            tokio::time::sleep(STALE_CLOSE_GRACE).await;
+        }
         conn.close(0u32.into(), b"done");
         Ok(())
     }
@@ -271,23 +333,32 @@ impl AuthState {
         let me = endpoint.id();
         let peer = conn.remote_id();
         let (mut send, mut recv) = conn.accept_bi().await.map_err(io)?;
-        let mut hello = [0u8; 33];
-        recv.read_exact(&mut hello).await.map_err(io)?;
+        let mut hello = [0u8; HELLO_LEN];
+        // The version first: an older client sends a shorter hello.
+        recv.read_exact(&mut hello[..1]).await.map_err(io)?;
         if hello[0] != AUTH_VERSION {
             return Err(Failure::Refused(format!(
-                "unknown admission version {}",
+                "unknown admission version {} (this node speaks {AUTH_VERSION})",
                 hello[0]
             )));
         }
-        let cn: [u8; 32] = hello[1..].try_into().expect("32");
-        let sn = nonce();
-        let mut reply = [0u8; 64];
-        reply[..32].copy_from_slice(&sn);
-        reply[32..].copy_from_slice(&self.proof(b"server", &cn, &sn, &peer, &me));
+        recv.read_exact(&mut hello[1..]).await.map_err(io)?;
+        let bound = Transcript {
+            cn: hello[1..33].try_into().expect("32"),
+            sn: nonce(),
+            client: peer,
+            server: me,
+            client_incarnation: u64::from_be_bytes(hello[33..].try_into().expect("8")),
+            server_incarnation: self.incarnation,
+        };
+        let mut reply = [0u8; REPLY_LEN];
+        reply[..32].copy_from_slice(&bound.sn);
+        reply[32..40].copy_from_slice(&self.incarnation.to_be_bytes());
+        reply[40..].copy_from_slice(&self.proof(b"server", &bound));
         send.write_all(&reply).await.map_err(io)?;
         let mut proof = [0u8; 32];
         recv.read_exact(&mut proof).await.map_err(io)?;
-        let expected = self.proof(b"client", &cn, &sn, &peer, &me);
+        let expected = self.proof(b"client", &bound);
         if !constant_eq(&expected, &proof) {
             let _ = send.write_all(&[0]).await;
             let _ = send.finish();
@@ -295,13 +366,32 @@ impl AuthState {
                 "it does not know the cluster secret".into(),
             ));
         }
-        self.admit(peer, selected_addr(conn));
+        if self.admit(peer, selected_addr(conn), bound.client_incarnation) {
+            // Let iroh-gossip drop the old neighbour before the new
+            // process, once admitted, dials and joins.
+            tokio::time::sleep(STALE_CLOSE_GRACE).await;
+        }
         send.write_all(&[1]).await.map_err(io)?;
         let _ = send.finish();
         // Wait for the client to read the verdict and close.
         let _ = tokio::time::timeout(AUTH_TIMEOUT, conn.closed()).await;
         Ok(())
     }
+}
+
+/// Length of the client's hello: version, nonce, incarnation.
+const HELLO_LEN: usize = 1 + 32 + 8;
+/// Length of the server's reply: nonce, incarnation, proof.
+const REPLY_LEN: usize = 32 + 8 + 32;
+
+/// What both proofs of one exchange are bound to.
+struct Transcript {
+    cn: [u8; 32],
+    sn: [u8; 32],
+    client: EndpointId,
+    server: EndpointId,
+    client_incarnation: u64,
+    server_incarnation: u64,
 }
 
 enum Failure {

@@ -335,6 +335,7 @@ impl Node {
         }
         let auth = Arc::new(AuthState::new(
             keys.clone(),
+            incarnation,
             bootstrap.iter().map(|(id, _)| *id).collect(),
             stats.clone(),
         ));

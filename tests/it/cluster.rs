@@ -590,6 +590,18 @@ impl Drop for Proc {
 }
 
 fn spawn_glued(name: &str, dir: &std::path::Path, extra: &[(&str, String)], record: &str) -> Proc {
+    let gossip: std::net::SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    spawn_glued_at(name, dir, extra, record, gossip)
+}
+
+/// Like [`spawn_glued`], with the gossip endpoint bound to `gossip`.
+fn spawn_glued_at(
+    name: &str,
+    dir: &std::path::Path,
+    extra: &[(&str, String)],
+    record: &str,
+    gossip: std::net::SocketAddr,
+) -> Proc {
     let dns_port = free_port();
     let config = dir.join("glued.toml");
     std::fs::write(
@@ -597,8 +609,7 @@ fn spawn_glued(name: &str, dir: &std::path::Path, extra: &[(&str, String)], reco
         format!("[[records]]\nname = \"{record}\"\nip = \"10.9.9.9\"\n"),
     )
     .unwrap();
-    let log = dir.join("glued.log");
-    let gossip: std::net::SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let log = dir.join(format!("glued-{}.log", support::unique("run")));
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_glued"));
     cmd.arg("run")
         .arg("--config")
@@ -622,6 +633,10 @@ fn spawn_glued(name: &str, dir: &std::path::Path, extra: &[(&str, String)], reco
         .stderr(std::fs::File::create(&log).unwrap());
     for (k, v) in extra {
         cmd.env(k, v);
+    }
+    // Debugging aid: e.g. GLUED_TEST_RUST_LOG=debug,iroh_gossip=debug.
+    if let Ok(filter) = std::env::var("GLUED_TEST_RUST_LOG") {
+        cmd.env("RUST_LOG", filter);
     }
     Proc {
         child: cmd.spawn().unwrap(),
@@ -695,6 +710,84 @@ fn kill_9_of_a_process_keeps_its_records_until_the_lease_ends() {
         killed.elapsed()
     );
     assert_eq!(dns_has(a.dns, "from-a"), Some(true));
+}
+
+/// Regression: a node killed abruptly (SIGKILL, no leave) and restarted
+/// soon with the same key at the same address was admitted again, but its
+/// peers still held the dead process's QUIC connection in their gossip
+/// active view, so its joins went unanswered, its heartbeats reached nobody
+/// and its records lapsed at the peers until that connection idled out.
+/// Three processes bootstrap to each other, as in a real cluster.
+#[test]
+fn kill_9_and_restart_at_the_same_address_never_makes_names_vanish() {
+    const LEASE_SECS: u64 = 3;
+    let names = ["proc-a", "proc-b", "proc-c"];
+    let dirs: Vec<PathBuf> = names.iter().map(|_| support::data_dir()).collect();
+    let ids: Vec<String> = dirs
+        .iter()
+        .map(|d| glued::gossip::local_id(d).unwrap())
+        .collect();
+    let addrs: Vec<std::net::SocketAddr> = names
+        .iter()
+        .map(|_| ([127, 0, 0, 1], free_port()).into())
+        .collect();
+    let env = |i: usize| {
+        let peers: Vec<String> = (0..names.len())
+            .filter(|j| *j != i)
+            .map(|j| format!("{}@{}", ids[j], addrs[j]))
+            .collect();
+        vec![
+            ("GLUED_LEASE_SECS", LEASE_SECS.to_string()),
+            ("GLUED_BOOTSTRAP_PEERS", peers.join(",")),
+        ]
+    };
+    let record = |i: usize| format!("from-{}", &names[i][5..]);
+    let spawn = |i: usize| spawn_glued_at(names[i], &dirs[i], &env(i), &record(i), addrs[i]);
+    let mut procs: Vec<Proc> = (0..names.len()).map(spawn).collect();
+    let log = |p: &Proc| std::fs::read_to_string(&p.log).unwrap_or_default();
+    assert!(
+        wait_until(CONVERGE, || procs.iter().all(
+            |p| (0..names.len()).all(|j| dns_has(p.dns, &record(j)) == Some(true))
+        )),
+        "the three did not meet; A's log:\n{}",
+        log(&procs[0])
+    );
+    // Let a few heartbeats pass, as in a long-running cluster.
+    std::thread::sleep(Duration::from_millis(1500));
+    procs[1].child.kill().unwrap(); // SIGKILL: no leave, no QUIC close
+    let killed = Instant::now();
+    procs[1].child.wait().unwrap();
+    // About as long as `docker rm` and `docker run` take.
+    std::thread::sleep(Duration::from_millis(500));
+    procs[1] = spawn(1);
+    let watch = Duration::from_secs(3 * LEASE_SECS);
+    let mut checks = 0;
+    while killed.elapsed() < watch {
+        for i in [0, 2] {
+            assert_eq!(
+                dns_has(procs[i].dns, "from-b"),
+                Some(true),
+                "{} lost B's name {:?} after B's kill -9 and restart; its log:\n{}\nB's log:\n{}",
+                names[i],
+                killed.elapsed(),
+                log(&procs[i]),
+                log(&procs[1])
+            );
+        }
+        checks += 1;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(checks > 100, "only {checks} checks");
+    // The restart was seen (new incarnation), and B hears the others again.
+    for i in [0, 2] {
+        assert!(
+            log(&procs[i]).contains("restarted"),
+            "{} never saw B's new incarnation; its log:\n{}",
+            names[i],
+            log(&procs[i])
+        );
+        assert_eq!(dns_has(procs[1].dns, &record(i)), Some(true));
+    }
 }
 
 /// Three network namespaces (`a`, `b`, `c`) whose `eth0` hang on a bridge
