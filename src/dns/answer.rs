@@ -109,18 +109,14 @@ pub fn answer(
             (asked.min(UDP_PAYLOAD_ADVERTISED as usize), asked)
         }
     };
-    let mut w = Writer {
+    let mut w = Writer::new(
         out,
-        query,
+        &query[..question.end],
         header,
-        qend: question.end,
         limit,
-        opt: edns.map(|e| e.dnssec_ok),
-        ttl: table.ttl_secs,
-        ancount: 0,
-        nscount: 0,
-        truncated: false,
-    };
+        edns.map(|e| e.dnssec_ok),
+        table.ttl_secs,
+    );
     if let Some(e) = edns
         && e.version > 0
     {
@@ -128,18 +124,22 @@ pub fn answer(
     }
 
     let name = &question.name;
+    // Where the domain sits in the question, to point at it.
+    let below = name.labels_below(&table.domain_wire);
+    let domain_at = below.map(|_| HEADER_LEN + name.wire().len() - table.domain_wire.len());
     let mut key = [0; MAX_NAME_LEN];
-    let zone = classify(name, table, &mut key);
+    let zone = classify(
+        name,
+        below.filter(|_| table.domain_wire.len() > 1),
+        &mut key,
+    );
     if matches!(zone, Zone::Other) {
         return match reverse_addr(name).and_then(|ip| table.reverse(&ip)) {
             Some(target) if qtype == TYPE_PTR && question.qclass == CLASS_IN => {
                 w.rr_qname(TYPE_PTR, target);
                 w.finish(RCODE_NOERROR, true, qtype)
             }
-            _ => Outcome::Forward {
-                qtype,
-                max_len: forward_len,
-            },
+            _ => w.forward(qtype, forward_len),
         };
     }
     if (question.qclass != CLASS_IN && question.qclass != CLASS_ANY)
@@ -147,10 +147,6 @@ pub fn answer(
     {
         return w.finish(RCODE_REFUSED, false, qtype);
     }
-    // Where the domain sits in the question, to point at it.
-    let domain_at = name
-        .labels_below(&table.domain_wire)
-        .map(|i| HEADER_LEN + name.label_start(i));
     match zone {
         Zone::Apex => {
             let ptr = QNAME_PTR;
@@ -214,21 +210,8 @@ pub fn error_reply(query: &[u8], rcode: u16, out: &mut Vec<u8>) -> Outcome {
         return bare(header, rcode, out);
     }
     match wire::parse_question(query) {
-        Ok(q) => {
-            let w = Writer {
-                out,
-                query,
-                header,
-                qend: q.end,
-                limit: MAX_MESSAGE_LEN,
-                opt: None,
-                ttl: 0,
-                ancount: 0,
-                nscount: 0,
-                truncated: false,
-            };
-            w.finish(rcode, false, q.qtype)
-        }
+        Ok(q) => Writer::new(out, &query[..q.end], header, MAX_MESSAGE_LEN, None, 0)
+            .finish(rcode, false, q.qtype),
         Err(_) => bare(header, rcode, out),
     }
 }
@@ -259,46 +242,48 @@ enum Zone {
 }
 
 /// Sorts `name` into the zone; a table key is written into `key`.
-fn classify(name: &Name, table: &Table, key: &mut [u8; MAX_NAME_LEN]) -> Zone {
-    let n = name.n_labels();
-    let below = if table.domain_wire.len() > 1 {
-        name.labels_below(&table.domain_wire)
-    } else {
-        None
-    };
+/// `below`: the labels in front of the domain, if the name is in it.
+fn classify(name: &Name, below: Option<usize>, key: &mut [u8; MAX_NAME_LEN]) -> Zone {
     let key_labels = match below {
         Some(0) => return Zone::Apex,
         Some(k) => k,
-        None if n == 1 => 1,
+        None if name.n_labels() == 1 => 1,
         None => return Zone::Other,
     };
-    if name.has_dot() {
-        return Zone::Unknown;
+    match name.dotted_key(key_labels, key) {
+        Some(len) => Zone::Key { len },
+        None => Zone::Unknown,
     }
-    let len = name.dotted_prefix(key_labels, key);
-    Zone::Key { len }
 }
 
 /// The address named by `d.c.b.a.in-addr.arpa.` or a full 32-nibble
 /// `ip6.arpa.` name.
 fn reverse_addr(name: &Name) -> Option<IpAddr> {
-    let n = name.n_labels();
-    if n == 6 && name.label(4) == b"in-addr" && name.label(5) == b"arpa" {
-        let mut octets = [0u8; 4];
-        for (i, o) in octets.iter_mut().enumerate() {
-            *o = decimal_octet(name.label(3 - i))?;
+    let mut labels = name.labels();
+    let arpa = |labels: &mut wire::Labels, zone: &[u8]| {
+        labels.next()?.eq_ignore_ascii_case(zone).then_some(())?;
+        labels.next()?.eq_ignore_ascii_case(b"arpa").then_some(())
+    };
+    match name.n_labels() {
+        6 => {
+            let mut octets = [0u8; 4];
+            for o in octets.iter_mut().rev() {
+                *o = decimal_octet(labels.next()?)?;
+            }
+            arpa(&mut labels, b"in-addr")?;
+            Some(IpAddr::V4(Ipv4Addr::from(octets)))
         }
-        return Some(IpAddr::V4(Ipv4Addr::from(octets)));
-    }
-    if n == 34 && name.label(32) == b"ip6" && name.label(33) == b"arpa" {
-        let mut value: u128 = 0;
-        for i in (0..32).rev() {
-            let &[c] = name.label(i) else { return None };
-            value = (value << 4) | (c as char).to_digit(16)? as u128;
+        34 => {
+            let mut value: u128 = 0;
+            for i in 0..32 {
+                let &[c] = labels.next()? else { return None };
+                value |= ((c as char).to_digit(16)? as u128) << (4 * i);
+            }
+            arpa(&mut labels, b"ip6")?;
+            Some(IpAddr::V6(Ipv6Addr::from(value)))
         }
-        return Some(IpAddr::V6(Ipv6Addr::from(value)));
+        _ => None,
     }
-    None
 }
 
 fn decimal_octet(label: &[u8]) -> Option<u8> {
@@ -316,12 +301,16 @@ fn decimal_octet(label: &[u8]) -> Option<u8> {
 }
 
 /// Appends records after the copied question, within `limit`.
-struct Writer<'a, 'q> {
+struct Writer<'a> {
+    /// Header and question copied from the query, then the records.
     out: &'a mut Vec<u8>,
-    query: &'q [u8],
-    header: Header<'q>,
+    /// Flags of the query.
+    query_flags: u16,
+    /// Length of header and question.
     qend: usize,
-    limit: usize,
+    /// Most bytes the header, question and records may take (the OPT, if
+    /// any, is kept aside).
+    room: usize,
     /// The client sent OPT: `Some(DO bit)`.
     opt: Option<bool>,
     ttl: u32,
@@ -330,55 +319,72 @@ struct Writer<'a, 'q> {
     truncated: bool,
 }
 
-impl Writer<'_, '_> {
-    /// Bytes still free for records (room for the OPT kept aside).
+/// Type, class, TTL and RDLENGTH of a record: everything between its owner
+/// and its data.
+#[inline]
+fn rr_fields(rtype: u16, ttl: u32, rdlen: usize) -> [u8; 10] {
+    let [t0, t1] = rtype.to_be_bytes();
+    let [c0, c1] = CLASS_IN.to_be_bytes();
+    let [l0, l1, l2, l3] = ttl.to_be_bytes();
+    let [r0, r1] = (rdlen as u16).to_be_bytes();
+    [t0, t1, c0, c1, l0, l1, l2, l3, r0, r1]
+}
+
+impl<'a> Writer<'a> {
+    /// Starts the message in `out` (cleared) with `question`: the query's
+    /// header and question, copied as they are.
+    fn new(
+        out: &'a mut Vec<u8>,
+        question: &[u8],
+        header: Header<'_>,
+        limit: usize,
+        opt: Option<bool>,
+        ttl: u32,
+    ) -> Writer<'a> {
+        out.clear();
+        out.extend_from_slice(question);
+        Writer {
+            out,
+            query_flags: header.flags(),
+            qend: question.len(),
+            room: limit - if opt.is_some() { OPT_LEN } else { 0 },
+            opt,
+            ttl,
+            ancount: 0,
+            nscount: 0,
+            truncated: false,
+        }
+    }
+
+    /// True when `len` more bytes fit; sets `truncated` otherwise.
+    #[inline]
     fn fits(&mut self, len: usize) -> bool {
-        let body = if self.out.is_empty() {
-            self.qend
-        } else {
-            self.out.len()
-        };
-        let opt = if self.opt.is_some() { OPT_LEN } else { 0 };
-        let ok = body + len + opt <= self.limit;
+        let ok = !self.truncated && self.out.len() + len <= self.room;
         self.truncated |= !ok;
         ok
     }
 
-    /// Starts the message (header placeholder and question) on first use.
-    fn begin(&mut self) {
-        if self.out.is_empty() {
-            self.out.extend_from_slice(&self.query[..HEADER_LEN]);
-            self.out
-                .extend_from_slice(&self.query[HEADER_LEN..self.qend]);
-        }
-    }
-
-    fn rr_head(&mut self, owner: &[u8], rtype: u16, rdlen: usize) {
-        self.out.extend_from_slice(owner);
-        self.out.extend_from_slice(&rtype.to_be_bytes());
-        self.out.extend_from_slice(&CLASS_IN.to_be_bytes());
-        self.out.extend_from_slice(&self.ttl.to_be_bytes());
-        self.out.extend_from_slice(&(rdlen as u16).to_be_bytes());
-    }
-
     /// An answer record owned by the question name.
+    #[inline]
     fn rr_qname(&mut self, rtype: u16, rdata: &[u8]) {
-        if self.truncated || !self.fits(12 + rdata.len()) {
+        if !self.fits(QNAME_PTR.len() + 10 + rdata.len()) {
             return;
         }
-        self.begin();
-        self.rr_head(&QNAME_PTR, rtype, rdata.len());
+        self.out.extend_from_slice(&QNAME_PTR);
+        self.out
+            .extend_from_slice(&rr_fields(rtype, self.ttl, rdata.len()));
         self.out.extend_from_slice(rdata);
         self.ancount += 1;
     }
 
     /// The apex NS record, owned by `owner` (a pointer to the domain).
     fn ns(&mut self, owner: [u8; 2]) {
-        if self.truncated || !self.fits(12 + 5) {
+        if !self.fits(owner.len() + 10 + NS_LABEL.len() + owner.len()) {
             return;
         }
-        self.begin();
-        self.rr_head(&owner, TYPE_NS, 5);
+        self.out.extend_from_slice(&owner);
+        self.out
+            .extend_from_slice(&rr_fields(TYPE_NS, self.ttl, NS_LABEL.len() + 2));
         self.out.extend_from_slice(NS_LABEL);
         self.out.extend_from_slice(&owner);
         self.ancount += 1;
@@ -394,10 +400,9 @@ impl Writer<'_, '_> {
             table.domain_wire.len()
         };
         let rdlen = NS_LABEL.len() + 2 + HOSTMASTER_LABEL.len() + 2 + 20;
-        if self.truncated || !self.fits(owner_len + 10 + rdlen) {
+        if !self.fits(owner_len + 10 + rdlen) {
             return;
         }
-        self.begin();
         let at = match domain_at {
             Some(at) => {
                 self.out
@@ -411,10 +416,8 @@ impl Writer<'_, '_> {
             }
         };
         let ptr = (0xC000 | at as u16).to_be_bytes();
-        self.out.extend_from_slice(&TYPE_SOA.to_be_bytes());
-        self.out.extend_from_slice(&CLASS_IN.to_be_bytes());
-        self.out.extend_from_slice(&self.ttl.to_be_bytes());
-        self.out.extend_from_slice(&(rdlen as u16).to_be_bytes());
+        self.out
+            .extend_from_slice(&rr_fields(TYPE_SOA, self.ttl, rdlen));
         self.out.extend_from_slice(NS_LABEL);
         self.out.extend_from_slice(&ptr);
         self.out.extend_from_slice(HOSTMASTER_LABEL);
@@ -435,16 +438,21 @@ impl Writer<'_, '_> {
         }
     }
 
+    /// Not ours after all: nothing to send from here (`out` is emptied).
+    fn forward(self, qtype: u16, max_len: usize) -> Outcome {
+        self.out.clear();
+        Outcome::Forward { qtype, max_len }
+    }
+
     /// Fills the header, appends the OPT, and truncates (TC=1, question
     /// and OPT only) when something did not fit.
     fn finish(mut self, rcode: u16, authoritative: bool, qtype: u16) -> Outcome {
-        self.begin();
         if self.truncated {
             self.out.truncate(self.qend);
             self.ancount = 0;
             self.nscount = 0;
         }
-        let q = self.header.flags();
+        let q = self.query_flags;
         let mut flags = FLAG_QR | (q & (0x7800 | FLAG_RD | FLAG_CD)) | FLAG_RA | (rcode & 0xF);
         if authoritative {
             flags |= FLAG_AA;
@@ -452,20 +460,19 @@ impl Writer<'_, '_> {
         if self.truncated {
             flags |= FLAG_TC;
         }
-        let arcount: u16 = self.opt.is_some().into();
-        let out = &mut *self.out;
-        out[2..4].copy_from_slice(&flags.to_be_bytes());
-        out[4..6].copy_from_slice(&1u16.to_be_bytes());
-        out[6..8].copy_from_slice(&self.ancount.to_be_bytes());
-        out[8..10].copy_from_slice(&self.nscount.to_be_bytes());
-        out[10..12].copy_from_slice(&arcount.to_be_bytes());
+        let [f0, f1] = flags.to_be_bytes();
+        let [a0, a1] = self.ancount.to_be_bytes();
+        let [n0, n1] = self.nscount.to_be_bytes();
+        let arcount = u8::from(self.opt.is_some());
+        // Everything after the id: flags, QDCOUNT = 1 and the counts.
+        self.out[2..HEADER_LEN].copy_from_slice(&[f0, f1, 0, 1, a0, a1, n0, n1, 0, arcount]);
         if let Some(dnssec_ok) = self.opt {
             let ttl = ((rcode >> 4) as u32) << 24 | if dnssec_ok { EDNS_FLAG_DO as u32 } else { 0 };
-            out.push(0);
-            out.extend_from_slice(&TYPE_OPT.to_be_bytes());
-            out.extend_from_slice(&UDP_PAYLOAD_ADVERTISED.to_be_bytes());
-            out.extend_from_slice(&ttl.to_be_bytes());
-            out.extend_from_slice(&0u16.to_be_bytes());
+            let [p0, p1] = UDP_PAYLOAD_ADVERTISED.to_be_bytes();
+            let [o0, o1] = TYPE_OPT.to_be_bytes();
+            let [l0, l1, l2, l3] = ttl.to_be_bytes();
+            self.out
+                .extend_from_slice(&[0, o0, o1, p0, p1, l0, l1, l2, l3, 0, 0]);
         }
         Outcome::Answered {
             rcode,

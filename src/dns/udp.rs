@@ -3,14 +3,19 @@
 //! per system call (`recvmmsg`/`sendmmsg`).
 //!
 //! Invariants: after the first batch a local answer allocates nothing (all
-//! buffers belong to the worker and are reused); one `table.load()` per
-//! query; the access check runs before anything else that costs; forwarded
+//! buffers belong to the worker and are reused); no system call but the one
+//! `recvmmsg` and the `sendmmsg` of a batch; one `table.load()` per query;
+//! the access check runs before anything else that costs; forwarded
 //! queries are handed over without blocking and the forwarder replies on
 //! the same socket.
+//!
+//! The `msghdr`s point into the worker's own boxed buffers once, at
+//! construction (boxed slices do not move when the worker does); a batch
+//! only resets what the kernel wrote into the slots the last batch used.
 
 use std::io;
 use std::mem::{size_of, zeroed};
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,7 +29,7 @@ use super::stats::Counters;
 use super::wire::{RCODE_REFUSED, RCODE_SERVFAIL};
 
 /// Datagrams per `recvmmsg`/`sendmmsg` call.
-pub const BATCH: usize = 32;
+pub const BATCH: usize = 64;
 /// Receive buffer per datagram; larger queries are dropped (a DNS query
 /// worth answering is far smaller).
 pub const RECV_BUF_LEN: usize = 4096;
@@ -49,6 +54,9 @@ pub fn bind(addr: SocketAddr) -> io::Result<UdpSocket> {
     Ok(socket.into())
 }
 
+/// Length of a `sockaddr_storage`, what `recvmmsg` may write per peer.
+const NAME_LEN: libc::socklen_t = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+
 /// One serving thread's socket and buffers.
 pub struct UdpWorker {
     socket: Arc<UdpSocket>,
@@ -56,15 +64,24 @@ pub struct UdpWorker {
     forwarder: Forwarder,
     counters: Arc<Counters>,
     acl: Acl,
+    /// The last IPv4 client checked against `acl`, and the decision.
+    last_v4: Option<(u32, bool)>,
     rotation: usize,
+    /// Receive slots the last batch filled (their headers need a reset).
+    used: usize,
     /// [`BATCH`] receive slots of [`RECV_BUF_LEN`] bytes.
     recv: Box<[u8]>,
     /// One answer buffer per slot.
     out: Box<[Vec<u8>]>,
     names: Box<[libc::sockaddr_storage]>,
+    /// Read only by the kernel, through `recv_hdrs`.
+    #[allow(dead_code)]
     recv_iov: Box<[libc::iovec]>,
+    /// Slot `i` receives into `recv_iov[i]` (slot `i` of `recv`) and
+    /// `names[i]`.
     recv_hdrs: Box<[libc::mmsghdr]>,
     send_iov: Box<[libc::iovec]>,
+    /// Answer `k` of a batch is sent from `send_iov[k]`.
     send_hdrs: Box<[libc::mmsghdr]>,
 }
 
@@ -80,24 +97,45 @@ impl UdpWorker {
         // SAFETY: these are plain C structs for which all-zero is valid.
         let zero_iov = || unsafe { zeroed::<libc::iovec>() };
         let zero_hdr = || unsafe { zeroed::<libc::mmsghdr>() };
+        let mut recv = vec![0; BATCH * RECV_BUF_LEN].into_boxed_slice();
+        let mut names: Box<[libc::sockaddr_storage]> = (0..BATCH)
+            .map(|_| unsafe { zeroed::<libc::sockaddr_storage>() })
+            .collect();
+        let mut recv_iov: Box<[libc::iovec]> = (0..BATCH).map(|_| zero_iov()).collect();
+        let mut recv_hdrs: Box<[libc::mmsghdr]> = (0..BATCH).map(|_| zero_hdr()).collect();
+        let mut send_iov: Box<[libc::iovec]> = (0..BATCH).map(|_| zero_iov()).collect();
+        let mut send_hdrs: Box<[libc::mmsghdr]> = (0..BATCH).map(|_| zero_hdr()).collect();
+        for (i, slot) in recv.chunks_exact_mut(RECV_BUF_LEN).enumerate() {
+            recv_iov[i] = libc::iovec {
+                iov_base: slot.as_mut_ptr().cast(),
+                iov_len: RECV_BUF_LEN,
+            };
+            let h = &mut recv_hdrs[i].msg_hdr;
+            h.msg_name = (&mut names[i] as *mut libc::sockaddr_storage).cast();
+            h.msg_namelen = NAME_LEN;
+            h.msg_iov = &mut recv_iov[i];
+            h.msg_iovlen = 1;
+            send_hdrs[i].msg_hdr.msg_iov = &mut send_iov[i];
+            send_hdrs[i].msg_hdr.msg_iovlen = 1;
+        }
         UdpWorker {
             socket,
             table,
             forwarder,
             counters,
             acl,
+            last_v4: None,
             rotation: 0,
-            recv: vec![0; BATCH * RECV_BUF_LEN].into_boxed_slice(),
+            used: 0,
+            recv,
             out: (0..BATCH)
                 .map(|_| Vec::with_capacity(SEND_BUF_LEN))
                 .collect(),
-            names: (0..BATCH)
-                .map(|_| unsafe { zeroed::<libc::sockaddr_storage>() })
-                .collect(),
-            recv_iov: (0..BATCH).map(|_| zero_iov()).collect(),
-            recv_hdrs: (0..BATCH).map(|_| zero_hdr()).collect(),
-            send_iov: (0..BATCH).map(|_| zero_iov()).collect(),
-            send_hdrs: (0..BATCH).map(|_| zero_hdr()).collect(),
+            names,
+            recv_iov,
+            recv_hdrs,
+            send_iov,
+            send_hdrs,
         }
     }
 
@@ -109,18 +147,15 @@ impl UdpWorker {
         let mut n_send = 0;
         for i in 0..n {
             if self.handle(i) {
-                let hdr = &self.recv_hdrs[i].msg_hdr;
-                let (name, namelen) = (hdr.msg_name, hdr.msg_namelen);
+                let out = &self.out[i];
                 self.send_iov[n_send] = libc::iovec {
-                    iov_base: self.out[i].as_ptr() as *mut libc::c_void,
-                    iov_len: self.out[i].len(),
+                    iov_base: out.as_ptr() as *mut libc::c_void,
+                    iov_len: out.len(),
                 };
-                let s = &mut self.send_hdrs[n_send];
-                s.msg_hdr.msg_name = name;
-                s.msg_hdr.msg_namelen = namelen;
-                s.msg_hdr.msg_iov = &mut self.send_iov[n_send];
-                s.msg_hdr.msg_iovlen = 1;
-                s.msg_len = 0;
+                let from = &self.recv_hdrs[i].msg_hdr;
+                let to = &mut self.send_hdrs[n_send].msg_hdr;
+                to.msg_name = from.msg_name;
+                to.msg_namelen = from.msg_namelen;
                 n_send += 1;
             }
         }
@@ -129,23 +164,13 @@ impl UdpWorker {
     }
 
     fn receive(&mut self) -> io::Result<usize> {
-        for i in 0..BATCH {
-            self.recv_iov[i] = libc::iovec {
-                iov_base: self.recv[i * RECV_BUF_LEN..].as_mut_ptr() as *mut libc::c_void,
-                iov_len: RECV_BUF_LEN,
-            };
-            let h = &mut self.recv_hdrs[i];
-            h.msg_hdr.msg_name = &mut self.names[i] as *mut _ as *mut libc::c_void;
-            h.msg_hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-            h.msg_hdr.msg_iov = &mut self.recv_iov[i];
-            h.msg_hdr.msg_iovlen = 1;
-            h.msg_hdr.msg_control = std::ptr::null_mut();
-            h.msg_hdr.msg_controllen = 0;
-            h.msg_hdr.msg_flags = 0;
-            h.msg_len = 0;
+        // The kernel wrote each used slot's peer length; give back the room.
+        for h in &mut self.recv_hdrs[..self.used] {
+            h.msg_hdr.msg_namelen = NAME_LEN;
         }
-        // SAFETY: every header points into buffers owned by `self` that
-        // outlive the call, with their true lengths.
+        self.used = 0;
+        // SAFETY: every header points into buffers owned by `self` (set up
+        // in `new`, boxed so they never move) with their true lengths.
         let n = unsafe {
             libc::recvmmsg(
                 self.socket.as_raw_fd(),
@@ -158,7 +183,26 @@ impl UdpWorker {
         if n < 0 {
             return Err(io::Error::last_os_error());
         }
-        Ok(n as usize)
+        self.used = n as usize;
+        Ok(self.used)
+    }
+
+    /// Whether `ip` may be answered; the decision for the last IPv4 client
+    /// is remembered (the list never changes).
+    #[inline]
+    fn allowed(&mut self, ip: IpAddr) -> bool {
+        let IpAddr::V4(v4) = ip else {
+            return self.acl.allows(ip);
+        };
+        let bits = u32::from(v4);
+        match self.last_v4 {
+            Some((last, ok)) if last == bits => ok,
+            _ => {
+                let ok = self.acl.allows(ip);
+                self.last_v4 = Some((bits, ok));
+                ok
+            }
+        }
     }
 
     /// Answers datagram `i` into `out[i]`; true when there is something to
@@ -170,13 +214,14 @@ impl UdpWorker {
             self.counters.dropped();
             return false;
         }
-        let Some(peer) = to_socket_addr(&self.names[i]) else {
+        let Some(ip) = peer_ip(&self.names[i]) else {
             self.counters.dropped();
             return false;
         };
+        let allowed = self.allowed(ip);
         let query = &self.recv[i * RECV_BUF_LEN..i * RECV_BUF_LEN + len];
         let out = &mut self.out[i];
-        if !self.acl.allows(peer.ip()) {
+        if !allowed {
             self.counters.acl_refused();
             return count(
                 &self.counters,
@@ -188,6 +233,9 @@ impl UdpWorker {
         match answer::answer(query, &table, self.rotation, Transport::Udp, out) {
             Outcome::Forward { qtype, max_len } => {
                 self.counters.query(qtype);
+                let Some(peer) = to_socket_addr(&self.names[i]) else {
+                    return false; // unreachable: peer_ip parsed it
+                };
                 let reply = Reply::Udp {
                     socket: self.socket.clone(),
                     peer,
@@ -250,6 +298,26 @@ fn count(counters: &Counters, outcome: Outcome) -> bool {
             counters.dropped();
             false
         }
+    }
+}
+
+/// The address of a received datagram's peer.
+#[inline]
+fn peer_ip(ss: &libc::sockaddr_storage) -> Option<IpAddr> {
+    match ss.ss_family as libc::c_int {
+        libc::AF_INET => {
+            // SAFETY: the family says the storage holds a sockaddr_in.
+            let sin = unsafe { &*(ss as *const _ as *const libc::sockaddr_in) };
+            Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(
+                sin.sin_addr.s_addr,
+            ))))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the family says the storage holds a sockaddr_in6.
+            let sin6 = unsafe { &*(ss as *const _ as *const libc::sockaddr_in6) };
+            Some(IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr)))
+        }
+        _ => None,
     }
 }
 

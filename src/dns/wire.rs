@@ -107,73 +107,90 @@ impl<'a> Header<'a> {
     }
 }
 
-/// A question name copied into a stack buffer, lowercased.
-pub struct Name {
-    /// Lowercase wire format, terminated by the root label.
-    wire: [u8; MAX_NAME_LEN],
-    len: usize,
-    /// Offset in `wire` of each label's length byte.
-    starts: [u8; MAX_LABELS],
+/// The question name, viewed in place in the message (as the client wrote
+/// it: case is kept, comparisons ignore it). Validated by
+/// [`parse_question`]: uncompressed labels of at most [`MAX_LABEL_LEN`]
+/// bytes, at most [`MAX_NAME_LEN`] bytes in all, ending with the root label.
+#[derive(Clone, Copy)]
+pub struct Name<'a> {
+    /// The name in wire format, root label included.
+    wire: &'a [u8],
     n_labels: usize,
-    /// Some label holds a `.` byte (such names cannot match a table key).
-    has_dot: bool,
 }
 
-impl Name {
-    /// The lowercase name in wire format.
-    pub fn wire(&self) -> &[u8] {
-        &self.wire[..self.len]
+impl<'a> Name<'a> {
+    /// The name in wire format, as sent (mixed case).
+    pub fn wire(&self) -> &'a [u8] {
+        self.wire
     }
     pub fn n_labels(&self) -> usize {
         self.n_labels
     }
-    /// Offset of label `i`'s length byte in [`Name::wire`] (`i ==
-    /// n_labels` gives the root label).
-    pub fn label_start(&self, i: usize) -> usize {
-        if i >= self.n_labels {
-            self.len - 1
-        } else {
-            self.starts[i] as usize
-        }
+    /// The labels, first to last, without their length bytes (as sent).
+    pub fn labels(&self) -> Labels<'a> {
+        Labels { rest: self.wire }
     }
-    /// The bytes of label `i` (lowercase, without its length byte).
-    pub fn label(&self, i: usize) -> &[u8] {
-        let s = self.label_start(i);
-        let n = self.wire[s] as usize;
-        &self.wire[s + 1..s + 1 + n]
-    }
-    pub fn has_dot(&self) -> bool {
-        self.has_dot
-    }
-    /// If the name is `domain` or below it (both lowercase wire format),
-    /// the number of labels before the domain.
+    /// If the name is `domain` or below it (`domain` in lowercase wire
+    /// format), the number of labels before the domain.
     pub fn labels_below(&self, domain_wire: &[u8]) -> Option<usize> {
-        let name = self.wire();
-        if domain_wire.len() > name.len() || !name.ends_with(domain_wire) {
+        let at = self.wire.len().checked_sub(domain_wire.len())?;
+        if !self.wire[at..].eq_ignore_ascii_case(domain_wire) {
             return None;
         }
-        let at = name.len() - domain_wire.len();
-        (0..=self.n_labels).find(|&i| self.label_start(i) == at)
+        // `at` must fall on a label boundary (`xglued.internal` is not
+        // below `glued.internal`).
+        let (mut pos, mut n) = (0, 0);
+        while pos < at {
+            pos += 1 + self.wire[pos] as usize;
+            n += 1;
+        }
+        (pos == at).then_some(n)
     }
-    /// Writes labels `0..n` as a dotted key (`api.node-a`) into `out`;
-    /// returns its length.
-    pub fn dotted_prefix(&self, n: usize, out: &mut [u8; MAX_NAME_LEN]) -> usize {
-        let end = self.label_start(n);
-        if end == 0 {
-            return 0;
+    /// Writes labels `0..n`, lowercased and joined by dots (`api.node-a`),
+    /// into `out` and returns its length; `None` when one of them holds a
+    /// `.` byte (such a name cannot be a table key).
+    pub fn dotted_key(&self, n: usize, out: &mut [u8; MAX_NAME_LEN]) -> Option<usize> {
+        let mut len = 0;
+        for (i, label) in self.labels().take(n).enumerate() {
+            if i > 0 {
+                out[len] = b'.';
+                len += 1;
+            }
+            let dst = &mut out[len..len + label.len()];
+            for (d, s) in dst.iter_mut().zip(label) {
+                if *s == b'.' {
+                    return None;
+                }
+                *d = s.to_ascii_lowercase();
+            }
+            len += label.len();
         }
-        let src = &self.wire[1..end];
-        out[..src.len()].copy_from_slice(src);
-        for i in 1..n {
-            out[self.label_start(i) - 1] = b'.';
+        Some(len)
+    }
+}
+
+/// The labels of a [`Name`], first to last.
+pub struct Labels<'a> {
+    /// Wire format from the next label on (validated by [`parse_question`]).
+    rest: &'a [u8],
+}
+
+impl<'a> Iterator for Labels<'a> {
+    type Item = &'a [u8];
+    fn next(&mut self) -> Option<&'a [u8]> {
+        let (&len, rest) = self.rest.split_first()?;
+        if len == 0 {
+            return None;
         }
-        src.len()
+        let (label, rest) = rest.split_at_checked(len as usize)?;
+        self.rest = rest;
+        Some(label)
     }
 }
 
 /// The one question of a query.
-pub struct Question {
-    pub name: Name,
+pub struct Question<'a> {
+    pub name: Name<'a>,
     pub qtype: u16,
     pub qclass: u16,
     /// Offset just past the question in the message.
@@ -183,23 +200,12 @@ pub struct Question {
 /// Parses the question at [`HEADER_LEN`]. Compression pointers are refused:
 /// in the first name of a message a pointer can only point into the header
 /// or back into the name itself (a loop).
-pub fn parse_question(msg: &[u8]) -> Result<Question, Malformed> {
-    let mut name = Name {
-        wire: [0; MAX_NAME_LEN],
-        len: 0,
-        starts: [0; MAX_LABELS],
-        n_labels: 0,
-        has_dot: false,
-    };
+pub fn parse_question(msg: &[u8]) -> Result<Question<'_>, Malformed> {
     let mut pos = HEADER_LEN;
+    let mut n_labels = 0;
     loop {
         let len = *msg.get(pos).ok_or(Malformed)? as usize;
         if len == 0 {
-            if name.len + 1 > MAX_NAME_LEN {
-                return Err(Malformed);
-            }
-            name.wire[name.len] = 0;
-            name.len += 1;
             pos += 1;
             break;
         }
@@ -208,25 +214,20 @@ pub fn parse_question(msg: &[u8]) -> Result<Question, Malformed> {
             return Err(Malformed);
         }
         // The label, its length byte and the final root byte must fit.
-        if name.len + 1 + len + 1 > MAX_NAME_LEN || name.n_labels >= MAX_LABELS {
+        pos += 1 + len;
+        if pos + 1 - HEADER_LEN > MAX_NAME_LEN {
             return Err(Malformed);
         }
-        let label = msg.get(pos + 1..pos + 1 + len).ok_or(Malformed)?;
-        name.starts[name.n_labels] = name.len as u8;
-        name.n_labels += 1;
-        name.wire[name.len] = len as u8;
-        let dst = &mut name.wire[name.len + 1..name.len + 1 + len];
-        for (d, s) in dst.iter_mut().zip(label) {
-            *d = s.to_ascii_lowercase();
-            name.has_dot |= *s == b'.';
-        }
-        name.len += 1 + len;
-        pos += 1 + len;
+        n_labels += 1;
     }
+    // Also checks that every label read above lies within the message.
     let qtype = be16(msg, pos)?;
     let qclass = be16(msg, pos + 2)?;
     Ok(Question {
-        name,
+        name: Name {
+            wire: &msg[HEADER_LEN..pos],
+            n_labels,
+        },
         qtype,
         qclass,
         end: pos + 4,
@@ -271,6 +272,9 @@ pub fn parse_edns(
     header: Header<'_>,
     mut pos: usize,
 ) -> Result<Option<Edns>, Malformed> {
+    if header.ancount() | header.nscount() | header.arcount() == 0 {
+        return Ok(None);
+    }
     let before = header.ancount() as usize + header.nscount() as usize;
     let total = before + header.arcount() as usize;
     let mut edns = None;
@@ -312,23 +316,31 @@ mod tests {
     }
 
     #[test]
-    fn question_is_lowercased_and_split_into_labels() {
-        let q = parse_question(&query(b"\x03API\x06node-a\x05glued\x08internal\x00")).unwrap();
+    fn question_is_split_into_labels_and_keyed_in_lowercase() {
+        let msg = query(b"\x03API\x06node-a\x05Glued\x08internal\x00");
+        let q = parse_question(&msg).unwrap();
         assert_eq!(q.name.n_labels(), 4);
-        assert_eq!(q.name.label(1), b"node-a");
+        assert_eq!(q.name.labels().nth(1).unwrap(), b"node-a");
+        assert_eq!(q.name.labels().count(), 4);
         let below = q.name.labels_below(b"\x05glued\x08internal\x00").unwrap();
         assert_eq!(below, 2);
         let mut key = [0; MAX_NAME_LEN];
-        let n = q.name.dotted_prefix(below, &mut key);
+        let n = q.name.dotted_key(below, &mut key).unwrap();
         assert_eq!(&key[..n], b"api.node-a");
         assert_eq!(q.qtype, TYPE_A);
+        assert_eq!(q.end, msg.len());
+        let dotted = query(b"\x03a.b\x05glued\x08internal\x00");
+        let q = parse_question(&dotted).unwrap();
+        assert_eq!(q.name.dotted_key(1, &mut key), None);
     }
 
     #[test]
     fn a_name_is_not_below_a_domain_it_only_ends_like() {
-        let q = parse_question(&query(b"\x06xglued\x08internal\x00")).unwrap();
+        let msg = query(b"\x06xglued\x08internal\x00");
+        let q = parse_question(&msg).unwrap();
         assert_eq!(q.name.labels_below(b"\x05glued\x08internal\x00"), None);
-        let root = parse_question(&query(b"\x00")).unwrap();
+        let msg = query(b"\x00");
+        let root = parse_question(&msg).unwrap();
         assert_eq!(root.name.n_labels(), 0);
     }
 
