@@ -621,3 +621,46 @@ fn id_lines_are_accepted_as_bootstrap_peers() {
         format!("bootstrap_peers = {peers}")
     );
 }
+
+/// SPEC §8: binding port 53 without privilege fails with an error that says
+/// how to fix it. As root, the child drops to `nobody` with `setpriv`.
+#[test]
+fn port_53_without_privilege_says_how_to_fix_it() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = dir_with(&[]);
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    for d in [dir.path(), data.as_path()] {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o777)).unwrap();
+    }
+    let mut cmd = if unsafe { libc::geteuid() } == 0 {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", GLUED]);
+        c
+    } else {
+        Command::new(GLUED)
+    };
+    let out = cmd
+        .arg("run")
+        .env_clear()
+        .envs([
+            ("GLUED_DNS_BIND", "127.0.0.1:53"),
+            ("GLUED_HTTP_BIND", "127.0.0.1:0"),
+            ("GLUED_GOSSIP_BIND", "127.0.0.1:0"),
+            ("GLUED_MDNS", "false"),
+            ("GLUED_UPSTREAMS", "none"),
+            ("GLUED_DATA_DIR", data.to_str().unwrap()),
+            ("GLUED_NETWORK_NAME", &support::unique("glued-cfg-net")),
+            ("RUST_LOG", "off"),
+        ])
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .output()
+        .expect("spawn glued (setpriv from util-linux when root)");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    for needle in ["permission denied", "root", "CAP_NET_BIND_SERVICE", "GLUED_DNS_BIND"] {
+        assert!(stderr.contains(needle), "missing {needle:?} in {stderr}");
+    }
+}
