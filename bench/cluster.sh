@@ -79,10 +79,11 @@ probe_args=(--net "$NET" --pool "$pool" --domain "$DOMAIN" --labels "A,B,C"
     --dns "127.0.0.1:$(node_dns_port 0)" --dns "127.0.0.1:$(node_dns_port 1)"
     --dns "127.0.0.1:$(node_dns_port 2)")
 log "(a) warm-up: $WARMUP_CHANGES changes"
-python3 "$PROBE" connect-latency "${probe_args[@]}" --count "$WARMUP_CHANGES" > /dev/null
+run_child /dev/null python3 "$PROBE" connect-latency "${probe_args[@]}" --count "$WARMUP_CHANGES"
 log "(a) $CHANGES changes on A (connect), each followed by its removal (disconnect)"
-RESULT_A="$(python3 "$PROBE" connect-latency "${probe_args[@]}" --count "$CHANGES" \
-    --samples "$WORK/connect-latency.txt")"
+run_child "$WORK/result-a.txt" python3 "$PROBE" connect-latency "${probe_args[@]}" \
+    --count "$CHANGES" --samples "$WORK/connect-latency.txt"
+RESULT_A="$(cat "$WORK/result-a.txt")"
 rss_b_small="$(rss_kib "$pid_b")"
 records_b_small="$(metric 1 glued_records)"
 gossip_drops_b="$(curl -s "http://127.0.0.1:$(node_http_port 1)/metrics" |
@@ -97,8 +98,11 @@ t_restart="$(date +%s%N)"
 start_node 0 a 0-1 "$NET" ""
 pid_a=$SERVER_PID
 wait_node 0 a
+run_child "$WORK/a-records.txt" python3 "$PROBE" wait-metric \
+    --url "http://127.0.0.1:$(node_http_port 0)/metrics" --metric glued_records \
+    --at-least "$RECORDS" --since-ns "$t_restart" --timeout 60 ||
+    die "A does not hold its $RECORDS records: $(cat "$WORK/a-records.txt")"
 records_a="$(metric 0 glued_records)"
-[ "$records_a" -ge "$RECORDS" ] || die "A holds $records_a records, expected $RECORDS"
 B_AFTER_RESTART="$(python3 "$PROBE" wait-metric --url "http://127.0.0.1:$(node_http_port 1)/metrics" \
     --metric glued_records --at-least "$records_a" --since-ns "$t_restart" --timeout 60)" ||
     die "B never got A's $records_a records: $B_AFTER_RESTART"
@@ -116,8 +120,10 @@ python3 "$PROBE" wait-names --dns "127.0.0.1:$(node_dns_port 3)" --since-ns "$t_
     "$last" > "$WORK/d-names.txt" &
 names_pid=$!
 STARTED_PIDS+=("$names_pid")
-D_RECORDS="$(python3 "$PROBE" wait-metric --url "http://127.0.0.1:$(node_http_port 3)/metrics" \
-    --metric glued_records --at-least "$records_a" --since-ns "$t_d" --timeout 60)" || D_RECORDS="timeout"
+run_child "$WORK/d-records.txt" python3 "$PROBE" wait-metric \
+    --url "http://127.0.0.1:$(node_http_port 3)/metrics" --metric glued_records \
+    --at-least "$records_a" --since-ns "$t_d" --timeout 60 || true
+D_RECORDS="$(cat "$WORK/d-records.txt")"
 wait "$names_pid" || true
 D_LAST="$(cat "$WORK/d-names.txt")"
 pulls_d="$(metric 3 glued_gossip_state_pulls_total)"
@@ -128,8 +134,9 @@ rss_a="$(rss_kib "$pid_a")"; rss_d0="$(rss_kib "$pid_d")"
 log "(c) dnsperf at $RSS_QPS qps for ${RSS_SECS}s against D"
 QUERIES="$WORK/queries.txt"
 write_queries "$QUERIES" "$DOMAIN" host "$RECORDS"
-taskset -c "$CLIENT_CPU" dnsperf -s 127.0.0.1 -p "$(node_dns_port 3)" -d "$QUERIES" -l "$RSS_SECS" -c "$CLIENTS" \
-    -q "$OUTSTANDING" -Q "$RSS_QPS" -t "$QUERY_TIMEOUT" > "$WORK/dnsperf-rss.txt" 2>&1 || true
+run_child "$WORK/dnsperf-rss.txt" taskset -c "$CLIENT_CPU" dnsperf -s 127.0.0.1 \
+    -p "$(node_dns_port 3)" -d "$QUERIES" -l "$RSS_SECS" -c "$CLIENTS" \
+    -q "$OUTSTANDING" -Q "$RSS_QPS" -t "$QUERY_TIMEOUT" || true
 rss_d1="$(rss_kib "$pid_d")"
 hwm_d="$(hwm_kib "$pid_d")"
 rss_a1="$(rss_kib "$pid_a")"

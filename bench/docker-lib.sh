@@ -22,7 +22,13 @@ BENCH_LABEL="glued-bench-run=$RUN_ID"
 # Removes every container and network this run created, then lets lib.sh
 # stop the servers and remove the work directory. Idempotent.
 docker_bench_cleanup() {
-    local ids net
+    local ids net pid
+    # Processes first (a docker CLI killed mid-way may still create its
+    # container: the listing below comes after).
+    for pid in "${STARTED_PIDS[@]:-}"; do
+        [ -n "$pid" ] && kill_tree "$pid"
+    done
+    STARTED_PIDS=()
     ids="$(docker ps -aq --filter "label=$BENCH_LABEL" 2>/dev/null || true)"
     if [ -n "$ids" ]; then
         # shellcheck disable=SC2086 # one id per word
@@ -40,6 +46,23 @@ docker_bench_cleanup() {
 }
 trap docker_bench_cleanup EXIT
 trap 'docker_bench_cleanup; trap - EXIT; exit 130' INT TERM
+
+# Runs "$@" (stdout to file $1) as a background child and waits for it, so
+# that a signal to this script interrupts the wait at once and the trap stops
+# the child. Returns the child's status.
+#   $1 output file  $2.. command
+run_child() {
+    local out=$1 pid rc=0 i
+    shift
+    "$@" > "$out" &
+    pid=$!
+    STARTED_PIDS+=("$pid")
+    wait "$pid" || rc=$?
+    for i in "${!STARTED_PIDS[@]}"; do
+        [ "${STARTED_PIDS[$i]}" = "$pid" ] && unset 'STARTED_PIDS[i]'
+    done
+    return "$rc"
+}
 
 # Debian packages of these benchmarks (skipped with SKIP_INSTALL=1).
 install_docker_bench_packages() {

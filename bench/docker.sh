@@ -46,9 +46,10 @@ if [[ " $PARTS " == *" a "* ]]; then
     start_node 0 a 0-1 "$NET" ""
     pid_a=$SERVER_PID
     wait_node 0 a
-    RESULT_A="$(python3 "$PROBE" run-latency --net "$NET" --image "$IMAGE" \
+    run_child "$WORK/result-a.txt" python3 "$PROBE" run-latency --net "$NET" --image "$IMAGE" \
         --prefix "$RUN_ID-run-" --label "$BENCH_LABEL" --count "$COUNT" \
-        --dns "127.0.0.1:$(node_dns_port 0)" --domain "$DOMAIN" --samples "$WORK/run-latency.txt")"
+        --dns "127.0.0.1:$(node_dns_port 0)" --domain "$DOMAIN" --samples "$WORK/run-latency.txt"
+    RESULT_A="$(cat "$WORK/result-a.txt")"
     watched_a="$(metric 0 glued_docker_containers_watched)"
     stop_server "$pid_a"
     ids="$(docker ps -aq --filter "name=^$RUN_ID-run-")"
