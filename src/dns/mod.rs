@@ -91,11 +91,13 @@ impl DnsServer {
                 }
                 let listener = mio::net::TcpListener::from_std(listener);
                 let (table, forwarder, stop) = (table.clone(), forwarder.clone(), stop.clone());
+                let tcp_waker = waker.clone();
                 let counters = stats.register();
                 threads.push(std::thread::Builder::new().name("dns-tcp".into()).spawn(
                     move || {
                         tcp::run(
-                            poll, listener, stop, table, forwarder, counters, acl, limits,
+                            poll, tcp_waker, listener, stop, table, forwarder, counters, acl,
+                            limits,
                         )
                     },
                 )?);

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError, bounded};
 use mio::net::{TcpListener, TcpStream};
-use mio::{Events, Interest, Poll, Token};
+use mio::{Events, Interest, Poll, Token, Waker};
 
 use crate::table::SharedTable;
 
@@ -44,10 +44,8 @@ pub const MAX_UNSENT_BYTES: usize = 256 * 1024;
 pub const MAX_PENDING_FORWARDS: usize = 32;
 /// Frames handled for one connection before the loop turns to the others.
 pub const MAX_FRAMES_PER_TURN: usize = 64;
-/// Poll interval while forwarded answers are awaited (the forwarder's
-/// channel cannot wake `mio`).
-pub const FORWARD_POLL: Duration = Duration::from_millis(2);
-/// Poll interval otherwise: the resolution of the idle timeout.
+/// Poll interval: the resolution of the idle timeout. Forwarded answers do
+/// not wait for it: the forwarder wakes the loop ([`Reply::TcpWake`]).
 pub const IDLE_POLL: Duration = Duration::from_millis(100);
 /// Retry interval after `accept` failed (e.g. out of file descriptors).
 pub const ACCEPT_RETRY: Duration = Duration::from_millis(20);
@@ -116,6 +114,9 @@ struct Ctx {
     counters: Arc<Counters>,
     acl: Acl,
     limits: TcpLimits,
+    /// Handed to the forwarder with each forwarded query: it wakes this
+    /// loop when the answer is queued.
+    waker: Arc<Waker>,
     rotation: usize,
     scratch: Box<[u8]>,
     answer: Vec<u8>,
@@ -126,6 +127,7 @@ struct Ctx {
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn run(
     mut poll: Poll,
+    waker: Arc<Waker>,
     mut listener: TcpListener,
     stop: Arc<AtomicBool>,
     table: SharedTable,
@@ -147,6 +149,7 @@ pub(crate) fn run(
         counters,
         acl,
         limits,
+        waker,
         rotation: 0,
         scratch: vec![0; READ_CHUNK].into_boxed_slice(),
         answer: Vec::with_capacity(MAX_MESSAGE_LEN),
@@ -165,8 +168,6 @@ pub(crate) fn run(
             Duration::ZERO
         } else if accept_retry {
             ACCEPT_RETRY
-        } else if pending {
-            FORWARD_POLL
         } else {
             IDLE_POLL
         };
@@ -404,7 +405,13 @@ fn handle_frame(ctx: &mut Ctx, c: &mut Conn, start: usize, len: usize) {
             Outcome::Forward { qtype, .. } => {
                 ctx.counters.query(qtype);
                 if c.pending < MAX_PENDING_FORWARDS
-                    && ctx.forwarder.submit(query, Reply::Tcp(c.tx.clone()))
+                    && ctx.forwarder.submit(
+                        query,
+                        Reply::TcpWake {
+                            tx: c.tx.clone(),
+                            waker: ctx.waker.clone(),
+                        },
+                    )
                 {
                     ctx.counters.forwarded();
                     c.pending += 1;
