@@ -12,8 +12,14 @@
 //! A receiver holds an origin's records from a full state pulled from the
 //! owner over [`auth::STATE_ALPN`] plus the consecutive deltas after it; it
 //! pulls again on a new incarnation, a version gap older than
-//! [`node::GAP_GRACE`], or `Lagged`. Peers are admitted by [`auth`] before
-//! any gossip or state connection. Limits: [`wire::MAX_GOSSIP_BYTES`] per
+//! [`node::GAP_GRACE`], or `Lagged`. While a node has fewer gossip
+//! neighbours than it wants, it also pushes each heartbeat straight to its
+//! admitted non-neighbours over [`auth::STATE_ALPN`] (the receiver checks it
+//! like gossip), so its lease never rests on the overlay alone. Peers are
+//! admitted by [`auth`] before any gossip or state connection; a peer
+//! admitted again with a new incarnation (it restarted, maybe by `kill -9`)
+//! has its previous process's connections closed first, so iroh-gossip
+//! drops the dead neighbour and answers the new process's join. Limits: [`wire::MAX_GOSSIP_BYTES`] per
 //! broadcast (iroh-gossip `max_message_size` [`wire::GOSSIP_MAX_MESSAGE_SIZE`]
 //! on every node), [`wire::MAX_STREAM_BYTES`] per full state.
 //!

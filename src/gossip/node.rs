@@ -66,6 +66,17 @@ pub const PEER_FORGET_LEASES: u32 = 40;
 pub const DISCOVERED_CAPACITY: usize = 64;
 /// Capacity of the event subscription (the buffer before `Lagged`).
 pub const SUBSCRIPTION_CAPACITY: usize = 4096;
+/// Most peers one heartbeat is pushed to directly (see [`Node::push_direct`]).
+pub const MAX_DIRECT_PEERS: usize = 16;
+/// Capacity of the queue of heartbeats pushed to us directly; a full queue
+/// drops (the next one comes a third of a lease later).
+pub const DIRECT_CAPACITY: usize = 64;
+/// Longest a direct push may take.
+pub const PUSH_TIMEOUT: Duration = Duration::from_secs(2);
+/// First byte of a [`STATE_ALPN`] stream: send me your full state...
+pub const REQUEST_PULL: u8 = 1;
+/// ...or: here is a sealed heartbeat of mine (then the message, then EOF).
+pub const REQUEST_PUSH: u8 = 2;
 
 /// Everything the thread needs, moved into it.
 pub(super) struct Setup {
@@ -139,10 +150,14 @@ impl Me {
     }
 }
 
-/// Serves this node's full state on [`STATE_ALPN`] (admitted peers only:
-/// the hooks gate the connection).
+/// Serves this node's full state on [`STATE_ALPN`], and takes heartbeats
+/// pushed there by peers that are not our gossip neighbours (admitted peers
+/// only: the hooks gate the connection).
 #[derive(Clone)]
-struct StateHandler(Arc<Me>);
+struct StateHandler {
+    me: Arc<Me>,
+    direct: tokio::sync::mpsc::Sender<(EndpointId, Vec<u8>)>,
+}
 
 impl std::fmt::Debug for StateHandler {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -157,12 +172,24 @@ impl ProtocolHandler for StateHandler {
         recv.read_exact(&mut req)
             .await
             .map_err(AcceptError::from_err)?;
-        let bytes = self.0.full_state();
+        if req[0] == REQUEST_PUSH {
+            let bytes = recv
+                .read_to_end(wire::MAX_GOSSIP_BYTES)
+                .await
+                .map_err(AcceptError::from_err)?;
+            // Verified by the gossip loop, like any gossip message.
+            let _ = self.direct.try_send((conn.remote_id(), bytes));
+            send.write_all(&[1]).await.map_err(AcceptError::from_err)?;
+            send.finish()?;
+            let _ = tokio::time::timeout(PUSH_TIMEOUT, conn.closed()).await;
+            return Ok(());
+        }
+        let bytes = self.me.full_state();
         send.write_all(&bytes)
             .await
             .map_err(AcceptError::from_err)?;
         send.finish()?;
-        self.0.stats.state_served.fetch_add(1, Ordering::Relaxed);
+        self.me.stats.state_served.fetch_add(1, Ordering::Relaxed);
         let _ = tokio::time::timeout(PULL_TIMEOUT, conn.closed()).await;
         Ok(())
     }
@@ -263,6 +290,8 @@ struct Node {
     n_pulls: usize,
     pulled_tx: tokio::sync::mpsc::Sender<Pulled>,
     discovered_rx: tokio::sync::mpsc::Receiver<EndpointId>,
+    /// Heartbeats pushed to us directly, with the peer that pushed them.
+    direct_rx: tokio::sync::mpsc::Receiver<(EndpointId, Vec<u8>)>,
     /// Peers found by mDNS.
     discovered: HashSet<EndpointId>,
 }
@@ -371,6 +400,7 @@ impl Node {
             endpoint.bound_sockets()
         );
         let (discovered_tx, discovered_rx) = tokio::sync::mpsc::channel(DISCOVERED_CAPACITY);
+        let (direct_tx, direct_rx) = tokio::sync::mpsc::channel(DIRECT_CAPACITY);
         if config.mdns
             && let Some(mdns) = start_mdns(&endpoint)
         {
@@ -403,7 +433,13 @@ impl Node {
         let router = Router::builder(endpoint.clone())
             .accept(iroh_gossip::ALPN, gossip.clone())
             .accept(super::auth::AUTH_ALPN, AuthHandler(auth.clone()))
-            .accept(STATE_ALPN, StateHandler(me.clone()))
+            .accept(
+                STATE_ALPN,
+                StateHandler {
+                    me: me.clone(),
+                    direct: direct_tx,
+                },
+            )
             .spawn();
         let unresolved = resolve_bootstrap(&memory, &bootstrap, true).await;
         let topic_handle = gossip
@@ -454,6 +490,7 @@ impl Node {
             n_pulls: 0,
             pulled_tx,
             discovered_rx,
+            direct_rx,
             discovered: HashSet::new(),
         };
         Ok((node, receiver, pulled_rx))
@@ -490,6 +527,7 @@ impl Node {
                 },
                 Some(p) = pulled_rx.recv() => self.on_pulled(p),
                 Some(id) = self.discovered_rx.recv() => self.on_discovered(id).await,
+                Some((from, bytes)) = self.direct_rx.recv() => self.on_direct(from, bytes).await,
                 _ = tick.tick() => self.on_tick().await,
             }
         }
@@ -546,9 +584,70 @@ impl Node {
                 ready: p.ready,
             }
         };
-        let bytes = self.me.seal(payload);
+        let bytes = self.me.seal(payload.clone());
         self.broadcast(bytes).await;
+        self.push_direct(payload);
         self.next_heartbeat = Instant::now() + self.heartbeat_every;
+    }
+
+    /// While the neighbour set is small, pushes the heartbeat straight to
+    /// admitted peers that are not neighbours, so our lease never rests on
+    /// the gossip overlay alone: e.g. just after a restart, peers may still
+    /// hold our previous process as a neighbour and leave our joins
+    /// unanswered. A receiver treats the heartbeat like one from gossip (a
+    /// new incarnation or version makes it pull our full state).
+    fn push_direct(&self, payload: Payload) {
+        let n_known = self.known_peers().len();
+        if self.neighbors.len() >= WANTED_NEIGHBORS.min(n_known) {
+            return;
+        }
+        let targets: Vec<EndpointId> = self
+            .auth
+            .admitted()
+            .into_keys()
+            .filter(|id| {
+                *id != self.my_id && !self.neighbors.contains(id) && !self.auth.is_blocked(id)
+            })
+            .take(MAX_DIRECT_PEERS)
+            .collect();
+        if targets.is_empty() {
+            return;
+        }
+        let bytes = Arc::new(self.me.seal(payload));
+        for id in targets {
+            let endpoint = self.endpoint.clone();
+            let bytes = bytes.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(PUSH_TIMEOUT, push(&endpoint, id, &bytes)).await {
+                    Ok(Ok(())) => log::trace!("gossip: pushed a heartbeat to {id}"),
+                    Ok(Err(e)) => log::debug!("gossip: pushing a heartbeat to {id}: {e}"),
+                    Err(_) => log::debug!("gossip: pushing a heartbeat to {id}: timed out"),
+                }
+            });
+        }
+    }
+
+    /// A heartbeat pushed by `from` over [`STATE_ALPN`]: accepted only when
+    /// `from` is its origin, then verified and applied like gossip.
+    async fn on_direct(&mut self, from: EndpointId, bytes: Vec<u8>) {
+        if self.auth.is_blocked(&from) {
+            return;
+        }
+        self.stats.received.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .received_bytes
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        match wire::open(&self.me.keys, &bytes, wire::MAX_GOSSIP_BYTES) {
+            Ok(h) if h.origin != *from.as_bytes() => {
+                return self.drop_msg(DropReason::Malformed, "pushed by another node");
+            }
+            Ok(h) if !matches!(h.payload, Payload::Heartbeat { .. }) => {
+                return self.drop_msg(DropReason::Malformed, "pushed a non-heartbeat");
+            }
+            Ok(_) => {}
+            Err(reason) => return self.drop_msg(reason, "pushed"),
+        }
+        self.on_message(&bytes, Instant::now()).await;
     }
 
     /// This node's groups as the table holds them now.
@@ -1141,7 +1240,9 @@ async fn pull(endpoint: &Endpoint, keys: &Keys, id: EndpointId) -> Result<wire::
         .await
         .map_err(|e| e.to_string())?;
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-    send.write_all(&[1]).await.map_err(|e| e.to_string())?;
+    send.write_all(&[REQUEST_PULL])
+        .await
+        .map_err(|e| e.to_string())?;
     let _ = send.finish();
     let bytes = recv
         .read_to_end(wire::MAX_STREAM_BYTES)
@@ -1153,6 +1254,28 @@ async fn pull(endpoint: &Endpoint, keys: &Keys, id: EndpointId) -> Result<wire::
         return Err("state of another origin".into());
     }
     Ok(header)
+}
+
+/// Pushes one sealed heartbeat to `id` over a direct stream.
+async fn push(endpoint: &Endpoint, id: EndpointId, bytes: &[u8]) -> Result<(), String> {
+    let conn = endpoint
+        .connect(EndpointAddr::new(id), STATE_ALPN)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    send.write_all(&[REQUEST_PUSH])
+        .await
+        .map_err(|e| e.to_string())?;
+    send.write_all(bytes).await.map_err(|e| e.to_string())?;
+    let _ = send.finish();
+    // Wait for the receipt, so closing does not cut the message short.
+    let mut receipt = [0u8; 1];
+    let result = recv
+        .read_exact(&mut receipt)
+        .await
+        .map_err(|e| e.to_string());
+    conn.close(0u32.into(), b"done");
+    result
 }
 
 /// The changes that turn `old` into `new`.

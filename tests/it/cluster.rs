@@ -752,32 +752,35 @@ fn kill_9_and_restart_at_the_same_address_never_makes_names_vanish() {
         "the three did not meet; A's log:\n{}",
         log(&procs[0])
     );
-    // Let a few heartbeats pass, as in a long-running cluster.
-    std::thread::sleep(Duration::from_millis(1500));
-    procs[1].child.kill().unwrap(); // SIGKILL: no leave, no QUIC close
-    let killed = Instant::now();
-    procs[1].child.wait().unwrap();
-    // About as long as `docker rm` and `docker run` take.
-    std::thread::sleep(Duration::from_millis(500));
-    procs[1] = spawn(1);
-    let watch = Duration::from_secs(3 * LEASE_SECS);
-    let mut checks = 0;
-    while killed.elapsed() < watch {
-        for i in [0, 2] {
-            assert_eq!(
-                dns_has(procs[i].dns, "from-b"),
-                Some(true),
-                "{} lost B's name {:?} after B's kill -9 and restart; its log:\n{}\nB's log:\n{}",
-                names[i],
-                killed.elapsed(),
-                log(&procs[i]),
-                log(&procs[1])
-            );
+    // Twice: each restart met the bug only in about a third of the runs.
+    for round in 1..=2 {
+        // Let a few heartbeats pass, as in a long-running cluster.
+        std::thread::sleep(Duration::from_millis(1500));
+        procs[1].child.kill().unwrap(); // SIGKILL: no leave, no QUIC close
+        let killed = Instant::now();
+        procs[1].child.wait().unwrap();
+        // About as long as `docker rm` and `docker run` take.
+        std::thread::sleep(Duration::from_millis(500));
+        procs[1] = spawn(1);
+        let watch = Duration::from_secs(3 * LEASE_SECS);
+        let mut checks = 0;
+        while killed.elapsed() < watch {
+            for i in [0, 2] {
+                assert_eq!(
+                    dns_has(procs[i].dns, "from-b"),
+                    Some(true),
+                    "round {round}: {} lost B's name {:?} after B's kill -9 and restart; its log:\n{}\nB's log:\n{}",
+                    names[i],
+                    killed.elapsed(),
+                    log(&procs[i]),
+                    log(&procs[1])
+                );
+            }
+            checks += 1;
+            std::thread::sleep(Duration::from_millis(20));
         }
-        checks += 1;
-        std::thread::sleep(Duration::from_millis(20));
+        assert!(checks > 100, "only {checks} checks");
     }
-    assert!(checks > 100, "only {checks} checks");
     // The restart was seen (new incarnation), and B hears the others again.
     for i in [0, 2] {
         assert!(
