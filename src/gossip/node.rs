@@ -601,13 +601,24 @@ impl Node {
         if self.neighbors.len() >= WANTED_NEIGHBORS.min(n_known) {
             return;
         }
+        let now = Instant::now();
+        // Not to peers that have gone silent (lease expired) since their
+        // last admission: they are likely gone for good.
+        let gone = |id: &EndpointId, since: Instant| {
+            self.origins.get(id).is_some_and(|o| o.expired)
+                && now.saturating_duration_since(since) > self.lease
+        };
         let targets: Vec<EndpointId> = self
             .auth
             .admitted()
-            .into_keys()
-            .filter(|id| {
-                *id != self.my_id && !self.neighbors.contains(id) && !self.auth.is_blocked(id)
+            .into_iter()
+            .filter(|(id, a)| {
+                *id != self.my_id
+                    && !self.neighbors.contains(id)
+                    && !self.auth.is_blocked(id)
+                    && !gone(id, a.since)
             })
+            .map(|(id, _)| id)
             .take(MAX_DIRECT_PEERS)
             .collect();
         if targets.is_empty() {
