@@ -19,7 +19,9 @@
 #      Target: < 2 s.
 #  (c) resident memory: VmRSS of A (10 000 own records), D (10 000 remote)
 #      and B before (a few records); then D under RSS_QPS queries/s of
-#      dnsperf for RSS_SECS s: VmRSS before and after (no growth expected).
+#      dnsperf for RSS_SECS s after a 3 s warm-up: VmRSS before, every 5 s,
+#      and after (no growth expected), next to C's (same records, no
+#      queries) over the same time.
 #
 # Usage: bench/cluster.sh    (root, fresh Debian 12 with a running Docker engine)
 # Knobs: CHANGES=200 POOL=8 RECORDS=10000 RSS_QPS=20000 RSS_SECS=30
@@ -130,17 +132,27 @@ pulls_d="$(metric 3 glued_gossip_state_pulls_total)"
 
 # ---- (c) ------------------------------------------------------------------------
 sleep 2
-rss_a="$(rss_kib "$pid_a")"; rss_d0="$(rss_kib "$pid_d")"
-log "(c) dnsperf at $RSS_QPS qps for ${RSS_SECS}s against D"
+rss_a="$(rss_kib "$pid_a")"; rss_d_idle="$(rss_kib "$pid_d")"
 QUERIES="$WORK/queries.txt"
 write_queries "$QUERIES" "$DOMAIN" host "$RECORDS"
+log "(c) warm-up: dnsperf at $RSS_QPS qps for 3 s against D"
+taskset -c "$CLIENT_CPU" dnsperf -s 127.0.0.1 -p "$(node_dns_port 3)" -d "$QUERIES" -l 3 \
+    -c "$CLIENTS" -q "$OUTSTANDING" -Q "$RSS_QPS" > /dev/null 2>&1 || true
+rss_d0="$(rss_kib "$pid_d")"; rss_c0="$(rss_kib "$pid_c")"
+log "(c) dnsperf at $RSS_QPS qps for ${RSS_SECS}s against D"
+# D's RSS every 5 s during the run.
+(while kill -0 "$pid_d" 2>/dev/null; do rss_kib "$pid_d"; sleep 5; done) > "$WORK/rss-d.txt" &
+sampler=$!
+STARTED_PIDS+=("$sampler")
 run_child "$WORK/dnsperf-rss.txt" taskset -c "$CLIENT_CPU" dnsperf -s 127.0.0.1 \
     -p "$(node_dns_port 3)" -d "$QUERIES" -l "$RSS_SECS" -c "$CLIENTS" \
     -q "$OUTSTANDING" -Q "$RSS_QPS" -t "$QUERY_TIMEOUT" || true
 rss_d1="$(rss_kib "$pid_d")"
+kill "$sampler" 2>/dev/null || true
+rss_series="$(head -n $((RSS_SECS / 5 + 1)) "$WORK/rss-d.txt" | tr '\n' ' ')"
 hwm_d="$(hwm_kib "$pid_d")"
 rss_a1="$(rss_kib "$pid_a")"
-rss_c="$(rss_kib "$pid_c")"
+rss_c1="$(rss_kib "$pid_c")"
 answered="$(awk '/Queries completed:/ { print $3 }' "$WORK/dnsperf-rss.txt")"
 lost="$(awk '/Queries lost:/ { print $3 }' "$WORK/dnsperf-rss.txt")"
 qps="$(awk '/Queries per second:/ { printf "%d", $4 }' "$WORK/dnsperf-rss.txt")"
@@ -167,8 +179,11 @@ echo
 echo "(c) resident memory (VmRSS)"
 printf '    %-52s %8s KiB\n' "B, holding $records_b_small records (after (a))" "$rss_b_small"
 printf '    %-52s %8s KiB\n' "A, holding $records_a own records" "$rss_a"
-printf '    %-52s %8s KiB\n' "D, holding $records_a remote records" "$rss_d0"
+printf '    %-52s %8s KiB\n' "D, holding $records_a remote records (idle)" "$rss_d_idle"
+printf '    %-52s %8s KiB\n' "D after a 3 s warm-up of queries" "$rss_d0"
 printf '    %-52s %8s KiB (peak VmHWM %s KiB)\n' "D after ${RSS_SECS} s of dnsperf at $RSS_QPS qps" "$rss_d1" "$hwm_d"
 printf '    %-52s %8s KiB\n' "A at the same moment" "$rss_a1"
-printf '    %-52s %8s KiB\n' "C (holding $records_a remote records, no load)" "$rss_c"
-echo "    dnsperf (CPU $CLIENT_CPU, -Q $RSS_QPS): $answered answered ($qps qps), $lost lost; growth of D: $((rss_d1 - rss_d0)) KiB"
+printf '    %-52s %8s KiB -> %s KiB\n' "C (same records, no queries) over the same ${RSS_SECS} s" "$rss_c0" "$rss_c1"
+echo "    dnsperf (CPU $CLIENT_CPU, -Q $RSS_QPS): $answered answered ($qps qps), $lost lost"
+echo "    D every 5 s during the run (KiB): $rss_series"
+echo "    growth of D under queries: $((rss_d1 - rss_d0)) KiB; of C without queries: $((rss_c1 - rss_c0)) KiB"
