@@ -231,6 +231,7 @@ impl Forwarder {
             timers: BinaryHeap::with_capacity(MAX_IN_FLIGHT),
             next_seq: 0,
             recv_buf: vec![0; MAX_MESSAGE_LEN],
+            probe: wire::probe_query(),
             scratch: Vec::with_capacity(MAX_MESSAGE_LEN),
             rx,
             tcp_tx,
@@ -390,6 +391,8 @@ struct Forwarding {
     timers: BinaryHeap<Reverse<(Instant, u16, u32)>>,
     next_seq: u32,
     recv_buf: Vec<u8>,
+    /// `. NS` query sent to down upstreams, id set per probe.
+    probe: Vec<u8>,
     scratch: Vec<u8>,
     rx: Receiver<Job>,
     tcp_tx: Sender<tcp::TcpJob>,
@@ -620,7 +623,7 @@ impl Forwarding {
                 continue;
             }
             let id = self.fresh_id();
-            let mut probe = vec![0, 0, 0x01, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 2, 0, 1];
+            let mut probe = self.probe.clone();
             wire::set_id(&mut probe, id);
             self.insert(id, id, probe, Client::Probe, now);
             log::debug!("probing upstream {}", self.upstreams[upstream].addr);

@@ -191,6 +191,16 @@ pub fn servfail(query: &[u8], out: &mut Vec<u8>) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn probe_is_root_ns_with_recursion_desired() {
+        let probe = super::probe_query();
+        assert_eq!(
+            probe[2..],
+            [0x01, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 2, 0, 1],
+            "flags (RD), one question: root, NS, IN"
+        );
+    }
+
     use super::*;
 
     /// A query for `name` (dotted, no trailing dot) type `qtype`, with an
@@ -352,4 +362,15 @@ mod tests {
             let _ = servfail(&m, &mut out);
         }
     }
+}
+
+/// The health probe sent to a down upstream: `. IN NS`, recursion desired.
+/// Encoded once, by hickory-proto; the caller sets a fresh id per probe.
+pub fn probe_query() -> Vec<u8> {
+    use hickory_proto::op::{Message, Query};
+    use hickory_proto::rr::{Name, RecordType};
+    let mut msg = Message::query();
+    msg.metadata.recursion_desired = true;
+    msg.add_query(Query::query(Name::root(), RecordType::NS));
+    msg.to_vec().expect("a one-question query always encodes")
 }
