@@ -189,6 +189,17 @@ pub fn servfail(query: &[u8], out: &mut Vec<u8>) -> bool {
     true
 }
 
+/// The health probe sent to a down upstream: `. IN NS`, recursion desired.
+/// Encoded once, by hickory-proto; the caller sets a fresh id per probe.
+pub fn probe_query() -> Vec<u8> {
+    use hickory_proto::op::{Message, Query};
+    use hickory_proto::rr::{Name, RecordType};
+    let mut msg = Message::query();
+    msg.metadata.recursion_desired = true;
+    msg.add_query(Query::query(Name::root(), RecordType::NS));
+    msg.to_vec().expect("a one-question query always encodes")
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -362,15 +373,4 @@ mod tests {
             let _ = servfail(&m, &mut out);
         }
     }
-}
-
-/// The health probe sent to a down upstream: `. IN NS`, recursion desired.
-/// Encoded once, by hickory-proto; the caller sets a fresh id per probe.
-pub fn probe_query() -> Vec<u8> {
-    use hickory_proto::op::{Message, Query};
-    use hickory_proto::rr::{Name, RecordType};
-    let mut msg = Message::query();
-    msg.metadata.recursion_desired = true;
-    msg.add_query(Query::query(Name::root(), RecordType::NS));
-    msg.to_vec().expect("a one-question query always encodes")
 }
