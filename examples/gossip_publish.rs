@@ -7,12 +7,13 @@
 //! cargo run --release --example gossip_publish [changes] [per_second]
 //! ```
 //!
-//! Defaults: 2 000 changes at 500/s. It prints the CPU time of every thread
-//! whose name starts with `gossip` (the loop thread, the runtime workers and
+//! Defaults: 2 000 changes at 500/s. It prints the CPU time of the threads
+//! named `gossip` or `gossip-*` (the loop thread, the runtime workers and
 //! the bridge), read from `/proc/self/task/*/schedstat`, over an idle window
 //! and over the change window of the same length, and the difference per
 //! change.
 
+use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,21 +28,32 @@ use glued::table::{self, Group, Origin, Source};
 /// Static names of the node.
 const NAMES: u32 = 1_000;
 
-/// Total on-CPU nanoseconds of this process's threads whose name starts
-/// with `prefix`, with the number of such threads.
+/// Total on-CPU nanoseconds of this process's threads named `prefix` or
+/// `prefix-*`, with the number of such threads.
 fn threads_cpu_ns(prefix: &str) -> (u64, usize) {
-    let mut total = 0;
-    let mut n = 0;
+    let per = per_thread_cpu_ns(prefix);
+    (per.values().sum(), per.len())
+}
+
+/// On-CPU nanoseconds of each thread named `prefix` or `prefix-*`, by
+/// name and tid.
+fn per_thread_cpu_ns(prefix: &str) -> BTreeMap<(String, String), u64> {
+    let mut out = BTreeMap::new();
     let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
-        return (0, 0);
+        return out;
     };
     for task in dir.flatten() {
         let path = task.path();
         let comm = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
-        if !comm.trim_end().starts_with(prefix) {
+        let name = comm.trim_end();
+        if name != prefix && !name.starts_with(&format!("{prefix}-")) {
             continue;
         }
-        n += 1;
+        let key = (
+            comm.trim_end().to_string(),
+            task.file_name().to_string_lossy().into_owned(),
+        );
+        let mut total = 0;
         // schedstat: ns on CPU, ns waiting, timeslices; stat (ticks) as a
         // fallback when the kernel has no schedstat.
         if let Some(ns) = std::fs::read_to_string(path.join("schedstat"))
@@ -59,8 +71,9 @@ fn threads_cpu_ns(prefix: &str) -> (u64, usize) {
             let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
             total += ticks * 1_000_000_000 / hz;
         }
+        out.insert(key, total);
     }
-    (total, n)
+    out
 }
 
 fn config() -> Config {
@@ -150,6 +163,7 @@ fn main() -> anyhow::Result<()> {
     let (idle1, _) = threads_cpu_ns("gossip");
 
     let start = Instant::now();
+    let per0 = per_thread_cpu_ns("gossip");
     let (busy0, _) = threads_cpu_ns("gossip");
     for k in 0..changes {
         let i = k % NAMES;
@@ -167,6 +181,7 @@ fn main() -> anyhow::Result<()> {
     }
     let elapsed = start.elapsed();
     let (busy1, _) = threads_cpu_ns("gossip");
+    let per1 = per_thread_cpu_ns("gossip");
     // Let the trailing publish run before stopping.
     std::thread::sleep(Duration::from_millis(100));
 
@@ -189,6 +204,13 @@ fn main() -> anyhow::Result<()> {
         busy as f64 / 1e3 / f64::from(changes),
         (busy as f64 - idle_scaled) / 1e3 / f64::from(changes)
     );
+    for ((name, tid), ns) in &per1 {
+        let before = per0.get(&(name.clone(), tid.clone())).copied().unwrap_or(0);
+        println!(
+            "  {name:<14} tid {tid:<8} {:>8.1} ms",
+            ns.saturating_sub(before) as f64 / 1e6
+        );
+    }
     gossip.stop();
     registry.stop();
     let _ = std::fs::remove_dir_all(&config.data_dir);

@@ -57,6 +57,13 @@ pub const COMMAND_CAPACITY: usize = 256;
 /// Worker threads of the gossip runtime: one worker lost bursts (IROH.md
 /// trap 1), two did not.
 pub const RUNTIME_WORKERS: usize = 2;
+/// Shortest interval between two publishes of local changes. The bridge
+/// forwards a change token at once, then waits this long before it takes
+/// the next one: the tokens of a burst fold into the registry's one-slot
+/// channel meanwhile, and the last one is forwarded at the end of the wait,
+/// so the last change is never lost and an isolated change is published
+/// without delay.
+pub const PUBLISH_MIN_INTERVAL: Duration = Duration::from_millis(20);
 /// Longest [`Gossip::stop`] waits for the topic to be left cleanly.
 pub const STOP_TIMEOUT: Duration = Duration::from_millis(500);
 /// Longest the start waits for the endpoint to bind.
@@ -365,7 +372,8 @@ impl Drop for Gossip {
     }
 }
 
-/// Forwards the registry's change tokens into the async inbox.
+/// Forwards the registry's change tokens into the async inbox, at most one
+/// per [`PUBLISH_MIN_INTERVAL`] (see there).
 fn bridge(local_changed: Receiver<()>, commands: tokio::sync::mpsc::Sender<Command>) {
     loop {
         match local_changed.recv_timeout(Duration::from_millis(100)) {
@@ -373,6 +381,7 @@ fn bridge(local_changed: Receiver<()>, commands: tokio::sync::mpsc::Sender<Comma
                 if commands.blocking_send(Command::LocalChanged).is_err() {
                     return;
                 }
+                std::thread::sleep(PUBLISH_MIN_INTERVAL);
             }
             Err(RecvTimeoutError::Timeout) => {
                 if commands.is_closed() {

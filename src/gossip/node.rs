@@ -7,8 +7,9 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
+use std::ops::Bound as RangeBound;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Sender, TrySendError};
@@ -94,6 +95,8 @@ pub(super) struct Setup {
 #[derive(Default)]
 struct Published {
     version: u64,
+    /// This node's groups as of `version`; updated in place, one changed
+    /// group at a time.
     groups: BTreeMap<Source, Group>,
     ready: bool,
     /// Sealed full state of `version`, reused until the next change.
@@ -264,7 +267,6 @@ struct Pulled {
 struct Node {
     me: Arc<Me>,
     my_id: EndpointId,
-    origin: Origin,
     table: SharedTable,
     registry: Sender<RegistryMsg>,
     stats: Arc<GossipStats>,
@@ -280,6 +282,12 @@ struct Node {
     heartbeat_every: Duration,
     started: Instant,
     last_local_change: Instant,
+    /// Smallest key of this node's groups in the table (the table is sorted
+    /// by origin, then source): where the range over them starts.
+    local_lo: (Origin, Source),
+    /// The table snapshot `me.published.groups` was last brought up to date
+    /// with (a weak pointer: compared, never read).
+    last_seen: Weak<BTreeMap<(Origin, Source), Group>>,
     next_heartbeat: Instant,
     last_hello_answer: Option<Instant>,
     next_rejoin: Instant,
@@ -461,10 +469,18 @@ impl Node {
         let lease = Duration::from_secs(config.lease_secs.max(1));
         let now = Instant::now();
         let (pulled_tx, pulled_rx) = tokio::sync::mpsc::channel(MAX_PULLS * 2);
+        let local_lo = (
+            Origin {
+                id: origin.id.clone(),
+                node_name: String::new(),
+            },
+            Source::Static {
+                name: String::new(),
+            },
+        );
         let node = Node {
             me,
             my_id,
-            origin,
             table,
             registry,
             stats,
@@ -480,6 +496,8 @@ impl Node {
             heartbeat_every: (lease / 3).max(MIN_HEARTBEAT),
             started: now,
             last_local_change: now,
+            local_lo,
+            last_seen: Weak::new(),
             next_heartbeat: now,
             last_hello_answer: None,
             next_rejoin: now + REJOIN_EVERY,
@@ -661,35 +679,65 @@ impl Node {
         self.on_message(&bytes, Instant::now()).await;
     }
 
-    /// This node's groups as the table holds them now.
-    fn local_groups(&self) -> BTreeMap<Source, Group> {
-        let table = self.table.load();
-        table
-            .groups
-            .iter()
-            .filter(|((o, _), _)| o.id == self.origin.id)
-            .map(|((_, s), g)| (s.clone(), g.clone()))
-            .collect()
+    /// Brings `me.published.groups` up to date with the table, cloning only
+    /// the groups that changed. Returns the changes as wire messages when
+    /// `wire` (and there are any), and whether anything changed.
+    fn sync_published(&mut self, p: &mut Published, wire: bool) -> (Vec<Change>, bool) {
+        let groups = self.table.load().groups.clone();
+        if Weak::ptr_eq(&self.last_seen, &Arc::downgrade(&groups)) {
+            return (Vec::new(), false);
+        }
+        self.last_seen = Arc::downgrade(&groups);
+        let d = diff(&p.groups, local_range(&groups, &self.local_lo));
+        if d.is_empty() {
+            return (Vec::new(), false);
+        }
+        let mut changes = Vec::new();
+        if wire {
+            changes.reserve(d.upserts.len() + d.removes.len());
+            changes.extend(
+                d.upserts
+                    .iter()
+                    .map(|(s, g)| Change::Upsert((*s).into(), (*g).into())),
+            );
+            changes.extend(d.removes.iter().map(|s| Change::Remove(s.into())));
+        }
+        for s in &d.removes {
+            p.groups.remove(s);
+        }
+        for (s, g) in d.upserts {
+            match p.groups.get_mut(s) {
+                Some(old) => old.clone_from(g),
+                None => {
+                    p.groups.insert(s.clone(), g.clone());
+                }
+            }
+        }
+        (changes, true)
     }
 
     /// Diffs this node's groups against what was published and broadcasts
-    /// the changes as deltas.
+    /// the changes as deltas. With no neighbour, nobody would receive a
+    /// delta: the version still moves on (one step) and no message is
+    /// built; peers that come later see the version in a heartbeat and pull
+    /// the full state.
     async fn publish(&mut self) {
-        let current = self.local_groups();
+        let me = self.me.clone();
+        let wire = !self.neighbors.is_empty();
         let mut messages = Vec::new();
         let mut oversize = false;
         {
-            let mut p = self.me.published.lock().expect("published lock");
-            if !p.ready {
-                p.groups = current;
+            let mut p = me.published.lock().expect("published lock");
+            let ready = p.ready;
+            let (changes, changed) = self.sync_published(&mut p, ready && wire);
+            if !ready || !changed {
                 return;
             }
-            let changes = diff(&p.groups, &current);
-            if changes.is_empty() {
-                return;
-            }
-            p.groups = current;
             p.cache = None;
+            if !wire {
+                p.version += 1;
+                return;
+            }
             let (chunks, skipped) =
                 wire::chunk_changes(changes, wire::MAX_GOSSIP_BYTES, wire::HEADER_BUDGET);
             for changes in chunks {
@@ -721,10 +769,10 @@ impl Node {
     /// Marks this start as settled: peers may now replace the previous
     /// incarnation's records with this one's full state.
     async fn become_ready(&mut self) {
-        let current = self.local_groups();
         {
-            let mut p = self.me.published.lock().expect("published lock");
-            p.groups = current;
+            let me = self.me.clone();
+            let mut p = me.published.lock().expect("published lock");
+            self.sync_published(&mut p, false);
             p.version = 1;
             p.ready = true;
             p.cache = None;
@@ -1289,17 +1337,74 @@ async fn push(endpoint: &Endpoint, id: EndpointId, bytes: &[u8]) -> Result<(), S
     result
 }
 
-/// The changes that turn `old` into `new`.
-fn diff(old: &BTreeMap<Source, Group>, new: &BTreeMap<Source, Group>) -> Vec<Change> {
-    let mut out = Vec::new();
-    for (s, g) in new {
-        if old.get(s) != Some(g) {
-            out.push(Change::Upsert(s.into(), g.into()));
-        }
+/// This node's groups in a table, in source order: the range of keys that
+/// start with its id (`lo` is the smallest such key). The local origin has
+/// one node name; groups filed under another one (never made by the
+/// registry) are left out.
+fn local_range<'a>(
+    groups: &'a BTreeMap<(Origin, Source), Group>,
+    lo: &'a (Origin, Source),
+) -> impl Iterator<Item = (&'a Source, &'a Group)> + 'a {
+    let mut node_name: Option<&'a str> = None;
+    groups
+        .range((RangeBound::Included(lo), RangeBound::Unbounded))
+        .take_while(move |((o, _), _)| o.id == lo.0.id)
+        .filter(move |((o, _), _)| *node_name.get_or_insert(o.node_name.as_str()) == o.node_name)
+        .map(|((_, s), g)| (s, g))
+}
+
+/// What turns one sorted set of groups into another, borrowing the new
+/// groups: nothing is cloned but the removed sources.
+#[derive(Debug, Default)]
+struct Diff<'a> {
+    upserts: Vec<(&'a Source, &'a Group)>,
+    removes: Vec<Source>,
+}
+
+impl Diff<'_> {
+    fn is_empty(&self) -> bool {
+        self.upserts.is_empty() && self.removes.is_empty()
     }
-    for s in old.keys() {
-        if !new.contains_key(s) {
-            out.push(Change::Remove(s.into()));
+}
+
+/// The changes that turn `old` into `new` (sorted by source, as a
+/// `BTreeMap` range is), found by walking both in lockstep.
+fn diff<'a>(
+    old: &BTreeMap<Source, Group>,
+    new: impl Iterator<Item = (&'a Source, &'a Group)>,
+) -> Diff<'a> {
+    use std::cmp::Ordering as Ord;
+    let mut out = Diff::default();
+    let mut old = old.iter().peekable();
+    let mut new = new.peekable();
+    loop {
+        match (old.peek(), new.peek()) {
+            (None, None) => break,
+            (Some((os, _)), None) => {
+                out.removes.push((*os).clone());
+                old.next();
+            }
+            (None, Some(&(ns, ng))) => {
+                out.upserts.push((ns, ng));
+                new.next();
+            }
+            (Some(&(os, og)), Some(&(ns, ng))) => match os.cmp(ns) {
+                Ord::Less => {
+                    out.removes.push(os.clone());
+                    old.next();
+                }
+                Ord::Greater => {
+                    out.upserts.push((ns, ng));
+                    new.next();
+                }
+                Ord::Equal => {
+                    if og != ng {
+                        out.upserts.push((ns, ng));
+                    }
+                    old.next();
+                    new.next();
+                }
+            },
         }
     }
     out
@@ -1309,20 +1414,82 @@ fn diff(old: &BTreeMap<Source, Group>, new: &BTreeMap<Source, Group>) -> Vec<Cha
 mod tests {
     use super::*;
 
-    #[test]
-    fn diff_lists_upserts_and_removes() {
-        let g = |ip: &str| Group {
+    fn g(ip: &str) -> Group {
+        Group {
             names: vec!["x".into()],
             v4: vec![ip.parse().unwrap()],
             v6: vec![],
-        };
-        let s = |n: &str| Source::Static { name: n.into() };
+        }
+    }
+
+    fn s(n: &str) -> Source {
+        Source::Static { name: n.into() }
+    }
+
+    fn origin(id: &str) -> Origin {
+        Origin {
+            id: id.into(),
+            node_name: format!("node-{id}"),
+        }
+    }
+
+    #[test]
+    fn diff_lists_upserts_and_removes() {
         let old: BTreeMap<_, _> = [(s("a"), g("10.0.0.1")), (s("b"), g("10.0.0.2"))].into();
-        let new: BTreeMap<_, _> = [(s("a"), g("10.0.0.9")), (s("c"), g("10.0.0.3"))].into();
-        let d = diff(&old, &new);
-        assert_eq!(d.len(), 3);
-        assert!(d.contains(&Change::Remove(wire::WireSource::Static("b".into()))));
-        assert!(diff(&new, &new).is_empty());
+        let new: BTreeMap<_, _> = [
+            (s("a"), g("10.0.0.9")),
+            (s("c"), g("10.0.0.3")),
+            (s("d"), g("10.0.0.4")),
+        ]
+        .into();
+        let d = diff(&old, new.iter());
+        let up: Vec<&Source> = d.upserts.iter().map(|(s, _)| *s).collect();
+        assert_eq!(up, [&s("a"), &s("c"), &s("d")]);
+        assert_eq!(d.upserts[0].1, &g("10.0.0.9"));
+        assert_eq!(d.removes, [s("b")]);
+        assert!(diff(&new, new.iter()).is_empty());
+        let d = diff(&new, old.iter());
+        assert_eq!(d.removes, [s("c"), s("d")]);
+        assert_eq!(d.upserts.len(), 2, "a changed back, b added");
+        let d = diff(&BTreeMap::new(), std::iter::empty());
+        assert!(d.is_empty());
+    }
+
+    #[test]
+    fn the_local_range_holds_exactly_this_nodes_groups() {
+        let mut table = BTreeMap::new();
+        for id in ["a", "b", "bb", "c"] {
+            for n in ["x", "y"] {
+                table.insert((origin(id), s(n)), g("10.0.0.1"));
+            }
+        }
+        table.insert(
+            (
+                origin("b"),
+                Source::Container {
+                    id: "c1".into(),
+                    network: "n".into(),
+                },
+            ),
+            g("10.0.0.2"),
+        );
+        let lo = (
+            Origin {
+                id: "b".into(),
+                node_name: String::new(),
+            },
+            s(""),
+        );
+        let got: Vec<&Source> = local_range(&table, &lo).map(|(s, _)| s).collect();
+        assert_eq!(got.len(), 3);
+        assert_eq!(got[..2], [&s("x"), &s("y")]);
+        assert!(matches!(got[2], Source::Container { .. }));
+        let published: BTreeMap<Source, Group> = local_range(&table, &lo)
+            .map(|(s, g)| (s.clone(), g.clone()))
+            .collect();
+        assert!(diff(&published, local_range(&table, &lo)).is_empty());
+        let none = (origin("zz"), s(""));
+        assert_eq!(local_range(&table, &none).count(), 0);
     }
 
     #[test]
