@@ -5,24 +5,55 @@
 //! `(Origin, Source)`, drains its inbox in bursts, and publishes one new
 //! [`Table`] per burst through the shared `ArcSwap`.
 //!
-//! Invariants: only this thread stores into the [`SharedTable`]; a burst of
-//! changes produces one rebuild; a group with no names or no addresses is
-//! the same as no group.
+//! A publish costs what the burst changed, not the size of the table: the
+//! thread keeps two tables, the published one and a *spare* that no reader
+//! holds (double buffering). [`State`] indexes its groups by name key and by
+//! address and records which keys a burst touched; those entries alone are
+//! recomputed into the spare, which is then swapped in. The table that comes
+//! back from the swap becomes the next spare: before it is written to, the
+//! thread waits (at most [`SPARE_WAIT`]) until the last reader has let go of
+//! it, then brings it up to date with the changes it missed. A spare still
+//! held after that wait is dropped and the next table is built from scratch
+//! (counted in [`RegistryStats::full_builds`]).
+//!
+//! Invariants: only this thread stores into the [`SharedTable`] (a table
+//! stored by anyone else is never written to: the registry notices the
+//! foreign pointer and rebuilds); a published table is never mutated; after
+//! every burst the published table equals `Table::build` of the registry's
+//! groups; a burst of changes produces one publish; a group with no names or
+//! no addresses is the same as no group.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::ops::Bound;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
 
-use crate::table::{Group, Origin, SharedTable, Source, SourceKind, Table};
+use crate::table::{
+    Group, Origin, SharedTable, Source, SourceKind, Table, write_key, write_target,
+};
 
 /// Capacity of the registry inbox. Senders block when it is full, which
 /// paces a burst instead of dropping it.
 pub const INBOX_CAPACITY: usize = 4096;
-/// Most messages applied before one table rebuild.
+/// Most messages applied before one table publish.
 pub const MAX_BATCH: usize = 4096;
+/// Longest wait for readers to let go of the spare table before it is
+/// dropped and the next table is built from scratch. DNS threads hold a
+/// table for one query (microseconds); HTTP and gossip for one pass over the
+/// groups.
+pub const SPARE_WAIT: Duration = Duration::from_millis(2);
+/// Busy-wait rounds between two `yield_now` while waiting for the spare.
+const SPIN_ROUNDS: u32 = 64;
+
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::FixedState>;
+type FastSet<K> = HashSet<K, foldhash::fast::FixedState>;
+/// A group's owner and producer: the key of every group.
+type GroupKey = (Origin, Source);
 
 /// One change to the record set.
 #[derive(Debug)]
@@ -52,7 +83,11 @@ pub enum RegistryMsg {
 #[derive(Debug, Default)]
 pub struct RegistryStats {
     pub updates: AtomicU64,
+    /// Tables published (one per burst that changed something).
     pub rebuilds: AtomicU64,
+    /// Tables built from every group instead of updated in place: the first
+    /// one, and each time a reader held the spare longer than [`SPARE_WAIT`].
+    pub full_builds: AtomicU64,
     pub groups: AtomicU64,
 }
 
@@ -71,6 +106,11 @@ impl RegistryStats {
         );
         let _ = writeln!(
             out,
+            "# TYPE glued_registry_full_builds_total counter\nglued_registry_full_builds_total {}",
+            self.full_builds.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
             "# TYPE glued_registry_groups gauge\nglued_registry_groups {}",
             self.groups.load(Ordering::Relaxed)
         );
@@ -85,7 +125,7 @@ pub struct Registry {
 
 impl Registry {
     /// Starts the registry thread. `local_changed` (if any) gets a token
-    /// after every rebuild that changed a group of `local_id`; it is bounded
+    /// after every publish that changed a group of `local_id`; it is bounded
     /// to one and never blocks the registry.
     pub fn spawn(
         table: SharedTable,
@@ -121,7 +161,7 @@ fn run(
     local_changed: Option<Sender<()>>,
 ) {
     let mut state = State::default();
-    let mut serial = table.load().serial;
+    let mut writer = Writer::new(table);
     loop {
         let Ok(first) = rx.recv() else { return };
         let mut stop = false;
@@ -145,15 +185,7 @@ fn run(
             }
         }
         if changed {
-            serial = serial.wrapping_add(1);
-            let old = table.load();
-            let next = Table::build(
-                &old.domain,
-                old.ttl_secs,
-                serial,
-                Arc::new(state.groups.clone()),
-            );
-            table.store(Arc::new(next));
+            writer.publish(&mut state, &stats);
             stats.rebuilds.fetch_add(1, Ordering::Relaxed);
             stats
                 .groups
@@ -171,10 +203,185 @@ fn run(
     }
 }
 
+/// The publishing half of the registry: the shared table and the spare copy.
+struct Writer {
+    table: SharedTable,
+    domain: String,
+    ttl_secs: u32,
+    serial: u32,
+    /// The table published last, as (address, serial), to recognise it when
+    /// the swap hands it back. Only compared, never dereferenced.
+    published: Option<(usize, u32)>,
+    /// The copy no reader should hold; `None` until the first publish and
+    /// after it had to be given up.
+    spare: Option<Arc<Table>>,
+    /// What the spare misses besides the burst being published: the previous
+    /// burst's changes.
+    spare_behind: Changes,
+    scratch: Scratch,
+}
+
+/// Buffers reused for every recomputed entry.
+#[derive(Default)]
+struct Scratch {
+    v4: Vec<Ipv4Addr>,
+    v6: Vec<Ipv6Addr>,
+    target: Vec<u8>,
+}
+
+impl Writer {
+    fn new(table: SharedTable) -> Writer {
+        let current = table.load();
+        // An empty table is in step with the registry's empty state: adopt it
+        // as the spare once the first publish hands it back.
+        let adopt = current.n_names() == 0
+            && current.groups.is_empty()
+            && current.addresses().next().is_none();
+        let (domain, ttl_secs, serial) = (current.domain.clone(), current.ttl_secs, current.serial);
+        let published = adopt.then(|| (Arc::as_ptr(&current) as usize, serial));
+        drop(current);
+        Writer {
+            table,
+            domain,
+            ttl_secs,
+            serial,
+            published,
+            spare: None,
+            spare_behind: Changes::default(),
+            scratch: Scratch::default(),
+        }
+    }
+
+    /// Publishes the registry's groups as they are now, with the changes
+    /// `state` recorded since the last publish.
+    fn publish(&mut self, state: &mut State, stats: &RegistryStats) {
+        let mut behind = std::mem::take(&mut self.spare_behind);
+        self.serial = self.serial.wrapping_add(1);
+        let next = match self.spare.take().and_then(wait_until_unshared) {
+            Some(mut next) => {
+                let t = Arc::get_mut(&mut next).expect("unshared spare");
+                apply_changes(t, state, &behind, &mut self.scratch);
+                apply_changes(t, state, &state.index.changes, &mut self.scratch);
+                t.serial = self.serial;
+                next
+            }
+            None => {
+                stats.full_builds.fetch_add(1, Ordering::Relaxed);
+                Arc::new(state.build(&self.domain, self.ttl_secs, self.serial))
+            }
+        };
+        // The burst's change set is what the old table will miss; the one
+        // applied above is empty again and keeps its buffers for the next.
+        behind.clear();
+        let burst = std::mem::replace(&mut state.index.changes, behind);
+        let next_id = (Arc::as_ptr(&next) as usize, self.serial);
+        let old = self.table.swap(next);
+        if self.published == Some((Arc::as_ptr(&old) as usize, old.serial)) {
+            self.spare = Some(old);
+            self.spare_behind = burst;
+        } else {
+            // Someone else stored this table: it is not ours to write to.
+            self.spare = None;
+        }
+        self.published = Some(next_id);
+    }
+}
+
+/// Waits (at most [`SPARE_WAIT`]) until `table` has no other holder.
+fn wait_until_unshared(mut table: Arc<Table>) -> Option<Arc<Table>> {
+    let deadline = Instant::now() + SPARE_WAIT;
+    loop {
+        for _ in 0..SPIN_ROUNDS {
+            if Arc::get_mut(&mut table).is_some() {
+                return Some(table);
+            }
+            std::hint::spin_loop();
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::yield_now();
+    }
+}
+
+/// Recomputes, from `state`, every entry `changes` names into `table`.
+fn apply_changes(table: &mut Table, state: &State, changes: &Changes, scratch: &mut Scratch) {
+    for key in &changes.names {
+        let Some(holders) = state.index.by_name.get(key) else {
+            table.remove_name(key);
+            continue;
+        };
+        scratch.v4.clear();
+        scratch.v6.clear();
+        for holder in holders {
+            let group = &state.groups[holder];
+            scratch.v4.extend_from_slice(&group.v4);
+            scratch.v6.extend_from_slice(&group.v6);
+        }
+        scratch.v4.sort_unstable();
+        scratch.v4.dedup();
+        scratch.v6.sort_unstable();
+        scratch.v6.dedup();
+        table.set_name(key, &scratch.v4, &scratch.v6);
+    }
+    for ip in &changes.addrs {
+        let primary = state
+            .index
+            .by_addr
+            .get(ip)
+            .and_then(|holders| holders.first())
+            .and_then(|first| state.groups[first].names.first());
+        match primary {
+            Some(primary) => {
+                write_target(&mut scratch.target, primary, &table.domain_wire);
+                table.set_reverse(*ip, &scratch.target);
+            }
+            None => table.remove_reverse(ip),
+        }
+    }
+    for key in &changes.groups {
+        table.set_group(key, state.groups.get(key));
+    }
+}
+
+/// What changed since the last publish: the table entries to recompute.
+#[derive(Default)]
+struct Changes {
+    /// Name keys (as in [`Table::lookup`]) whose addresses may have changed.
+    names: FastSet<Box<[u8]>>,
+    /// Addresses whose PTR answer may have changed.
+    addrs: FastSet<IpAddr>,
+    /// Groups inserted, changed or removed.
+    groups: Vec<Arc<GroupKey>>,
+}
+
+impl Changes {
+    fn clear(&mut self) {
+        self.names.clear();
+        self.addrs.clear();
+        self.groups.clear();
+    }
+}
+
 /// The registry's own record set: pure, so it is tested without threads.
+///
+/// Besides the groups it keeps two indexes, name key → groups answering it
+/// and address → groups holding it (each list sorted by group key), so that
+/// one changed group recomputes only its own names and addresses.
 #[derive(Default)]
 pub struct State {
-    pub groups: BTreeMap<(Origin, Source), Group>,
+    groups: BTreeMap<Arc<GroupKey>, Group>,
+    index: Index,
+}
+
+/// The indexes of [`State`] and the changes recorded since the last publish.
+#[derive(Default)]
+struct Index {
+    by_name: FastMap<Box<[u8]>, Vec<Arc<GroupKey>>>,
+    by_addr: FastMap<IpAddr, Vec<Arc<GroupKey>>>,
+    changes: Changes,
+    /// Scratch buffer for one name key.
+    key: Vec<u8>,
 }
 
 impl State {
@@ -188,19 +395,11 @@ impl State {
                 group,
             } => {
                 let id = origin.id.clone();
-                let key = (origin, source);
-                if is_empty(&group) {
-                    return self.groups.remove(&key).map(|_| id);
-                }
-                if self.groups.get(&key) == Some(&group) {
-                    return None;
-                }
-                self.groups.insert(key, group);
-                Some(id)
+                self.put((origin, source), group).then_some(id)
             }
             RegistryMsg::Remove { origin, source } => {
                 let id = origin.id.clone();
-                self.groups.remove(&(origin, source)).map(|_| id)
+                self.delete(&(origin, source)).then_some(id)
             }
             RegistryMsg::Replace {
                 origin,
@@ -208,47 +407,196 @@ impl State {
                 groups,
             } => {
                 let id = origin.id.clone();
-                let mut fresh: BTreeMap<(Origin, Source), Group> = groups
+                // Later duplicates of a source win, as in a map.
+                let mut fresh: BTreeMap<Source, Group> = groups
                     .into_iter()
                     .filter(|(s, g)| !is_empty(g) && kind.is_none_or(|k| s.kind() == k))
-                    .map(|(s, g)| ((origin.clone(), s), g))
                     .collect();
-                let before: Vec<_> = self
-                    .groups
-                    .iter()
-                    .filter(|((o, s), _)| o.id == id && kind.is_none_or(|k| s.kind() == k))
-                    .map(|(k, _)| k.clone())
+                let before: Vec<Arc<GroupKey>> = self
+                    .keys_of(&id)
+                    .filter(|k| kind.is_none_or(|kind| k.1.kind() == kind))
+                    .cloned()
                     .collect();
                 let mut changed = false;
                 for key in before {
-                    match fresh.remove(&key) {
-                        Some(g) => {
-                            let slot = self.groups.get_mut(&key).expect("present");
-                            if *slot != g {
-                                *slot = g;
-                                changed = true;
-                            }
-                        }
-                        None => {
-                            self.groups.remove(&key);
-                            changed = true;
-                        }
-                    }
+                    let kept = if key.0 == origin {
+                        fresh.remove(&key.1)
+                    } else {
+                        None
+                    };
+                    changed |= match kept {
+                        Some(group) => self.put_key(key, group),
+                        None => self.delete(&key),
+                    };
                 }
-                if !fresh.is_empty() {
-                    changed = true;
-                    self.groups.append(&mut fresh);
+                for (source, group) in fresh {
+                    changed |= self.put((origin.clone(), source), group);
                 }
                 changed.then_some(id)
             }
             RegistryMsg::DropOrigin { id } => {
-                let before = self.groups.len();
-                self.groups.retain(|(o, _), _| o.id != id);
-                (self.groups.len() != before).then_some(id)
+                let gone: Vec<Arc<GroupKey>> = self.keys_of(&id).cloned().collect();
+                let mut changed = false;
+                for key in gone {
+                    changed |= self.delete(&key);
+                }
+                changed.then_some(id)
             }
             RegistryMsg::Stop => None,
         }
     }
+
+    /// Number of groups held.
+    pub fn n_groups(&self) -> usize {
+        self.groups.len()
+    }
+
+    /// Every group, in key order.
+    pub fn groups(&self) -> impl Iterator<Item = (&GroupKey, &Group)> {
+        self.groups.iter().map(|(k, g)| (&**k, g))
+    }
+
+    /// A table built from scratch from every group.
+    pub fn build(&self, domain: &str, ttl_secs: u32, serial: u32) -> Table {
+        let groups = self.groups().map(|(k, g)| (k.clone(), g.clone()));
+        Table::build(domain, ttl_secs, serial, Arc::new(groups.collect()))
+    }
+
+    /// The keys of every group of the origin with this id, in order.
+    fn keys_of<'a>(&'a self, id: &'a str) -> impl Iterator<Item = &'a Arc<GroupKey>> + 'a {
+        let first: GroupKey = (
+            Origin {
+                id: id.to_owned(),
+                node_name: String::new(),
+            },
+            Source::Static {
+                name: String::new(),
+            },
+        );
+        self.groups
+            .range::<GroupKey, _>((Bound::Included(&first), Bound::Unbounded))
+            .map(|(k, _)| k)
+            .take_while(move |k| k.0.id == id)
+    }
+
+    /// Creates or replaces one group; `false` when nothing changed.
+    fn put(&mut self, key: GroupKey, group: Group) -> bool {
+        match self.groups.get_key_value(&key) {
+            Some((shared, _)) => {
+                let shared = shared.clone();
+                self.put_key(shared, group)
+            }
+            None if is_empty(&group) => false,
+            None => {
+                let key = Arc::new(key);
+                self.index.add(&key, &group);
+                self.index.changes.groups.push(key.clone());
+                self.groups.insert(key, group);
+                true
+            }
+        }
+    }
+
+    /// Replaces the group of a key already held.
+    fn put_key(&mut self, key: Arc<GroupKey>, group: Group) -> bool {
+        if is_empty(&group) {
+            return self.delete(&key);
+        }
+        let Some(slot) = self.groups.get_mut(&key) else {
+            return self.put(GroupKey::clone(&key), group);
+        };
+        if *slot == group {
+            return false;
+        }
+        let old = std::mem::replace(slot, group);
+        self.index.remove(&key, &old);
+        self.index.add(&key, &self.groups[&key]);
+        self.index.changes.groups.push(key);
+        true
+    }
+
+    /// Removes one group; `false` when there was none.
+    fn delete(&mut self, key: &GroupKey) -> bool {
+        let Some((key, old)) = self.groups.remove_entry(key) else {
+            return false;
+        };
+        self.index.remove(&key, &old);
+        self.index.changes.groups.push(key);
+        true
+    }
+}
+
+impl Index {
+    /// Adds `group`'s names and addresses to the indexes, marking them changed.
+    fn add(&mut self, key: &Arc<GroupKey>, group: &Group) {
+        for name in &group.names {
+            for node in [None, Some(key.0.node_name.as_str())] {
+                write_key(&mut self.key, name, node);
+                match self.by_name.get_mut(&self.key[..]) {
+                    Some(holders) => insert_sorted(holders, key),
+                    None => {
+                        self.by_name
+                            .insert(Box::from(&self.key[..]), vec![key.clone()]);
+                    }
+                }
+                mark_name(&mut self.changes, &self.key);
+            }
+        }
+        for ip in addrs(group) {
+            insert_sorted(self.by_addr.entry(ip).or_default(), key);
+            self.changes.addrs.insert(ip);
+        }
+    }
+
+    /// Takes `group`'s names and addresses out of the indexes, marking them
+    /// changed.
+    fn remove(&mut self, key: &Arc<GroupKey>, group: &Group) {
+        for name in &group.names {
+            for node in [None, Some(key.0.node_name.as_str())] {
+                write_key(&mut self.key, name, node);
+                if let Some(holders) = self.by_name.get_mut(&self.key[..])
+                    && remove_sorted(holders, key)
+                {
+                    self.by_name.remove(&self.key[..]);
+                }
+                mark_name(&mut self.changes, &self.key);
+            }
+        }
+        for ip in addrs(group) {
+            if let Some(holders) = self.by_addr.get_mut(&ip)
+                && remove_sorted(holders, key)
+            {
+                self.by_addr.remove(&ip);
+            }
+            self.changes.addrs.insert(ip);
+        }
+    }
+}
+
+fn mark_name(changes: &mut Changes, key: &[u8]) {
+    if !changes.names.contains(key) {
+        changes.names.insert(Box::from(key));
+    }
+}
+
+fn addrs(group: &Group) -> impl Iterator<Item = IpAddr> + '_ {
+    let v4 = group.v4.iter().map(|ip| IpAddr::V4(*ip));
+    v4.chain(group.v6.iter().map(|ip| IpAddr::V6(*ip)))
+}
+
+/// Inserts `key` into a list sorted by group key, once.
+fn insert_sorted(holders: &mut Vec<Arc<GroupKey>>, key: &Arc<GroupKey>) {
+    if let Err(at) = holders.binary_search(key) {
+        holders.insert(at, key.clone());
+    }
+}
+
+/// Removes `key` from a sorted list; `true` when the list is now empty.
+fn remove_sorted(holders: &mut Vec<Arc<GroupKey>>, key: &Arc<GroupKey>) -> bool {
+    if let Ok(at) = holders.binary_search(key) {
+        holders.remove(at);
+    }
+    holders.is_empty()
 }
 
 fn is_empty(group: &Group) -> bool {
@@ -312,8 +660,11 @@ mod tests {
             groups: vec![(container("c2"), group("api", "10.0.0.7"))],
         });
         assert_eq!(changed, Some("a".into()));
-        let keys: Vec<_> = s.groups.keys().map(|(_, s)| s.clone()).collect();
-        assert_eq!(keys, vec![Source::Static { name: "db".into() }, container("c2")]);
+        let keys: Vec<_> = s.groups().map(|((_, s), _)| s.clone()).collect();
+        assert_eq!(
+            keys,
+            vec![Source::Static { name: "db".into() }, container("c2")]
+        );
     }
 
     #[test]
@@ -332,6 +683,148 @@ mod tests {
         );
         assert_eq!(s.groups.len(), 1);
         assert_eq!(s.apply(RegistryMsg::DropOrigin { id: "a".into() }), None);
+    }
+
+    /// Asserts that `published` answers exactly what a table built from
+    /// scratch from `state` answers.
+    fn assert_same_as_build(published: &Table, state: &State) {
+        let fresh = state.build(&published.domain, published.ttl_secs, published.serial);
+        for (key, entry) in fresh.names() {
+            let name = String::from_utf8_lossy(key);
+            assert_eq!(published.lookup(key), Some(entry), "name {name}");
+        }
+        for (key, _) in published.names() {
+            let name = String::from_utf8_lossy(key);
+            assert!(fresh.lookup(key).is_some(), "stale name {name}");
+        }
+        for (ip, target) in fresh.addresses() {
+            assert_eq!(published.reverse(ip), Some(target), "PTR of {ip}");
+        }
+        for (ip, _) in published.addresses() {
+            assert!(fresh.reverse(ip).is_some(), "stale PTR of {ip}");
+        }
+        assert_eq!(*published.groups, *fresh.groups);
+        assert_eq!(published.n_records(), fresh.n_records());
+    }
+
+    fn random_origin(rng: &mut fastrand::Rng) -> Origin {
+        // Origin "a" is also seen under a second node name (a rename).
+        let (id, node) = [
+            ("a", "Node-A"),
+            ("a", "node-a2"),
+            ("b", "node-b"),
+            ("c", "NODE-C"),
+        ][rng.usize(..4)];
+        Origin {
+            id: id.into(),
+            node_name: node.into(),
+        }
+    }
+
+    fn random_source(rng: &mut fastrand::Rng) -> Source {
+        if rng.bool() {
+            Source::Static {
+                name: ["api", "db", "web"][rng.usize(..3)].into(),
+            }
+        } else {
+            Source::Container {
+                id: format!("c{}", rng.usize(..4)),
+                network: ["n1", "n2"][rng.usize(..2)].into(),
+            }
+        }
+    }
+
+    fn random_group(rng: &mut fastrand::Rng) -> Group {
+        // `api.node-b` collides with the pinned key of `api` on node-b.
+        const NAMES: [&str; 7] = ["api", "API", "web", "db", "x", "api.node-b", "Web"];
+        Group {
+            names: (0..rng.usize(..3))
+                .map(|_| NAMES[rng.usize(..NAMES.len())].into())
+                .collect(),
+            v4: (0..rng.usize(..3))
+                .map(|_| Ipv4Addr::new(10, 0, 0, rng.u8(1..7)))
+                .collect(),
+            v6: (0..rng.usize(..2))
+                .map(|_| Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, rng.u16(1..4)))
+                .collect(),
+        }
+    }
+
+    fn random_msg(rng: &mut fastrand::Rng) -> RegistryMsg {
+        match rng.u8(..20) {
+            0..11 => RegistryMsg::Upsert {
+                origin: random_origin(rng),
+                source: random_source(rng),
+                group: random_group(rng),
+            },
+            11..15 => RegistryMsg::Remove {
+                origin: random_origin(rng),
+                source: random_source(rng),
+            },
+            15..18 => RegistryMsg::Replace {
+                origin: random_origin(rng),
+                kind: [None, Some(SourceKind::Static), Some(SourceKind::Container)][rng.usize(..3)],
+                groups: (0..rng.usize(..5))
+                    .map(|_| (random_source(rng), random_group(rng)))
+                    .collect(),
+            },
+            _ => RegistryMsg::DropOrigin {
+                id: ["a", "b", "c"][rng.usize(..3)].into(),
+            },
+        }
+    }
+
+    #[test]
+    fn incremental_publishes_equal_a_full_build_after_random_bursts() {
+        const BURSTS: usize = 3000;
+        /// Every this many publishes, a reader holds the published table
+        /// across the next two publishes (so the spare is still shared).
+        const HOLD_EVERY: usize = 400;
+        let table = crate::table::shared("Glued.Internal.", 5);
+        let stats = RegistryStats::default();
+        let mut state = State::default();
+        let mut writer = Writer::new(table.clone());
+        let mut rng = fastrand::Rng::with_seed(0x91ed);
+        let (mut n_messages, mut n_publishes, mut n_held) = (0, 0, 0);
+        let mut held: Option<(Arc<Table>, usize)> = None;
+        let mut serial = table.load().serial;
+        for burst in 0..BURSTS {
+            let mut changed = false;
+            for _ in 0..rng.usize(1..7) {
+                changed |= state.apply(random_msg(&mut rng)).is_some();
+                n_messages += 1;
+            }
+            if burst == BURSTS / 2 {
+                // A table stored by someone else is never written to.
+                table.store(Arc::new(state.build("glued.internal", 5, 0)));
+                changed = true;
+            }
+            if !changed {
+                continue;
+            }
+            writer.publish(&mut state, &stats);
+            n_publishes += 1;
+            serial = serial.wrapping_add(1);
+            let published = table.load();
+            assert_eq!(published.serial, serial);
+            assert_same_as_build(&published, &state);
+            if let Some((_, left)) = &mut held {
+                *left -= 1;
+                if *left == 0 {
+                    held = None;
+                }
+            } else if n_publishes % HOLD_EVERY == 0 {
+                held = Some((table.load_full(), 2));
+                n_held += 1;
+            }
+        }
+        assert!(n_messages > 10_000 && n_publishes > 2000, "{n_publishes}");
+        // The first publish, each held spare and the foreign table.
+        assert_eq!(
+            stats.full_builds.load(Ordering::Relaxed),
+            1 + n_held + 1,
+            "full builds"
+        );
     }
 
     #[test]

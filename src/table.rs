@@ -65,14 +65,31 @@ pub struct Group {
     pub v6: Vec<Ipv6Addr>,
 }
 
-/// Addresses answered for one name.
-#[derive(Debug, Default)]
+/// Addresses answered for one name: sorted, without duplicates.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Entry {
     pub v4: Box<[Ipv4Addr]>,
     pub v6: Box<[Ipv6Addr]>,
 }
 
+impl Entry {
+    /// Sorts and dedups the union of addresses collected for one name.
+    fn from_union(mut v4: Vec<Ipv4Addr>, mut v6: Vec<Ipv6Addr>) -> Entry {
+        v4.sort_unstable();
+        v4.dedup();
+        v6.sort_unstable();
+        v6.dedup();
+        Entry {
+            v4: v4.into_boxed_slice(),
+            v6: v6.into_boxed_slice(),
+        }
+    }
+}
+
 /// The immutable snapshot the DNS threads answer from.
+///
+/// Only the registry changes a table, and only one that no reader holds
+/// (its spare copy, see `registry.rs`); once published it is never mutated.
 #[derive(Debug)]
 pub struct Table {
     /// Lowercase domain without trailing dot, e.g. `glued.internal`.
@@ -80,7 +97,7 @@ pub struct Table {
     /// Domain in wire format, lowercase (`\x05glued\x08internal\x00`).
     pub domain_wire: Box<[u8]>,
     pub ttl_secs: u32,
-    /// Bumped on every rebuild; used as the SOA serial.
+    /// Bumped on every publish; used as the SOA serial.
     pub serial: u32,
     names: FastMap<Box<[u8]>, Entry>,
     /// Address → primary name under the domain, wire format.
@@ -97,6 +114,11 @@ impl Table {
 
     /// Builds the lookup maps from every group. `serial` should grow with
     /// every rebuild.
+    ///
+    /// A name `n` of a group owned by node `node` answers under two keys,
+    /// `n` and `n.node` (both lowercase); replicas of a key are merged
+    /// (sorted union). An address points back (PTR) to the primary name of
+    /// the first group holding it, in `groups` order.
     pub fn build(
         domain: &str,
         ttl_secs: u32,
@@ -105,51 +127,42 @@ impl Table {
     ) -> Table {
         let domain = domain.trim_end_matches('.').to_ascii_lowercase();
         let domain_wire = name_to_wire(&domain);
-        let mut v4: HashMap<String, Vec<Ipv4Addr>> = HashMap::new();
-        let mut v6: HashMap<String, Vec<Ipv6Addr>> = HashMap::new();
-        let mut reverse = FastMap::default();
+        let n_keys: usize = groups.values().map(|g| 2 * g.names.len()).sum();
+        let n_addrs: usize = groups.values().map(|g| g.v4.len() + g.v6.len()).sum();
+        // Name key → union of the addresses of every group answering it.
+        type Union = FastMap<Box<[u8]>, (Vec<Ipv4Addr>, Vec<Ipv6Addr>)>;
+        let mut union = Union::with_capacity_and_hasher(n_keys, Default::default());
+        let mut reverse: FastMap<IpAddr, Box<[u8]>> =
+            FastMap::with_capacity_and_hasher(n_addrs, Default::default());
+        let mut key = Vec::with_capacity(MAX_NAME_WIRE_LEN);
+        let mut target = Vec::with_capacity(MAX_NAME_WIRE_LEN);
         for ((origin, _source), group) in groups.iter() {
-            let node = origin.node_name.to_ascii_lowercase();
             for name in &group.names {
-                let name = name.to_ascii_lowercase();
-                let pinned = format!("{name}.{node}");
-                for key in [name, pinned] {
-                    let a = v4.entry(key.clone()).or_default();
-                    a.extend(&group.v4);
-                    let b = v6.entry(key).or_default();
-                    b.extend(&group.v6);
+                for node in [None, Some(origin.node_name.as_str())] {
+                    write_key(&mut key, name, node);
+                    match union.get_mut(&key[..]) {
+                        Some((v4, v6)) => {
+                            v4.extend_from_slice(&group.v4);
+                            v6.extend_from_slice(&group.v6);
+                        }
+                        None => {
+                            union.insert(Box::from(&key[..]), (group.v4.clone(), group.v6.clone()));
+                        }
+                    }
                 }
             }
             if let Some(primary) = group.names.first() {
-                let target = name_to_wire(&format!("{}.{domain}", primary.to_ascii_lowercase()));
-                let target: Box<[u8]> = target;
-                for ip in &group.v4 {
-                    reverse
-                        .entry(IpAddr::V4(*ip))
-                        .or_insert_with(|| target.clone());
-                }
-                for ip in &group.v6 {
-                    reverse
-                        .entry(IpAddr::V6(*ip))
-                        .or_insert_with(|| target.clone());
+                write_target(&mut target, primary, &domain_wire);
+                let ips = group.v4.iter().map(|ip| IpAddr::V4(*ip));
+                for ip in ips.chain(group.v6.iter().map(|ip| IpAddr::V6(*ip))) {
+                    reverse.entry(ip).or_insert_with(|| Box::from(&target[..]));
                 }
             }
         }
-        let mut names = FastMap::default();
-        for (key, mut a) in v4 {
-            a.sort_unstable();
-            a.dedup();
-            let mut b = v6.remove(&key).unwrap_or_default();
-            b.sort_unstable();
-            b.dedup();
-            names.insert(
-                key.into_bytes().into_boxed_slice(),
-                Entry {
-                    v4: a.into_boxed_slice(),
-                    v6: b.into_boxed_slice(),
-                },
-            );
-        }
+        let names = union
+            .into_iter()
+            .map(|(key, (v4, v6))| (key, Entry::from_union(v4, v6)))
+            .collect();
         Table {
             domain,
             domain_wire,
@@ -186,6 +199,105 @@ impl Table {
             .map(|g| g.names.len() * (g.v4.len() + g.v6.len()))
             .sum()
     }
+
+    /// Every answered name (key relative to the domain) with its addresses,
+    /// in no particular order.
+    pub fn names(&self) -> impl Iterator<Item = (&[u8], &Entry)> {
+        self.names.iter().map(|(k, e)| (&**k, e))
+    }
+
+    /// Every address with a PTR answer and its target (wire format), in no
+    /// particular order.
+    pub fn addresses(&self) -> impl Iterator<Item = (&IpAddr, &[u8])> {
+        self.reverse.iter().map(|(ip, t)| (ip, &**t))
+    }
+
+    /// Sets the addresses of one name key (`v4`, `v6` sorted and deduped by
+    /// the caller). Reuses the entry's storage when the counts are unchanged.
+    pub(crate) fn set_name(&mut self, key: &[u8], v4: &[Ipv4Addr], v6: &[Ipv6Addr]) {
+        match self.names.get_mut(key) {
+            Some(entry) => {
+                copy_into(&mut entry.v4, v4);
+                copy_into(&mut entry.v6, v6);
+            }
+            None => {
+                let entry = Entry {
+                    v4: Box::from(v4),
+                    v6: Box::from(v6),
+                };
+                self.names.insert(Box::from(key), entry);
+            }
+        }
+    }
+
+    /// Forgets one name key.
+    pub(crate) fn remove_name(&mut self, key: &[u8]) {
+        self.names.remove(key);
+    }
+
+    /// Points `ip` back to `target` (wire format, under the domain).
+    pub(crate) fn set_reverse(&mut self, ip: IpAddr, target: &[u8]) {
+        match self.reverse.get_mut(&ip) {
+            Some(old) if **old == *target => {}
+            Some(old) => *old = Box::from(target),
+            None => {
+                self.reverse.insert(ip, Box::from(target));
+            }
+        }
+    }
+
+    /// Forgets the PTR answer of `ip`.
+    pub(crate) fn remove_reverse(&mut self, ip: &IpAddr) {
+        self.reverse.remove(ip);
+    }
+
+    /// Sets (or with `None` removes) one group of [`Table::groups`]. Clones
+    /// the map only when someone else holds it.
+    pub(crate) fn set_group(&mut self, key: &(Origin, Source), group: Option<&Group>) {
+        let groups = Arc::make_mut(&mut self.groups);
+        match (group, groups.get_mut(key)) {
+            (Some(group), Some(slot)) => slot.clone_from(group),
+            (Some(group), None) => {
+                groups.insert(key.clone(), group.clone());
+            }
+            (None, _) => {
+                groups.remove(key);
+            }
+        }
+    }
+}
+
+/// Overwrites `slot` with `from`, in place when the lengths match.
+fn copy_into<T: Copy>(slot: &mut Box<[T]>, from: &[T]) {
+    if slot.len() == from.len() {
+        slot.copy_from_slice(from);
+    } else {
+        *slot = Box::from(from);
+    }
+}
+
+/// Writes the lookup key of `name` into `key`: the lowercase name, then
+/// `.node` (lowercase) when `node` is given.
+pub fn write_key(key: &mut Vec<u8>, name: &str, node: Option<&str>) {
+    key.clear();
+    key.extend(name.bytes().map(|b| b.to_ascii_lowercase()));
+    if let Some(node) = node {
+        key.push(b'.');
+        key.extend(node.bytes().map(|b| b.to_ascii_lowercase()));
+    }
+}
+
+/// Writes the PTR target of `primary` into `out`: the lowercase name in wire
+/// format followed by `domain_wire`; the same bytes as
+/// `name_to_wire("{primary}.{domain}")`.
+pub fn write_target(out: &mut Vec<u8>, primary: &str, domain_wire: &[u8]) {
+    out.clear();
+    for label in primary.split('.').filter(|l| !l.is_empty()) {
+        let label = &label.as_bytes()[..label.len().min(63)];
+        out.push(label.len() as u8);
+        out.extend(label.iter().map(|b| b.to_ascii_lowercase()));
+    }
+    out.extend_from_slice(domain_wire);
 }
 
 /// Encodes a dotted name (no trailing dot needed) in DNS wire format.
