@@ -165,8 +165,13 @@ pub struct PeerStatus {
 pub type Peers = Arc<Mutex<Vec<PeerStatus>>>;
 
 /// Loads the node's secret key from `<data_dir>/node.key`, creating the
-/// directory and the key (mode 0600) when absent.
+/// directory and the key (mode 0600) when absent. Two processes creating
+/// it at once agree: the first key written wins.
 pub fn load_key(data_dir: &Path) -> anyhow::Result<SecretKey> {
+    load_key_at(data_dir, true)
+}
+
+fn load_key_at(data_dir: &Path, create: bool) -> anyhow::Result<SecretKey> {
     let path = data_dir.join(KEY_FILE);
     match std::fs::read(&path) {
         Ok(bytes) => {
@@ -179,21 +184,31 @@ pub fn load_key(data_dir: &Path) -> anyhow::Result<SecretKey> {
             })?;
             Ok(SecretKey::from_bytes(&raw))
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+        Err(e) if create && e.kind() == std::io::ErrorKind::NotFound => {
             std::fs::create_dir_all(data_dir)
                 .with_context(|| format!("creating data dir {}", data_dir.display()))?;
             let key = SecretKey::generate();
-            write_private(&path, &key.to_bytes())?;
-            Ok(key)
+            if write_private_new(&path, &key.to_bytes())? {
+                Ok(key)
+            } else {
+                // Another process created it meanwhile: use that one.
+                load_key_at(data_dir, false)
+            }
         }
         Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
     }
 }
 
-/// Writes `bytes` to a new file readable by the owner only.
-fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+/// Writes `bytes` to a new file readable by the owner only, complete or
+/// not at all; returns false (writing nothing) when `path` already exists.
+fn write_private_new(path: &Path, bytes: &[u8]) -> anyhow::Result<bool> {
     use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
+    static N: AtomicU64 = AtomicU64::new(0);
+    let tmp = path.with_extension(format!(
+        "tmp.{}.{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -204,8 +219,15 @@ fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     f.write_all(bytes)
         .and_then(|_| f.sync_all())
         .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
-    Ok(())
+    drop(f);
+    // A hard link never replaces an existing file, unlike a rename.
+    let linked = std::fs::hard_link(&tmp, path);
+    let _ = std::fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(e).with_context(|| format!("creating {}", path.display())),
+    }
 }
 
 /// This node's identity: the endpoint id, hex.

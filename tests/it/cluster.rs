@@ -670,13 +670,14 @@ fn kill_9_of_a_process_keeps_its_records_until_the_lease_ends() {
     let dir_b = support::data_dir();
     let lease = [("GLUED_LEASE_SECS", "3".to_string())];
     let b = spawn_glued("proc-b", &dir_b, &lease, "from-b");
-    let b_id = glued::gossip::local_id(&dir_b).unwrap();
     let b_log = || std::fs::read_to_string(&b.log).unwrap_or_default();
     assert!(
         wait_until(CONVERGE, || b_log().contains("Gossip endpoint created")),
         "B did not start: {}",
         b_log()
     );
+    // Read once B has created its key.
+    let b_id = glued::gossip::local_id(&dir_b).unwrap();
     let b_addr = b.gossip;
     let mut extra = lease.to_vec();
     extra.push(("GLUED_BOOTSTRAP_PEERS", format!("{b_id}@{b_addr}")));
