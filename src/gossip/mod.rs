@@ -538,6 +538,23 @@ mod tests {
     }
 
     #[test]
+    fn processes_creating_the_key_at_once_agree_on_it() {
+        let dir = std::env::temp_dir().join(format!("glued-key-race-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let ids: Vec<String> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8)
+                .map(|_| s.spawn(|| local_id(&dir).unwrap()))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert!(ids.iter().all(|id| *id == ids[0]), "{ids:?}");
+        assert_eq!(local_id(&dir).unwrap(), ids[0]);
+        let files = std::fs::read_dir(&dir).unwrap().count();
+        assert_eq!(files, 1, "no temporary file left");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn stats_render_every_drop_reason() {
         let s = GossipStats::default();
         s.dropped[DropReason::BadMac.index()].fetch_add(2, Ordering::Relaxed);

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::bounded;
@@ -1064,6 +1065,61 @@ fn a_restarted_bootstrap_node_is_admitted_again_by_its_peers() {
         "A2 and B did not meet again"
     );
     for n in [a2, b] {
+        n.stop();
+    }
+}
+
+#[test]
+fn changes_made_alone_reach_a_later_joiner_and_a_lone_change_arrives_as_a_delta() {
+    let t = topic();
+    let a = start(Opts::new("node-a", t));
+    // Settled (serving its full state) after gossip::node::SETTLE_MAX at most.
+    std::thread::sleep(Duration::from_millis(1_000));
+    let sent_before = a.stats.sent.load(Ordering::Relaxed);
+    // With nobody to hear them, no delta is built or broadcast.
+    for i in 0..300 {
+        a.add(&format!("solo-{i}"), ip(i));
+    }
+    for i in 0..100 {
+        a.add(&format!("solo-{i}"), ip(10_000 + i));
+    }
+    for i in 200..300 {
+        a.remove(&format!("solo-{i}"));
+    }
+    assert!(wait_until(CONVERGE, || a.groups_of(&a.origin.id).len() == 200));
+    std::thread::sleep(Duration::from_millis(200));
+    let sent_alone = a.stats.sent.load(Ordering::Relaxed) - sent_before;
+    assert!(sent_alone <= 2, "{sent_alone} messages sent with no peer");
+    // A later joiner gets exactly A's records, from A's full state.
+    let b = start(Opts::new("node-b", t).boot(&a));
+    let want = |n: &Node| n.groups_of(&a.origin.id);
+    assert!(
+        wait_until(CONVERGE, || want(&b) == want(&a)),
+        "B has {} groups of A, A has {}",
+        want(&b).len(),
+        want(&a).len()
+    );
+    assert_eq!(b.resolves("solo-5"), Some(vec![ip(10_005)]));
+    assert!(b.resolves("solo-250").is_none());
+    // The last change of a fast burst is never lost.
+    for k in 0..100 {
+        a.add("burst", ip(20_000 + k));
+    }
+    assert!(
+        wait_until(CONVERGE, || b.resolves("burst") == Some(vec![ip(20_099)])),
+        "B has burst = {:?}",
+        b.resolves("burst")
+    );
+    // A lone change goes out at once as a delta: no state pull needed.
+    std::thread::sleep(Duration::from_millis(500));
+    let pulls = b.stats.state_pulls.load(Ordering::Relaxed);
+    let t0 = Instant::now();
+    a.add("lone", ip(30_000));
+    assert!(wait_until(CONVERGE, || b.resolves("lone").is_some()));
+    let latency = t0.elapsed();
+    assert!(latency < Duration::from_secs(1), "took {latency:?}");
+    assert_eq!(b.stats.state_pulls.load(Ordering::Relaxed), pulls);
+    for n in [a, b] {
         n.stop();
     }
 }
