@@ -7,13 +7,16 @@
 //! cargo run --release --example registry_churn -- 10000 1000
 //! ```
 //!
-//! Arguments: changes (default 10 000) and static names (default 1 000). It
-//! prints wall-clock and process CPU µs per change (the main thread only
-//! sends and waits, so the CPU is the registry's).
+//! Arguments: changes (default 10 000), static names (default 1 000) and
+//! reader threads (default 0) that look names up in a loop as DNS threads
+//! do. It prints wall-clock and process CPU µs per change (without readers
+//! the main thread only sends and waits, so the CPU is the registry's), and
+//! how many tables were built from scratch because a reader still held the
+//! spare.
 
 use std::net::Ipv4Addr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::bounded;
@@ -53,6 +56,7 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let n_changes: u32 = args.next().map_or(10_000, |a| a.parse().expect("changes"));
     let n_static: u32 = args.next().map_or(1_000, |a| a.parse().expect("names"));
+    let n_readers: u32 = args.next().map_or(0, |a| a.parse().expect("readers"));
     let origin = Origin {
         id: "a".repeat(64),
         node_name: "bench".into(),
@@ -88,7 +92,28 @@ fn main() {
         send(container(&origin, i, 0));
         changed_rx.recv().expect("publish");
     }
+    let stop = Arc::new(AtomicBool::new(false));
+    let n_lookups = Arc::new(AtomicU64::new(0));
+    let readers: Vec<_> = (0..n_readers)
+        .map(|_| {
+            let (table, stop, n_lookups) = (table.clone(), stop.clone(), n_lookups.clone());
+            std::thread::spawn(move || {
+                let mut key = Vec::with_capacity(16);
+                let mut i = 0u32;
+                while !stop.load(Ordering::Relaxed) {
+                    key.clear();
+                    key.extend_from_slice(b"host");
+                    key.extend_from_slice((i % n_static.max(1)).to_string().as_bytes());
+                    let t = table.load();
+                    std::hint::black_box(t.lookup(&key));
+                    i = i.wrapping_add(1);
+                    n_lookups.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
     let rebuilds_before = stats.rebuilds.load(Ordering::Relaxed);
+    let full_before = stats.full_builds.load(Ordering::Relaxed);
     let cpu = process_cpu();
     let start = Instant::now();
     for round in 1..=n_changes {
@@ -97,11 +122,17 @@ fn main() {
     }
     let wall = start.elapsed();
     let cpu = process_cpu() - cpu;
+    stop.store(true, Ordering::Relaxed);
+    for r in readers {
+        r.join().expect("reader");
+    }
+    let full_builds = stats.full_builds.load(Ordering::Relaxed) - full_before;
     let rebuilds = stats.rebuilds.load(Ordering::Relaxed) - rebuilds_before;
     let t = table.load();
     assert!(t.lookup(b"web-1").is_some() && t.lookup(b"host0").is_some());
     println!(
-        "{n_changes} changes, {} names in the table, {rebuilds} publishes",
+        "{n_changes} changes, {} names in the table, {rebuilds} publishes, \
+         {full_builds} built from scratch",
         t.n_names()
     );
     println!(
@@ -109,6 +140,12 @@ fn main() {
         wall.as_secs_f64() * 1e6 / f64::from(n_changes),
         cpu.as_secs_f64() * 1e6 / f64::from(n_changes)
     );
+    if n_readers > 0 {
+        println!(
+            "{n_readers} readers: {:.0} lookups/s",
+            n_lookups.load(Ordering::Relaxed) as f64 / wall.as_secs_f64()
+        );
+    }
     drop(t);
     registry.stop();
 }

@@ -189,7 +189,7 @@ fn run(
             stats.rebuilds.fetch_add(1, Ordering::Relaxed);
             stats
                 .groups
-                .store(state.groups.len() as u64, Ordering::Relaxed);
+                .store(state.n_groups() as u64, Ordering::Relaxed);
             if local && let Some(tx) = &local_changed {
                 match tx.try_send(()) {
                     Ok(()) | Err(TrySendError::Full(())) => {}
@@ -313,8 +313,8 @@ fn apply_changes(table: &mut Table, state: &State, changes: &Changes, scratch: &
         };
         scratch.v4.clear();
         scratch.v6.clear();
-        for holder in holders {
-            let group = &state.groups[holder];
+        for &id in holders {
+            let group = &state.slot(id).group;
             scratch.v4.extend_from_slice(&group.v4);
             scratch.v6.extend_from_slice(&group.v6);
         }
@@ -325,13 +325,15 @@ fn apply_changes(table: &mut Table, state: &State, changes: &Changes, scratch: &
         table.set_name(key, &scratch.v4, &scratch.v6);
     }
     for ip in &changes.addrs {
-        let primary = state
-            .index
-            .by_addr
-            .get(ip)
-            .and_then(|holders| holders.first())
-            .and_then(|first| state.groups[first].names.first());
-        match primary {
+        // The PTR target is the primary name of the first holder in key
+        // order, as `Table::build` finds it.
+        let first = state.index.by_addr.get(ip).and_then(|holders| {
+            holders
+                .iter()
+                .map(|&id| state.slot(id))
+                .min_by(|a, b| a.key.cmp(&b.key))
+        });
+        match first.and_then(|slot| slot.group.names.first()) {
             Some(primary) => {
                 write_target(&mut scratch.target, primary, &table.domain_wire);
                 table.set_reverse(*ip, &scratch.target);
@@ -340,7 +342,7 @@ fn apply_changes(table: &mut Table, state: &State, changes: &Changes, scratch: &
         }
     }
     for key in &changes.groups {
-        table.set_group(key, state.groups.get(key));
+        table.set_group(key, state.get(key));
     }
 }
 
@@ -365,20 +367,29 @@ impl Changes {
 
 /// The registry's own record set: pure, so it is tested without threads.
 ///
-/// Besides the groups it keeps two indexes, name key → groups answering it
-/// and address → groups holding it (each list sorted by group key), so that
-/// one changed group recomputes only its own names and addresses.
+/// Each group lives in a numbered slot; besides the ordered map key → slot
+/// it keeps two indexes, name key → slots answering it and address → slots
+/// holding it, so that one changed group recomputes only its own names and
+/// addresses, whatever the size of the table.
 #[derive(Default)]
 pub struct State {
-    groups: BTreeMap<Arc<GroupKey>, Group>,
+    ids: BTreeMap<Arc<GroupKey>, u32>,
+    slots: Vec<Option<Slot>>,
+    /// Empty slots, reused before `slots` grows.
+    free: Vec<u32>,
     index: Index,
+}
+
+struct Slot {
+    key: Arc<GroupKey>,
+    group: Group,
 }
 
 /// The indexes of [`State`] and the changes recorded since the last publish.
 #[derive(Default)]
 struct Index {
-    by_name: FastMap<Box<[u8]>, Vec<Arc<GroupKey>>>,
-    by_addr: FastMap<IpAddr, Vec<Arc<GroupKey>>>,
+    by_name: FastMap<Box<[u8]>, Vec<u32>>,
+    by_addr: FastMap<IpAddr, Vec<u32>>,
     changes: Changes,
     /// Scratch buffer for one name key.
     key: Vec<u8>,
@@ -412,20 +423,20 @@ impl State {
                     .into_iter()
                     .filter(|(s, g)| !is_empty(g) && kind.is_none_or(|k| s.kind() == k))
                     .collect();
-                let before: Vec<Arc<GroupKey>> = self
-                    .keys_of(&id)
-                    .filter(|k| kind.is_none_or(|kind| k.1.kind() == kind))
-                    .cloned()
+                let before: Vec<(Arc<GroupKey>, u32)> = self
+                    .slots_of(&id)
+                    .filter(|(k, _)| kind.is_none_or(|kind| k.1.kind() == kind))
+                    .map(|(k, slot)| (k.clone(), slot))
                     .collect();
                 let mut changed = false;
-                for key in before {
+                for (key, slot) in before {
                     let kept = if key.0 == origin {
                         fresh.remove(&key.1)
                     } else {
                         None
                     };
                     changed |= match kept {
-                        Some(group) => self.put_key(key, group),
+                        Some(group) => self.put_slot(slot, group),
                         None => self.delete(&key),
                     };
                 }
@@ -435,7 +446,7 @@ impl State {
                 changed.then_some(id)
             }
             RegistryMsg::DropOrigin { id } => {
-                let gone: Vec<Arc<GroupKey>> = self.keys_of(&id).cloned().collect();
+                let gone: Vec<Arc<GroupKey>> = self.slots_of(&id).map(|(k, _)| k.clone()).collect();
                 let mut changed = false;
                 for key in gone {
                     changed |= self.delete(&key);
@@ -448,12 +459,17 @@ impl State {
 
     /// Number of groups held.
     pub fn n_groups(&self) -> usize {
-        self.groups.len()
+        self.ids.len()
     }
 
     /// Every group, in key order.
     pub fn groups(&self) -> impl Iterator<Item = (&GroupKey, &Group)> {
-        self.groups.iter().map(|(k, g)| (&**k, g))
+        self.ids.iter().map(|(k, &id)| (&**k, &self.slot(id).group))
+    }
+
+    /// The group of one key.
+    pub fn get(&self, key: &GroupKey) -> Option<&Group> {
+        self.ids.get(key).map(|&id| &self.slot(id).group)
     }
 
     /// A table built from scratch from every group.
@@ -462,8 +478,12 @@ impl State {
         Table::build(domain, ttl_secs, serial, Arc::new(groups.collect()))
     }
 
-    /// The keys of every group of the origin with this id, in order.
-    fn keys_of<'a>(&'a self, id: &'a str) -> impl Iterator<Item = &'a Arc<GroupKey>> + 'a {
+    fn slot(&self, id: u32) -> &Slot {
+        self.slots[id as usize].as_ref().expect("indexed slot")
+    }
+
+    /// The keys and slots of every group of the origin with this id, in order.
+    fn slots_of<'a>(&'a self, id: &'a str) -> impl Iterator<Item = (&'a Arc<GroupKey>, u32)> + 'a {
         let first: GroupKey = (
             Origin {
                 id: id.to_owned(),
@@ -473,89 +493,96 @@ impl State {
                 name: String::new(),
             },
         );
-        self.groups
+        self.ids
             .range::<GroupKey, _>((Bound::Included(&first), Bound::Unbounded))
-            .map(|(k, _)| k)
-            .take_while(move |k| k.0.id == id)
+            .map(|(k, &slot)| (k, slot))
+            .take_while(move |(k, _)| k.0.id == id)
     }
 
     /// Creates or replaces one group; `false` when nothing changed.
     fn put(&mut self, key: GroupKey, group: Group) -> bool {
-        match self.groups.get_key_value(&key) {
-            Some((shared, _)) => {
-                let shared = shared.clone();
-                self.put_key(shared, group)
-            }
+        match self.ids.get(&key) {
+            Some(&id) => self.put_slot(id, group),
             None if is_empty(&group) => false,
             None => {
                 let key = Arc::new(key);
-                self.index.add(&key, &group);
+                let id = match self.free.pop() {
+                    Some(id) => id,
+                    None => {
+                        self.slots.push(None);
+                        (self.slots.len() - 1) as u32
+                    }
+                };
+                self.index.add(id, &key.0.node_name, &group);
                 self.index.changes.groups.push(key.clone());
-                self.groups.insert(key, group);
+                self.ids.insert(key.clone(), id);
+                self.slots[id as usize] = Some(Slot { key, group });
                 true
             }
         }
     }
 
-    /// Replaces the group of a key already held.
-    fn put_key(&mut self, key: Arc<GroupKey>, group: Group) -> bool {
+    /// Replaces the group of a slot in use.
+    fn put_slot(&mut self, id: u32, group: Group) -> bool {
+        let Some(slot) = self.slots[id as usize].as_mut() else {
+            return false;
+        };
         if is_empty(&group) {
+            let key = slot.key.clone();
             return self.delete(&key);
         }
-        let Some(slot) = self.groups.get_mut(&key) else {
-            return self.put(GroupKey::clone(&key), group);
-        };
-        if *slot == group {
+        if slot.group == group {
             return false;
         }
-        let old = std::mem::replace(slot, group);
-        self.index.remove(&key, &old);
-        self.index.add(&key, &self.groups[&key]);
-        self.index.changes.groups.push(key);
+        let old = std::mem::replace(&mut slot.group, group);
+        self.index.remove(id, &slot.key.0.node_name, &old);
+        self.index.add(id, &slot.key.0.node_name, &slot.group);
+        self.index.changes.groups.push(slot.key.clone());
         true
     }
 
     /// Removes one group; `false` when there was none.
     fn delete(&mut self, key: &GroupKey) -> bool {
-        let Some((key, old)) = self.groups.remove_entry(key) else {
+        let Some(id) = self.ids.remove(key) else {
             return false;
         };
-        self.index.remove(&key, &old);
-        self.index.changes.groups.push(key);
+        let slot = self.slots[id as usize].take().expect("slot in use");
+        self.free.push(id);
+        self.index.remove(id, &slot.key.0.node_name, &slot.group);
+        self.index.changes.groups.push(slot.key);
         true
     }
 }
 
 impl Index {
     /// Adds `group`'s names and addresses to the indexes, marking them changed.
-    fn add(&mut self, key: &Arc<GroupKey>, group: &Group) {
+    fn add(&mut self, id: u32, node: &str, group: &Group) {
         for name in &group.names {
-            for node in [None, Some(key.0.node_name.as_str())] {
+            for node in [None, Some(node)] {
                 write_key(&mut self.key, name, node);
                 match self.by_name.get_mut(&self.key[..]) {
-                    Some(holders) => insert_sorted(holders, key),
+                    Some(holders) => insert_once(holders, id),
                     None => {
-                        self.by_name
-                            .insert(Box::from(&self.key[..]), vec![key.clone()]);
+                        self.by_name.insert(Box::from(&self.key[..]), vec![id]);
                     }
                 }
                 mark_name(&mut self.changes, &self.key);
             }
         }
         for ip in addrs(group) {
-            insert_sorted(self.by_addr.entry(ip).or_default(), key);
+            insert_once(self.by_addr.entry(ip).or_default(), id);
             self.changes.addrs.insert(ip);
         }
     }
 
     /// Takes `group`'s names and addresses out of the indexes, marking them
     /// changed.
-    fn remove(&mut self, key: &Arc<GroupKey>, group: &Group) {
+    fn remove(&mut self, id: u32, node: &str, group: &Group) {
         for name in &group.names {
-            for node in [None, Some(key.0.node_name.as_str())] {
+            for node in [None, Some(node)] {
                 write_key(&mut self.key, name, node);
                 if let Some(holders) = self.by_name.get_mut(&self.key[..])
-                    && remove_sorted(holders, key)
+                    && remove_once(holders, id)
                 {
                     self.by_name.remove(&self.key[..]);
                 }
@@ -564,7 +591,7 @@ impl Index {
         }
         for ip in addrs(group) {
             if let Some(holders) = self.by_addr.get_mut(&ip)
-                && remove_sorted(holders, key)
+                && remove_once(holders, id)
             {
                 self.by_addr.remove(&ip);
             }
@@ -584,17 +611,17 @@ fn addrs(group: &Group) -> impl Iterator<Item = IpAddr> + '_ {
     v4.chain(group.v6.iter().map(|ip| IpAddr::V6(*ip)))
 }
 
-/// Inserts `key` into a list sorted by group key, once.
-fn insert_sorted(holders: &mut Vec<Arc<GroupKey>>, key: &Arc<GroupKey>) {
-    if let Err(at) = holders.binary_search(key) {
-        holders.insert(at, key.clone());
+/// Adds `id` to a list of holders, once.
+fn insert_once(holders: &mut Vec<u32>, id: u32) {
+    if !holders.contains(&id) {
+        holders.push(id);
     }
 }
 
-/// Removes `key` from a sorted list; `true` when the list is now empty.
-fn remove_sorted(holders: &mut Vec<Arc<GroupKey>>, key: &Arc<GroupKey>) -> bool {
-    if let Ok(at) = holders.binary_search(key) {
-        holders.remove(at);
+/// Removes `id` from a list of holders; `true` when the list is now empty.
+fn remove_once(holders: &mut Vec<u32>, id: u32) -> bool {
+    if let Some(at) = holders.iter().position(|&h| h == id) {
+        holders.swap_remove(at);
     }
     holders.is_empty()
 }
@@ -681,7 +708,7 @@ mod tests {
             s.apply(RegistryMsg::DropOrigin { id: "a".into() }),
             Some("a".into())
         );
-        assert_eq!(s.groups.len(), 1);
+        assert_eq!(s.n_groups(), 1);
         assert_eq!(s.apply(RegistryMsg::DropOrigin { id: "a".into() }), None);
     }
 

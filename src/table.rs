@@ -1,10 +1,15 @@
 //! The name table: an immutable snapshot of every record Glued answers for.
 //!
-//! The registry thread is the only writer: it builds a new [`Table`] from its
-//! record groups and publishes it through [`SharedTable`] (an `ArcSwap`). The
-//! DNS threads read it with one `load()` per query.
+//! The registry thread is the only writer: it publishes tables through
+//! [`SharedTable`] (an `ArcSwap`), and the DNS threads read them with one
+//! `load()` per query. [`Table::build`] makes a table from every group (at
+//! start-up, in tests); otherwise the registry brings its spare copy up to
+//! date entry by entry (the `pub(crate)` setters) while no reader holds it,
+//! and swaps it in (see `registry.rs`).
 //!
-//! Invariant: every lookup here runs without allocating. Keys are lowercase
+//! Invariants: every lookup here runs without allocating; a published table
+//! is never mutated; an incrementally updated table answers exactly what
+//! `Table::build` of the same groups answers. Keys are lowercase
 //! ASCII names *relative to the cluster domain* (`api`, `api.node-1`);
 //! callers lowercase the query name into a stack buffer before looking it up.
 
