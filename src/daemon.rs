@@ -56,10 +56,15 @@ impl Daemon {
             .tx
             .send(static_records(&origin, config))
             .context("registry stopped at start")?;
-        let forwarder = Forwarder::start(config, metrics.forward.clone())
-            .context("starting the forwarder")?;
-        let dns = DnsServer::start(config, table.clone(), forwarder.clone(), metrics.dns.clone())
-            .map_err(|e| bind_error(e, config.dns_bind))?;
+        let forwarder =
+            Forwarder::start(config, metrics.forward.clone()).context("starting the forwarder")?;
+        let dns = DnsServer::start(
+            config,
+            table.clone(),
+            forwarder.clone(),
+            metrics.dns.clone(),
+        )
+        .map_err(|e| bind_error(e, config.dns_bind))?;
         let peers = Peers::default();
         let http = HttpServer::start(
             config.http_bind,

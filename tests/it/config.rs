@@ -660,7 +660,12 @@ fn port_53_without_privilege_says_how_to_fix_it() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
-    for needle in ["permission denied", "root", "CAP_NET_BIND_SERVICE", "GLUED_DNS_BIND"] {
+    for needle in [
+        "permission denied",
+        "root",
+        "CAP_NET_BIND_SERVICE",
+        "GLUED_DNS_BIND",
+    ] {
         assert!(stderr.contains(needle), "missing {needle:?} in {stderr}");
     }
 }
