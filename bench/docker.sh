@@ -145,5 +145,6 @@ ${RES[quiet2]}")"
     ctl_q="$(awk '{ print $1 }' <<<"${RES[control]}")"
     ctl_us="$(awk '{ print $6 }' <<<"${RES[control]}")"
     echo "control (engine busy, no record change): qps ratio $(ratio "$ctl_q" "$base"), Glued CPU µs/query $ctl_us"
+    echo "Glued's own cost of the record changes, churn / control (the engine equally busy in both): qps ratio $(ratio "$churn_q" "$ctl_q")"
     echo "Glued watched $watched_b containers at the end"
 fi
