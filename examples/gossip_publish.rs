@@ -81,25 +81,10 @@ fn config() -> Config {
         std::env::temp_dir().join(format!("glued-gossip-publish-{}", std::process::id()));
     std::fs::create_dir_all(&data_dir).expect("data dir");
     Config {
-        dns_bind: "127.0.0.1:0".parse().unwrap(),
-        dns_threads: 1,
-        http_bind: "127.0.0.1:0".parse().unwrap(),
-        domain: "glued.internal".into(),
         node_name: "bench".into(),
-        ttl_secs: 5,
-        upstreams: vec![],
-        allow_nets: vec!["127.0.0.0/8".parse().unwrap()],
-        networks: vec![],
-        docker_host: "unix:///var/run/docker.sock".into(),
-        data_dir,
-        gossip_bind: "127.0.0.1:0".parse().unwrap(),
-        mdns: false,
-        lease_secs: 15,
-        bootstrap_peers: vec![],
-        topic_id: None,
         cluster_secret: Secret::new("bench-secret".into()),
-        records: vec![],
         log: "warn".into(),
+        ..Config::loopback(data_dir)
     }
 }
 

@@ -66,25 +66,8 @@ fn main() {
     let rounds: usize = args.next().map_or(2000, |a| a.parse().unwrap());
     let burst: usize = args.next().map_or(64, |a| a.parse().unwrap());
     let config = glued::config::Config {
-        dns_bind: "127.0.0.1:0".parse().unwrap(),
-        dns_threads: 1,
-        http_bind: "127.0.0.1:0".parse().unwrap(),
-        domain: "glued.internal".into(),
         node_name: "bench".into(),
-        ttl_secs: 5,
-        upstreams: vec![],
-        allow_nets: vec!["127.0.0.0/8".parse().unwrap()],
-        networks: vec![],
-        docker_host: String::new(),
-        data_dir: std::env::temp_dir(),
-        gossip_bind: "127.0.0.1:0".parse().unwrap(),
-        mdns: false,
-        lease_secs: 15,
-        bootstrap_peers: vec![],
-        topic_id: None,
-        cluster_secret: glued::config::Secret::new("x".into()),
-        records: vec![],
-        log: "warn".into(),
+        ..glued::config::Config::loopback(std::env::temp_dir())
     };
     let forwarder = Forwarder::start(&config, Arc::new(ForwardStats::default())).unwrap();
     let stats = DnsStats::default();

@@ -1204,6 +1204,38 @@ fn parse_peer(s: &str) -> Option<BootstrapPeer> {
 const EXPECT_BIND: &str = "an address ip:port (IPv6 as [::1]:53)";
 
 impl Config {
+    /// A configuration for tests, examples and benchmarks, not the daemon's
+    /// defaults: every socket on a loopback port the kernel chooses, no
+    /// upstream, no watched network, mDNS off, loopback clients allowed, the
+    /// node key in `data_dir`. Change fields with struct update syntax.
+    pub fn loopback(data_dir: PathBuf) -> Config {
+        let any_port: SocketAddr = "127.0.0.1:0".parse().expect("a socket address");
+        Config {
+            dns_bind: any_port,
+            dns_threads: 1,
+            http_bind: any_port,
+            domain: "glued.internal".into(),
+            node_name: "node-a".into(),
+            ttl_secs: 5,
+            upstreams: vec![],
+            allow_nets: ["127.0.0.0/8", "::1/128"]
+                .iter()
+                .map(|n| n.parse().expect("a network"))
+                .collect(),
+            networks: vec![],
+            docker_host: "unix:///var/run/docker.sock".into(),
+            data_dir,
+            gossip_bind: any_port,
+            mdns: false,
+            lease_secs: 15,
+            bootstrap_peers: vec![],
+            topic_id: None,
+            cluster_secret: Secret::new("loopback-test-secret".into()),
+            records: vec![],
+            log: "info".into(),
+        }
+    }
+
     /// Parses the command line (without the program name), reads the config
     /// file and the environment through `env`, and validates everything.
     pub fn load(

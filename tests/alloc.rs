@@ -146,27 +146,7 @@ fn the_answer_function_allocates_nothing_per_local_answer() {
 
 #[test]
 fn the_udp_loop_allocates_nothing_per_local_answer() {
-    let config = glued::config::Config {
-        dns_bind: "127.0.0.1:0".parse().unwrap(),
-        dns_threads: 1,
-        http_bind: "127.0.0.1:0".parse().unwrap(),
-        domain: "glued.internal".into(),
-        node_name: "node-a".into(),
-        ttl_secs: 5,
-        upstreams: vec![],
-        allow_nets: vec!["127.0.0.0/8".parse().unwrap()],
-        networks: vec![],
-        docker_host: String::new(),
-        data_dir: std::env::temp_dir(),
-        gossip_bind: "127.0.0.1:0".parse().unwrap(),
-        mdns: false,
-        lease_secs: 15,
-        bootstrap_peers: vec![],
-        topic_id: None,
-        cluster_secret: glued::config::Secret::new("x".into()),
-        records: vec![],
-        log: "info".into(),
-    };
+    let config = glued::config::Config::loopback(std::env::temp_dir());
     let forwarder = Forwarder::start(&config, Arc::new(ForwardStats::default())).unwrap();
     let stats = DnsStats::default();
     let shared = Arc::new(arc_swap::ArcSwap::from_pointee(table()));

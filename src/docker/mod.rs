@@ -208,25 +208,10 @@ mod tests {
 
     fn test_config() -> Config {
         Config {
-            dns_bind: "127.0.0.1:0".parse().unwrap(),
-            dns_threads: 1,
-            http_bind: "127.0.0.1:0".parse().unwrap(),
-            domain: "glued.internal".into(),
             node_name: "a".into(),
-            ttl_secs: 5,
-            upstreams: vec![],
             allow_nets: vec![],
             networks: vec!["glued_net".into()],
-            docker_host: "unix:///var/run/docker.sock".into(),
-            data_dir: std::env::temp_dir(),
-            gossip_bind: "127.0.0.1:0".parse().unwrap(),
-            mdns: false,
-            lease_secs: 15,
-            bootstrap_peers: vec![],
-            topic_id: None,
-            cluster_secret: crate::config::Secret::new("x".into()),
-            records: vec![],
-            log: "info".into(),
+            ..Config::loopback(std::env::temp_dir())
         }
     }
 }

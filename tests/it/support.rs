@@ -2,7 +2,6 @@
 
 #![allow(dead_code)]
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -30,28 +29,9 @@ pub fn data_dir() -> PathBuf {
 /// mDNS off: safe to run many at once.
 pub fn test_config() -> Config {
     Config {
-        dns_bind: "127.0.0.1:0".parse().unwrap(),
-        dns_threads: 1,
-        http_bind: "127.0.0.1:0".parse().unwrap(),
-        domain: "glued.internal".into(),
-        node_name: "node-a".into(),
-        ttl_secs: 5,
-        upstreams: vec![],
-        allow_nets: ["127.0.0.0/8", "::1/128"]
-            .iter()
-            .map(|n| n.parse().unwrap())
-            .collect(),
         networks: vec![unique("glued-absent-net")],
-        docker_host: "unix:///var/run/docker.sock".into(),
-        data_dir: data_dir(),
-        gossip_bind: "127.0.0.1:0".parse::<SocketAddr>().unwrap(),
-        mdns: false,
-        lease_secs: 15,
-        bootstrap_peers: vec![],
-        topic_id: None,
         cluster_secret: Secret::new("test-secret".into()),
-        records: vec![],
-        log: "info".into(),
+        ..Config::loopback(data_dir())
     }
 }
 
