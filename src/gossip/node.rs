@@ -921,18 +921,7 @@ impl Node {
         }
         for changes in apply {
             for c in changes {
-                let msg = match c {
-                    Change::Upsert(s, g) => RegistryMsg::Upsert {
-                        origin: origin.clone(),
-                        source: s.into(),
-                        group: g.into(),
-                    },
-                    Change::Remove(s) => RegistryMsg::Remove {
-                        origin: origin.clone(),
-                        source: s.into(),
-                    },
-                };
-                send_registry(&self.registry, msg);
+                send_registry(&self.registry, change_msg(&origin, c));
             }
         }
         if answer_hello
@@ -1009,18 +998,7 @@ impl Node {
         o.pending = o.pending.split_off(&(version + 1));
         while let Some(changes) = o.pending.remove(&(next + 1)) {
             for c in changes {
-                let msg = match c {
-                    Change::Upsert(s, g) => RegistryMsg::Upsert {
-                        origin: origin.clone(),
-                        source: s.into(),
-                        group: g.into(),
-                    },
-                    Change::Remove(s) => RegistryMsg::Remove {
-                        origin: origin.clone(),
-                        source: s.into(),
-                    },
-                };
-                send_registry(&self.registry, msg);
+                send_registry(&self.registry, change_msg(&origin, c));
             }
             next += 1;
         }
@@ -1195,6 +1173,21 @@ impl Node {
 
 /// Sends to the registry without stalling the runtime for long: the
 /// registry inbox is bounded and paces bursts.
+/// The registry message that applies one change of `origin`'s records.
+fn change_msg(origin: &Origin, change: Change) -> RegistryMsg {
+    match change {
+        Change::Upsert(s, g) => RegistryMsg::Upsert {
+            origin: origin.clone(),
+            source: s.into(),
+            group: g.into(),
+        },
+        Change::Remove(s) => RegistryMsg::Remove {
+            origin: origin.clone(),
+            source: s.into(),
+        },
+    }
+}
+
 fn send_registry(registry: &Sender<RegistryMsg>, msg: RegistryMsg) {
     match registry.try_send(msg) {
         Ok(()) | Err(TrySendError::Disconnected(_)) => {}
