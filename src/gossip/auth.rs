@@ -50,6 +50,9 @@ pub const AUTH_TIMEOUT: Duration = Duration::from_secs(5);
 /// A peer that failed admission is not tried again for this long (the
 /// re-join loop would otherwise retry, and log, every few seconds).
 pub const REFUSED_BACKOFF: Duration = Duration::from_secs(30);
+/// Most refused peers remembered for [`REFUSED_BACKOFF`]: refusals come
+/// from hosts that need no secret and can use a new key each time.
+pub const MAX_REFUSED: usize = 1024;
 /// QUIC application close code of a refused admission.
 pub const REFUSED_CODE: u32 = 403;
 /// QUIC application close code of a connection to a peer's previous
@@ -216,10 +219,18 @@ impl AuthState {
     }
 
     fn refuse(&self, id: EndpointId, why: &str) {
-        self.refused
-            .lock()
-            .expect("auth lock")
-            .insert(id, Instant::now());
+        {
+            let now = Instant::now();
+            let mut refused = self.refused.lock().expect("auth lock");
+            if refused.len() >= MAX_REFUSED && !refused.contains_key(&id) {
+                refused.retain(|_, t| now.saturating_duration_since(*t) < REFUSED_BACKOFF);
+            }
+            // Full of recent refusals: this one is not remembered (only our
+            // own re-dials of it lose their back-off).
+            if refused.len() < MAX_REFUSED || refused.contains_key(&id) {
+                refused.insert(id, now);
+            }
+        }
         self.stats.auth_refused.fetch_add(1, Ordering::Relaxed);
         let what = if self.bootstrap.contains(&id) {
             "bootstrap peer"
@@ -502,5 +513,27 @@ impl EndpointHooks for Hooks {
                 reason: b"not admitted".to_vec(),
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_of_ever_new_peers_stay_bounded() {
+        // Any host can make a fresh key per attempt and fail admission:
+        // the memory of refusals must not grow with them.
+        let state = AuthState::new(
+            Keys::derive(b"s"),
+            1,
+            HashSet::new(),
+            Arc::new(GossipStats::default()),
+        );
+        for _ in 0..MAX_REFUSED * 3 {
+            state.refuse(SecretKey::generate().public(), "test");
+        }
+        let n = state.refused.lock().unwrap().len();
+        assert!(n <= MAX_REFUSED, "{n} refusals remembered");
     }
 }
