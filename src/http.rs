@@ -5,7 +5,7 @@
 //! short deadline, answers with `Connection: close`, and moves on.
 //!
 //! Invariants: a slow, stuck or hostile client holds the thread for at most
-//! [`REQUEST_DEADLINE`] plus [`WRITE_TIMEOUT`] (plus [`DRAIN_TIMEOUT`] for
+//! [`REQUEST_DEADLINE`] plus [`ANSWER_DEADLINE`] (plus [`DRAIN_TIMEOUT`] for
 //! a refused request); no request makes it allocate
 //! more than [`MAX_REQUEST_BYTES`] for input; nothing here panics on input;
 //! the thread only reads the table, the metrics and the peer list.
@@ -28,6 +28,8 @@ pub const MAX_REQUEST_BYTES: usize = 8 * 1024;
 pub const REQUEST_DEADLINE: Duration = Duration::from_secs(2);
 /// Time a client has to take each chunk of the answer.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Time a client has to take the whole answer, however slowly it reads.
+pub const ANSWER_DEADLINE: Duration = Duration::from_secs(5);
 /// Longest time spent discarding the rest of a refused request.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_millis(200);
 /// Most bytes discarded from a refused request.
@@ -174,9 +176,28 @@ fn write_response(stream: &mut TcpStream, response: &Response, head_only: bool) 
     if !head_only {
         out.push_str(&response.body);
     }
-    stream.write_all(out.as_bytes())?;
-    stream.flush()?;
+    write_by(stream, out.as_bytes(), Instant::now() + ANSWER_DEADLINE)?;
     let _ = stream.shutdown(std::net::Shutdown::Write);
+    Ok(())
+}
+
+/// Writes all of `bytes` before `deadline`, each write waiting at most
+/// [`WRITE_TIMEOUT`]: a client that takes the answer a trickle at a time
+/// cannot hold the thread past the deadline.
+fn write_by(stream: &mut TcpStream, mut bytes: &[u8], deadline: Instant) -> io::Result<()> {
+    while !bytes.is_empty() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "answer too slow"));
+        }
+        stream.set_write_timeout(Some(left.min(WRITE_TIMEOUT)))?;
+        match stream.write(bytes) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
     Ok(())
 }
 

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use glued::config::StaticRecord;
 use glued::daemon::Daemon;
 use glued::gossip::{PeerStatus, Peers};
-use glued::http::{HttpServer, MAX_REQUEST_BYTES, REQUEST_DEADLINE};
+use glued::http::{ANSWER_DEADLINE, HttpServer, MAX_REQUEST_BYTES, REQUEST_DEADLINE};
 use glued::metrics::Metrics;
 use glued::table::{self, Group, Origin, SharedTable, Source, Table};
 
@@ -283,4 +283,78 @@ fn daemon_metrics_count_queries_and_records_show_static_records() {
     assert_eq!(db["source"]["kind"], "static");
     assert_eq!(get(http, "/healthz").status, 200);
     daemon.stop();
+}
+
+#[test]
+fn a_client_reading_a_large_answer_slowly_does_not_hold_the_server() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let s = server();
+    // `/records` of several MB: more than the kernel buffers of both ends.
+    let origin = Origin {
+        id: "ab".repeat(32),
+        node_name: "node-a".into(),
+    };
+    let v6 = (0..600_000u32)
+        .map(|i| std::net::Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0x1234, (i >> 16) as u16, i as u16))
+        .collect();
+    let mut groups = BTreeMap::new();
+    groups.insert(
+        (origin, Source::Static { name: "big".into() }),
+        Group {
+            names: vec!["big".into()],
+            v4: vec![],
+            v6,
+        },
+    );
+    s.table.store(Arc::new(Table::build(
+        "glued.internal",
+        5,
+        1,
+        Arc::new(groups),
+    )));
+    // A client with a tiny receive buffer that takes the answer a little at
+    // a time, always before the per-write timeout runs out.
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.connect(&s.http.addr.into()).unwrap();
+    let mut slow: TcpStream = sock.into();
+    slow.write_all(b"GET /records HTTP/1.1\r\n\r\n").unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = std::thread::spawn({
+        let stop = stop.clone();
+        move || {
+            let mut buf = [0u8; 1024];
+            slow.set_read_timeout(Some(Duration::from_millis(300)))
+                .unwrap();
+            while !stop.load(Ordering::Relaxed) {
+                match slow.read(&mut buf) {
+                    Ok(0) => return,
+                    Ok(_) | Err(_) => std::thread::sleep(Duration::from_millis(300)),
+                }
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let start = Instant::now();
+    let mut other = TcpStream::connect(s.http.addr).unwrap();
+    other
+        .set_read_timeout(Some(ANSWER_DEADLINE + Duration::from_secs(3)))
+        .unwrap();
+    other.write_all(b"GET /healthz HTTP/1.1\r\n\r\n").unwrap();
+    let mut buf = Vec::new();
+    let got = other.read_to_end(&mut buf);
+    let waited = start.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    reader.join().unwrap();
+    assert!(got.is_ok(), "no answer after {waited:?}: {got:?}");
+    assert!(
+        String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&buf)
+    );
+    assert!(
+        waited < ANSWER_DEADLINE + Duration::from_secs(2),
+        "{waited:?}"
+    );
+    s.http.stop();
 }
