@@ -728,6 +728,141 @@ mod tests {
         assert_eq!(u16::from(m.metadata.response_code), RCODE_BADVERS);
     }
 
+    /// Valid queries to mutate: local names, reverse names, forwarded
+    /// names, with and without EDNS, over both transports.
+    fn seeds() -> Vec<Vec<u8>> {
+        let v6 = "1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.d.f.ip6.arpa.";
+        let mut seeds = Vec::new();
+        for name in [
+            "api.",
+            "big.",
+            "big.glued.internal.",
+            "api.node-a.glued.internal.",
+            "glued.internal.",
+            "nope.glued.internal.",
+            "3.0.0.10.in-addr.arpa.",
+            v6,
+            "example.com.",
+            ".",
+        ] {
+            for rtype in [
+                RecordType::A,
+                RecordType::AAAA,
+                RecordType::ANY,
+                RecordType::PTR,
+            ] {
+                for edns in [None, Some(0), Some(512), Some(1232), Some(65535)] {
+                    seeds.push(query(name, rtype, edns));
+                }
+            }
+        }
+        seeds
+    }
+
+    /// Tens of thousands of random and mutated queries: no panic, no
+    /// allocation, and every answer within its transport's limit, with the
+    /// client's id, QR=1, and TC=1 when records were left out.
+    #[test]
+    fn random_and_mutated_queries_never_panic_or_exceed_the_limit() {
+        let mut t = table();
+        let mut groups = (*t.groups).clone();
+        groups.insert(
+            (
+                Origin {
+                    id: "a".into(),
+                    node_name: "a".into(),
+                },
+                Source::Static { name: "big".into() },
+            ),
+            Group {
+                names: vec!["big".into()],
+                v4: (0..=255).map(|i| Ipv4Addr::new(10, 2, 0, i)).collect(),
+                v6: (0..100)
+                    .map(|i| Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, i))
+                    .collect(),
+            },
+        );
+        t = Table::build("glued.internal", 5, 9, Arc::new(groups));
+        let seeds = seeds();
+        let mut rng = fastrand::Rng::with_seed(0x5EED_D115);
+        let mut out = Vec::with_capacity(MAX_MESSAGE_LEN);
+        let capacity = out.capacity();
+        let mut q = Vec::with_capacity(MAX_MESSAGE_LEN);
+        // Drops, forwards, answers, truncated answers: all must occur.
+        let mut seen = [0usize; 4];
+        for round in 0..60_000 {
+            q.clear();
+            if round % 4 == 0 {
+                let n = rng.usize(..600);
+                q.extend((0..n).map(|_| rng.u8(..)));
+                if q.len() >= HEADER_LEN && rng.bool() {
+                    q[2] &= 0x7F; // a query, not a response
+                    q[4..6].copy_from_slice(&[0, 1]);
+                }
+            } else {
+                q.extend_from_slice(&seeds[rng.usize(..seeds.len())]);
+                for _ in 0..rng.usize(1..5) {
+                    match rng.u8(..4) {
+                        0 if !q.is_empty() => {
+                            let at = rng.usize(..q.len());
+                            q[at] = rng.u8(..);
+                        }
+                        1 if !q.is_empty() => q.truncate(rng.usize(..q.len())),
+                        2 => q.extend((0..rng.usize(..40)).map(|_| rng.u8(..))),
+                        _ if q.len() > 11 => q[11] = rng.u8(..3), // ARCOUNT
+                        _ => {}
+                    }
+                }
+            }
+            let transport = if rng.bool() {
+                Transport::Udp
+            } else {
+                Transport::Tcp
+            };
+            let outcome = answer(&q, &t, rng.usize(..), transport, &mut out);
+            assert_eq!(out.capacity(), capacity, "answer allocated");
+            match outcome {
+                Outcome::Drop => {
+                    seen[0] += 1;
+                    assert!(out.is_empty());
+                }
+                Outcome::Forward { max_len, .. } => {
+                    seen[1] += 1;
+                    assert!(out.is_empty());
+                    assert!(max_len >= UDP_PAYLOAD_MIN && max_len <= MAX_MESSAGE_LEN);
+                }
+                Outcome::Answered { truncated, .. } => {
+                    seen[2 + usize::from(truncated)] += 1;
+                    let limit = match transport {
+                        Transport::Tcp => MAX_MESSAGE_LEN,
+                        Transport::Udp => {
+                            let header = Header::new_checked(&q).unwrap();
+                            let edns = wire::parse_question(&q)
+                                .ok()
+                                .and_then(|qn| wire::parse_edns(&q, header, qn.end).ok())
+                                .flatten();
+                            if edns.is_some() {
+                                UDP_PAYLOAD_ADVERTISED as usize
+                            } else {
+                                UDP_PAYLOAD_MIN
+                            }
+                        }
+                    };
+                    assert!(out.len() <= limit, "{} > {limit} for {q:?}", out.len());
+                    assert_eq!(out[..2], q[..2], "id");
+                    assert!(out[2] & 0x80 != 0, "QR");
+                    assert_eq!(truncated, out[2] & 0x02 != 0, "TC");
+                    let m = Message::from_vec(&out)
+                        .unwrap_or_else(|e| panic!("unparseable answer {out:?} to {q:?}: {e}"));
+                    if truncated {
+                        assert!(m.answers.is_empty() && m.authorities.is_empty());
+                    }
+                }
+            }
+        }
+        assert!(seen.iter().all(|&n| n > 500), "outcomes {seen:?}");
+    }
+
     #[test]
     fn refused_and_servfail_echo_the_question() {
         let mut out = Vec::new();

@@ -83,7 +83,13 @@ pub fn question(msg: &[u8]) -> Option<Range<usize>> {
 /// ignoring ASCII case, type and class equal.
 pub fn same_question(a: &[u8], b: &[u8]) -> bool {
     match (question(a), question(b)) {
-        (Some(qa), Some(qb)) => a[qa].eq_ignore_ascii_case(&b[qb]),
+        // The last 4 bytes are type and class: compared exactly (type 65
+        // is `A` and type 97 `a` in ASCII).
+        (Some(qa), Some(qb)) => {
+            let (na, ta) = (&a[qa.start..qa.end - 4], &a[qa.end - 4..qa.end]);
+            let (nb, tb) = (&b[qb.start..qb.end - 4], &b[qb.end - 4..qb.end]);
+            na.eq_ignore_ascii_case(nb) && ta == tb
+        }
         _ => false,
     }
 }
@@ -281,6 +287,20 @@ mod tests {
         two[5] = 2;
         assert!(!same_question(&two, &two));
         assert!(!same_question(&a[..12], &a[..12]));
+    }
+
+    #[test]
+    fn types_and_classes_that_differ_only_by_ascii_case_do_not_match() {
+        // HTTPS (65 = b'A') and type 97 (b'a'); class 0x0041 and 0x0061.
+        let a = query(1, "example.com", 65, None);
+        assert!(!same_question(&a, &query(1, "example.com", 97, None)));
+        let mut class_a = a.clone();
+        let n = class_a.len();
+        class_a[n - 2..].copy_from_slice(&[0, b'A']);
+        let mut class_b = class_a.clone();
+        class_b[n - 1] = b'a';
+        assert!(!same_question(&class_a, &class_b));
+        assert!(same_question(&a, &query(2, "EXAMPLE.com", 65, None)));
     }
 
     #[test]
