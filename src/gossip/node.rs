@@ -74,6 +74,11 @@ pub const MAX_DIRECT_PEERS: usize = 16;
 pub const DIRECT_CAPACITY: usize = 64;
 /// Longest a direct push may take.
 pub const PUSH_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest an admitted peer connected on [`STATE_ALPN`] may take to open
+/// its stream and say what it wants, and to send a pushed heartbeat.
+pub const STATE_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// QUIC application close code of a state connection that timed out.
+pub const STATE_TIMEOUT_CODE: u32 = 408;
 /// First byte of a [`STATE_ALPN`] stream: send me your full state...
 pub const REQUEST_PULL: u8 = 1;
 /// ...or: here is a sealed heartbeat of mine (then the message, then EOF).
@@ -170,16 +175,29 @@ impl std::fmt::Debug for StateHandler {
 
 impl ProtocolHandler for StateHandler {
     async fn accept(&self, conn: Connection) -> Result<(), AcceptError> {
-        let (mut send, mut recv) = conn.accept_bi().await?;
-        let mut req = [0u8; 1];
-        recv.read_exact(&mut req)
-            .await
-            .map_err(AcceptError::from_err)?;
-        if req[0] == REQUEST_PUSH {
+        // Keep-alives hold an idle connection open: every wait on the peer
+        // has a deadline, after which the connection is closed.
+        let request = async {
+            let (send, mut recv) = conn.accept_bi().await?;
+            let mut req = [0u8; 1];
+            recv.read_exact(&mut req)
+                .await
+                .map_err(AcceptError::from_err)?;
+            if req[0] != REQUEST_PUSH {
+                return Ok((send, None));
+            }
             let bytes = recv
                 .read_to_end(wire::MAX_GOSSIP_BYTES)
                 .await
                 .map_err(AcceptError::from_err)?;
+            Ok::<_, AcceptError>((send, Some(bytes)))
+        };
+        let Ok(request) = tokio::time::timeout(STATE_REQUEST_TIMEOUT, request).await else {
+            conn.close(STATE_TIMEOUT_CODE.into(), b"too slow");
+            return Ok(());
+        };
+        let (mut send, pushed) = request?;
+        if let Some(bytes) = pushed {
             // Verified by the gossip loop, like any gossip message.
             let _ = self.direct.try_send((conn.remote_id(), bytes));
             send.write_all(&[1]).await.map_err(AcceptError::from_err)?;
@@ -188,9 +206,11 @@ impl ProtocolHandler for StateHandler {
             return Ok(());
         }
         let bytes = self.me.full_state();
-        send.write_all(&bytes)
-            .await
-            .map_err(AcceptError::from_err)?;
+        let Ok(written) = tokio::time::timeout(PULL_TIMEOUT, send.write_all(&bytes)).await else {
+            conn.close(STATE_TIMEOUT_CODE.into(), b"too slow");
+            return Ok(());
+        };
+        written.map_err(AcceptError::from_err)?;
         send.finish()?;
         self.me.stats.state_served.fetch_add(1, Ordering::Relaxed);
         let _ = tokio::time::timeout(PULL_TIMEOUT, conn.closed()).await;

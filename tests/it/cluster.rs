@@ -1123,3 +1123,73 @@ fn changes_made_alone_reach_a_later_joiner_and_a_lone_change_arrives_as_a_delta(
         n.stop();
     }
 }
+
+/// Connects to `target` on the state ALPN as an admitted peer (it knows
+/// the cluster secret), opens a stream and sends `first` (nothing when
+/// empty) without ever finishing, then reports how long the node took to
+/// close the connection (None: still open after `patience`).
+fn stuck_state_client(target: &Node, first: &[u8], patience: Duration) -> Option<Duration> {
+    use glued::gossip::auth::{AuthState, Hooks, STATE_ALPN};
+    use iroh::endpoint::presets;
+    use iroh::{Endpoint, EndpointAddr, RelayMode, SecretKey};
+    let g = target.gossip();
+    let (id, addr) = (g.id, g.addrs[0]);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let auth = Arc::new(AuthState::new(
+            Keys::derive(b"test-secret"),
+            1,
+            Default::default(),
+            Arc::new(GossipStats::default()),
+        ));
+        let ep = Endpoint::builder(presets::Minimal)
+            .secret_key(SecretKey::generate())
+            .relay_mode(RelayMode::Disabled)
+            .hooks(Hooks {
+                state: auth.clone(),
+                gossip_alpn: iroh_gossip::ALPN,
+            })
+            .clear_ip_transports()
+            .bind_addr("127.0.0.1:0")
+            .unwrap()
+            .bind()
+            .await
+            .unwrap();
+        auth.set_endpoint(Some(ep.clone()));
+        let conn = ep
+            .connect(EndpointAddr::new(id).with_ip_addr(addr), STATE_ALPN)
+            .await
+            .expect("admitted and connected");
+        let (mut send, _recv) = conn.open_bi().await.unwrap();
+        if !first.is_empty() {
+            send.write_all(first).await.unwrap();
+        }
+        let start = Instant::now();
+        let closed = tokio::time::timeout(patience, conn.closed()).await;
+        let took = closed.is_ok().then(|| start.elapsed());
+        auth.set_endpoint(None);
+        ep.close().await;
+        took
+    })
+}
+
+#[test]
+fn a_stuck_state_stream_is_closed_by_the_node() {
+    use glued::gossip::node::{REQUEST_PUSH, STATE_REQUEST_TIMEOUT};
+    let a = start(Opts::new("a", topic()));
+    let patience = STATE_REQUEST_TIMEOUT * 2 + Duration::from_secs(3);
+    // Says nothing at all on its stream.
+    let took = stuck_state_client(&a, &[], patience);
+    assert!(
+        took.is_some(),
+        "a silent stream still open after {patience:?}"
+    );
+    // Announces a pushed heartbeat, then sends nothing more.
+    let took = stuck_state_client(&a, &[REQUEST_PUSH, 1, 2, 3], patience);
+    assert!(took.is_some(), "a stuck push still open after {patience:?}");
+    a.stop();
+}
