@@ -61,6 +61,9 @@ pub const SOCKET_BUFFER_BYTES: usize = 1 << 20;
 const MAX_MESSAGE_LEN: usize = 65_535;
 /// Readiness events handled per poll.
 const EVENTS_CAPACITY: usize = 64;
+/// Datagrams read from one upstream socket before the thread turns to its
+/// timers and inbox (a flood cannot hold it in one socket's read loop).
+pub const MAX_DATAGRAMS_PER_DRAIN: usize = 256;
 const WAKER: Token = Token(usize::MAX);
 
 /// Where the forwarder sends the upstream's answer.
@@ -403,6 +406,9 @@ struct Forwarding {
 impl Forwarding {
     fn run(&mut self) {
         let mut events = Events::with_capacity(EVENTS_CAPACITY);
+        // Sockets whose last drain stopped at its budget: read again on the
+        // next turn (readiness is edge-triggered, no new event comes).
+        let mut undrained: Vec<usize> = Vec::with_capacity(self.sockets.len());
         loop {
             let now = Instant::now();
             self.fire_timers(now);
@@ -414,7 +420,7 @@ impl Forwarding {
             // with the fence in `submit`).
             self.shared.asleep.store(true, Ordering::SeqCst);
             fence(Ordering::SeqCst);
-            let timeout = if self.rx.is_empty() {
+            let timeout = if self.rx.is_empty() && undrained.is_empty() {
                 timeout
             } else {
                 Some(Duration::ZERO)
@@ -430,10 +436,12 @@ impl Forwarding {
                 break;
             }
             for event in events.iter() {
-                if event.token() != WAKER {
-                    self.drain_socket(event.token().0);
+                let index = event.token().0;
+                if event.token() != WAKER && !undrained.contains(&index) {
+                    undrained.push(index);
                 }
             }
+            undrained.retain(|&index| self.drain_socket(index));
             if !self.drain_inbox() {
                 break;
             }
@@ -654,24 +662,28 @@ impl Forwarding {
         }
     }
 
-    /// Reads every datagram waiting on socket `index`.
-    fn drain_socket(&mut self, index: usize) {
+    /// Reads the datagrams waiting on socket `index`, at most
+    /// [`MAX_DATAGRAMS_PER_DRAIN`]; true when it stopped at that budget
+    /// (more may be waiting).
+    fn drain_socket(&mut self, index: usize) -> bool {
         let mut buf = std::mem::take(&mut self.recv_buf);
+        let mut more = false;
+        let mut budget = MAX_DATAGRAMS_PER_DRAIN;
         while let Some(socket) = self.sockets.get(index) {
+            if budget == 0 {
+                more = true;
+                break;
+            }
+            budget -= 1;
             match socket.recv_from(&mut buf) {
                 Ok((len, from)) => self.on_reply(&mut buf[..len], from, index),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    if e.kind() != io::ErrorKind::WouldBlock {
-                        // ICMP errors surface here; the timer handles them.
-                        log::debug!("upstream socket: {e}");
-                        continue;
-                    }
-                    break;
-                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                // ICMP errors surface here; the timer handles them.
+                Err(e) => log::debug!("upstream socket: {e}"),
             }
         }
         self.recv_buf = buf;
+        more
     }
 
     fn on_reply(&mut self, msg: &mut [u8], from: SocketAddr, socket: usize) {
@@ -776,5 +788,72 @@ impl Forwarding {
         for id in ids {
             self.fail(id);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A forwarding thread's state with one loopback socket toward one
+    /// upstream, not running.
+    fn forwarding(upstream: SocketAddr) -> Forwarding {
+        let stats = Arc::new(ForwardStats::default());
+        let upstreams = stats.set_upstreams(&[upstream]);
+        let poll = Poll::new().unwrap();
+        let waker = Waker::new(poll.registry(), WAKER).unwrap();
+        let mut socket = upstream_socket(IpAddr::V4(Ipv4Addr::LOCALHOST)).unwrap();
+        poll.registry()
+            .register(&mut socket, Token(0), Interest::READABLE)
+            .unwrap();
+        let (tcp_tx, _) = bounded(1);
+        let (_, rx) = bounded(1);
+        Forwarding {
+            poll,
+            sockets: vec![socket],
+            families: [0..1, 0..0],
+            healths: vec![Health::new()],
+            upstreams,
+            pending: HashMap::default(),
+            timers: BinaryHeap::new(),
+            next_seq: 0,
+            recv_buf: vec![0; MAX_MESSAGE_LEN],
+            probe: wire::probe_query(),
+            scratch: Vec::new(),
+            rx,
+            tcp_tx,
+            stats,
+            shared: Arc::new(Shared {
+                stopping: Arc::new(AtomicBool::new(false)),
+                asleep: AtomicBool::new(false),
+                waker,
+                threads: Mutex::new(Vec::new()),
+            }),
+        }
+    }
+
+    /// A flood of datagrams on an upstream socket cannot keep the
+    /// forwarding thread reading forever: one drain takes at most
+    /// [`MAX_DATAGRAMS_PER_DRAIN`] and says there may be more.
+    #[test]
+    fn a_drain_reads_a_bounded_number_of_datagrams() {
+        let mut f = forwarding("127.0.0.1:9".parse().unwrap());
+        let to = f.sockets[0].local_addr().unwrap();
+        let flood = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let n = MAX_DATAGRAMS_PER_DRAIN + 10;
+        for i in 0..n {
+            flood.send_to(&[i as u8; 20], to).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        let unmatched = |f: &Forwarding| f.stats.unmatched_replies.load(Ordering::Relaxed);
+        assert!(f.drain_socket(0), "budget spent: more may wait");
+        assert_eq!(unmatched(&f), MAX_DATAGRAMS_PER_DRAIN as u64);
+        // The next drain goes on where this one stopped.
+        for _ in 0..5 {
+            flood.send_to(&[0; 20], to).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!f.drain_socket(0), "the socket is empty now");
+        assert!(unmatched(&f) >= MAX_DATAGRAMS_PER_DRAIN as u64 + 5);
     }
 }

@@ -372,6 +372,76 @@ mod tests {
         assert!(!servfail(&plain[..5], &mut out));
     }
 
+    /// Tens of thousands of mutated queries and answers: nothing panics,
+    /// a cut answer never exceeds the client's limit (but for header,
+    /// question and a bare OPT) and carries TC=1, and SERVFAIL is a
+    /// response with the query's id.
+    #[test]
+    fn mutated_messages_never_panic_and_cuts_stay_within_limits() {
+        let mut seeds = Vec::new();
+        for opt in [
+            None,
+            Some(&[][..]),
+            Some(&[0, 10, 0, 8, 1, 2, 3, 4, 5, 6, 7, 8][..]),
+        ] {
+            for name in ["example.com", "a", "x.y.z.example.org"] {
+                let q = query(0x4242, name, 1, opt);
+                let mut big = answer(&q);
+                // Many answers, then the OPT again at the end.
+                let opt_range = opt_record(&big);
+                for _ in 0..40 {
+                    let at = question(&big).unwrap().end;
+                    big.splice(
+                        at..at,
+                        [0xC0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 10, 0, 0, 2],
+                    );
+                    big[7] = big[7].wrapping_add(1);
+                }
+                if opt_range.is_some() {
+                    assert!(opt_record(&big).is_some());
+                }
+                seeds.extend([q, answer(&query(7, name, 28, opt)), big]);
+            }
+        }
+        let mut rng = fastrand::Rng::with_seed(0xF0_4A4D);
+        let mut out = Vec::new();
+        let mut m = Vec::new();
+        for _ in 0..40_000 {
+            m.clear();
+            m.extend_from_slice(&seeds[rng.usize(..seeds.len())]);
+            for _ in 0..rng.usize(1..4) {
+                match rng.u8(..4) {
+                    0 if !m.is_empty() => {
+                        let at = rng.usize(..m.len());
+                        m[at] = rng.u8(..);
+                    }
+                    1 if !m.is_empty() => m.truncate(rng.usize(..m.len())),
+                    2 => m.extend((0..rng.usize(..20)).map(|_| rng.u8(..))),
+                    _ if m.len() > 11 => m[6 + 2 * rng.usize(..3) + 1] = rng.u8(..),
+                    _ => {}
+                }
+            }
+            let _ = (id(&m), opt_record(&m), same_question(&m, &m), rcode(&m));
+            let max_len = 12 + rng.usize(..600);
+            if truncate(&m, max_len, &mut out) {
+                let q = question(&m).unwrap();
+                assert!(
+                    out.len() <= max_len.max(q.end + 12),
+                    "{} > {max_len}",
+                    out.len()
+                );
+                assert!(is_truncated(&out));
+                assert_eq!(out[..2], m[..2]);
+                assert_eq!(&out[6..10], &[0, 0, 0, 0]);
+            }
+            if servfail(&m, &mut out) {
+                assert_eq!(id(&out), id(&m));
+                assert!(is_response(&out) && rcode(&out) == RCODE_SERVFAIL);
+                assert!(out.len() <= m.len().max(HEADER_LEN) + 11);
+            }
+        }
+    }
+
     #[test]
     fn nothing_panics_on_garbage() {
         let mut out = Vec::new();
