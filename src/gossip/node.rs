@@ -905,10 +905,10 @@ impl Node {
                 o.advertised = o.advertised.max(version);
                 match o.known {
                     Some(k) if version <= k => stale = true,
-                    Some(k) if version == k + 1 => {
+                    Some(k) if k.checked_add(1) == Some(version) => {
                         apply.push(changes);
                         let mut next = version;
-                        while let Some(c) = o.pending.remove(&(next + 1)) {
+                        while let Some(c) = next_pending(&mut o.pending, next) {
                             apply.push(c);
                             next += 1;
                         }
@@ -1015,8 +1015,11 @@ impl Node {
             },
         );
         let mut next = version;
-        o.pending = o.pending.split_off(&(version + 1));
-        while let Some(changes) = o.pending.remove(&(next + 1)) {
+        o.pending = match version.checked_add(1) {
+            Some(after) => o.pending.split_off(&after),
+            None => BTreeMap::new(),
+        };
+        while let Some(changes) = next_pending(&mut o.pending, next) {
             for c in changes {
                 send_registry(&self.registry, change_msg(&origin, c));
             }
@@ -1206,6 +1209,12 @@ fn change_msg(origin: &Origin, change: Change) -> RegistryMsg {
             source: s.into(),
         },
     }
+}
+
+/// Takes the pending delta that follows `version`, if any (none after the
+/// last version number: versions come from the network).
+fn next_pending(pending: &mut BTreeMap<u64, Vec<Change>>, version: u64) -> Option<Vec<Change>> {
+    pending.remove(&version.checked_add(1)?)
 }
 
 fn send_registry(registry: &Sender<RegistryMsg>, msg: RegistryMsg) {

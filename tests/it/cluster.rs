@@ -1193,3 +1193,149 @@ fn a_stuck_state_stream_is_closed_by_the_node() {
     assert!(took.is_some(), "a stuck push still open after {patience:?}");
     a.stop();
 }
+
+/// Serves one fixed sealed message to every state request.
+#[derive(Debug, Clone)]
+struct FixedState(Arc<Vec<u8>>);
+
+impl iroh::protocol::ProtocolHandler for FixedState {
+    async fn accept(
+        &self,
+        conn: iroh::endpoint::Connection,
+    ) -> Result<(), iroh::protocol::AcceptError> {
+        use iroh::protocol::AcceptError;
+        let (mut send, mut recv) = conn.accept_bi().await?;
+        let mut req = [0u8; 1];
+        recv.read_exact(&mut req)
+            .await
+            .map_err(AcceptError::from_err)?;
+        send.write_all(&self.0)
+            .await
+            .map_err(AcceptError::from_err)?;
+        send.finish()?;
+        let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
+        Ok(())
+    }
+}
+
+#[test]
+fn a_peer_at_the_last_version_number_does_not_break_the_node() {
+    use glued::gossip::auth::{AuthState, Hooks, STATE_ALPN};
+    use glued::gossip::node::REQUEST_PUSH;
+    use iroh::endpoint::presets;
+    use iroh::protocol::Router;
+    use iroh::{Endpoint, EndpointAddr, RelayMode, SecretKey};
+    let a = start(Opts::new("a", topic()));
+    let (a_id, a_addr) = (a.gossip().id, a.gossip().addrs[0]);
+    let keys = Keys::derive(b"test-secret");
+    // A peer that knows the secret and whose records are at version
+    // u64::MAX (a bug, or a hostile member).
+    let m_key = SecretKey::generate();
+    let full = wire::seal_own(
+        &keys,
+        &m_key,
+        "node-m",
+        1,
+        1,
+        Payload::FullState {
+            version: u64::MAX,
+            groups: vec![(
+                WireSource::Static("edge".into()),
+                WireGroup {
+                    names: vec!["edge".into()],
+                    v4: vec![ip(9)],
+                    v6: vec![],
+                },
+            )],
+        },
+    );
+    let heartbeat = |seq| {
+        let mut msg = vec![REQUEST_PUSH];
+        msg.extend(wire::seal_own(
+            &keys,
+            &m_key,
+            "node-m",
+            1,
+            seq,
+            Payload::Heartbeat {
+                version: u64::MAX,
+                n_groups: 1,
+                ready: true,
+            },
+        ));
+        msg
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (ep, router, auth) = rt.block_on(async {
+        let auth = Arc::new(AuthState::new(
+            keys.clone(),
+            1,
+            Default::default(),
+            Arc::new(GossipStats::default()),
+        ));
+        let ep = Endpoint::builder(presets::Minimal)
+            .secret_key(m_key.clone())
+            .relay_mode(RelayMode::Disabled)
+            .hooks(Hooks {
+                state: auth.clone(),
+                gossip_alpn: iroh_gossip::ALPN,
+            })
+            .clear_ip_transports()
+            .bind_addr("127.0.0.1:0")
+            .unwrap()
+            .bind()
+            .await
+            .unwrap();
+        auth.set_endpoint(Some(ep.clone()));
+        let router = Router::builder(ep.clone())
+            .accept(STATE_ALPN, FixedState(Arc::new(full)))
+            .spawn();
+        (ep, router, auth)
+    });
+    let push = |msg: Vec<u8>| -> Result<(), String> {
+        rt.block_on(async {
+            let go = async {
+                let conn = ep
+                    .connect(EndpointAddr::new(a_id).with_ip_addr(a_addr), STATE_ALPN)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+                send.write_all(&msg).await.map_err(|e| e.to_string())?;
+                let _ = send.finish();
+                let mut ack = [0u8; 1];
+                recv.read_exact(&mut ack).await.map_err(|e| e.to_string())?;
+                conn.close(0u32.into(), b"done");
+                Ok(())
+            };
+            tokio::time::timeout(Duration::from_secs(5), go)
+                .await
+                .unwrap_or_else(|_| Err("timed out".into()))
+        })
+    };
+    push(heartbeat(1)).expect("first push");
+    // A pulls M's full state (version u64::MAX) and holds its records.
+    assert!(
+        wait_until(CONVERGE, || a.resolves("edge").is_some()
+            && a.stats.state_pulls.load(Ordering::Relaxed) >= 1),
+        "A never took M's full state"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    // A is still alive: it takes and counts another message of M.
+    let received = a.stats.received.load(Ordering::Relaxed);
+    push(heartbeat(2)).expect("A still accepts pushes");
+    assert!(wait_until(CONVERGE, || a
+        .stats
+        .received
+        .load(Ordering::Relaxed)
+        > received));
+    assert_eq!(a.resolves("edge"), Some(vec![ip(9)]));
+    rt.block_on(async {
+        auth.set_endpoint(None);
+        let _ = router.shutdown().await;
+    });
+    a.stop();
+}
