@@ -829,7 +829,7 @@ mod tests {
                 Outcome::Forward { max_len, .. } => {
                     seen[1] += 1;
                     assert!(out.is_empty());
-                    assert!(max_len >= UDP_PAYLOAD_MIN && max_len <= MAX_MESSAGE_LEN);
+                    assert!((UDP_PAYLOAD_MIN..=MAX_MESSAGE_LEN).contains(&max_len));
                 }
                 Outcome::Answered { truncated, .. } => {
                     seen[2 + usize::from(truncated)] += 1;
