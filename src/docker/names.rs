@@ -71,9 +71,14 @@ impl ContainerInfo {
         })
     }
 
-    /// The 12-hex-digit short id.
+    /// The 12-hex-digit short id (shorter, never split inside a character,
+    /// when the engine gives an odd id).
     pub fn short_id(&self) -> &str {
-        &self.id[..self.id.len().min(SHORT_ID_LEN)]
+        let mut end = self.id.len().min(SHORT_ID_LEN);
+        while !self.id.is_char_boundary(end) {
+            end -= 1;
+        }
+        &self.id[..end]
     }
 
     /// False when the `glued.enable` label opts the container out.
@@ -282,5 +287,17 @@ mod tests {
         assert_eq!(g.names, ["db", "database", "0123456789ab", "postgres"]);
         assert_eq!(g.v4, ["10.1.0.2".parse::<Ipv4Addr>().unwrap()]);
         assert!(g.v6.is_empty());
+    }
+
+    #[test]
+    fn an_id_that_is_not_hex_does_not_panic() {
+        // The engine's answer is input: a multi-byte character across the
+        // short-id cut must not panic.
+        let mut c = info(&[]);
+        c.id = format!("a{}", "é".repeat(40));
+        let groups = c.groups(&["glued_net".to_owned()]);
+        let g = &groups["glued_net"];
+        assert_eq!(g.names[0], "my_app");
+        assert!(c.short_id().len() <= SHORT_ID_LEN);
     }
 }
