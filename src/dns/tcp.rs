@@ -47,6 +47,9 @@ pub const MAX_FRAMES_PER_TURN: usize = 64;
 /// Poll interval: the resolution of the idle timeout. Forwarded answers do
 /// not wait for it: the forwarder wakes the loop ([`Reply::TcpWake`]).
 pub const IDLE_POLL: Duration = Duration::from_millis(100);
+/// Connections accepted (or accepted and closed over the cap) per loop turn,
+/// so a connection flood cannot keep the loop from serving the others.
+pub const MAX_ACCEPTS_PER_TURN: usize = 64;
 /// Retry interval after `accept` failed (e.g. out of file descriptors).
 pub const ACCEPT_RETRY: Duration = Duration::from_millis(20);
 /// Read buffer handed to `read` (a full frame plus its prefix).
@@ -160,11 +163,14 @@ pub(crate) fn run(
     let mut again: Vec<usize> = Vec::new();
     let mut ready: Vec<usize> = Vec::new();
     let mut accept_retry = false;
+    // The last turn stopped accepting at MAX_ACCEPTS_PER_TURN: more may
+    // wait, and mio's edge-triggered readiness will not say so again.
+    let mut accept_more = false;
     let mut events = Events::with_capacity(1024);
     let mut last_sweep = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         let pending = conns.iter().flatten().any(|c| c.pending > 0);
-        let timeout = if !again.is_empty() {
+        let timeout = if !again.is_empty() || accept_more {
             Duration::ZERO
         } else if accept_retry {
             ACCEPT_RETRY
@@ -182,9 +188,14 @@ pub(crate) fn run(
         }
         ready.clear();
         ready.append(&mut again);
-        if accept_retry || events.iter().any(|e| e.token() == LISTENER) {
+        if accept_retry || accept_more || events.iter().any(|e| e.token() == LISTENER) {
             accept_retry = false;
-            loop {
+            accept_more = false;
+            for n_accepted in 0.. {
+                if n_accepted == MAX_ACCEPTS_PER_TURN {
+                    accept_more = true;
+                    break;
+                }
                 match listener.accept() {
                     Ok((mut stream, peer)) => {
                         if n_open >= ctx.limits.max_connections {
@@ -227,7 +238,7 @@ pub(crate) fn run(
                         ready.push(slot);
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(e) => {
                         log::debug!("DNS TCP: accept failed: {e}");
                         accept_retry = true;
