@@ -63,6 +63,9 @@ pub const PEERS_EVERY: Duration = Duration::from_millis(500);
 pub const QUIC_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// `/peers` forgets a peer silent for this many leases.
 pub const PEER_FORGET_LEASES: u32 = 40;
+/// Most peers found by mDNS remembered (announcements are not
+/// authenticated; those never admitted make room first).
+pub const MAX_DISCOVERED: usize = 256;
 /// Capacity of the queue of peers found by mDNS.
 pub const DISCOVERED_CAPACITY: usize = 64;
 /// Capacity of the event subscription (the buffer before `Lagged`).
@@ -1123,7 +1126,10 @@ impl Node {
     /// A peer found on the local network: joined (admission first, by the
     /// hooks) unless already a neighbour.
     async fn on_discovered(&mut self, id: EndpointId) {
-        if id == self.my_id || self.neighbors.contains(&id) || !self.discovered.insert(id) {
+        if id == self.my_id
+            || self.neighbors.contains(&id)
+            || !remember_discovered(&mut self.discovered, id, |p| self.auth.is_admitted(p))
+        {
             return;
         }
         log::debug!("gossip: discovered {id} on the local network");
@@ -1209,6 +1215,24 @@ fn change_msg(origin: &Origin, change: Change) -> RegistryMsg {
             source: s.into(),
         },
     }
+}
+
+/// Remembers a peer found by mDNS; false when it was known already (or
+/// the set is full of admitted peers). At most [`MAX_DISCOVERED`] are kept:
+/// when full, the peers never admitted are forgotten (a real one announces
+/// itself again and is tried again).
+fn remember_discovered(
+    set: &mut HashSet<EndpointId>,
+    id: EndpointId,
+    admitted: impl Fn(&EndpointId) -> bool,
+) -> bool {
+    if set.contains(&id) {
+        return false;
+    }
+    if set.len() >= MAX_DISCOVERED {
+        set.retain(|p| admitted(p));
+    }
+    set.len() < MAX_DISCOVERED && set.insert(id)
 }
 
 /// Takes the pending delta that follows `version`, if any (none after the
@@ -1512,6 +1536,30 @@ mod tests {
         assert!(diff(&published, local_range(&table, &lo)).is_empty());
         let none = (origin("zz"), s(""));
         assert_eq!(local_range(&table, &none).count(), 0);
+    }
+
+    #[test]
+    fn peers_announced_on_the_local_network_are_remembered_within_a_bound() {
+        // mDNS is unauthenticated: anyone on the LAN can announce ids.
+        let admitted: HashSet<EndpointId> =
+            (0..3).map(|_| SecretKey::generate().public()).collect();
+        let mut set = HashSet::new();
+        for id in &admitted {
+            assert!(remember_discovered(&mut set, *id, |p| admitted.contains(p)));
+        }
+        for _ in 0..MAX_DISCOVERED * 3 {
+            let id = SecretKey::generate().public();
+            remember_discovered(&mut set, id, |p| admitted.contains(p));
+        }
+        assert!(set.len() <= MAX_DISCOVERED, "{} remembered", set.len());
+        assert!(
+            admitted.iter().all(|id| set.contains(id)),
+            "admitted ones kept"
+        );
+        // A new announcement still gets a try.
+        let id = SecretKey::generate().public();
+        assert!(remember_discovered(&mut set, id, |p| admitted.contains(p)));
+        assert!(!remember_discovered(&mut set, id, |p| admitted.contains(p)));
     }
 
     #[test]
