@@ -53,6 +53,11 @@ pub const REFUSED_BACKOFF: Duration = Duration::from_secs(30);
 /// Most refused peers remembered for [`REFUSED_BACKOFF`]: refusals come
 /// from hosts that need no secret and can use a new key each time.
 pub const MAX_REFUSED: usize = 1024;
+/// Most admission exchanges served at once (each lasts at most
+/// [`AUTH_TIMEOUT`]); anyone may open one, so more are closed at once.
+pub const MAX_ADMISSIONS: usize = 32;
+/// QUIC application close code of an admission refused for lack of a slot.
+pub const BUSY_CODE: u32 = 503;
 /// QUIC application close code of a refused admission.
 pub const REFUSED_CODE: u32 = 403;
 /// QUIC application close code of a connection to a peer's previous
@@ -81,6 +86,9 @@ pub struct AuthState {
     refused: Mutex<HashMap<EndpointId, Instant>>,
     /// Every gated connection, so a block or a restart can close it.
     conns: Mutex<Vec<(EndpointId, WeakConnectionHandle)>>,
+    /// Admission exchanges started by a remote (served, or dialed back),
+    /// at most [`MAX_ADMISSIONS`] at once.
+    admissions: Arc<tokio::sync::Semaphore>,
 }
 
 /// One admitted peer.
@@ -109,6 +117,7 @@ impl AuthState {
             blocked: Mutex::new(HashSet::new()),
             refused: Mutex::new(HashMap::new()),
             conns: Mutex::new(Vec::new()),
+            admissions: Arc::new(tokio::sync::Semaphore::new(MAX_ADMISSIONS)),
         }
     }
 
@@ -445,6 +454,11 @@ pub struct AuthHandler(pub Arc<AuthState>);
 impl ProtocolHandler for AuthHandler {
     async fn accept(&self, conn: Connection) -> Result<(), AcceptError> {
         let peer = conn.remote_id();
+        let Ok(_slot) = self.0.admissions.clone().try_acquire_owned() else {
+            log::debug!("admission from {peer} refused: {MAX_ADMISSIONS} already running");
+            conn.close(BUSY_CODE.into(), b"busy");
+            return Ok(());
+        };
         match tokio::time::timeout(AUTH_TIMEOUT, self.0.server(&conn)).await {
             Ok(Ok(())) => {}
             Ok(Err(Failure::Refused(why))) => {
@@ -506,6 +520,12 @@ impl EndpointHooks for Hooks {
         }
         // An incoming connection from a peer that admitted us before we
         // (re)started: prove ourselves again, and check it, by dialing back.
+        let Ok(_slot) = self.state.admissions.clone().try_acquire_owned() else {
+            return AfterHandshakeOutcome::Reject {
+                error_code: BUSY_CODE.into(),
+                reason: b"busy".to_vec(),
+            };
+        };
         match self.state.authenticate(EndpointAddr::new(id)).await {
             Ok(()) => AfterHandshakeOutcome::Accept,
             Err(_) => AfterHandshakeOutcome::Reject {

@@ -1339,3 +1339,46 @@ fn a_peer_at_the_last_version_number_does_not_break_the_node() {
     });
     a.stop();
 }
+
+#[test]
+fn unauthenticated_admission_attempts_at_once_are_capped() {
+    use glued::gossip::auth::{AUTH_ALPN, AUTH_TIMEOUT, MAX_ADMISSIONS};
+    use iroh::endpoint::presets;
+    use iroh::{Endpoint, EndpointAddr, RelayMode, SecretKey};
+    let a = start(Opts::new("a", topic()));
+    let (id, addr) = (a.gossip().id, a.gossip().addrs[0]);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        // No hooks, no secret: anyone may dial the admission ALPN.
+        let ep = Endpoint::builder(presets::Minimal)
+            .secret_key(SecretKey::generate())
+            .relay_mode(RelayMode::Disabled)
+            .clear_ip_transports()
+            .bind_addr("127.0.0.1:0")
+            .unwrap()
+            .bind()
+            .await
+            .unwrap();
+        let target = EndpointAddr::new(id).with_ip_addr(addr);
+        // Fill every admission slot with a client that never speaks.
+        let mut held = Vec::new();
+        for _ in 0..MAX_ADMISSIONS {
+            held.push(ep.connect(target.clone(), AUTH_ALPN).await.unwrap());
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let extra = ep.connect(target, AUTH_ALPN).await.unwrap();
+        let closed = tokio::time::timeout(AUTH_TIMEOUT / 2, extra.closed()).await;
+        assert!(
+            closed.is_ok(),
+            "an admission beyond the cap was still open after {:?}",
+            AUTH_TIMEOUT / 2
+        );
+        drop(held);
+        ep.close().await;
+    });
+    a.stop();
+}
