@@ -74,8 +74,7 @@ pub const RESOLV_CONF: &str = "/etc/resolv.conf";
 /// Docker's embedded resolver: a loopback address that is never Glued itself
 /// (Docker redirects its port 53 elsewhere), so it stays a valid upstream.
 pub const DOCKER_EMBEDDED_DNS: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 11);
-/// Longest DNS label (RFC 1035 §2.3.4).
-pub const MAX_LABEL_LEN: usize = 63;
+pub use crate::table::MAX_LABEL_LEN;
 /// Longest domain in text form without the trailing dot (RFC 1035 §2.3.4).
 pub const MAX_DOMAIN_LEN: usize = 253;
 /// Shown instead of the cluster secret.
@@ -1118,15 +1117,9 @@ fn parse_in_range<T: std::str::FromStr + PartialOrd>(s: &str, min: T, max: T) ->
 }
 
 /// A single DNS label of letters, digits, `-` and `_`, not starting or
-/// ending with `-`, lowercased.
+/// ending with `-`, lowercased ([`crate::table::label`]).
 pub fn parse_label(s: &str) -> Option<String> {
-    let ok = !s.is_empty()
-        && s.len() <= MAX_LABEL_LEN
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        && !s.starts_with('-')
-        && !s.ends_with('-');
-    ok.then(|| s.to_ascii_lowercase())
+    crate::table::label(s)
 }
 
 fn parse_domain(s: &str) -> Option<String> {

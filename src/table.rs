@@ -322,6 +322,28 @@ pub fn name_to_wire(name: &str) -> Box<[u8]> {
     out.into_boxed_slice()
 }
 
+/// Longest DNS label (RFC 1035 §2.3.4).
+pub const MAX_LABEL_LEN: usize = 63;
+
+/// True for a name Glued answers: one lowercase DNS label of 1 to 63 of
+/// `a-z 0-9 - _`, not starting or ending with `-`. Underscores are kept
+/// because Docker and Compose v1 names use them and DNS carries them fine.
+pub fn is_valid_label(name: &str) -> bool {
+    let b = name.as_bytes();
+    !b.is_empty()
+        && b.len() <= MAX_LABEL_LEN
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-' || *c == b'_')
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-'
+}
+
+/// `name` lowercased, when that is a valid label ([`is_valid_label`]).
+pub fn label(name: &str) -> Option<String> {
+    let lower = name.to_ascii_lowercase();
+    is_valid_label(&lower).then_some(lower)
+}
+
 /// The table shared between the registry (writer) and the DNS threads.
 pub type SharedTable = Arc<ArcSwap<Table>>;
 

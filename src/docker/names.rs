@@ -20,8 +20,6 @@ pub const LABEL_ENABLE: &str = "glued.enable";
 pub const LABEL_COMPOSE_SERVICE: &str = "com.docker.compose.service";
 /// Hex digits of the short container id.
 pub const SHORT_ID_LEN: usize = 12;
-/// Longest DNS label (RFC 1035 §2.3.4).
-pub const MAX_LABEL_LEN: usize = 63;
 
 /// What Glued needs of one container, taken from an inspect response.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -160,18 +158,7 @@ impl Endpoint {
     }
 }
 
-/// A lowercase single DNS label: 1 to 63 of `a-z 0-9 - _`, not starting or
-/// ending with `-`. Underscores are kept because Docker and Compose v1 names
-/// use them and DNS carries them fine.
-pub fn is_valid_label(name: &str) -> bool {
-    let b = name.as_bytes();
-    !b.is_empty()
-        && b.len() <= MAX_LABEL_LEN
-        && b.iter()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-' || *c == b'_')
-        && b[0] != b'-'
-        && b[b.len() - 1] != b'-'
-}
+pub use crate::table::is_valid_label;
 
 #[cfg(test)]
 mod tests {

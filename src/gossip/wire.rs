@@ -130,10 +130,17 @@ impl From<&Group> for WireGroup {
     }
 }
 
+/// A peer's group as the registry takes it: names that are not valid
+/// labels ([`crate::table::label`]) are left out, the others lowercased, so a
+/// member cannot publish a name no DNS query could ask for.
 impl From<WireGroup> for Group {
     fn from(g: WireGroup) -> Group {
         Group {
-            names: g.names,
+            names: g
+                .names
+                .iter()
+                .filter_map(|n| crate::table::label(n))
+                .collect(),
             v4: g.v4,
             v6: g.v6,
         }
@@ -427,6 +434,23 @@ pub const HEADER_BUDGET: usize = 32 + 32 + 1 + MAX_NODE_NAME_LEN + 10 + 10 + 1 +
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_peer_group_keeps_only_valid_labels_lowercased() {
+        let g: crate::table::Group = WireGroup {
+            names: vec![
+                "Api".into(),
+                "a.b".into(),
+                "".into(),
+                "-x".into(),
+                "db_1".into(),
+            ],
+            v4: vec!["10.0.0.1".parse().unwrap()],
+            v6: vec![],
+        }
+        .into();
+        assert_eq!(g.names, ["api", "db_1"]);
+    }
     use super::*;
 
     fn key(n: u8) -> SecretKey {
