@@ -1124,14 +1124,43 @@ fn changes_made_alone_reach_a_later_joiner_and_a_lone_change_arrives_as_a_delta(
     }
 }
 
+/// A raw iroh endpoint on loopback for `key`, with Glued's admission hooks
+/// for the cluster `keys`: a hand-driven member for forging tests.
+async fn member_endpoint(
+    key: iroh::SecretKey,
+    keys: Keys,
+) -> (iroh::Endpoint, Arc<glued::gossip::auth::AuthState>) {
+    use glued::gossip::auth::{AuthState, Hooks};
+    let auth = Arc::new(AuthState::new(
+        keys,
+        1,
+        Default::default(),
+        Arc::new(GossipStats::default()),
+    ));
+    let ep = iroh::Endpoint::builder(iroh::endpoint::presets::Minimal)
+        .secret_key(key)
+        .relay_mode(iroh::RelayMode::Disabled)
+        .hooks(Hooks {
+            state: auth.clone(),
+            gossip_alpn: iroh_gossip::ALPN,
+        })
+        .clear_ip_transports()
+        .bind_addr("127.0.0.1:0")
+        .unwrap()
+        .bind()
+        .await
+        .unwrap();
+    auth.set_endpoint(Some(ep.clone()));
+    (ep, auth)
+}
+
 /// Connects to `target` on the state ALPN as an admitted peer (it knows
 /// the cluster secret), opens a stream and sends `first` (nothing when
 /// empty) without ever finishing, then reports how long the node took to
 /// close the connection (None: still open after `patience`).
 fn stuck_state_client(target: &Node, first: &[u8], patience: Duration) -> Option<Duration> {
-    use glued::gossip::auth::{AuthState, Hooks, STATE_ALPN};
-    use iroh::endpoint::presets;
-    use iroh::{Endpoint, EndpointAddr, RelayMode, SecretKey};
+    use glued::gossip::auth::STATE_ALPN;
+    use iroh::{EndpointAddr, SecretKey};
     let g = target.gossip();
     let (id, addr) = (g.id, g.addrs[0]);
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -1140,26 +1169,7 @@ fn stuck_state_client(target: &Node, first: &[u8], patience: Duration) -> Option
         .build()
         .unwrap();
     rt.block_on(async move {
-        let auth = Arc::new(AuthState::new(
-            Keys::derive(b"test-secret"),
-            1,
-            Default::default(),
-            Arc::new(GossipStats::default()),
-        ));
-        let ep = Endpoint::builder(presets::Minimal)
-            .secret_key(SecretKey::generate())
-            .relay_mode(RelayMode::Disabled)
-            .hooks(Hooks {
-                state: auth.clone(),
-                gossip_alpn: iroh_gossip::ALPN,
-            })
-            .clear_ip_transports()
-            .bind_addr("127.0.0.1:0")
-            .unwrap()
-            .bind()
-            .await
-            .unwrap();
-        auth.set_endpoint(Some(ep.clone()));
+        let (ep, auth) = member_endpoint(SecretKey::generate(), Keys::derive(b"test-secret")).await;
         let conn = ep
             .connect(EndpointAddr::new(id).with_ip_addr(addr), STATE_ALPN)
             .await
@@ -1220,11 +1230,10 @@ impl iroh::protocol::ProtocolHandler for FixedState {
 
 #[test]
 fn a_peer_at_the_last_version_number_does_not_break_the_node() {
-    use glued::gossip::auth::{AuthState, Hooks, STATE_ALPN};
+    use glued::gossip::auth::STATE_ALPN;
     use glued::gossip::node::REQUEST_PUSH;
-    use iroh::endpoint::presets;
     use iroh::protocol::Router;
-    use iroh::{Endpoint, EndpointAddr, RelayMode, SecretKey};
+    use iroh::{EndpointAddr, SecretKey};
     let a = start(Opts::new("a", topic()));
     let (a_id, a_addr) = (a.gossip().id, a.gossip().addrs[0]);
     let keys = Keys::derive(b"test-secret");
@@ -1271,26 +1280,7 @@ fn a_peer_at_the_last_version_number_does_not_break_the_node() {
         .build()
         .unwrap();
     let (ep, router, auth) = rt.block_on(async {
-        let auth = Arc::new(AuthState::new(
-            keys.clone(),
-            1,
-            Default::default(),
-            Arc::new(GossipStats::default()),
-        ));
-        let ep = Endpoint::builder(presets::Minimal)
-            .secret_key(m_key.clone())
-            .relay_mode(RelayMode::Disabled)
-            .hooks(Hooks {
-                state: auth.clone(),
-                gossip_alpn: iroh_gossip::ALPN,
-            })
-            .clear_ip_transports()
-            .bind_addr("127.0.0.1:0")
-            .unwrap()
-            .bind()
-            .await
-            .unwrap();
-        auth.set_endpoint(Some(ep.clone()));
+        let (ep, auth) = member_endpoint(m_key.clone(), keys.clone()).await;
         let router = Router::builder(ep.clone())
             .accept(STATE_ALPN, FixedState(Arc::new(full)))
             .spawn();
