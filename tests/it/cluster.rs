@@ -501,9 +501,12 @@ fn a_partition_heals_and_converges() {
     assert!(wait_until(CONVERGE, || c.resolves("before").is_some()
         && b.resolves("before").is_some()));
     let (ida, idb, idc) = (a.gossip().id, b.gossip().id, c.gossip().id);
-    a.gossip().block(vec![idb, idc], true);
-    b.gossip().block(vec![ida], true);
-    c.gossip().block(vec![ida], true);
+    let cut = |on| {
+        a.gossip().block(vec![idb, idc], on);
+        b.gossip().block(vec![ida], on);
+        c.gossip().block(vec![ida], on);
+    };
+    cut(true);
     std::thread::sleep(Duration::from_millis(300));
     a.add("during-a", ip(2));
     c.add("during-c", ip(3));
@@ -511,9 +514,7 @@ fn a_partition_heals_and_converges() {
     std::thread::sleep(Duration::from_millis(1000));
     assert!(b.resolves("during-a").is_none(), "the partition leaked");
     assert!(a.resolves("during-c").is_none(), "the partition leaked");
-    a.gossip().block(vec![idb, idc], false);
-    b.gossip().block(vec![ida], false);
-    c.gossip().block(vec![ida], false);
+    cut(false);
     for (n, name) in [(&a, "during-c"), (&b, "during-a"), (&c, "during-a")] {
         assert!(
             wait_until(CONVERGE, || n.resolves(name).is_some()),
