@@ -8,7 +8,7 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::collections::BTreeMap;
-use std::net::UdpSocket;
+use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -146,12 +146,23 @@ fn the_answer_function_allocates_nothing_per_local_answer() {
 
 #[test]
 fn the_udp_loop_allocates_nothing_per_local_answer() {
+    udp_loop_allocates_nothing("127.0.0.1:0");
+}
+
+/// On a wildcard bind every datagram carries its destination in a control
+/// message and every answer is sent from it: still no allocation.
+#[test]
+fn the_udp_loop_on_a_wildcard_bind_allocates_nothing_per_local_answer() {
+    udp_loop_allocates_nothing("0.0.0.0:0");
+}
+
+fn udp_loop_allocates_nothing(bind: &str) {
     let config = glued::config::Config::loopback(std::env::temp_dir());
     let forwarder = Forwarder::start(&config, Arc::new(ForwardStats::default())).unwrap();
     let stats = DnsStats::default();
     let shared = Arc::new(arc_swap::ArcSwap::from_pointee(table()));
-    let socket = Arc::new(udp::bind("127.0.0.1:0".parse().unwrap()).unwrap());
-    let server = socket.local_addr().unwrap();
+    let socket = Arc::new(udp::bind(bind.parse().unwrap()).unwrap());
+    let server = SocketAddr::from(([127, 0, 0, 1], socket.local_addr().unwrap().port()));
     let mut worker = UdpWorker::new(
         socket,
         shared,

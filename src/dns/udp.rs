@@ -12,6 +12,13 @@
 //! The `msghdr`s point into the worker's own boxed buffers once, at
 //! construction (boxed slices do not move when the worker does); a batch
 //! only resets what the kernel wrote into the slots the last batch used.
+//!
+//! On a wildcard bind (`0.0.0.0`, `[::]`) the kernel tells each datagram's
+//! destination address (`IP_PKTINFO` / `IPV6_RECVPKTINFO`, in the
+//! `recvmmsg` control buffers) and every reply leaves from that address
+//! (the same control message on `sendmmsg`, or [`send_from`] for answers
+//! sent from other threads): clients on connected sockets drop a reply from
+//! any other address.
 
 use std::io;
 use std::mem::{size_of, zeroed};
@@ -41,17 +48,211 @@ pub const SEND_BUF_LEN: usize = UDP_PAYLOAD_ADVERTISED as usize + 512;
 pub const READ_TIMEOUT: Duration = Duration::from_millis(100);
 /// `SO_RCVBUF` asked for each socket (the kernel caps it at rmem_max).
 pub const SOCKET_RECV_BUFFER_BYTES: usize = 4 << 20;
+/// Control-message room per datagram: one `in6_pktinfo` with its header
+/// takes 40 bytes (`CMSG_SPACE(20)`), an `in_pktinfo` 32.
+pub const CONTROL_LEN: usize = 64;
 
 /// Binds one UDP serving socket with `SO_REUSEPORT`, so every serving
-/// thread can bind its own socket to the same address.
+/// thread can bind its own socket to the same address. On a wildcard
+/// address the socket also reports each datagram's destination
+/// ([`LocalAddr`]).
 pub fn bind(addr: SocketAddr) -> io::Result<UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     socket.set_reuse_port(true)?;
     let _ = socket.set_recv_buffer_size(SOCKET_RECV_BUFFER_BYTES);
     socket.set_read_timeout(Some(READ_TIMEOUT))?;
+    if addr.ip().is_unspecified() {
+        let (level, option) = match addr {
+            SocketAddr::V4(_) => (libc::IPPROTO_IP, libc::IP_PKTINFO),
+            SocketAddr::V6(_) => (libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO),
+        };
+        let on: libc::c_int = 1;
+        // SAFETY: a valid socket, option and `c_int` value of the right size.
+        let r = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                level,
+                option,
+                (&on as *const libc::c_int).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
     socket.bind(&addr.into())?;
     Ok(socket.into())
+}
+
+/// The address a datagram was sent to and the interface it arrived on
+/// (from `IP_PKTINFO` / `IPV6_PKTINFO`): where its reply must leave from.
+/// On a dual-stack `[::]` socket an IPv4 destination is IPv4-mapped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LocalAddr {
+    pub ip: IpAddr,
+    pub ifindex: u32,
+}
+
+/// A control-message buffer, aligned for `cmsghdr`.
+#[derive(Clone, Copy)]
+#[repr(C, align(8))]
+struct Control([u8; CONTROL_LEN]);
+
+const ZERO_CONTROL: Control = Control([0; CONTROL_LEN]);
+
+/// The destination of a received datagram, from the control messages
+/// `recvmmsg` wrote into `hdr`.
+fn read_pktinfo(hdr: &libc::msghdr) -> Option<LocalAddr> {
+    if hdr.msg_control.is_null() {
+        return None;
+    }
+    // SAFETY: `hdr` describes a control buffer the kernel filled; the CMSG
+    // macros stay within `msg_controllen`, and the data is read unaligned.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(hdr);
+        while !c.is_null() {
+            let data = libc::CMSG_DATA(c);
+            match ((*c).cmsg_level, (*c).cmsg_type) {
+                (libc::IPPROTO_IP, libc::IP_PKTINFO) => {
+                    let info = std::ptr::read_unaligned(data as *const libc::in_pktinfo);
+                    return Some(LocalAddr {
+                        ip: IpAddr::V4(Ipv4Addr::from(u32::from_be(info.ipi_spec_dst.s_addr))),
+                        ifindex: info.ipi_ifindex as u32,
+                    });
+                }
+                (libc::IPPROTO_IPV6, libc::IPV6_PKTINFO) => {
+                    let info = std::ptr::read_unaligned(data as *const libc::in6_pktinfo);
+                    return Some(LocalAddr {
+                        ip: IpAddr::V6(Ipv6Addr::from(info.ipi6_addr.s6_addr)),
+                        ifindex: info.ipi6_ifindex,
+                    });
+                }
+                _ => {}
+            }
+            c = libc::CMSG_NXTHDR(hdr, c);
+        }
+    }
+    None
+}
+
+/// Writes the control message that makes a datagram leave from `local`
+/// into `control`; returns its length (`msg_controllen`).
+fn write_pktinfo(control: &mut Control, local: LocalAddr) -> usize {
+    // SAFETY: all-zero is a valid msghdr; it only frames `control`.
+    let mut hdr: libc::msghdr = unsafe { zeroed() };
+    hdr.msg_control = control.0.as_mut_ptr().cast();
+    hdr.msg_controllen = CONTROL_LEN as _;
+    // SAFETY: `control` is aligned and large enough for one pktinfo
+    // message (CONTROL_LEN ≥ CMSG_SPACE of either); data written unaligned.
+    unsafe {
+        let c = libc::CMSG_FIRSTHDR(&hdr);
+        match local.ip {
+            IpAddr::V4(ip) => {
+                let len = size_of::<libc::in_pktinfo>() as libc::c_uint;
+                (*c).cmsg_level = libc::IPPROTO_IP;
+                (*c).cmsg_type = libc::IP_PKTINFO;
+                (*c).cmsg_len = libc::CMSG_LEN(len) as _;
+                // The route picks the interface; only the source is fixed.
+                let info = libc::in_pktinfo {
+                    ipi_ifindex: 0,
+                    ipi_spec_dst: libc::in_addr {
+                        s_addr: u32::from(ip).to_be(),
+                    },
+                    ipi_addr: libc::in_addr { s_addr: 0 },
+                };
+                std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut libc::in_pktinfo, info);
+                libc::CMSG_SPACE(len) as usize
+            }
+            IpAddr::V6(ip) => {
+                let len = size_of::<libc::in6_pktinfo>() as libc::c_uint;
+                (*c).cmsg_level = libc::IPPROTO_IPV6;
+                (*c).cmsg_type = libc::IPV6_PKTINFO;
+                (*c).cmsg_len = libc::CMSG_LEN(len) as _;
+                // The interface matters for link-local sources only; an
+                // IPv4-mapped source goes out as IPv4 and is routed.
+                let ifindex = if ip.to_ipv4_mapped().is_some() {
+                    0
+                } else {
+                    local.ifindex
+                };
+                let info = libc::in6_pktinfo {
+                    ipi6_addr: libc::in6_addr {
+                        s6_addr: ip.octets(),
+                    },
+                    ipi6_ifindex: ifindex,
+                };
+                std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut libc::in6_pktinfo, info);
+                libc::CMSG_SPACE(len) as usize
+            }
+        }
+    }
+}
+
+/// `peer` as a C socket address; returns its length.
+fn write_sockaddr(peer: SocketAddr, out: &mut libc::sockaddr_storage) -> libc::socklen_t {
+    match peer {
+        SocketAddr::V4(a) => {
+            // SAFETY: sockaddr_storage is large and aligned enough for any
+            // socket address.
+            let sin = unsafe { &mut *(out as *mut _ as *mut libc::sockaddr_in) };
+            sin.sin_family = libc::AF_INET as libc::sa_family_t;
+            sin.sin_port = a.port().to_be();
+            sin.sin_addr = libc::in_addr {
+                s_addr: u32::from(*a.ip()).to_be(),
+            };
+            size_of::<libc::sockaddr_in>() as libc::socklen_t
+        }
+        SocketAddr::V6(a) => {
+            // SAFETY: as above.
+            let sin6 = unsafe { &mut *(out as *mut _ as *mut libc::sockaddr_in6) };
+            sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+            sin6.sin6_port = a.port().to_be();
+            sin6.sin6_flowinfo = a.flowinfo();
+            sin6.sin6_addr = libc::in6_addr {
+                s6_addr: a.ip().octets(),
+            };
+            sin6.sin6_scope_id = a.scope_id();
+            size_of::<libc::sockaddr_in6>() as libc::socklen_t
+        }
+    }
+}
+
+/// Sends one datagram to `peer` from `local` (the address the client's
+/// query was sent to; `None` on a socket bound to one address). Never
+/// blocks (a full socket buffer drops the datagram) and never allocates:
+/// the forwarder and cache hits send replies this way.
+pub fn send_from(
+    socket: &UdpSocket,
+    bytes: &[u8],
+    peer: SocketAddr,
+    local: Option<LocalAddr>,
+) -> io::Result<usize> {
+    // SAFETY: all-zero is a valid value of these C structs.
+    let mut name: libc::sockaddr_storage = unsafe { zeroed() };
+    let mut hdr: libc::msghdr = unsafe { zeroed() };
+    let mut control = ZERO_CONTROL;
+    let mut iov = libc::iovec {
+        iov_base: bytes.as_ptr() as *mut libc::c_void,
+        iov_len: bytes.len(),
+    };
+    hdr.msg_namelen = write_sockaddr(peer, &mut name);
+    hdr.msg_name = (&mut name as *mut libc::sockaddr_storage).cast();
+    hdr.msg_iov = &mut iov;
+    hdr.msg_iovlen = 1;
+    if let Some(local) = local {
+        hdr.msg_controllen = write_pktinfo(&mut control, local) as _;
+        hdr.msg_control = control.0.as_mut_ptr().cast();
+    }
+    // SAFETY: `hdr` points at locals that outlive the call, with their
+    // true lengths.
+    let n = unsafe { libc::sendmsg(socket.as_raw_fd(), &hdr, libc::MSG_DONTWAIT) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
 }
 
 /// Length of a `sockaddr_storage`, what `recvmmsg` may write per peer.
@@ -64,6 +265,10 @@ pub struct UdpWorker {
     forwarder: Forwarder,
     counters: Arc<Counters>,
     acl: Acl,
+    /// The socket is bound to a wildcard address: each datagram's
+    /// destination comes in a control message, and its reply leaves from
+    /// it.
+    pktinfo: bool,
     /// The last IPv4 client checked against `acl`, and the decision.
     last_v4: Option<(u32, bool)>,
     rotation: usize,
@@ -80,7 +285,15 @@ pub struct UdpWorker {
     /// Slot `i` receives into `recv_iov[i]` (slot `i` of `recv`) and
     /// `names[i]`.
     recv_hdrs: Box<[libc::mmsghdr]>,
+    /// Per receive slot (with `pktinfo`): the control messages the kernel
+    /// wrote, read only through `recv_hdrs`.
+    #[allow(dead_code)]
+    recv_control: Box<[Control]>,
+    /// The destination of the datagram in slot `i` (with `pktinfo`).
+    locals: Box<[Option<LocalAddr>]>,
     send_iov: Box<[libc::iovec]>,
+    /// Answer `k` of a batch leaves from the address in `send_control[k]`.
+    send_control: Box<[Control]>,
     /// Answer `k` of a batch is sent from `send_iov[k]`.
     send_hdrs: Box<[libc::mmsghdr]>,
 }
@@ -105,6 +318,8 @@ impl UdpWorker {
         let mut recv_hdrs: Box<[libc::mmsghdr]> = (0..BATCH).map(|_| zero_hdr()).collect();
         let mut send_iov: Box<[libc::iovec]> = (0..BATCH).map(|_| zero_iov()).collect();
         let mut send_hdrs: Box<[libc::mmsghdr]> = (0..BATCH).map(|_| zero_hdr()).collect();
+        let mut recv_control: Box<[Control]> = (0..BATCH).map(|_| ZERO_CONTROL).collect();
+        let pktinfo = socket.local_addr().is_ok_and(|a| a.ip().is_unspecified());
         for (i, slot) in recv.chunks_exact_mut(RECV_BUF_LEN).enumerate() {
             recv_iov[i] = libc::iovec {
                 iov_base: slot.as_mut_ptr().cast(),
@@ -115,6 +330,10 @@ impl UdpWorker {
             h.msg_namelen = NAME_LEN;
             h.msg_iov = &mut recv_iov[i];
             h.msg_iovlen = 1;
+            if pktinfo {
+                h.msg_control = recv_control[i].0.as_mut_ptr().cast();
+                h.msg_controllen = CONTROL_LEN as _;
+            }
             send_hdrs[i].msg_hdr.msg_iov = &mut send_iov[i];
             send_hdrs[i].msg_hdr.msg_iovlen = 1;
         }
@@ -124,6 +343,7 @@ impl UdpWorker {
             forwarder,
             counters,
             acl,
+            pktinfo,
             last_v4: None,
             rotation: 0,
             used: 0,
@@ -134,7 +354,10 @@ impl UdpWorker {
             names,
             recv_iov,
             recv_hdrs,
+            recv_control,
+            locals: vec![None; BATCH].into_boxed_slice(),
             send_iov,
+            send_control: (0..BATCH).map(|_| ZERO_CONTROL).collect(),
             send_hdrs,
         }
     }
@@ -156,6 +379,14 @@ impl UdpWorker {
                 let to = &mut self.send_hdrs[n_send].msg_hdr;
                 to.msg_name = from.msg_name;
                 to.msg_namelen = from.msg_namelen;
+                if let Some(local) = self.locals[i] {
+                    let control = &mut self.send_control[n_send];
+                    to.msg_controllen = write_pktinfo(control, local) as _;
+                    to.msg_control = control.0.as_mut_ptr().cast();
+                } else {
+                    to.msg_control = std::ptr::null_mut();
+                    to.msg_controllen = 0;
+                }
                 n_send += 1;
             }
         }
@@ -167,6 +398,9 @@ impl UdpWorker {
         // The kernel wrote each used slot's peer length; give back the room.
         for h in &mut self.recv_hdrs[..self.used] {
             h.msg_hdr.msg_namelen = NAME_LEN;
+            if self.pktinfo {
+                h.msg_hdr.msg_controllen = CONTROL_LEN as _;
+            }
         }
         self.used = 0;
         // SAFETY: every header points into buffers owned by `self` (set up
@@ -209,6 +443,11 @@ impl UdpWorker {
     /// send back on this socket.
     fn handle(&mut self, i: usize) -> bool {
         let hdr = &self.recv_hdrs[i];
+        self.locals[i] = if self.pktinfo {
+            read_pktinfo(&hdr.msg_hdr)
+        } else {
+            None
+        };
         let len = (hdr.msg_len as usize).min(RECV_BUF_LEN);
         if hdr.msg_hdr.msg_flags & libc::MSG_TRUNC != 0 {
             self.counters.dropped();
@@ -239,6 +478,7 @@ impl UdpWorker {
                 let reply = Reply::Udp {
                     socket: self.socket.clone(),
                     peer,
+                    local: self.locals[i],
                     max_len,
                 };
                 if self.forwarder.submit(query, reply) {

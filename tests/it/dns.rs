@@ -773,3 +773,62 @@ fn without_upstreams_other_names_get_servfail_at_once() {
     assert!(t.elapsed() < Duration::from_millis(500));
     assert_eq!(s.stats.totals().forward_rejected, 2);
 }
+
+/// Asks `name` over a UDP socket connected to `server` (as glibc and musl
+/// stubs do): a reply from any other address is dropped by the kernel.
+fn connected_ask(server: SocketAddr, name: &str, rtype: RecordType) -> Option<Message> {
+    let any: SocketAddr = if server.is_ipv4() {
+        "0.0.0.0:0".parse().unwrap()
+    } else {
+        "[::]:0".parse().unwrap()
+    };
+    let sock = UdpSocket::bind(any).unwrap();
+    sock.connect(server).unwrap();
+    sock.set_read_timeout(Some(ANSWER_WAIT)).unwrap();
+    let q = query_bytes(name, rtype, None);
+    sock.send(&q).unwrap();
+    let mut buf = vec![0; 65535];
+    let n = sock.recv(&mut buf).ok()?;
+    assert_eq!(&buf[..2], &q[..2], "id not echoed");
+    Some(Message::from_vec(&buf[..n]).unwrap())
+}
+
+#[test]
+fn a_wildcard_bind_replies_from_the_address_the_query_was_sent_to() {
+    let mut config = test_config();
+    config.dns_bind = "0.0.0.0:0".parse().unwrap();
+    config.upstreams = vec![stub_upstream()];
+    let s = start_with(config, TcpLimits::default());
+    // 127.0.0.2 is not the address the route to a loopback client picks
+    // as a source (127.0.0.1).
+    let at = SocketAddr::new("127.0.0.2".parse().unwrap(), s.udp.port());
+    let m = connected_ask(at, "web.", RecordType::A).expect("local answer from 127.0.0.2");
+    assert_eq!(addresses(&m), ["10.0.0.3"]);
+    let m = connected_ask(at, "example.com.", RecordType::TXT)
+        .expect("forwarded answer from 127.0.0.2");
+    assert!(is_stub_answer(&m), "{m:?}");
+    let t = s.stats.totals();
+    assert_eq!((t.local, t.forwarded), (1, 1));
+}
+
+#[test]
+fn a_dual_stack_wildcard_bind_replies_to_ipv4_from_the_right_address() {
+    if UdpSocket::bind("[::]:0").is_err() {
+        assert!(!crate::support::in_ci(), "no IPv6 in CI");
+        eprintln!("skipped: no IPv6 on this machine");
+        return;
+    }
+    let mut config = test_config();
+    config.dns_bind = "[::]:0".parse().unwrap();
+    config.upstreams = vec![stub_upstream()];
+    let s = start_with(config, TcpLimits::default());
+    let at = SocketAddr::new("127.0.0.2".parse().unwrap(), s.udp.port());
+    let m = connected_ask(at, "web.", RecordType::A).expect("local answer from 127.0.0.2");
+    assert_eq!(addresses(&m), ["10.0.0.3"]);
+    let m = connected_ask(at, "example.com.", RecordType::TXT)
+        .expect("forwarded answer from 127.0.0.2");
+    assert!(is_stub_answer(&m), "{m:?}");
+    let at6 = SocketAddr::new("::1".parse().unwrap(), s.udp.port());
+    let m = connected_ask(at6, "web.", RecordType::A).expect("local answer from ::1");
+    assert_eq!(addresses(&m), ["10.0.0.3"]);
+}

@@ -374,6 +374,7 @@ impl Client {
         Reply::Udp {
             socket: self.socket.clone(),
             peer: self.socket.local_addr().unwrap(),
+            local: None,
             max_len,
         }
     }

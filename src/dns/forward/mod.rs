@@ -37,6 +37,7 @@ use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError, bounded};
 use mio::{Events, Interest, Poll, Token, Waker};
 
 use crate::config::Config;
+use crate::dns::udp::{LocalAddr, send_from};
 use health::Health;
 pub use health::{DOWN_AFTER_FAILURES, PROBE_INTERVAL};
 pub use stats::{ForwardStats, LATENCY_BUCKETS_SECS, UpstreamStats};
@@ -72,6 +73,9 @@ pub enum Reply {
     Udp {
         socket: Arc<UdpSocket>,
         peer: SocketAddr,
+        /// The address the client sent its query to (on a wildcard bind):
+        /// the answer leaves from it.
+        local: Option<LocalAddr>,
         /// Largest answer the client accepts over UDP.
         max_len: usize,
     },
@@ -94,6 +98,7 @@ impl Reply {
             Reply::Udp {
                 socket,
                 peer,
+                local,
                 max_len,
             } => {
                 let bytes = if answer.len() > *max_len && wire::truncate(answer, *max_len, scratch)
@@ -102,7 +107,7 @@ impl Reply {
                 } else {
                     answer
                 };
-                if let Err(e) = socket.send_to(bytes, *peer) {
+                if let Err(e) = send_from(socket, bytes, *peer, *local) {
                     log::debug!("forwarded answer to {peer} not sent: {e}");
                 }
             }
