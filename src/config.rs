@@ -19,6 +19,8 @@ use std::path::{Path, PathBuf};
 use ipnet::IpNet;
 use serde::Deserialize;
 
+use crate::dns::cache::{CacheConfig, MAX_CACHE_SECS, MAX_CACHE_SIZE};
+
 /// Default DNS listen address.
 pub const DEFAULT_DNS_BIND: &str = "0.0.0.0:53";
 /// Default gossip (iroh QUIC) port.
@@ -150,6 +152,8 @@ pub struct Config {
     pub cluster_secret: Secret,
     pub records: Vec<StaticRecord>,
     pub log: String,
+    /// The forward cache (`cache_*` keys).
+    pub cache: CacheConfig,
 }
 
 // ---------------------------------------------------------------------------
@@ -178,6 +182,10 @@ pub enum Key {
     ClusterSecret,
     ClusterSecretFile,
     Log,
+    // The forward cache.
+    CacheSize,
+    CacheMaxTtl,
+    CacheStaleSecs,
 }
 
 /// How one key is spelled in each layer, for parsing, `--help` and docs.
@@ -379,6 +387,34 @@ pub const KEYS: &[KeySpec] = &[
         value: "FILTER",
         default: "info",
         help: "log filter, RUST_LOG syntax",
+    },
+    // The forward cache.
+    KeySpec {
+        key: Key::CacheSize,
+        file: "cache_size",
+        env: &["GLUED_CACHE_SIZE"],
+        flag: "--cache-size",
+        value: "N",
+        default: "10000",
+        help: "forwarded answers kept in the cache; 0 turns the cache off",
+    },
+    KeySpec {
+        key: Key::CacheMaxTtl,
+        file: "cache_max_ttl",
+        env: &["GLUED_CACHE_MAX_TTL"],
+        flag: "--cache-max-ttl",
+        value: "SECS",
+        default: "86400",
+        help: "longest time a forwarded answer (or negative answer) is cached",
+    },
+    KeySpec {
+        key: Key::CacheStaleSecs,
+        file: "cache_stale_secs",
+        env: &["GLUED_CACHE_STALE_SECS"],
+        flag: "--cache-stale-secs",
+        value: "SECS",
+        default: "86400",
+        help: "how long after expiry a cached answer is served stale while the upstreams fail; 0: never",
     },
 ];
 
@@ -792,6 +828,10 @@ struct FileLayer {
     cluster_secret_file: Option<FileValue>,
     log: Option<FileValue>,
     records: Option<Vec<FileRecord>>,
+    // The forward cache.
+    cache_size: Option<FileValue>,
+    cache_max_ttl: Option<FileValue>,
+    cache_stale_secs: Option<FileValue>,
 }
 
 /// A parsed config file: its key settings and its records, unvalidated.
@@ -825,6 +865,10 @@ impl FileLayer {
             (Key::ClusterSecret, self.cluster_secret),
             (Key::ClusterSecretFile, self.cluster_secret_file),
             (Key::Log, self.log),
+            // The forward cache.
+            (Key::CacheSize, self.cache_size),
+            (Key::CacheMaxTtl, self.cache_max_ttl),
+            (Key::CacheStaleSecs, self.cache_stale_secs),
         ];
         let settings = values
             .into_iter()
@@ -1226,6 +1270,7 @@ impl Config {
             cluster_secret: Secret::new("loopback-test-secret".into()),
             records: vec![],
             log: "info".into(),
+            cache: CacheConfig::default(),
         }
     }
 
@@ -1395,6 +1440,7 @@ impl Config {
             None => DEFAULT_LOG.to_string(),
         };
         let records = static_records(&file_path, file_records)?;
+        let cache = cache_config(&get)?;
         Ok(Config {
             dns_bind,
             dns_threads,
@@ -1415,6 +1461,7 @@ impl Config {
             cluster_secret,
             records,
             log,
+            cache,
         })
     }
 
@@ -1470,8 +1517,36 @@ impl Config {
             format!("cluster_secret = {secret}"),
             format!("records = {}", join(&records)),
             format!("log = {}", self.log),
+            // The forward cache.
+            format!("cache_size = {}", self.cache.size),
+            format!("cache_max_ttl = {}", self.cache.max_ttl_secs),
+            format!("cache_stale_secs = {}", self.cache.stale_secs),
         ]
     }
+}
+
+/// The forward cache's keys.
+fn cache_config<'a>(get: &impl Fn(Key) -> Option<&'a Setting>) -> Result<CacheConfig, ConfigError> {
+    let mut cache = CacheConfig::default();
+    if let Some(s) = get(Key::CacheSize) {
+        cache.size = s.one(
+            &format!("a number of entries between 0 (off) and {MAX_CACHE_SIZE}"),
+            |v| parse_in_range(v, 0, MAX_CACHE_SIZE),
+        )?;
+    }
+    if let Some(s) = get(Key::CacheMaxTtl) {
+        cache.max_ttl_secs = s.one(
+            &format!("a number of seconds between 1 and {MAX_CACHE_SECS}"),
+            |v| parse_in_range(v, 1, MAX_CACHE_SECS),
+        )?;
+    }
+    if let Some(s) = get(Key::CacheStaleSecs) {
+        cache.stale_secs = s.one(
+            &format!("a number of seconds between 0 (never stale) and {MAX_CACHE_SECS}"),
+            |v| parse_in_range(v, 0, MAX_CACHE_SECS),
+        )?;
+    }
+    Ok(cache)
 }
 
 /// The cluster secret: from the last layer that sets `cluster_secret` or
@@ -1596,6 +1671,44 @@ mod tests {
         assert!(c.cluster_secret.is_default());
         assert_eq!(c.topic_id, None);
         assert_eq!(c.log, "info");
+    }
+
+    /// The forward cache keys: defaults, every layer, bounds.
+    #[test]
+    fn cache_keys_in_file_env_and_flags() {
+        assert_eq!(load("", &[], &[]).unwrap().cache, CacheConfig::default());
+        let c = load(
+            "cache_size = 100\ncache_max_ttl = 60\ncache_stale_secs = 5",
+            &[("GLUED_CACHE_MAX_TTL", "30")],
+            &["--cache-stale-secs", "0"],
+        )
+        .unwrap();
+        assert_eq!(
+            c.cache,
+            CacheConfig {
+                size: 100,
+                max_ttl_secs: 30,
+                stale_secs: 0,
+            }
+        );
+        assert_eq!(
+            load("", &[("GLUED_CACHE_SIZE", "0")], &[])
+                .unwrap()
+                .cache
+                .size,
+            0
+        );
+        assert_eq!(
+            err("", &[("GLUED_CACHE_SIZE", "-1")], &[]),
+            "invalid GLUED_CACHE_SIZE=\"-1\": expected a number of entries between 0 (off) and 10000000"
+        );
+        assert_eq!(
+            err("cache_max_ttl = 0", &[], &[]),
+            "invalid cache_max_ttl=\"0\" in glued.toml: expected a number of seconds between 1 and 604800"
+        );
+        assert!(
+            err("", &[], &["--cache-stale-secs=1y"]).starts_with("invalid --cache-stale-secs=")
+        );
     }
 
     #[test]

@@ -13,6 +13,7 @@
 
 pub mod acl;
 pub mod answer;
+pub mod cache;
 pub mod forward;
 pub mod stats;
 pub mod tcp;

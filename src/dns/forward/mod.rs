@@ -22,7 +22,7 @@
 mod health;
 mod stats;
 mod tcp;
-mod wire;
+pub(crate) mod wire;
 
 use std::collections::{BinaryHeap, HashMap};
 use std::io;
