@@ -42,7 +42,18 @@ enum Mode {
     /// from another port, and one with the right port and id but another
     /// question.
     Spoofed = 5,
+    /// Before the real answer, sends from the right port with the right id
+    /// a forged one whose question differs only in letter case.
+    CaseFlipped = 6,
+    /// Answers after [`STUB_DELAY`].
+    Delayed = 7,
+    /// A header-only reply (QDCOUNT=0) with the stub's `questionless`
+    /// rcode, as a server sends to a query it cannot parse or verify.
+    Questionless = 8,
 }
+
+/// How long the stub waits in [`Mode::Delayed`].
+const STUB_DELAY: Duration = Duration::from_millis(300);
 
 impl Mode {
     fn from_u8(v: u8) -> Mode {
@@ -53,6 +64,9 @@ impl Mode {
             Mode::Silent,
             Mode::Truncated,
             Mode::Spoofed,
+            Mode::CaseFlipped,
+            Mode::Delayed,
+            Mode::Questionless,
         ][v as usize]
     }
 }
@@ -70,6 +84,10 @@ struct Stub {
     sent: ByName,
     /// Last query bytes received over UDP, by the same key.
     received: ByName,
+    /// Source port of every UDP query, in arrival order.
+    ports: Arc<Mutex<Vec<u16>>>,
+    /// The rcode of [`Mode::Questionless`] replies.
+    questionless: Arc<AtomicU8>,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
 }
@@ -85,6 +103,8 @@ impl Stub {
             tcp_queries: Arc::default(),
             sent: Arc::default(),
             received: Arc::default(),
+            ports: Arc::default(),
+            questionless: Arc::new(AtomicU8::new(1)),
             stop: Arc::default(),
             threads: Vec::new(),
         };
@@ -95,7 +115,10 @@ impl Stub {
             stub.stop.clone(),
         );
         let received = stub.received.clone();
-        let udp_thread = std::thread::spawn(move || serve_udp(udp, m, n, (sent, received), stop));
+        let (ports, questionless) = (stub.ports.clone(), stub.questionless.clone());
+        let udp_thread = std::thread::spawn(move || {
+            serve_udp(udp, (m, questionless), n, (sent, received, ports), stop)
+        });
         let (n, sent, stop) = (
             stub.tcp_queries.clone(),
             stub.sent.clone(),
@@ -108,6 +131,10 @@ impl Stub {
 
     fn set_mode(&self, mode: Mode) {
         self.mode.store(mode as u8, SeqCst);
+    }
+
+    fn set_questionless_rcode(&self, rcode: ResponseCode) {
+        self.questionless.store(u16::from(rcode) as u8, SeqCst);
     }
 
     fn udp_count(&self) -> usize {
@@ -145,9 +172,9 @@ fn bind_pair() -> (UdpSocket, TcpListener) {
 
 fn serve_udp(
     socket: UdpSocket,
-    mode: Arc<AtomicU8>,
+    (mode, questionless): (Arc<AtomicU8>, Arc<AtomicU8>),
     count: Arc<AtomicUsize>,
-    (sent, received): (ByName, ByName),
+    (sent, received, ports): (ByName, ByName, Arc<Mutex<Vec<u16>>>),
     stop: Arc<AtomicBool>,
 ) {
     socket
@@ -160,6 +187,7 @@ fn serve_udp(
             continue;
         };
         count.fetch_add(1, SeqCst);
+        ports.lock().unwrap().push(from.port());
         let Ok(query) = Message::from_vec(&buf[..len]) else {
             continue;
         };
@@ -181,6 +209,39 @@ fn serve_udp(
                 m
             }
             Mode::Answer => answer_for(&query),
+            Mode::Delayed => {
+                std::thread::sleep(STUB_DELAY);
+                answer_for(&query)
+            }
+            Mode::Questionless => {
+                let mut header = buf[..12].to_vec();
+                header[2] |= 0x80;
+                header[3] = (header[3] & 0xF0) | questionless.load(SeqCst);
+                header[4..12].fill(0);
+                let _ = socket.send_to(&header, from);
+                continue;
+            }
+            Mode::CaseFlipped => {
+                let mut forged = answer_for(&query);
+                forged.answers = vec![Record::from_rdata(
+                    query.queries[0].name().clone(),
+                    60,
+                    RData::A(A(Ipv4Addr::new(6, 6, 6, 6))),
+                )];
+                let flipped: String = query.queries[0]
+                    .name()
+                    .to_ascii()
+                    .chars()
+                    .map(|c| match c {
+                        'a'..='z' => c.to_ascii_uppercase(),
+                        _ => c.to_ascii_lowercase(),
+                    })
+                    .collect();
+                forged.queries[0].set_name(Name::from_ascii(flipped).unwrap());
+                let _ = socket.send_to(&forged.to_vec().unwrap(), from);
+                std::thread::sleep(Duration::from_millis(30));
+                answer_for(&query)
+            }
             Mode::Spoofed => {
                 let mut forged = answer_for(&query);
                 forged.answers = vec![Record::from_rdata(
@@ -582,6 +643,175 @@ fn spoofed_replies_are_ignored() {
         std::thread::sleep(Duration::from_millis(10));
     }
     assert_eq!(metric(&stats, "glued_forward_unmatched_replies_total"), 2.0);
+    fwd.stop();
+}
+
+/// RFC 5452 §9.2: the upstream sees the queries come from many ports, not
+/// from a handful (it was 4 fixed ones).
+#[test]
+fn queries_leave_from_ports_drawn_at_random_from_a_large_pool() {
+    let stub = Stub::start(Mode::Answer);
+    let (fwd, _) = start(&[&stub]);
+    let client = Client::new();
+    for i in 0..300u16 {
+        let answer = client.ask(
+            &fwd,
+            &query(i, &format!("p{i}.example."), RecordType::A, false),
+        );
+        assert_eq!(id(&answer), i);
+    }
+    let ports = stub.ports.lock().unwrap().clone();
+    assert_eq!(ports.len(), 300);
+    let distinct: std::collections::HashSet<_> = ports.iter().collect();
+    assert!(
+        distinct.len() >= 200,
+        "{} distinct source ports over 300 queries",
+        distinct.len()
+    );
+    fwd.stop();
+}
+
+/// A reply from the right address, port and id whose question differs only
+/// in letter case (0x20) is not the answer: the client gets the real one.
+#[test]
+fn case_flipped_upstream_reply_is_rejected() {
+    let stub = Stub::start(Mode::CaseFlipped);
+    let (fwd, stats) = start(&[&stub]);
+    let client = Client::new();
+    let q = query(21, "wWw.ExAmple.", RecordType::A, true);
+    let answer = client.ask(&fwd, &q);
+    let m = Message::from_vec(&answer).unwrap();
+    assert_eq!(m.metadata.id, 21);
+    assert_eq!(
+        answer[12..q.len() - 11],
+        q[12..q.len() - 11],
+        "the question exactly as asked"
+    );
+    assert!(
+        m.answers
+            .iter()
+            .all(|r| r.data != RData::A(A(Ipv4Addr::new(6, 6, 6, 6)))),
+        "the case-flipped forgery must not win: {m:?}"
+    );
+    if m.metadata.response_code != ResponseCode::ServFail {
+        assert_eq!(answer[2..], stub.sent_for("www.example")[2..]);
+    }
+    assert_eq!(metric(&stats, "glued_forward_unmatched_replies_total"), 1.0);
+    fwd.stop();
+}
+
+/// Identical queries in flight go upstream once; every client gets the
+/// answer with its own id.
+#[test]
+fn identical_queries_in_flight_are_sent_upstream_once() {
+    let stub = Stub::start(Mode::Delayed);
+    let (fwd, stats) = start(&[&stub]);
+    let clients: Vec<Client> = (0..20).map(|_| Client::new()).collect();
+    for (i, client) in clients.iter().enumerate() {
+        let q = query(0x500 + i as u16, "Same.Example.", RecordType::A, true);
+        assert!(fwd.submit(&q, client.reply(1232)));
+    }
+    for (i, client) in clients.iter().enumerate() {
+        let answer = client.recv();
+        assert_eq!(id(&answer), 0x500 + i as u16, "client {i}: its own id");
+        assert_eq!(
+            answer[2..],
+            stub.sent_for("same.example")[2..],
+            "client {i}"
+        );
+    }
+    assert!(
+        stub.udp_count() <= 2,
+        "{} upstream queries for 20 identical ones",
+        stub.udp_count()
+    );
+    assert!(metric(&stats, "glued_forward_merged_total") >= 18.0);
+    assert_eq!(metric(&stats, "glued_forward_answered_total"), 20.0);
+    for client in &clients {
+        client
+            .socket
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        let mut buf = [0u8; 512];
+        assert!(client.socket.recv(&mut buf).is_err(), "one answer each");
+    }
+    fwd.stop();
+}
+
+/// Many SERVFAILs (or REFUSEDs) for broken names move each query on to the
+/// next upstream but leave the failing one up: the next query still goes
+/// to it first.
+#[test]
+fn servfail_and_refused_leave_the_upstream_up() {
+    for mode in [Mode::ServFail, Mode::Refused] {
+        let failing = Stub::start(mode);
+        let good = Stub::start(Mode::Answer);
+        let (fwd, stats) = start(&[&failing, &good]);
+        let client = Client::new();
+        let n = 2 * DOWN_AFTER_FAILURES as usize;
+        for i in 0..n {
+            let qname = format!("broken{i}.example.");
+            let answer = client.ask(&fwd, &query(i as u16, &qname, RecordType::A, false));
+            assert_eq!(rcode(&answer), ResponseCode::NoError, "{mode:?}");
+            assert_eq!(answer[2..], good.sent_for(&qname[..qname.len() - 1])[2..]);
+        }
+        assert_eq!(failing.udp_count(), n, "{mode:?}: asked first every time");
+        let up = format!("glued_upstream_up{{upstream=\"{}\"}}", failing.addr);
+        assert_eq!(metric(&stats, &up), 1.0, "{mode:?}");
+        let failures = format!(
+            "glued_upstream_failures_total{{upstream=\"{}\"}}",
+            failing.addr
+        );
+        assert_eq!(metric(&stats, &failures), n as f64);
+        failing.set_mode(Mode::Answer);
+        let answer = client.ask(&fwd, &query(99, "fixed.example.", RecordType::A, false));
+        assert_eq!(failing.udp_count(), n + 1, "{mode:?}: still first in line");
+        assert_eq!(answer[2..], failing.sent_for("fixed.example")[2..]);
+        assert_eq!(good.udp_count(), n);
+        fwd.stop();
+    }
+}
+
+/// A question-less FORMERR (or NOTIMP, NOTAUTH: a TSIG-signed query the
+/// upstream cannot verify) is the upstream's answer: relayed to the client
+/// at once with its id, and no mark against the upstream.
+#[test]
+fn questionless_upstream_error_is_relayed_at_once_and_leaves_the_upstream_up() {
+    let strict = Stub::start(Mode::Questionless);
+    let other = Stub::start(Mode::Answer);
+    let (fwd, stats) = start(&[&strict, &other]);
+    let client = Client::new();
+    let rcodes = [
+        ResponseCode::FormErr,
+        ResponseCode::NotImp,
+        ResponseCode::NotAuth,
+        ResponseCode::FormErr,
+        ResponseCode::FormErr,
+    ];
+    for (i, expected) in rcodes.into_iter().enumerate() {
+        strict.set_questionless_rcode(expected);
+        let client_id = 0x600 + i as u16;
+        let qname = format!("tsig{i}.example.");
+        let t0 = Instant::now();
+        let answer = client.ask(&fwd, &query(client_id, &qname, RecordType::A, true));
+        assert!(
+            t0.elapsed() < ATTEMPT_TIMEOUT,
+            "relayed at once, not after a timeout: {:?}",
+            t0.elapsed()
+        );
+        assert_eq!(id(&answer), client_id);
+        assert_eq!(rcode(&answer), expected);
+        assert_eq!(answer[4..12], [0; 8], "relayed as sent: no question");
+    }
+    assert_eq!(other.udp_count(), 0, "never moved to the next upstream");
+    assert_eq!(strict.udp_count(), rcodes.len());
+    let up = format!("glued_upstream_up{{upstream=\"{}\"}}", strict.addr);
+    assert_eq!(metric(&stats, &up), 1.0);
+    let timeouts = format!(
+        "glued_upstream_timeouts_total{{upstream=\"{}\"}}",
+        strict.addr
+    );
+    assert_eq!(metric(&stats, &timeouts), 0.0);
     fwd.stop();
 }
 

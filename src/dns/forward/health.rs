@@ -1,15 +1,42 @@
 //! Health of one upstream: a small state machine driven by the outcomes of
 //! the queries sent to it, with time passed in as an argument.
 //!
-//! Invariant: an upstream that is down receives at most one probe per
-//! [`PROBE_INTERVAL`]; any answer it gives (to a probe or to a real query)
+//! Invariant: only timeouts, unreachability and malformed replies count
+//! against an upstream ([`Outcome`]); any reply that matches its query —
+//! SERVFAIL, REFUSED and question-less errors included — proves it
+//! reachable. An upstream that is down receives at most one probe per
+//! [`PROBE_INTERVAL`]; any reply it gives (to a probe or to a real query)
 //! brings it back up at once.
 
 use std::time::{Duration, Instant};
 
-/// Consecutive failures (timeouts, SERVFAIL, REFUSED) that mark an upstream
-/// down.
+/// Consecutive failures (timeouts, unreachability, malformed replies) that
+/// mark an upstream down.
 pub const DOWN_AFTER_FAILURES: u32 = 3;
+
+/// What one attempt sent to an upstream came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// A reply that matches the query (address, port, id, question), with
+    /// any rcode: SERVFAIL or REFUSED for one name moves that query on but
+    /// says nothing bad about the upstream, and a question-less error is
+    /// what a server says to a query it cannot take (anyone may send one).
+    Replied,
+    /// No reply within the attempt's time.
+    TimedOut,
+    /// The query could not be sent to it.
+    Unreachable,
+    /// A reply with the query's id from its address that cannot be read.
+    Malformed,
+}
+
+/// A change of an upstream's state that [`Health::record`] reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    None,
+    WentDown,
+    CameBack,
+}
 /// How often an upstream that is down is probed.
 pub const PROBE_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -42,14 +69,28 @@ impl Health {
         self.consecutive_failures
     }
 
-    /// The upstream answered usefully. Returns true when it was down.
+    /// Takes the outcome of one attempt into account.
+    pub fn record(&mut self, outcome: Outcome, now: Instant) -> Change {
+        match outcome {
+            Outcome::Replied if self.on_success() => Change::CameBack,
+            Outcome::Replied => Change::None,
+            Outcome::TimedOut | Outcome::Unreachable | Outcome::Malformed
+                if self.on_failure(now) =>
+            {
+                Change::WentDown
+            }
+            Outcome::TimedOut | Outcome::Unreachable | Outcome::Malformed => Change::None,
+        }
+    }
+
+    /// The upstream replied. Returns true when it was down.
     pub fn on_success(&mut self) -> bool {
         self.consecutive_failures = 0;
         self.next_probe.take().is_some()
     }
 
-    /// The upstream timed out or answered SERVFAIL/REFUSED. Returns true
-    /// when this failure marked it down.
+    /// The upstream timed out, was unreachable or replied malformed.
+    /// Returns true when this failure marked it down.
     pub fn on_failure(&mut self, now: Instant) -> bool {
         self.consecutive_failures = self.consecutive_failures.saturating_add(1);
         if self.is_up() && self.consecutive_failures >= DOWN_AFTER_FAILURES {
@@ -117,6 +158,26 @@ mod tests {
         // A failed probe keeps it down without moving the schedule earlier.
         assert!(!h.on_failure(t1 + PROBE_INTERVAL));
         assert!(!h.is_up());
+    }
+
+    /// Replies of any rcode never mark an upstream down, even between
+    /// failures: only timeouts, unreachability and malformed replies do.
+    #[test]
+    fn only_timeouts_unreachability_and_malformed_replies_count() {
+        let t0 = Instant::now();
+        let mut h = Health::new();
+        for _ in 0..10 {
+            assert_eq!(h.record(Outcome::Replied, t0), Change::None);
+        }
+        assert!(h.is_up());
+        assert_eq!(h.record(Outcome::TimedOut, t0), Change::None);
+        assert_eq!(h.record(Outcome::Unreachable, t0), Change::None);
+        assert_eq!(h.record(Outcome::Replied, t0), Change::None);
+        assert_eq!(h.consecutive_failures(), 0, "a reply resets the count");
+        assert_eq!(h.record(Outcome::Malformed, t0), Change::None);
+        assert_eq!(h.record(Outcome::TimedOut, t0), Change::None);
+        assert_eq!(h.record(Outcome::Unreachable, t0), Change::WentDown);
+        assert_eq!(h.record(Outcome::Replied, t0), Change::CameBack);
     }
 
     #[test]

@@ -1,23 +1,33 @@
 //! The forwarder: relays the queries that are not ours to the upstreams and
 //! sends their answers back to the clients.
 //!
-//! One forwarding thread owns a few non-blocking UDP sockets toward the
-//! upstreams (random source ports), a table of queries in flight keyed by a
-//! fresh random id, their deadlines, and each upstream's health. Serving
-//! threads hand queries over with [`Forwarder::submit`]; answers go straight
-//! back to the client through the [`Reply`] that came with the query.
-//! Truncated answers are retried over TCP by a small worker pool
-//! ([`tcp`]).
+//! One forwarding thread owns a pool of non-blocking UDP sockets toward the
+//! upstreams ([`PORTS_PER_FAMILY`] per address family, each on a port the
+//! kernel picked at random), a table of queries in flight keyed by a fresh
+//! id from a ChaCha generator seeded by the OS, their deadlines, and each
+//! upstream's health. Serving threads hand queries over with
+//! [`Forwarder::submit`]; answers go straight back to the client through
+//! the [`Reply`] that came with the query. Truncated answers are retried
+//! over TCP by a small worker pool ([`tcp`]).
 //!
 //! Invariants:
 //! - `submit` never blocks: a bounded channel and `try_send`; a dead or slow
 //!   upstream can never delay a local answer.
 //! - The client's bytes are relayed unchanged but for the id, which is
 //!   restored in the answer.
-//! - An upstream reply is accepted only from the address and socket the
-//!   query went out on, with the query's id and question.
-//! - Every query gets exactly one answer: the upstream's, or SERVFAIL within
-//!   [`QUERY_BUDGET`].
+//! - Spoofing resistance (RFC 5452): each query goes out on a socket drawn
+//!   at random from the pool, with an unpredictable id; a reply is accepted
+//!   only from the address and port the query went to, on the socket it
+//!   went out on, with the query's id and its question byte for byte
+//!   (letter case included). Anything else is dropped and changes nothing.
+//! - Identical queries in flight ([`wire::merge_key`]) are sent upstream
+//!   once; the answer goes to every waiting client with its own id.
+//! - Only timeouts, unreachability and malformed replies count against an
+//!   upstream's health ([`health::Outcome`]).
+//! - Every client gets exactly one answer: the upstream's, or SERVFAIL
+//!   within [`QUERY_BUDGET`].
+//! - Queries, waiting clients and timers are bounded: [`MAX_IN_FLIGHT`],
+//!   [`MAX_TIMERS`].
 
 mod health;
 mod stats;
@@ -25,6 +35,7 @@ mod tcp;
 pub(crate) mod wire;
 
 use std::collections::{BinaryHeap, HashMap};
+use std::hash::BuildHasher;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering, fence};
@@ -35,17 +46,21 @@ use std::{cmp::Reverse, ops::Range};
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError, bounded};
 use mio::{Events, Interest, Poll, Token, Waker};
+use rand::rngs::{StdRng, SysRng};
+use rand::{RngExt, SeedableRng};
 
 use crate::config::Config;
 use crate::dns::udp::{LocalAddr, send_from};
-use health::Health;
+use health::{Change, Health, Outcome};
 pub use health::{DOWN_AFTER_FAILURES, PROBE_INTERVAL};
 pub use stats::{ForwardStats, LATENCY_BUCKETS_SECS, UpstreamStats};
 pub use tcp::{TCP_CONNECT_TIMEOUT, TCP_EXCHANGE_TIMEOUT, TCP_QUEUE_CAPACITY, TCP_WORKERS};
+use wire::Verdict;
 
 /// Queries waiting in the forwarder's inbox; beyond, `submit` says no.
 pub const INBOX_CAPACITY: usize = 1024;
-/// Queries waiting for an upstream at once; beyond, SERVFAIL.
+/// Clients waiting for an upstream at once (those that share a merged
+/// query included), and queries in flight upstream; beyond, SERVFAIL.
 pub const MAX_IN_FLIGHT: usize = 4096;
 /// How long one upstream gets to answer before the next is tried.
 pub const ATTEMPT_TIMEOUT: Duration = Duration::from_millis(700);
@@ -54,14 +69,27 @@ pub const ATTEMPT_TIMEOUT: Duration = Duration::from_millis(700);
 pub const QUERY_BUDGET: Duration = Duration::from_secs(2);
 /// Upstreams tried for one query at most.
 pub const MAX_ATTEMPTS: usize = 4;
-/// UDP sockets (each with its own random source port) per address family.
-pub const SOCKETS_PER_FAMILY: usize = 4;
-/// Kernel receive buffer asked for each upstream socket.
-pub const SOCKET_BUFFER_BYTES: usize = 1 << 20;
+/// UDP sockets toward the upstreams per address family, each bound to a
+/// port the kernel picks at random; every query goes out on one drawn at
+/// random, so a spoofer must guess the port (10 bits) besides the id (16)
+/// (RFC 5452 §9.2). A fixed pool costs no system call per query, unlike a
+/// socket opened per query.
+pub const PORTS_PER_FAMILY: usize = 1024;
+/// File descriptors left for the rest of the daemon (client TCP
+/// connections, gossip, Docker, HTTP) when the open-file limit sets the
+/// size of the port pool.
+pub const FD_RESERVE: usize = 1024;
+/// Smallest port pool per family, opened (with a warning) when even the
+/// hard open-file limit leaves less than [`PORTS_PER_FAMILY`].
+pub const MIN_PORTS_PER_FAMILY: usize = 16;
+/// Timers held at most: when the heap is full, the stale timers of queries
+/// already answered are dropped, so its size follows the queries in flight
+/// ([`MAX_IN_FLIGHT`]), never the query rate.
+pub const MAX_TIMERS: usize = 2 * MAX_IN_FLIGHT;
 /// Largest DNS message.
 const MAX_MESSAGE_LEN: usize = 65_535;
-/// Readiness events handled per poll.
-const EVENTS_CAPACITY: usize = 64;
+/// Readiness events handled per poll (one per socket with replies).
+const EVENTS_CAPACITY: usize = 256;
 /// Datagrams read from one upstream socket before the thread turns to its
 /// timers and inbox (a flood cannot hold it in one socket's read loop).
 pub const MAX_DATAGRAMS_PER_DRAIN: usize = 256;
@@ -130,6 +158,33 @@ struct Job {
     received: Instant,
 }
 
+/// A client waiting for the answer to a query in flight.
+struct Waiter {
+    /// The id of the client's query, restored in its answer.
+    original_id: u16,
+    reply: Reply,
+    /// When its query reached the forwarder.
+    received: Instant,
+}
+
+/// Sends `answer` (any id) to each waiting client with its own id, and
+/// counts it: the one place where an upstream answer reaches clients (the
+/// forwarding thread for UDP answers, the TCP pool for retried ones).
+fn deliver_answer(
+    stats: &ForwardStats,
+    answer: &mut [u8],
+    waiters: &[Waiter],
+    scratch: &mut Vec<u8>,
+) {
+    for w in waiters {
+        wire::set_id(answer, w.original_id);
+        // Counted first: whoever sees the answer sees the count.
+        stats.answered.fetch_add(1, Ordering::Relaxed);
+        stats.observe_latency(w.received.elapsed());
+        w.reply.deliver(answer, scratch);
+    }
+}
+
 /// What the serving threads and the forwarding thread share.
 struct Shared {
     stopping: Arc<AtomicBool>,
@@ -178,26 +233,25 @@ impl Forwarder {
             log::warn!("no upstream resolver: names that are not ours get SERVFAIL");
             return Ok(Forwarder { stats, link: None });
         }
+        let rng = StdRng::try_from_rng(&mut SysRng)
+            .map_err(|e| io::Error::other(format!("no randomness from the OS: {e}")))?;
         let poll = Poll::new()?;
         let waker = Waker::new(poll.registry(), WAKER)?;
-        let mut sockets = Vec::new();
-        let mut families = [0..0, 0..0];
-        for (family, unspecified) in [
+        let unspecified = [
             IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             IpAddr::V6(Ipv6Addr::UNSPECIFIED),
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            if !config
-                .upstreams
-                .iter()
-                .any(|u| u.is_ipv4() == unspecified.is_ipv4())
-            {
+        ];
+        let wanted =
+            unspecified.map(|u| config.upstreams.iter().any(|a| a.is_ipv4() == u.is_ipv4()));
+        let per_family = ports_per_family(wanted.iter().filter(|w| **w).count());
+        let mut sockets = Vec::new();
+        let mut families = [0..0, 0..0];
+        for (family, unspecified) in unspecified.into_iter().enumerate() {
+            if !wanted[family] {
                 continue;
             }
             let start = sockets.len();
-            for _ in 0..SOCKETS_PER_FAMILY {
+            for _ in 0..per_family {
                 match upstream_socket(unspecified) {
                     Ok(mut socket) => {
                         poll.registry().register(
@@ -208,9 +262,12 @@ impl Forwarder {
                         sockets.push(socket);
                     }
                     // E.g. IPv6 disabled on the host: its upstreams fail
-                    // over to the others.
+                    // over to the others. Or no port left: a smaller pool.
                     Err(e) => {
-                        log::warn!("no UDP socket toward {unspecified} upstreams: {e}");
+                        log::warn!(
+                            "{} UDP sockets toward {unspecified} upstreams (of {per_family}): {e}",
+                            sockets.len() - start
+                        );
                         break;
                     }
                 }
@@ -229,23 +286,17 @@ impl Forwarder {
             waker,
             threads: Mutex::new(Vec::new()),
         });
-        let mut forwarding = Forwarding {
+        let mut forwarding = Forwarding::new(
             poll,
             sockets,
             families,
-            healths: vec![Health::new(); upstreams.len()],
             upstreams,
-            pending: HashMap::with_capacity_and_hasher(MAX_IN_FLIGHT, Default::default()),
-            timers: BinaryHeap::with_capacity(MAX_IN_FLIGHT),
-            next_seq: 0,
-            recv_buf: vec![0; MAX_MESSAGE_LEN],
-            probe: wire::probe_query(),
-            scratch: Vec::with_capacity(MAX_MESSAGE_LEN),
+            rng,
             rx,
             tcp_tx,
-            stats: stats.clone(),
-            shared: shared.clone(),
-        };
+            stats.clone(),
+            shared.clone(),
+        );
         let handle = std::thread::Builder::new()
             .name("glued-forward".into())
             .spawn(move || forwarding.run());
@@ -322,7 +373,61 @@ impl Forwarder {
     }
 }
 
-/// A non-blocking UDP socket on an ephemeral (kernel-randomised) port.
+/// How many sockets each address family's port pool gets for
+/// `n_families` families: [`PORTS_PER_FAMILY`], the soft open-file limit
+/// raised toward the hard one as needed so that [`FD_RESERVE`] remain
+/// besides; fewer (at least [`MIN_PORTS_PER_FAMILY`], with a warning) when
+/// even the hard limit is too low.
+fn ports_per_family(n_families: usize) -> usize {
+    let n_families = n_families.max(1);
+    let wanted = (PORTS_PER_FAMILY * n_families + FD_RESERVE) as u64;
+    let limit = raise_open_file_limit(wanted);
+    let fit = limit.saturating_sub(FD_RESERVE as u64) / n_families as u64;
+    let n = usize::try_from(fit)
+        .unwrap_or(usize::MAX)
+        .clamp(MIN_PORTS_PER_FAMILY, PORTS_PER_FAMILY);
+    if n < PORTS_PER_FAMILY {
+        log::warn!(
+            "open-file limit {limit}: {n} upstream ports per address family instead of \
+             {PORTS_PER_FAMILY} (weaker spoofing resistance); raise it (LimitNOFILE, ulimit -n) to {wanted}"
+        );
+    }
+    n
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to `wanted` (at most the hard limit)
+/// when it is lower; returns the soft limit now in force.
+fn raise_open_file_limit(wanted: u64) -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct it is given, which we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return wanted;
+    }
+    let (current, hard) = (limit.rlim_cur, limit.rlim_max);
+    if current >= wanted || current >= hard {
+        return current;
+    }
+    let raised = libc::rlimit {
+        rlim_cur: wanted.min(hard) as libc::rlim_t,
+        rlim_max: limit.rlim_max,
+    };
+    // SAFETY: setrlimit reads the struct it is given.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+        log::debug!(
+            "open-file limit raised from {current} to {}",
+            raised.rlim_cur
+        );
+        raised.rlim_cur
+    } else {
+        current
+    }
+}
+
+/// A non-blocking UDP socket on an ephemeral port, which the kernel picks
+/// at random in its local port range.
 fn upstream_socket(unspecified: IpAddr) -> io::Result<mio::net::UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let addr = SocketAddr::new(unspecified, 0);
@@ -331,26 +436,22 @@ fn upstream_socket(unspecified: IpAddr) -> io::Result<mio::net::UdpSocket> {
         // Dual-stack, so that an IPv4-mapped upstream address works too.
         let _ = socket.set_only_v6(false);
     }
-    // A smaller buffer than asked for is not fatal.
-    let _ = socket.set_recv_buffer_size(SOCKET_BUFFER_BYTES);
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     Ok(mio::net::UdpSocket::from_std(socket.into()))
 }
 
-/// Who waits for a query in flight.
-enum Client {
-    Reply(Reply),
-    /// A health probe of a down upstream: nobody waits.
-    Probe,
-}
-
 /// A query in flight, keyed by the id it carries upstream.
 struct Pending {
-    original_id: u16,
-    /// The client's query with the forwarder's id.
+    /// The query as sent upstream: the first client's bytes with the
+    /// forwarder's id.
     query: Vec<u8>,
-    client: Client,
+    /// Who waits for the answer, the first client first; nobody for a
+    /// health probe.
+    waiters: Vec<Waiter>,
+    /// Hash of its [`wire::merge_key`] while identical queries may join it.
+    merge_hash: Option<u64>,
+    /// When the first client's query arrived: the budget counts from there.
     received: Instant,
     /// Upstream of each attempt so far, oldest first.
     tried: [u16; MAX_ATTEMPTS],
@@ -367,6 +468,9 @@ impl Pending {
     }
     fn current_upstream(&self) -> Option<usize> {
         self.tried().last().map(|u| *u as usize)
+    }
+    fn is_probe(&self) -> bool {
+        self.waiters.is_empty()
     }
     /// Whether a reply from `from` on `socket` answers one of our attempts;
     /// the upstream's index if so.
@@ -388,6 +492,7 @@ impl Pending {
 /// The forwarding thread's state.
 struct Forwarding {
     poll: Poll,
+    /// The port pool: IPv4 sockets, then IPv6 ones.
     sockets: Vec<mio::net::UdpSocket>,
     /// Socket index ranges for IPv4 and IPv6 upstreams.
     families: [Range<usize>; 2],
@@ -395,9 +500,18 @@ struct Forwarding {
     upstreams: Vec<Arc<UpstreamStats>>,
     healths: Vec<Health>,
     pending: HashMap<u16, Pending, foldhash::fast::RandomState>,
-    /// (deadline, id, timer generation), earliest first.
+    /// Merge-key hash → id of the query in flight that identical queries
+    /// join.
+    merging: HashMap<u64, u16, foldhash::fast::RandomState>,
+    merge_hasher: foldhash::fast::RandomState,
+    /// Clients waiting in `pending`.
+    n_waiting: usize,
+    /// (deadline, id, timer generation), earliest first; at most
+    /// [`MAX_TIMERS`].
     timers: BinaryHeap<Reverse<(Instant, u16, u32)>>,
     next_seq: u32,
+    /// Ids and socket draws: ChaCha12 seeded from the OS.
+    rng: StdRng,
     recv_buf: Vec<u8>,
     /// `. NS` query sent to down upstreams, id set per probe.
     probe: Vec<u8>,
@@ -409,11 +523,48 @@ struct Forwarding {
 }
 
 impl Forwarding {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        poll: Poll,
+        sockets: Vec<mio::net::UdpSocket>,
+        families: [Range<usize>; 2],
+        upstreams: Vec<Arc<UpstreamStats>>,
+        rng: StdRng,
+        rx: Receiver<Job>,
+        tcp_tx: Sender<tcp::TcpJob>,
+        stats: Arc<ForwardStats>,
+        shared: Arc<Shared>,
+    ) -> Forwarding {
+        Forwarding {
+            poll,
+            sockets,
+            families,
+            healths: vec![Health::new(); upstreams.len()],
+            upstreams,
+            pending: HashMap::with_capacity_and_hasher(MAX_IN_FLIGHT, Default::default()),
+            merging: HashMap::with_capacity_and_hasher(MAX_IN_FLIGHT, Default::default()),
+            merge_hasher: Default::default(),
+            n_waiting: 0,
+            timers: BinaryHeap::with_capacity(MAX_TIMERS),
+            next_seq: 0,
+            rng,
+            recv_buf: vec![0; MAX_MESSAGE_LEN],
+            probe: wire::probe_query(),
+            scratch: Vec::with_capacity(MAX_MESSAGE_LEN),
+            rx,
+            tcp_tx,
+            stats,
+            shared,
+        }
+    }
+
     fn run(&mut self) {
         let mut events = Events::with_capacity(EVENTS_CAPACITY);
         // Sockets whose last drain stopped at its budget: read again on the
         // next turn (readiness is edge-triggered, no new event comes).
         let mut undrained: Vec<usize> = Vec::with_capacity(self.sockets.len());
+        // Whether each socket is in `undrained`.
+        let mut queued = vec![false; self.sockets.len()];
         loop {
             let now = Instant::now();
             self.fire_timers(now);
@@ -442,11 +593,16 @@ impl Forwarding {
             }
             for event in events.iter() {
                 let index = event.token().0;
-                if event.token() != WAKER && !undrained.contains(&index) {
+                if event.token() != WAKER && !queued[index] {
+                    queued[index] = true;
                     undrained.push(index);
                 }
             }
-            undrained.retain(|&index| self.drain_socket(index));
+            undrained.retain(|&index| {
+                let more = self.drain_socket(index);
+                queued[index] = more;
+                more
+            });
             if !self.drain_inbox() {
                 break;
             }
@@ -480,53 +636,70 @@ impl Forwarding {
             .store(self.pending.len() as u64, Ordering::Relaxed);
     }
 
-    /// A free random id for a new query in flight.
-    fn fresh_id(&self) -> u16 {
+    /// A free unpredictable id for a new query in flight.
+    fn fresh_id(&mut self) -> u16 {
         loop {
-            let id = fastrand::u16(..);
+            let id: u16 = self.rng.random();
             if !self.pending.contains_key(&id) {
                 return id;
             }
         }
     }
 
+    /// A client's query: joins an identical query in flight, or goes
+    /// upstream under a fresh id.
     fn start_query(&mut self, job: Job) {
         let now = Instant::now();
         let Some(original_id) = wire::id(&job.query) else {
             return;
         };
-        if self.pending.len() >= MAX_IN_FLIGHT {
+        let waiter = Waiter {
+            original_id,
+            reply: job.reply,
+            received: job.received,
+        };
+        if self.n_waiting >= MAX_IN_FLIGHT || self.pending.len() >= MAX_IN_FLIGHT {
             log::debug!("{MAX_IN_FLIGHT} queries in flight: SERVFAIL");
-            self.answer_servfail(&job.query, &job.reply);
+            self.servfail(&job.query, std::slice::from_ref(&waiter));
+            return;
+        }
+        let key = wire::merge_key(&job.query);
+        let merge_hash = key.map(|k| self.merge_hasher.hash_one(k));
+        if let Some(hash) = merge_hash
+            && let Some(id) = self.merging.get(&hash)
+            && let Some(p) = self.pending.get_mut(id)
+            && wire::merge_key(&p.query) == key
+        {
+            p.waiters.push(waiter);
+            self.n_waiting += 1;
+            self.stats.merged.fetch_add(1, Ordering::Relaxed);
             return;
         }
         let id = self.fresh_id();
         let mut query = job.query;
         wire::set_id(&mut query, id);
-        self.insert(
-            id,
-            original_id,
-            query,
-            Client::Reply(job.reply),
-            job.received,
-        );
+        self.insert(id, query, vec![waiter], job.received, merge_hash);
         self.next_attempt(id, now);
     }
 
     fn insert(
         &mut self,
         id: u16,
-        original_id: u16,
         query: Vec<u8>,
-        client: Client,
+        waiters: Vec<Waiter>,
         received: Instant,
+        merge_hash: Option<u64>,
     ) {
+        if let Some(hash) = merge_hash {
+            self.merging.insert(hash, id);
+        }
+        self.n_waiting += waiters.len();
         self.pending.insert(
             id,
             Pending {
-                original_id,
                 query,
-                client,
+                waiters,
+                merge_hash,
                 received,
                 tried: [0; MAX_ATTEMPTS],
                 sockets: [0; MAX_ATTEMPTS],
@@ -535,6 +708,20 @@ impl Forwarding {
             },
         );
         self.update_in_flight();
+    }
+
+    /// Removes query `id` from the tables (its waiters are the caller's
+    /// to answer).
+    fn take(&mut self, id: u16) -> Option<Pending> {
+        let p = self.pending.remove(&id)?;
+        if let Some(hash) = p.merge_hash
+            && self.merging.get(&hash) == Some(&id)
+        {
+            self.merging.remove(&hash);
+        }
+        self.n_waiting -= p.waiters.len();
+        self.update_in_flight();
+        Some(p)
     }
 
     /// Sends query `id` to its next upstream, or answers SERVFAIL when none
@@ -559,17 +746,18 @@ impl Forwarding {
         }
     }
 
-    /// One attempt of query `id` to `upstream`, with its timer. False when
-    /// the send failed (counted as a failure of that upstream).
+    /// One attempt of query `id` to `upstream`, on a socket of the pool
+    /// drawn at random, with its timer. False when the send failed
+    /// (counted against that upstream).
     fn send(&mut self, id: u16, upstream: usize, now: Instant) -> bool {
         let addr = self.upstreams[upstream].addr;
-        let family = &self.families[usize::from(addr.is_ipv6())];
+        let family = self.families[usize::from(addr.is_ipv6())].clone();
         // No socket for this family (it could not be opened): the attempt is
         // recorded and fails below.
         let socket = if family.is_empty() {
             usize::from(u16::MAX)
         } else {
-            family.start + fastrand::usize(..family.len())
+            family.start + self.rng.random_range(..family.len())
         };
         let seq = self.next_seq;
         self.next_seq = self.next_seq.wrapping_add(1);
@@ -587,20 +775,33 @@ impl Forwarding {
             .fetch_add(1, Ordering::Relaxed);
         match self.sockets.get(socket).map(|s| s.send_to(&p.query, addr)) {
             Some(Ok(_)) => {
-                self.timers.push(Reverse((deadline, id, seq)));
+                self.push_timer(deadline, id, seq);
                 true
             }
             Some(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => {
                 // Socket buffer full: let the timer decide.
-                self.timers.push(Reverse((deadline, id, seq)));
+                self.push_timer(deadline, id, seq);
                 true
             }
             other => {
                 log::debug!("sending to upstream {addr} failed: {other:?}");
-                self.on_failure(upstream, now);
+                self.record(upstream, Outcome::Unreachable, now);
                 false
             }
         }
+    }
+
+    /// Adds a timer; when the heap is full, first drops the timers that no
+    /// longer belong to a query in flight (at most one per query is live,
+    /// so at most [`MAX_IN_FLIGHT`] remain: amortised O(1) per push).
+    fn push_timer(&mut self, deadline: Instant, id: u16, seq: u32) {
+        if self.timers.len() >= MAX_TIMERS {
+            let pending = &self.pending;
+            self.timers.retain(|Reverse((_, id, seq))| {
+                pending.get(id).is_some_and(|p| p.timer_seq == *seq)
+            });
+        }
+        self.timers.push(Reverse((deadline, id, seq)));
     }
 
     fn fire_timers(&mut self, now: Instant) {
@@ -615,14 +816,13 @@ impl Forwarding {
             if p.timer_seq != seq {
                 continue;
             }
-            let (upstream, probe) = (p.current_upstream(), matches!(p.client, Client::Probe));
+            let (upstream, probe) = (p.current_upstream(), p.is_probe());
             if let Some(u) = upstream {
                 self.upstreams[u].timeouts.fetch_add(1, Ordering::Relaxed);
-                self.on_failure(u, now);
+                self.record(u, Outcome::TimedOut, now);
             }
             if probe {
-                self.pending.remove(&id);
-                self.update_in_flight();
+                self.take(id);
             } else {
                 self.next_attempt(id, now);
             }
@@ -638,32 +838,32 @@ impl Forwarding {
             let id = self.fresh_id();
             let mut probe = self.probe.clone();
             wire::set_id(&mut probe, id);
-            self.insert(id, id, probe, Client::Probe, now);
+            self.insert(id, probe, Vec::new(), now, None);
             log::debug!("probing upstream {}", self.upstreams[upstream].addr);
             if !self.send(id, upstream, now) {
-                self.pending.remove(&id);
-                self.update_in_flight();
+                self.take(id);
             }
         }
     }
 
-    fn on_failure(&mut self, upstream: usize, now: Instant) {
-        if self.healths[upstream].on_failure(now) {
-            let u = &self.upstreams[upstream];
-            u.up.store(false, Ordering::Relaxed);
-            log::warn!(
-                "upstream {} is down after {DOWN_AFTER_FAILURES} failures in a row; probing it every {}s",
-                u.addr,
-                PROBE_INTERVAL.as_secs()
-            );
-        }
-    }
-
-    fn on_success(&mut self, upstream: usize) {
-        if self.healths[upstream].on_success() {
-            let u = &self.upstreams[upstream];
-            u.up.store(true, Ordering::Relaxed);
-            log::info!("upstream {} is back up", u.addr);
+    /// Feeds the outcome of an attempt to `upstream`'s health.
+    fn record(&mut self, upstream: usize, outcome: Outcome, now: Instant) {
+        let u = &self.upstreams[upstream];
+        match self.healths[upstream].record(outcome, now) {
+            Change::WentDown => {
+                u.up.store(false, Ordering::Relaxed);
+                log::warn!(
+                    "upstream {} is down after {DOWN_AFTER_FAILURES} failures in a row \
+                     (timeouts, unreachable, malformed replies); probing it every {}s",
+                    u.addr,
+                    PROBE_INTERVAL.as_secs()
+                );
+            }
+            Change::CameBack => {
+                u.up.store(true, Ordering::Relaxed);
+                log::info!("upstream {} is back up", u.addr);
+            }
+            Change::None => {}
         }
     }
 
@@ -691,95 +891,104 @@ impl Forwarding {
         more
     }
 
+    /// A datagram from `from` on socket `socket`. It is a reply only if it
+    /// carries the id of a query in flight and comes from an upstream that
+    /// query was sent to, on the socket it went out on; then
+    /// [`wire::judge_reply`] says what it is. Anything else is dropped and
+    /// changes nothing (the query's timer still runs).
     fn on_reply(&mut self, msg: &mut [u8], from: SocketAddr, socket: usize) {
         let now = Instant::now();
-        let matched = wire::id(msg)
-            .filter(|_| wire::is_response(msg))
-            .and_then(|id| {
-                let p = self.pending.get(&id)?;
-                let upstream = p.attempt_from(&self.upstreams, from, socket)?;
-                wire::same_question(&p.query, msg).then_some((id, upstream))
-            });
-        let Some((id, upstream)) = matched else {
+        let matched = wire::id(msg).and_then(|id| {
+            let p = self.pending.get(&id)?;
+            let upstream = p.attempt_from(&self.upstreams, from, socket)?;
+            Some((id, upstream, wire::judge_reply(&p.query, msg)))
+        });
+        let Some((id, upstream, verdict)) = matched else {
             self.stats.unmatched_replies.fetch_add(1, Ordering::Relaxed);
             return;
         };
-        let rcode = wire::rcode(msg);
-        if rcode == wire::RCODE_SERVFAIL || rcode == wire::RCODE_REFUSED {
-            self.upstreams[upstream]
-                .failures
-                .fetch_add(1, Ordering::Relaxed);
-            self.on_failure(upstream, now);
-            let Some(p) = self.pending.get(&id) else {
-                return;
-            };
-            if matches!(p.client, Client::Probe) {
-                self.pending.remove(&id);
-                self.update_in_flight();
-            } else if p.current_upstream() == Some(upstream) {
-                self.next_attempt(id, now);
+        let counters = &self.upstreams[upstream];
+        match verdict {
+            Verdict::Foreign => {
+                self.stats.unmatched_replies.fetch_add(1, Ordering::Relaxed);
             }
-            // A late failure from an earlier upstream changes nothing.
+            Verdict::Malformed => {
+                counters.malformed.fetch_add(1, Ordering::Relaxed);
+                self.record(upstream, Outcome::Malformed, now);
+                self.move_on(id, upstream, now);
+            }
+            Verdict::TryNext => {
+                counters.failures.fetch_add(1, Ordering::Relaxed);
+                self.record(upstream, Outcome::Replied, now);
+                self.move_on(id, upstream, now);
+            }
+            Verdict::Answer => {
+                counters.answers.fetch_add(1, Ordering::Relaxed);
+                self.record(upstream, Outcome::Replied, now);
+                if let Some(p) = self.take(id) {
+                    self.accept_answer(p, upstream, msg);
+                }
+            }
+        }
+    }
+
+    /// Query `id` got no usable reply from `upstream`: a probe ends; a
+    /// query waiting for that upstream goes to the next one (a late reply
+    /// from an earlier upstream changes nothing).
+    fn move_on(&mut self, id: u16, upstream: usize, now: Instant) {
+        let Some(p) = self.pending.get(&id) else {
+            return;
+        };
+        if p.is_probe() {
+            self.take(id);
+        } else if p.current_upstream() == Some(upstream) {
+            self.next_attempt(id, now);
+        }
+    }
+
+    /// An accepted upstream answer (`msg`, any id) to query `p`, already
+    /// out of the tables: retried over TCP when truncated, else sent to
+    /// every client waiting for it. The one place where an upstream answer
+    /// is accepted for delivery.
+    fn accept_answer(&mut self, p: Pending, upstream: usize, msg: &mut [u8]) {
+        if p.is_probe() {
             return;
         }
-        self.upstreams[upstream]
-            .answers
-            .fetch_add(1, Ordering::Relaxed);
-        self.on_success(upstream);
-        let Some(p) = self.pending.remove(&id) else {
-            return;
-        };
-        self.update_in_flight();
-        let Client::Reply(reply) = p.client else {
-            return;
-        };
         if wire::is_truncated(msg) {
             let job = tcp::TcpJob {
                 upstream: self.upstreams[upstream].clone(),
                 query: p.query,
-                original_id: p.original_id,
-                reply,
+                waiters: p.waiters,
                 truncated: msg.to_vec(),
-                received: p.received,
             };
             if let Some(job) = tcp::try_submit(&self.tcp_tx, job) {
                 log::debug!("TCP retry pool saturated: passing TC=1 on");
-                self.relay(msg, p.original_id, p.received, &job.reply);
+                deliver_answer(&self.stats, msg, &job.waiters, &mut self.scratch);
             }
         } else {
-            self.relay(msg, p.original_id, p.received, &reply);
+            deliver_answer(&self.stats, msg, &p.waiters, &mut self.scratch);
         }
-    }
-
-    /// Sends an upstream answer to its client with the client's id.
-    fn relay(&mut self, msg: &mut [u8], original_id: u16, received: Instant, reply: &Reply) {
-        wire::set_id(msg, original_id);
-        // Counted first: whoever sees the answer sees the count.
-        self.stats.answered.fetch_add(1, Ordering::Relaxed);
-        self.stats.observe_latency(received.elapsed());
-        reply.deliver(msg, &mut self.scratch);
     }
 
     /// Answers query `id` SERVFAIL and forgets it.
     fn fail(&mut self, id: u16) {
-        let Some(mut p) = self.pending.remove(&id) else {
-            return;
-        };
-        self.update_in_flight();
-        if let Client::Reply(reply) = &p.client {
-            wire::set_id(&mut p.query, p.original_id);
-            self.answer_servfail(&p.query, reply);
+        if let Some(p) = self.take(id) {
+            self.servfail(&p.query, &p.waiters);
         }
     }
 
-    /// Sends SERVFAIL for `query` (carrying the client's id) to `reply`.
-    fn answer_servfail(&mut self, query: &[u8], reply: &Reply) {
+    /// Sends SERVFAIL for `query` (any id) to each waiting client with its
+    /// own id.
+    fn servfail(&mut self, query: &[u8], waiters: &[Waiter]) {
         let mut out = std::mem::take(&mut self.scratch);
         if wire::servfail(query, &mut out) {
-            // Counted first: whoever sees the answer sees the count.
-            self.stats.servfail.fetch_add(1, Ordering::Relaxed);
             let mut unused = Vec::new();
-            reply.deliver(&out, &mut unused);
+            for w in waiters {
+                wire::set_id(&mut out, w.original_id);
+                // Counted first: whoever sees the answer sees the count.
+                self.stats.servfail.fetch_add(1, Ordering::Relaxed);
+                w.reply.deliver(&out, &mut unused);
+            }
         }
         self.scratch = out;
     }
@@ -787,7 +996,12 @@ impl Forwarding {
     /// Answers every query still in flight SERVFAIL.
     fn shutdown(&mut self) {
         while let Ok(job) = self.rx.try_recv() {
-            self.answer_servfail(&job.query, &job.reply);
+            let waiter = Waiter {
+                original_id: wire::id(&job.query).unwrap_or(0),
+                reply: job.reply,
+                received: job.received,
+            };
+            self.servfail(&job.query, std::slice::from_ref(&waiter));
         }
         let ids: Vec<u16> = self.pending.keys().copied().collect();
         for id in ids {
@@ -813,28 +1027,24 @@ mod tests {
             .unwrap();
         let (tcp_tx, _) = bounded(1);
         let (_, rx) = bounded(1);
-        Forwarding {
+        let shared = Arc::new(Shared {
+            stopping: Arc::new(AtomicBool::new(false)),
+            asleep: AtomicBool::new(false),
+            waker,
+            threads: Mutex::new(Vec::new()),
+        });
+        let rng = StdRng::try_from_rng(&mut SysRng).unwrap();
+        Forwarding::new(
             poll,
-            sockets: vec![socket],
-            families: [0..1, 0..0],
-            healths: vec![Health::new()],
+            vec![socket],
+            [0..1, 0..0],
             upstreams,
-            pending: HashMap::default(),
-            timers: BinaryHeap::new(),
-            next_seq: 0,
-            recv_buf: vec![0; MAX_MESSAGE_LEN],
-            probe: wire::probe_query(),
-            scratch: Vec::new(),
+            rng,
             rx,
             tcp_tx,
             stats,
-            shared: Arc::new(Shared {
-                stopping: Arc::new(AtomicBool::new(false)),
-                asleep: AtomicBool::new(false),
-                waker,
-                threads: Mutex::new(Vec::new()),
-            }),
-        }
+            shared,
+        )
     }
 
     /// A flood of datagrams on an upstream socket cannot keep the
@@ -860,5 +1070,50 @@ mod tests {
         std::thread::sleep(Duration::from_millis(50));
         assert!(!f.drain_socket(0), "the socket is empty now");
         assert!(unmatched(&f) >= MAX_DATAGRAMS_PER_DRAIN as u64 + 5);
+    }
+
+    /// Queries answered long before their deadline leave their timers
+    /// behind; however many go through, the heap stays within
+    /// [`MAX_TIMERS`] (it grew by one per query before).
+    #[test]
+    fn timer_heap_stays_bounded_by_the_in_flight_cap() {
+        let upstream = UdpSocket::bind("127.0.0.1:0").unwrap();
+        upstream
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        let mut f = forwarding(upstream.local_addr().unwrap());
+        let client = Arc::new(UdpSocket::bind("127.0.0.1:0").unwrap());
+        let peer = client.local_addr().unwrap();
+        // A query for `a.` type A, answered with the question echoed.
+        let mut query = vec![0, 7, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 1, b'a', 0, 0, 1, 0, 1];
+        let mut buf = [0u8; 512];
+        let mut largest = 0;
+        for i in 0..3 * MAX_IN_FLIGHT {
+            query[0..2].copy_from_slice(&(i as u16).to_be_bytes());
+            let job = Job {
+                query: query.clone(),
+                reply: Reply::Udp {
+                    socket: client.clone(),
+                    peer,
+                    local: None,
+                    max_len: 512,
+                },
+                received: Instant::now(),
+            };
+            f.start_query(job);
+            let (len, from) = upstream.recv_from(&mut buf).unwrap();
+            buf[2] |= 0x80;
+            upstream.send_to(&buf[..len], from).unwrap();
+            while f.pending.len() == 1 {
+                f.drain_socket(0);
+            }
+            largest = largest.max(f.timers.len());
+        }
+        assert_eq!(
+            f.stats.answered.load(Ordering::Relaxed),
+            3 * MAX_IN_FLIGHT as u64
+        );
+        assert!(largest <= MAX_TIMERS, "{largest} timers held");
+        assert!(f.timers.capacity() <= MAX_TIMERS + 1, "never grew");
     }
 }

@@ -23,8 +23,12 @@ pub struct UpstreamStats {
     pub queries: AtomicU64,
     /// Replies accepted from it (any rcode but SERVFAIL/REFUSED).
     pub answers: AtomicU64,
-    /// SERVFAIL or REFUSED replies.
+    /// SERVFAIL or REFUSED replies (the query moves on; not a health
+    /// failure).
     pub failures: AtomicU64,
+    /// Replies with a query's id from its address that could not be read
+    /// (a health failure).
+    pub malformed: AtomicU64,
     /// Attempts that got no reply in time.
     pub timeouts: AtomicU64,
     /// Queries retried over TCP after a truncated UDP answer.
@@ -41,6 +45,7 @@ impl UpstreamStats {
             queries: AtomicU64::new(0),
             answers: AtomicU64::new(0),
             failures: AtomicU64::new(0),
+            malformed: AtomicU64::new(0),
             timeouts: AtomicU64::new(0),
             tcp_queries: AtomicU64::new(0),
             tcp_failures: AtomicU64::new(0),
@@ -60,8 +65,12 @@ pub struct ForwardStats {
     /// SERVFAIL sent by the forwarder (every upstream failed, budget spent,
     /// too many queries in flight).
     pub servfail: AtomicU64,
-    /// Replies dropped: unknown id, wrong source, wrong question.
+    /// Replies dropped: unknown id, wrong source address or port, another
+    /// question (letter case included), not a response.
     pub unmatched_replies: AtomicU64,
+    /// Client queries that joined an identical query already in flight
+    /// instead of going upstream.
+    pub merged: AtomicU64,
     /// Queries waiting for an upstream right now.
     pub in_flight: AtomicU64,
     latency_buckets: [AtomicU64; LATENCY_BUCKETS_SECS.len()],
@@ -94,7 +103,7 @@ impl ForwardStats {
     }
 
     pub fn render(&self, out: &mut String) {
-        let counters: [(&str, &str, &AtomicU64); 5] = [
+        let counters: [(&str, &str, &AtomicU64); 6] = [
             (
                 "glued_forward_queries_total",
                 "Queries handed to the forwarder.",
@@ -117,8 +126,13 @@ impl ForwardStats {
             ),
             (
                 "glued_forward_unmatched_replies_total",
-                "Upstream replies dropped (unknown id, wrong source or question).",
+                "Upstream replies dropped: unknown id, not from the address and port the query went to, or another question (letter case included).",
                 &self.unmatched_replies,
+            ),
+            (
+                "glued_forward_merged_total",
+                "Client queries that joined an identical query already in flight instead of going upstream.",
+                &self.merged,
             ),
         ];
         for (name, help, value) in counters {
@@ -130,7 +144,7 @@ impl ForwardStats {
         }
         let _ = writeln!(
             out,
-            "# HELP glued_forward_in_flight Queries waiting for an upstream.\n\
+            "# HELP glued_forward_in_flight Queries sent upstream and waiting for a reply (merged client queries share one; probes included).\n\
              # TYPE glued_forward_in_flight gauge\nglued_forward_in_flight {}",
             self.in_flight.load(Relaxed)
         );
@@ -157,7 +171,7 @@ impl ForwardStats {
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         type Field = fn(&UpstreamStats) -> u64;
-        let per_upstream: [(&str, &str, &str, Field); 7] = [
+        let per_upstream: [(&str, &str, &str, Field); 8] = [
             (
                 "glued_upstream_up",
                 "gauge",
@@ -173,14 +187,20 @@ impl ForwardStats {
             (
                 "glued_upstream_answers_total",
                 "counter",
-                "Replies accepted (rcode other than SERVFAIL/REFUSED).",
+                "Replies relayed to clients (rcode other than SERVFAIL/REFUSED, question-less FORMERR/NOTIMP/NOTAUTH included).",
                 |u| u.answers.load(Relaxed),
             ),
             (
                 "glued_upstream_failures_total",
                 "counter",
-                "SERVFAIL or REFUSED replies.",
+                "SERVFAIL or REFUSED replies: the query moved to the next upstream; not counted against health.",
                 |u| u.failures.load(Relaxed),
+            ),
+            (
+                "glued_upstream_malformed_total",
+                "counter",
+                "Replies with a query's id from the upstream that could not be read; counted against health.",
+                |u| u.malformed.load(Relaxed),
             ),
             (
                 "glued_upstream_timeouts_total",

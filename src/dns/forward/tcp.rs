@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
 
 use super::stats::{ForwardStats, UpstreamStats};
-use super::{Reply, wire};
+use super::{Waiter, deliver_answer, wire};
 
 /// Worker threads doing TCP retries.
 pub const TCP_WORKERS: usize = 4;
@@ -34,12 +34,11 @@ pub struct TcpJob {
     pub upstream: Arc<UpstreamStats>,
     /// The relayed query, carrying the forwarder's id.
     pub query: Vec<u8>,
-    pub original_id: u16,
-    pub reply: Reply,
+    /// The clients waiting for the answer (several when identical queries
+    /// were merged).
+    pub(super) waiters: Vec<Waiter>,
     /// The truncated UDP answer (forwarder's id), the fallback.
     pub truncated: Vec<u8>,
-    /// When the client's query reached the forwarder.
-    pub received: Instant,
 }
 
 /// Starts the workers; they exit when every sender is dropped or `stopping`
@@ -84,15 +83,12 @@ fn worker(rx: Receiver<TcpJob>, stats: Arc<ForwardStats>, stopping: Arc<AtomicBo
                 job.truncated
             }
         };
-        wire::set_id(&mut answer, job.original_id);
-        stats.answered.fetch_add(1, Relaxed);
-        stats.observe_latency(job.received.elapsed());
-        job.reply.deliver(&answer, &mut scratch);
+        deliver_answer(&stats, &mut answer, &job.waiters, &mut scratch);
     }
 }
 
 /// Asks `query` over TCP and returns the answer, checked to match it (id,
-/// QR, question).
+/// QR, question byte for byte).
 pub fn exchange(upstream: SocketAddr, query: &[u8], stopping: &AtomicBool) -> io::Result<Vec<u8>> {
     let deadline = Instant::now() + TCP_EXCHANGE_TIMEOUT;
     let mut stream = TcpStream::connect_timeout(&upstream, TCP_CONNECT_TIMEOUT)?;

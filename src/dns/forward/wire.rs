@@ -1,6 +1,8 @@
 //! Bounds-checked views over raw DNS messages, just enough to relay them:
-//! read and rewrite the id, find and compare the question, find the OPT
-//! record, and build SERVFAIL and truncated (TC=1) answers.
+//! read and rewrite the id, find and compare the question, judge an
+//! upstream's reply ([`judge_reply`]), tell which queries may share one
+//! upstream query ([`merge_key`]), find the OPT record, and build SERVFAIL
+//! and truncated (TC=1) answers.
 //!
 //! Invariant: every function here is pure, never panics on any input, and
 //! leaves the bytes it does not have to touch exactly as they were.
@@ -18,8 +20,13 @@ const MAX_LABEL_LEN: u8 = 63;
 pub const ADVERTISED_UDP_PAYLOAD: u16 = 1232;
 
 /// RCODE values the forwarder acts on.
+pub const RCODE_FORMERR: u8 = 1;
 pub const RCODE_SERVFAIL: u8 = 2;
+pub const RCODE_NOTIMP: u8 = 4;
 pub const RCODE_REFUSED: u8 = 5;
+/// NOTAUTH, also the header rcode of a TSIG BADKEY/BADSIG/BADTIME error
+/// (RFC 8945 §5.3).
+pub const RCODE_NOTAUTH: u8 = 9;
 
 fn u16_at(msg: &[u8], at: usize) -> Option<u16> {
     Some(u16::from_be_bytes([*msg.get(at)?, *msg.get(at + 1)?]))
@@ -79,19 +86,103 @@ pub fn question(msg: &[u8]) -> Option<Range<usize>> {
     (end <= msg.len()).then_some(HEADER_LEN..end)
 }
 
-/// True when both messages ask the same single question: names equal
-/// ignoring ASCII case, type and class equal.
+/// True when both messages ask the same single question, byte for byte:
+/// the name's letter case included (RFC 5452 §9.3, "0x20"), so a reply
+/// whose question differs only in case is not an answer to the query.
 pub fn same_question(a: &[u8], b: &[u8]) -> bool {
     match (question(a), question(b)) {
-        // The last 4 bytes are type and class: compared exactly (type 65
-        // is `A` and type 97 `a` in ASCII).
-        (Some(qa), Some(qb)) => {
-            let (na, ta) = (&a[qa.start..qa.end - 4], &a[qa.end - 4..qa.end]);
-            let (nb, tb) = (&b[qb.start..qb.end - 4], &b[qb.end - 4..qb.end]);
-            na.eq_ignore_ascii_case(nb) && ta == tb
-        }
+        (Some(qa), Some(qb)) => a[qa] == b[qb],
         _ => false,
     }
+}
+
+/// QDCOUNT, if the message has a header.
+fn question_count(msg: &[u8]) -> Option<u16> {
+    id(msg)?;
+    u16_at(msg, 4)
+}
+
+/// What a reply from the right upstream address and port, carrying the
+/// query's id, is for the forwarder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// An answer to relay: the same question, any rcode but SERVFAIL and
+    /// REFUSED; or a question-less FORMERR, NOTIMP or NOTAUTH (what a
+    /// server sends to a query it cannot parse or authenticate).
+    Answer,
+    /// SERVFAIL or REFUSED (with or without the question): that query moves
+    /// to the next upstream; the upstream answered, so it stays healthy.
+    TryNext,
+    /// Not an answer to this query (not a response, or another question,
+    /// letter case included): dropped as a spoofing attempt.
+    Foreign,
+    /// A response that cannot be read (several questions, a cut question,
+    /// no question with another rcode): counts against the upstream.
+    Malformed,
+}
+
+/// Judges `reply` (already matched by id and source) against `query`.
+pub fn judge_reply(query: &[u8], reply: &[u8]) -> Verdict {
+    if !is_response(reply) {
+        return Verdict::Foreign;
+    }
+    let rcode = rcode(reply);
+    let try_next = rcode == RCODE_SERVFAIL || rcode == RCODE_REFUSED;
+    match question_count(reply) {
+        Some(1) if question(reply).is_some() => {
+            if !same_question(query, reply) {
+                Verdict::Foreign
+            } else if try_next {
+                Verdict::TryNext
+            } else {
+                Verdict::Answer
+            }
+        }
+        Some(0) if try_next => Verdict::TryNext,
+        Some(0) if matches!(rcode, RCODE_FORMERR | RCODE_NOTIMP | RCODE_NOTAUTH) => Verdict::Answer,
+        _ => Verdict::Malformed,
+    }
+}
+
+/// What two queries must share to be sent upstream once and answered
+/// with the same reply: the question (byte for byte), opcode, RD, AD and
+/// CD, and the EDNS version, flags (DO) and options; only the id and the
+/// advertised UDP payload size may differ. A query with any record but
+/// one OPT (a TSIG signature, for one) has no key: it is never merged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct MergeKey<'a> {
+    /// Opcode and RD (byte 2), AD and CD (byte 3).
+    flags: [u8; 2],
+    question: &'a [u8],
+    /// EDNS version and flags (DO), then the options.
+    edns: Option<([u8; 3], &'a [u8])>,
+}
+
+/// The [`MergeKey`] of `query`, if it may be merged.
+pub fn merge_key(query: &[u8]) -> Option<MergeKey<'_>> {
+    let q = question(query)?;
+    // Nothing in the answer and authority sections, at most the OPT in the
+    // additional one.
+    if u16_at(query, 6)? != 0 || u16_at(query, 8)? != 0 || u16_at(query, 10)? > 1 {
+        return None;
+    }
+    let edns = if u16_at(query, 10)? == 1 {
+        let opt = opt_record(query)?;
+        let record = &query[opt];
+        // Root name (one byte), type, payload size, ext-rcode, then
+        // version and the two flag bytes, then RDLENGTH and the options.
+        if record.first() != Some(&0) || record.len() < 11 {
+            return None;
+        }
+        Some(([record[6], record[7], record[8]], &record[11..]))
+    } else {
+        None
+    };
+    Some(MergeKey {
+        flags: [query[2] & 0x79, query[3] & 0x30],
+        question: &query[q],
+        edns,
+    })
 }
 
 /// The offset just past a (possibly compressed) name starting at `at`.
@@ -271,10 +362,12 @@ mod tests {
     }
 
     #[test]
-    fn questions_match_ignoring_case_only() {
+    fn questions_match_byte_for_byte_letter_case_included() {
         let a = query(1, "Example.COM", 1, None);
-        let b = query(2, "example.com", 1, Some(&[]));
+        let b = query(2, "Example.COM", 1, Some(&[]));
         assert!(same_question(&a, &b));
+        assert!(!same_question(&a, &query(1, "example.com", 1, None)));
+        assert!(!same_question(&a, &query(1, "Example.COm", 1, None)));
         assert!(!same_question(&a, &query(1, "example.org", 1, None)));
         assert!(!same_question(&a, &query(1, "example.com", 28, None)));
         assert!(!same_question(&a, &query(1, "example.com.x", 1, None)));
@@ -300,7 +393,93 @@ mod tests {
         let mut class_b = class_a.clone();
         class_b[n - 1] = b'a';
         assert!(!same_question(&class_a, &class_b));
-        assert!(same_question(&a, &query(2, "EXAMPLE.com", 65, None)));
+        assert!(same_question(&a, &query(2, "example.com", 65, None)));
+    }
+
+    /// `query` turned into a header-only response with `rcode`.
+    fn questionless(query: &[u8], rcode: u8) -> Vec<u8> {
+        let mut m = query[..HEADER_LEN].to_vec();
+        m[2] |= 0x80;
+        m[3] = (m[3] & 0xF0) | rcode;
+        m[4..12].fill(0);
+        m
+    }
+
+    #[test]
+    fn replies_are_judged_by_question_bytes_and_rcode() {
+        let q = query(3, "www.Example.com", 1, Some(&[]));
+        let a = answer(&q);
+        assert_eq!(judge_reply(&q, &a), Verdict::Answer);
+        let mut nx = a.clone();
+        nx[3] = (nx[3] & 0xF0) | 3;
+        assert_eq!(
+            judge_reply(&q, &nx),
+            Verdict::Answer,
+            "NXDOMAIN is an answer"
+        );
+        for rcode in [RCODE_SERVFAIL, RCODE_REFUSED] {
+            let mut failed = a.clone();
+            failed[3] = (failed[3] & 0xF0) | rcode;
+            assert_eq!(judge_reply(&q, &failed), Verdict::TryNext);
+            assert_eq!(judge_reply(&q, &questionless(&q, rcode)), Verdict::TryNext);
+        }
+        for rcode in [RCODE_FORMERR, RCODE_NOTIMP, RCODE_NOTAUTH] {
+            assert_eq!(
+                judge_reply(&q, &questionless(&q, rcode)),
+                Verdict::Answer,
+                "question-less rcode {rcode} is relayed"
+            );
+        }
+        assert_eq!(judge_reply(&q, &questionless(&q, 0)), Verdict::Malformed);
+        assert_eq!(judge_reply(&q, &questionless(&q, 3)), Verdict::Malformed);
+        // The same name in another letter case: a spoofing attempt.
+        let flipped = answer(&query(3, "www.example.com", 1, Some(&[])));
+        assert_eq!(judge_reply(&q, &flipped), Verdict::Foreign);
+        assert_eq!(judge_reply(&q, &q), Verdict::Foreign, "QR=0");
+        let mut two = a.clone();
+        two[5] = 2;
+        assert_eq!(judge_reply(&q, &two), Verdict::Malformed);
+        let cut = &a[..HEADER_LEN + 3];
+        assert_eq!(judge_reply(&q, cut), Verdict::Malformed);
+        assert_eq!(judge_reply(&q, &a[..5]), Verdict::Malformed);
+    }
+
+    #[test]
+    fn merge_keys_differ_by_question_bytes_flags_and_edns_not_by_id_or_payload() {
+        let base = query(1, "Example.com", 1, Some(&[]));
+        fn key(m: &[u8]) -> MergeKey<'_> {
+            merge_key(m).unwrap()
+        }
+        assert_eq!(key(&base), key(&query(2, "Example.com", 1, Some(&[]))));
+        let mut bigger = base.clone();
+        let opt = opt_record(&bigger).unwrap();
+        bigger[opt.start + 3..opt.start + 5].copy_from_slice(&512u16.to_be_bytes());
+        assert_eq!(key(&base), key(&bigger), "payload size may differ");
+        assert_ne!(key(&base), key(&query(1, "example.com", 1, Some(&[]))));
+        assert_ne!(key(&base), key(&query(1, "Example.com", 28, Some(&[]))));
+        assert_ne!(key(&base), key(&query(1, "Example.com", 1, None)));
+        let mut no_do = base.clone();
+        no_do[opt.start + 7] = 0;
+        assert_ne!(key(&base), key(&no_do), "DO bit");
+        let mut cd = base.clone();
+        cd[3] ^= 0x10;
+        assert_ne!(key(&base), key(&cd), "CD bit");
+        let mut rd = base.clone();
+        rd[2] ^= 0x01;
+        assert_ne!(key(&base), key(&rd), "RD bit");
+        let cookie = query(
+            1,
+            "Example.com",
+            1,
+            Some(&[0, 10, 0, 8, 1, 2, 3, 4, 5, 6, 7, 8]),
+        );
+        assert_ne!(key(&base), key(&cookie), "EDNS options (a cookie, ECS)");
+        // A second additional record (a TSIG signature, say): never merged.
+        let mut signed = base.clone();
+        signed[11] = 2;
+        signed.extend_from_slice(&[0, 0, 250, 0, 255, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(merge_key(&signed), None);
+        assert_eq!(merge_key(&base[..base.len() - 1]), None);
     }
 
     #[test]
@@ -422,6 +601,11 @@ mod tests {
                 }
             }
             let _ = (id(&m), opt_record(&m), same_question(&m, &m), rcode(&m));
+            let _ = (
+                merge_key(&m),
+                judge_reply(&m, &m),
+                judge_reply(&seeds[0], &m),
+            );
             let max_len = 12 + rng.usize(..600);
             if truncate(&m, max_len, &mut out) {
                 let q = question(&m).unwrap();
@@ -459,6 +643,7 @@ mod tests {
                 m[5] = 1;
             }
             let _ = (question(&m), opt_record(&m), same_question(&m, &m));
+            let _ = (merge_key(&m), judge_reply(&m, &m));
             let _ = truncate(&m, 100, &mut out);
             let _ = servfail(&m, &mut out);
         }
