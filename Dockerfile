@@ -26,11 +26,17 @@
 #   53/udp + 53/tcp   DNS (GLUED_DNS_BIND, default 0.0.0.0:53)
 #   9254/udp          gossip, iroh QUIC (GLUED_GOSSIP_BIND, default 0.0.0.0:9254)
 #   9253/tcp          HTTP status (GLUED_HTTP_BIND, default 127.0.0.1:9253)
+#
+# HEALTHCHECK: `glued health` asks the daemon's /healthz (at its own
+# GLUED_HTTP_BIND, loopback when that is a wildcard): every component thread
+# alive and the Docker engine answered within docker_health_secs (30 s).
 
 # ---- offline: root file system prepared on the host -----------------------
 FROM scratch AS offline
 COPY dist/rootfs/ /
 EXPOSE 53/udp 53/tcp 9254/udp
+HEALTHCHECK --interval=10s --timeout=5s --start-period=10s --retries=3 \
+    CMD ["/usr/local/bin/glued", "health"]
 ENTRYPOINT ["/usr/local/bin/glued"]
 CMD ["run"]
 
@@ -48,5 +54,7 @@ RUN CARGO_PROFILE_RELEASE_STRIP=symbols cargo build --release --locked \
 FROM scratch AS final
 COPY --from=build /rootfs/ /
 EXPOSE 53/udp 53/tcp 9254/udp
+HEALTHCHECK --interval=10s --timeout=5s --start-period=10s --retries=3 \
+    CMD ["/usr/local/bin/glued", "health"]
 ENTRYPOINT ["/usr/local/bin/glued"]
 CMD ["run"]

@@ -1,5 +1,5 @@
-//! Command line: `glued [run|id|check] [--config PATH] [flags]`, and one
-//! function per mode.
+//! Command line: `glued [run|id|check|health|peers|records] [--config PATH]
+//! [flags]`, and one function per mode.
 //!
 //! Invariant: a configuration error prints exactly one line on stderr and
 //! exits [`EXIT_CONFIG`]; the cluster secret is printed nowhere.
@@ -58,6 +58,9 @@ pub fn main() -> i32 {
     match args.command {
         Command::Check => check(&config, args.config.as_deref()),
         Command::Id => id(&config),
+        Command::Health => health(&config),
+        Command::Peers => peers(&config, args.json),
+        Command::Records => records(&config, args.json),
         _ => run(&config),
     }
 }
@@ -95,6 +98,240 @@ fn id(config: &Config) -> i32 {
     }
 }
 
+/// `GET path` from the local daemon's status server (`http_bind`); the
+/// error is one line saying the daemon is not reachable.
+fn ask_daemon(config: &Config, path: &str) -> Result<(u16, String), String> {
+    let addr = crate::http::client_addr(config.http_bind);
+    crate::http::get(addr, path).map_err(|e| {
+        format!(
+            "error: no glued daemon answers at {addr} ({e}); is it running, and is http_bind \
+             (GLUED_HTTP_BIND) the same for this command?"
+        )
+    })
+}
+
+/// `glued health`: exit 0 when the local daemon is healthy, else 1 with
+/// every reason, one per line.
+fn health(config: &Config) -> i32 {
+    match ask_daemon(config, "/healthz") {
+        Ok((200, body)) => {
+            println!("{}", body.trim_end());
+            EXIT_OK
+        }
+        Ok((code, body)) => {
+            let body = body.trim_end();
+            if body.is_empty() {
+                eprintln!("unhealthy: HTTP {code}");
+            }
+            for reason in body.lines() {
+                eprintln!("unhealthy: {reason}");
+            }
+            EXIT_FAILURE
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            EXIT_FAILURE
+        }
+    }
+}
+
+/// `glued peers`: the peers this daemon knows, as a table or JSON.
+fn peers(config: &Config, json: bool) -> i32 {
+    show(config, "/peers", json, peers_table)
+}
+
+/// `glued records`: every record group of the name table, as a table or
+/// JSON.
+fn records(config: &Config, json: bool) -> i32 {
+    show(config, "/records", json, records_table)
+}
+
+fn show(
+    config: &Config,
+    path: &str,
+    json: bool,
+    table: fn(&[serde_json::Value]) -> Vec<Vec<String>>,
+) -> i32 {
+    let body = match ask_daemon(config, path) {
+        Ok((200, body)) => body,
+        Ok((code, body)) => {
+            eprintln!("error: {path} answered HTTP {code}: {}", body.trim_end());
+            return EXIT_FAILURE;
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            return EXIT_FAILURE;
+        }
+    };
+    if json {
+        print!("{body}");
+        return EXIT_OK;
+    }
+    match serde_json::from_str::<Vec<serde_json::Value>>(&body) {
+        Ok(items) => {
+            print!("{}", aligned(&table(&items)));
+            EXIT_OK
+        }
+        Err(e) => {
+            eprintln!("error: {path} answered something that is not a JSON list: {e}");
+            EXIT_FAILURE
+        }
+    }
+}
+
+/// Characters of an endpoint id shown in tables (`glued id` prints it whole).
+pub const ID_PREFIX_LEN: usize = 12;
+
+/// A JSON field as table text: strings bare, absent or null as `-`.
+fn field(v: &serde_json::Value, key: &str) -> String {
+    match v.get(key) {
+        None | Some(serde_json::Value::Null) => "-".into(),
+        Some(serde_json::Value::String(s)) if s.is_empty() => "-".into(),
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(other) => other.to_string(),
+    }
+}
+
+fn prefix(id: &str) -> String {
+    id.chars().take(ID_PREFIX_LEN).collect()
+}
+
+/// Rows of `glued peers`: the header, then one row per peer. Key id and
+/// protocol version show `-` when the daemon does not report them.
+fn peers_table(peers: &[serde_json::Value]) -> Vec<Vec<String>> {
+    let mut rows = vec![
+        [
+            "ID",
+            "NODE",
+            "ADDRESS",
+            "LAST HEARD",
+            "RECORDS",
+            "KEY ID",
+            "VERSION",
+        ]
+        .map(String::from)
+        .to_vec(),
+    ];
+    for p in peers {
+        let heard = match p.get("last_heard_ms_ago").and_then(|v| v.as_u64()) {
+            Some(ms) => format!("{:.1}s ago", ms as f64 / 1000.0),
+            None => "-".into(),
+        };
+        let version = ["protocol_version", "version"]
+            .iter()
+            .map(|k| field(p, k))
+            .find(|v| v != "-")
+            .unwrap_or_else(|| "-".into());
+        rows.push(vec![
+            prefix(&field(p, "id")),
+            field(p, "node_name"),
+            field(p, "addr"),
+            heard,
+            field(p, "records"),
+            field(p, "key_id"),
+            version,
+        ]);
+    }
+    rows
+}
+
+/// Rows of `glued records`: the header, then one row per record group.
+fn records_table(groups: &[serde_json::Value]) -> Vec<Vec<String>> {
+    let mut rows = vec![
+        ["NAME", "ADDRESSES", "ORIGIN", "SOURCE"]
+            .map(String::from)
+            .to_vec(),
+    ];
+    let list = |v: &serde_json::Value, key: &str| -> String {
+        let items: Vec<String> = v
+            .get(key)
+            .and_then(|l| l.as_array())
+            .map(|l| {
+                l.iter()
+                    .filter_map(|s| s.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if items.is_empty() {
+            "-".into()
+        } else {
+            items.join(",")
+        }
+    };
+    for g in groups {
+        let source = g.get("source").cloned().unwrap_or_default();
+        let source = match field(&source, "kind").as_str() {
+            "static" => "static".to_string(),
+            "container" => format!(
+                "container {} on {}",
+                prefix(&field(&source, "id")),
+                field(&source, "network")
+            ),
+            other => other.to_string(),
+        };
+        rows.push(vec![
+            list(g, "names"),
+            list(g, "addresses"),
+            format!(
+                "{} ({})",
+                field(g, "node_name"),
+                prefix(&field(g, "origin"))
+            ),
+            source,
+        ]);
+    }
+    rows
+}
+
+/// Rows as text: columns padded to their widest cell, two spaces apart,
+/// no trailing spaces.
+fn aligned(rows: &[Vec<String>]) -> String {
+    let n_columns = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..n_columns)
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(|s| s.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let mut line = String::new();
+        for (c, cell) in row.iter().enumerate() {
+            if c > 0 {
+                line.push_str("  ");
+            }
+            line.push_str(cell);
+            let pad = widths[c].saturating_sub(cell.chars().count());
+            line.extend(std::iter::repeat_n(' ', pad));
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// Installs the panic hook of `glued run`: the panic is logged with the
+/// thread's name, then the process aborts (as the release profile's
+/// `panic = "abort"` does), so a component thread never dies alone while
+/// the process looks healthy; the supervisor restarts it.
+fn abort_on_panic() {
+    std::panic::set_hook(Box::new(|info| {
+        let thread = std::thread::current();
+        let name = thread.name().unwrap_or("unnamed");
+        let message = info.payload_as_str().unwrap_or("(no message)");
+        let at = info
+            .location()
+            .map_or_else(String::new, |l| format!(" at {}:{}", l.file(), l.line()));
+        log::error!("thread {name} panicked{at}: {message}; aborting");
+        // Also on stderr in case logging is filtered off.
+        eprintln!("glued: thread {name} panicked{at}: {message}; aborting");
+        std::process::abort();
+    }));
+}
+
 /// Log filter applied before `RUST_LOG`: iroh and its QUIC stack log every
 /// packet at info and pass tracing span names through `log` (a bare
 /// `ERROR iroh_gossip::net` line at start). Glued logs what matters about
@@ -111,6 +348,7 @@ fn run(config: &Config) -> i32 {
         .parse_filters(&config.log)
         .format_timestamp_millis()
         .init();
+    abort_on_panic();
     // Registered before anything starts, so an early signal is not lost.
     let mut signals = match Signals::new([SIGTERM, SIGINT]) {
         Ok(s) => s,
@@ -171,16 +409,21 @@ pub fn help() -> String {
     use std::fmt::Write;
     let mut out = format!(
         "glued {} - cluster-wide DNS names for Docker containers\n\n\
-         Usage: glued [run|id|check] [--config PATH] [--KEY VALUE]...\n\n\
+         Usage: glued [COMMAND] [--config PATH] [--KEY VALUE]...\n\n\
          Commands:\n  \
          run      run the daemon (the default)\n  \
          id       print this node's endpoint id, then its ID@ip:port addresses\n  \
-         check    validate the configuration and print the effective values\n\n\
+         check    validate the configuration and print the effective values\n  \
+         health   ask the local daemon (http_bind) whether it is healthy: exit 0, or 1\n           \
+         with the reasons\n  \
+         peers    the local daemon's peers as a table (--json: the raw JSON)\n  \
+         records  the local daemon's records as a table (--json: the raw JSON)\n\n\
          Options:\n  \
          --config PATH   config file (TOML, or JSON if it ends in .json); default: the\n                  \
          first of ./glued.toml, ./glued.json, /etc/glued/glued.toml\n  \
          -h, --help      print this help\n  \
-         -V, --version   print the version\n\n\
+         -V, --version   print the version\n  \
+         --json          with peers or records: print the status API's JSON\n\n\
          Keys (default in brackets; precedence: defaults < file < environment < flags;\n\
          lists are comma-separated):\n",
         env!("CARGO_PKG_VERSION")
@@ -200,13 +443,48 @@ pub fn help() -> String {
     out.push_str(
         "\nStatic records exist in the file only:\n  \
          [[records]]\n  name = \"db\"\n  ip = \"10.0.0.5\"\n\n\
-         Exit codes: 0 ok, 1 a component could not start, 2 bad configuration.\n",
+         Exit codes: 0 ok, 1 a component could not start (or, for health, peers and\n\
+         records: the daemon is unhealthy or unreachable), 2 bad configuration.\n",
     );
     out
 }
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
+    #[test]
+    fn tables_are_aligned_and_missing_fields_show_a_dash() {
+        let peers = [
+            json!({"id": "0123456789abcdef0123", "node_name": "web-1", "addr": "10.0.0.1:9254",
+                   "last_heard_ms_ago": 1500, "records": 3, "key_id": "k1", "protocol_version": 2}),
+            json!({"id": "fedcba9876543210", "node_name": "db", "addr": null,
+                   "last_heard_ms_ago": 20, "records": 12}),
+        ];
+        let text = super::aligned(&super::peers_table(&peers));
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[0],
+            "ID            NODE   ADDRESS        LAST HEARD  RECORDS  KEY ID  VERSION"
+        );
+        assert_eq!(
+            lines[1],
+            "0123456789ab  web-1  10.0.0.1:9254  1.5s ago    3        k1      2"
+        );
+        assert_eq!(
+            lines[2],
+            "fedcba987654  db     -              0.0s ago    12       -       -"
+        );
+        let records = [json!({"origin": "abcdef0123456789", "node_name": "web-1",
+            "source": {"kind": "container", "id": "c0ffee0123456789", "network": "glued_net"},
+            "names": ["api", "api-1"], "addresses": ["172.18.0.2", "fd00::2"]})];
+        let text = super::aligned(&super::records_table(&records));
+        assert_eq!(
+            text.lines().nth(1).unwrap(),
+            "api,api-1  172.18.0.2,fd00::2  web-1 (abcdef012345)  container c0ffee012345 on glued_net"
+        );
+    }
+
     #[test]
     fn help_names_every_key() {
         let help = super::help();

@@ -51,6 +51,10 @@ pub const DEFAULT_NETWORK: &str = "glued_net";
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/glued";
 /// Default log filter (`RUST_LOG` syntax).
 pub const DEFAULT_LOG: &str = "info";
+/// `/healthz` fails when the Docker engine has not answered for this long.
+pub const DEFAULT_DOCKER_HEALTH_SECS: u64 = 30;
+/// Largest `docker_health_secs`.
+pub const MAX_DOCKER_HEALTH_SECS: u64 = 3_600;
 /// Port of upstreams given without one.
 pub const DNS_PORT: u16 = 53;
 /// Clients allowed by default: loopback, RFC 1918, CGNAT, link-local, ULA.
@@ -154,6 +158,9 @@ pub struct Config {
     pub log: String,
     /// The forward cache (`cache_*` keys).
     pub cache: CacheConfig,
+    // Health (ops).
+    /// `/healthz` window for the Docker engine's last answer.
+    pub docker_health_secs: u64,
 }
 
 // ---------------------------------------------------------------------------
@@ -186,6 +193,8 @@ pub enum Key {
     CacheSize,
     CacheMaxTtl,
     CacheStaleSecs,
+    // Health (ops).
+    DockerHealthSecs,
 }
 
 /// How one key is spelled in each layer, for parsing, `--help` and docs.
@@ -416,6 +425,16 @@ pub const KEYS: &[KeySpec] = &[
         default: "86400",
         help: "how long after expiry a cached answer is served stale while the upstreams fail; 0: never",
     },
+    // Health (ops).
+    KeySpec {
+        key: Key::DockerHealthSecs,
+        file: "docker_health_secs",
+        env: &["GLUED_DOCKER_HEALTH_SECS"],
+        flag: "--docker-health-secs",
+        value: "SECS",
+        default: "30",
+        help: "/healthz fails when the Docker engine has not answered for this long",
+    },
 ];
 
 impl Key {
@@ -603,6 +622,10 @@ pub enum Command {
     Check,
     Help,
     Version,
+    // Status views (ops): ask the local daemon's HTTP status.
+    Health,
+    Peers,
+    Records,
 }
 
 /// The command line, split but not validated.
@@ -613,6 +636,8 @@ pub struct Args {
     pub config: Option<PathBuf>,
     /// Every key flag, in command-line order.
     pub flags: Vec<Setting>,
+    /// `--json`: `glued peers` and `glued records` print the raw JSON.
+    pub json: bool,
 }
 
 /// Splits the command line (without the program name): one optional
@@ -624,6 +649,7 @@ pub fn parse_args(args: &[String]) -> Result<Args, ConfigError> {
     let mut version = false;
     let mut config = None;
     let mut flags = Vec::new();
+    let mut json = false;
     let mut i = 0;
     while i < args.len() {
         let arg = &args[i];
@@ -636,6 +662,10 @@ pub fn parse_args(args: &[String]) -> Result<Args, ConfigError> {
             version = true;
             continue;
         }
+        if arg == "--json" {
+            json = true;
+            continue;
+        }
         if !arg.starts_with('-') {
             let c = match arg.as_str() {
                 "run" => Command::Run,
@@ -643,6 +673,9 @@ pub fn parse_args(args: &[String]) -> Result<Args, ConfigError> {
                 "check" => Command::Check,
                 "help" => Command::Help,
                 "version" => Command::Version,
+                "health" => Command::Health,
+                "peers" => Command::Peers,
+                "records" => Command::Records,
                 _ => return Err(ConfigError::Usage(format!("unknown command {arg:?}"))),
             };
             if command.is_some() {
@@ -684,10 +717,21 @@ pub fn parse_args(args: &[String]) -> Result<Args, ConfigError> {
     } else {
         command.unwrap_or(Command::Run)
     };
+    if json
+        && !matches!(
+            command,
+            Command::Peers | Command::Records | Command::Help | Command::Version
+        )
+    {
+        return Err(ConfigError::Usage(
+            "--json goes with glued peers or glued records".into(),
+        ));
+    }
     Ok(Args {
         command,
         config,
         flags,
+        json,
     })
 }
 
@@ -832,6 +876,8 @@ struct FileLayer {
     cache_size: Option<FileValue>,
     cache_max_ttl: Option<FileValue>,
     cache_stale_secs: Option<FileValue>,
+    // Health (ops).
+    docker_health_secs: Option<FileValue>,
 }
 
 /// A parsed config file: its key settings and its records, unvalidated.
@@ -869,6 +915,7 @@ impl FileLayer {
             (Key::CacheSize, self.cache_size),
             (Key::CacheMaxTtl, self.cache_max_ttl),
             (Key::CacheStaleSecs, self.cache_stale_secs),
+            (Key::DockerHealthSecs, self.docker_health_secs),
         ];
         let settings = values
             .into_iter()
@@ -1271,6 +1318,7 @@ impl Config {
             records: vec![],
             log: "info".into(),
             cache: CacheConfig::default(),
+            docker_health_secs: DEFAULT_DOCKER_HEALTH_SECS,
         }
     }
 
@@ -1441,6 +1489,13 @@ impl Config {
         };
         let records = static_records(&file_path, file_records)?;
         let cache = cache_config(&get)?;
+        let docker_health_secs = match get(Key::DockerHealthSecs) {
+            Some(s) => s.one(
+                &format!("a number of seconds between 1 and {MAX_DOCKER_HEALTH_SECS}"),
+                |v| parse_in_range(v, 1, MAX_DOCKER_HEALTH_SECS),
+            )?,
+            None => DEFAULT_DOCKER_HEALTH_SECS,
+        };
         Ok(Config {
             dns_bind,
             dns_threads,
@@ -1462,6 +1517,7 @@ impl Config {
             records,
             log,
             cache,
+            docker_health_secs,
         })
     }
 
@@ -1521,6 +1577,7 @@ impl Config {
             format!("cache_size = {}", self.cache.size),
             format!("cache_max_ttl = {}", self.cache.max_ttl_secs),
             format!("cache_stale_secs = {}", self.cache.stale_secs),
+            format!("docker_health_secs = {}", self.docker_health_secs),
         ]
     }
 }

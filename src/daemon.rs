@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use crossbeam_channel::bounded;
@@ -16,7 +17,7 @@ use crate::dns::forward::Forwarder;
 use crate::docker::Docker;
 use crate::gossip::{Gossip, Peers};
 use crate::http::HttpServer;
-use crate::metrics::Metrics;
+use crate::metrics::{DockerCheck, Metrics};
 use crate::registry::{Registry, RegistryMsg};
 use crate::table::{self, Group, Origin, SharedTable, Source, SourceKind};
 
@@ -44,7 +45,13 @@ impl Daemon {
             node_name: config.node_name.clone(),
         };
         let table = table::shared(&config.domain, config.ttl_secs);
-        let metrics = Arc::new(Metrics::default());
+        let metrics = Arc::new(Metrics {
+            docker_check: Some(DockerCheck {
+                host: config.docker_host.clone(),
+                window: Duration::from_secs(config.docker_health_secs),
+            }),
+            ..Metrics::default()
+        });
         let (local_changed_tx, local_changed_rx) = bounded(1);
         let registry = Registry::spawn(
             table.clone(),

@@ -38,6 +38,11 @@ pub const MAX_DRAIN_BYTES: usize = 64 * 1024;
 pub const STOP_POLL: Duration = Duration::from_millis(100);
 /// Prometheus text exposition format.
 pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+/// Timeout of each step (connect, write, each read) of a status request
+/// made by `glued health`, `glued peers` and `glued records`.
+pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Largest answer those commands read.
+pub const MAX_CLIENT_ANSWER_BYTES: u64 = 64 << 20;
 const JSON_CONTENT_TYPE: &str = "application/json";
 const TEXT_CONTENT_TYPE: &str = "text/plain; charset=utf-8";
 
@@ -76,7 +81,11 @@ impl HttpServer {
             .name("glued-http".into())
             .spawn({
                 let stop = stop.clone();
-                move || serve(listener, state, &stop)
+                move || {
+                    let alive = state.metrics.http.enter();
+                    serve(listener, &state, &stop);
+                    alive.retire();
+                }
             })?;
         Ok(HttpServer {
             addr,
@@ -94,11 +103,12 @@ impl HttpServer {
     }
 }
 
-fn serve(listener: TcpListener, state: State, stop: &AtomicBool) {
+fn serve(listener: TcpListener, state: &State, stop: &AtomicBool) {
     while !stop.load(Ordering::Relaxed) {
+        state.metrics.http.beat();
         match listener.accept() {
             Ok((stream, peer)) => {
-                if let Err(e) = handle(stream, &state) {
+                if let Err(e) = handle(stream, state) {
                     log::debug!("http: client {peer}: {e}");
                 }
             }
@@ -286,7 +296,7 @@ fn route(head: &[u8], state: &State) -> (Response, bool) {
             body: state.metrics.render(&state.table.load()),
             allow_get: false,
         },
-        "/healthz" => Response::text("200 OK", "ok"),
+        "/healthz" => healthz(state),
         "/records" => json(records_json(state)),
         "/peers" => {
             let peers = state.peers.lock().unwrap_or_else(|e| e.into_inner());
@@ -295,6 +305,16 @@ fn route(head: &[u8], state: &State) -> (Response, bool) {
         _ => Response::text("404 Not Found", "not found"),
     };
     (response, head_only)
+}
+
+/// 200 `ok`, or 503 with every reason, one per line.
+fn healthz(state: &State) -> Response {
+    let problems = state.metrics.problems();
+    if problems.is_empty() {
+        Response::text("200 OK", "ok")
+    } else {
+        Response::text("503 Service Unavailable", &problems.join("\n"))
+    }
 }
 
 fn json(body: serde_json::Result<String>) -> Response {
@@ -342,6 +362,41 @@ fn records_json(state: &State) -> serde_json::Result<String> {
         })
         .collect();
     serde_json::to_string(&records)
+}
+
+/// Where a local client reaches a status server bound to `bind`: a
+/// wildcard bind is reached on loopback.
+pub fn client_addr(bind: SocketAddr) -> SocketAddr {
+    let ip = match bind.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => std::net::Ipv4Addr::LOCALHOST.into(),
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => std::net::Ipv6Addr::LOCALHOST.into(),
+        ip => ip,
+    };
+    SocketAddr::new(ip, bind.port())
+}
+
+/// `GET path` from a status server: its status code and body.
+pub fn get(addr: SocketAddr, path: &str) -> io::Result<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&addr, CLIENT_TIMEOUT)?;
+    stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+    stream.set_write_timeout(Some(CLIENT_TIMEOUT))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: glued\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut answer = Vec::new();
+    stream
+        .take(MAX_CLIENT_ANSWER_BYTES)
+        .read_to_end(&mut answer)?;
+    let bad = || io::Error::new(io::ErrorKind::InvalidData, "not an HTTP answer");
+    let text = String::from_utf8_lossy(&answer);
+    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(bad)?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(bad)?;
+    Ok((status, body.to_string()))
 }
 
 #[cfg(test)]

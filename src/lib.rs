@@ -8,6 +8,7 @@ pub mod daemon;
 pub mod dns;
 pub mod docker;
 pub mod gossip;
+pub mod health;
 pub mod http;
 pub mod metrics;
 pub mod registry;

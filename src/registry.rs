@@ -31,7 +31,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError, bounded};
 
 use crate::table::{
     Group, Origin, SharedTable, Source, SourceKind, Table, write_key, write_target,
@@ -89,6 +89,8 @@ pub struct RegistryStats {
     /// one, and each time a reader held the spare longer than [`SPARE_WAIT`].
     pub full_builds: AtomicU64,
     pub groups: AtomicU64,
+    /// Liveness of the registry thread.
+    pub heartbeat: Arc<crate::health::Heartbeat>,
 }
 
 impl RegistryStats {
@@ -96,22 +98,26 @@ impl RegistryStats {
         use std::fmt::Write;
         let _ = writeln!(
             out,
-            "# TYPE glued_registry_updates_total counter\nglued_registry_updates_total {}",
+            "# HELP glued_registry_updates_total Changes applied by the registry.\n\
+             # TYPE glued_registry_updates_total counter\nglued_registry_updates_total {}",
             self.updates.load(Ordering::Relaxed)
         );
         let _ = writeln!(
             out,
-            "# TYPE glued_registry_rebuilds_total counter\nglued_registry_rebuilds_total {}",
+            "# HELP glued_registry_rebuilds_total Name tables published.\n\
+             # TYPE glued_registry_rebuilds_total counter\nglued_registry_rebuilds_total {}",
             self.rebuilds.load(Ordering::Relaxed)
         );
         let _ = writeln!(
             out,
-            "# TYPE glued_registry_full_builds_total counter\nglued_registry_full_builds_total {}",
+            "# HELP glued_registry_full_builds_total Name tables built from every group instead of patched.\n\
+             # TYPE glued_registry_full_builds_total counter\nglued_registry_full_builds_total {}",
             self.full_builds.load(Ordering::Relaxed)
         );
         let _ = writeln!(
             out,
-            "# TYPE glued_registry_groups gauge\nglued_registry_groups {}",
+            "# HELP glued_registry_groups Record groups held (one per container and network, or static name).\n\
+             # TYPE glued_registry_groups gauge\nglued_registry_groups {}",
             self.groups.load(Ordering::Relaxed)
         );
     }
@@ -136,7 +142,11 @@ impl Registry {
         let (tx, rx) = bounded(INBOX_CAPACITY);
         let thread = std::thread::Builder::new()
             .name("registry".into())
-            .spawn(move || run(rx, table, stats, local_id, local_changed))
+            .spawn(move || {
+                let alive = stats.heartbeat.enter();
+                run(rx, table, stats, local_id, local_changed);
+                alive.retire();
+            })
             .expect("spawn registry thread");
         Registry {
             tx,
@@ -163,7 +173,12 @@ fn run(
     let mut state = State::default();
     let mut writer = Writer::new(table);
     loop {
-        let Ok(first) = rx.recv() else { return };
+        stats.heartbeat.beat();
+        let first = match rx.recv_timeout(crate::health::BEAT_INTERVAL) {
+            Ok(m) => m,
+            Err(RecvTimeoutError::Timeout) => continue,
+            Err(RecvTimeoutError::Disconnected) => return,
+        };
         let mut stop = false;
         let mut local = false;
         let mut changed = false;

@@ -27,6 +27,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 
 use crate::config::Config;
+use crate::health::Heartbeat;
 use crate::table::SharedTable;
 use acl::Acl;
 use forward::Forwarder;
@@ -84,9 +85,12 @@ impl DnsServer {
                         std::thread::Builder::new()
                             .name(format!("dns-udp-{i}"))
                             .spawn(move || {
+                                let heartbeat = counters.heartbeat.clone();
+                                let alive = heartbeat.enter();
                                 let mut worker =
                                     udp::UdpWorker::new(socket, table, forwarder, counters, acl);
-                                serve_udp(&mut worker, &stop);
+                                serve_udp(&mut worker, &stop, &heartbeat);
+                                alive.retire();
                             })?,
                     );
                 }
@@ -96,10 +100,16 @@ impl DnsServer {
                 let counters = stats.register();
                 threads.push(std::thread::Builder::new().name("dns-tcp".into()).spawn(
                     move || {
+                        let alive = counters.heartbeat.clone().enter();
+                        let stopped = stop.clone();
                         tcp::run(
                             poll, tcp_waker, listener, stop, table, forwarder, counters, acl,
                             limits,
-                        )
+                        );
+                        // Only a requested stop is a clean end.
+                        if stopped.load(Ordering::Relaxed) {
+                            alive.retire();
+                        }
                     },
                 )?);
                 Ok(())
@@ -143,8 +153,11 @@ impl Drop for DnsServer {
     }
 }
 
-fn serve_udp(worker: &mut udp::UdpWorker, stop: &AtomicBool) {
+/// Serves until `stop`; each batch (or [`udp::READ_TIMEOUT`] of silence)
+/// is a heartbeat.
+fn serve_udp(worker: &mut udp::UdpWorker, stop: &AtomicBool, heartbeat: &Heartbeat) {
     while !stop.load(Ordering::Relaxed) {
+        heartbeat.beat();
         match worker.serve_batch() {
             Ok(_) => {}
             Err(e)

@@ -67,6 +67,8 @@ pub struct Counters {
     tcp_idle_closed: AtomicU64,
     /// Connections open now (gauge).
     tcp_open: AtomicU64,
+    /// Liveness of the owning thread.
+    pub heartbeat: Arc<crate::health::Heartbeat>,
 }
 
 #[inline]
@@ -168,6 +170,16 @@ impl DnsStats {
             .unwrap_or_else(|e| e.into_inner())
             .push(c.clone());
         c
+    }
+
+    /// What is wrong with any serving thread at `now` (see
+    /// [`crate::health::Heartbeat::problem`]).
+    pub fn problems(&self, now: u64) -> Vec<String> {
+        let threads = self.threads.lock().unwrap_or_else(|e| e.into_inner());
+        threads
+            .iter()
+            .filter_map(|c| c.heartbeat.problem(now))
+            .collect()
     }
 
     pub fn totals(&self) -> Totals {

@@ -169,6 +169,7 @@ pub(crate) fn run(
     let mut events = Events::with_capacity(1024);
     let mut last_sweep = Instant::now();
     while !stop.load(Ordering::Relaxed) {
+        ctx.counters.heartbeat.beat();
         let pending = conns.iter().flatten().any(|c| c.pending > 0);
         let timeout = if !again.is_empty() || accept_more {
             Duration::ZERO

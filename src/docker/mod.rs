@@ -76,6 +76,10 @@ pub struct DockerStats {
     pub connected: AtomicU64,
     /// Containers that currently have at least one record.
     pub containers: AtomicU64,
+    /// Liveness of the Docker thread.
+    pub heartbeat: Arc<crate::health::Heartbeat>,
+    /// When the engine last answered (for `/healthz`).
+    pub engine: crate::health::EngineContact,
 }
 
 impl DockerStats {
@@ -91,7 +95,11 @@ impl DockerStats {
     /// Prometheus text of every counter.
     pub fn render(&self, out: &mut String) {
         use std::fmt::Write;
-        let _ = writeln!(out, "# TYPE glued_docker_events_total counter");
+        let _ = writeln!(
+            out,
+            "# HELP glued_docker_events_total Docker engine events received, by type and action.\n\
+             # TYPE glued_docker_events_total counter"
+        );
         for (i, (typ, action)) in COUNTED_EVENTS.iter().enumerate() {
             let _ = writeln!(
                 out,
@@ -99,23 +107,53 @@ impl DockerStats {
                 self.events[i].load(Ordering::Relaxed)
             );
         }
-        for (name, kind, value) in [
-            ("glued_docker_resyncs_total", "counter", &self.resyncs),
-            ("glued_docker_reconnects_total", "counter", &self.reconnects),
+        for (name, kind, help, value) in [
+            (
+                "glued_docker_resyncs_total",
+                "counter",
+                "Full resynchronisations with the engine.",
+                &self.resyncs,
+            ),
+            (
+                "glued_docker_reconnects_total",
+                "counter",
+                "Connections re-established after the engine was lost.",
+                &self.reconnects,
+            ),
             (
                 "glued_docker_connect_failures_total",
                 "counter",
+                "Failed connection attempts and lost sessions.",
                 &self.connect_failures,
             ),
-            ("glued_docker_engine_connected", "gauge", &self.connected),
-            ("glued_docker_containers_watched", "gauge", &self.containers),
+            (
+                "glued_docker_engine_connected",
+                "gauge",
+                "1 while the engine's event stream is followed.",
+                &self.connected,
+            ),
+            (
+                "glued_docker_containers_watched",
+                "gauge",
+                "Containers with at least one record.",
+                &self.containers,
+            ),
         ] {
             let _ = writeln!(
                 out,
-                "# TYPE {name} {kind}\n{name} {}",
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}",
                 value.load(Ordering::Relaxed)
             );
         }
+    }
+}
+
+/// Beats every [`crate::health::BEAT_INTERVAL`], forever.
+async fn beat(heartbeat: &crate::health::Heartbeat) {
+    let mut tick = tokio::time::interval(crate::health::BEAT_INTERVAL);
+    loop {
+        tick.tick().await;
+        heartbeat.beat();
     }
 }
 
@@ -139,10 +177,22 @@ impl Docker {
             .build()
             .context("building the Docker thread's runtime")?;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let heartbeat = stats.heartbeat.clone();
         let watcher = watch::Watcher::new(config, origin, registry, stats, stop_rx.clone());
         let thread = std::thread::Builder::new()
             .name("docker".into())
-            .spawn(move || runtime.block_on(watch::run(watcher, stop_rx)))
+            .spawn(move || {
+                let alive = heartbeat.enter();
+                // The beat runs on the same single-threaded runtime as the
+                // watcher: a blocked thread stops both.
+                runtime.block_on(async {
+                    tokio::select! {
+                        _ = watch::run(watcher, stop_rx) => {}
+                        _ = beat(&heartbeat) => {}
+                    }
+                });
+                alive.retire();
+            })
             .context("spawning the Docker thread")?;
         Ok(Docker {
             stop: stop_tx,

@@ -51,6 +51,8 @@ enum EngineState {
 
 pub(super) struct Watcher {
     host: String,
+    /// `docker_health_secs`: the engine must answer within it.
+    health_window: Duration,
     networks: Arc<[String]>,
     origin: Origin,
     registry: Sender<RegistryMsg>,
@@ -97,6 +99,7 @@ impl Watcher {
     ) -> Watcher {
         Watcher {
             host: config.docker_host.clone(),
+            health_window: Duration::from_secs(config.docker_health_secs),
             networks: config.networks.clone().into(),
             origin,
             registry,
@@ -120,6 +123,7 @@ impl Watcher {
     async fn follow(&mut self) -> Result<(), Lost> {
         let docker = connect(&self.host)?;
         let docker = timed(docker.negotiate_version()).await?;
+        self.stats.engine.answered();
         let since = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
@@ -155,24 +159,31 @@ impl Watcher {
         self.check_networks(&docker).await?;
         let n = self.resync(&docker).await?;
         self.on_connected(n);
-        let mut ping = tokio::time::interval(PING_INTERVAL);
+        // Pinged often enough that a healthy idle engine never looks silent
+        // for the whole `/healthz` window.
+        let mut ping = tokio::time::interval(PING_INTERVAL.min(self.health_window / 3));
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ping.tick().await;
         loop {
             tokio::select! {
                 ev = events.next() => match ev {
-                    Some(Ok(ev)) => self.handle(&docker, ev).await?,
+                    Some(Ok(ev)) => {
+                        self.stats.engine.answered();
+                        self.handle(&docker, ev).await?
+                    }
                     Some(Err(e)) => return Err(e.into()),
                     None => return Ok(()),
                 },
                 _ = ping.tick() => {
                     timed(docker.ping()).await?;
+                    self.stats.engine.answered();
                 }
             }
         }
     }
 
     fn on_connected(&mut self, n_containers: usize) {
+        self.stats.engine.answered();
         self.stats.connected.store(1, Ordering::Relaxed);
         match self.engine {
             EngineState::Unknown => log::info!(

@@ -92,6 +92,8 @@ pub struct GossipStats {
     pub oversize_changes: AtomicU64,
     pub neighbors: AtomicU64,
     pub origins: AtomicU64,
+    /// Liveness of the gossip thread's loop.
+    pub heartbeat: Arc<crate::health::Heartbeat>,
 }
 
 impl GossipStats {
@@ -102,33 +104,79 @@ impl GossipStats {
     pub fn render(&self, out: &mut String) {
         use std::fmt::Write;
         let counters = [
-            ("glued_gossip_messages_sent_total", &self.sent),
-            ("glued_gossip_bytes_sent_total", &self.sent_bytes),
-            ("glued_gossip_messages_received_total", &self.received),
-            ("glued_gossip_bytes_received_total", &self.received_bytes),
-            ("glued_gossip_auth_ok_total", &self.auth_ok),
-            ("glued_gossip_auth_refused_total", &self.auth_refused),
-            ("glued_gossip_lagged_total", &self.lagged),
-            ("glued_gossip_state_pulls_total", &self.state_pulls),
+            (
+                "glued_gossip_messages_sent_total",
+                "Gossip messages broadcast.",
+                &self.sent,
+            ),
+            (
+                "glued_gossip_bytes_sent_total",
+                "Bytes of gossip messages broadcast.",
+                &self.sent_bytes,
+            ),
+            (
+                "glued_gossip_messages_received_total",
+                "Gossip messages received.",
+                &self.received,
+            ),
+            (
+                "glued_gossip_bytes_received_total",
+                "Bytes of gossip messages received.",
+                &self.received_bytes,
+            ),
+            (
+                "glued_gossip_auth_ok_total",
+                "Peers admitted.",
+                &self.auth_ok,
+            ),
+            (
+                "glued_gossip_auth_refused_total",
+                "Admissions refused.",
+                &self.auth_refused,
+            ),
+            (
+                "glued_gossip_lagged_total",
+                "Times the gossip event stream lagged.",
+                &self.lagged,
+            ),
+            (
+                "glued_gossip_state_pulls_total",
+                "Full states pulled from peers.",
+                &self.state_pulls,
+            ),
             (
                 "glued_gossip_state_pull_failures_total",
+                "Full state pulls that failed.",
                 &self.state_pull_failures,
             ),
-            ("glued_gossip_state_served_total", &self.state_served),
-            ("glued_gossip_leases_expired_total", &self.leases_expired),
+            (
+                "glued_gossip_state_served_total",
+                "Full states served to peers.",
+                &self.state_served,
+            ),
+            (
+                "glued_gossip_leases_expired_total",
+                "Origins dropped because their lease expired.",
+                &self.leases_expired,
+            ),
             (
                 "glued_gossip_oversize_changes_total",
+                "Changes too large for one message (sent through the full state).",
                 &self.oversize_changes,
             ),
         ];
-        for (name, v) in counters {
+        for (name, help, v) in counters {
             let _ = writeln!(
                 out,
-                "# TYPE {name} counter\n{name} {}",
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
                 v.load(Ordering::Relaxed)
             );
         }
-        let _ = writeln!(out, "# TYPE glued_gossip_dropped_total counter");
+        let _ = writeln!(
+            out,
+            "# HELP glued_gossip_dropped_total Gossip messages dropped, by reason.\n\
+             # TYPE glued_gossip_dropped_total counter"
+        );
         for r in DropReason::ALL {
             let _ = writeln!(
                 out,
@@ -137,13 +185,21 @@ impl GossipStats {
                 self.dropped(r)
             );
         }
-        for (name, v) in [
-            ("glued_gossip_neighbors", &self.neighbors),
-            ("glued_gossip_origins", &self.origins),
+        for (name, help, v) in [
+            (
+                "glued_gossip_neighbors",
+                "Direct gossip neighbours now.",
+                &self.neighbors,
+            ),
+            (
+                "glued_gossip_origins",
+                "Peers (origins) whose lease is current.",
+                &self.origins,
+            ),
         ] {
             let _ = writeln!(
                 out,
-                "# TYPE {name} gauge\n{name} {}",
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {}",
                 v.load(Ordering::Relaxed)
             );
         }
@@ -308,6 +364,7 @@ impl Gossip {
         let incarnation = next_incarnation(&config.data_dir);
         let (commands, inbox) = tokio::sync::mpsc::channel(COMMAND_CAPACITY);
         let (bound_tx, bound_rx) = std::sync::mpsc::channel::<anyhow::Result<Bound>>();
+        let heartbeat = stats.heartbeat.clone();
         let setup = node::Setup {
             config: config.clone(),
             key,
@@ -320,7 +377,11 @@ impl Gossip {
         };
         let thread = std::thread::Builder::new()
             .name("gossip".into())
-            .spawn(move || node::run_thread(setup, inbox, bound_tx))
+            .spawn(move || {
+                let alive = heartbeat.enter();
+                node::run_thread(setup, inbox, bound_tx);
+                alive.retire();
+            })
             .context("spawning the gossip thread")?;
         let bound = match bound_rx.recv_timeout(START_TIMEOUT) {
             Ok(Ok(b)) => b,

@@ -547,6 +547,8 @@ impl Node {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
+            // TICK (100 ms) keeps an idle loop beating.
+            self.stats.heartbeat.beat();
             tokio::select! {
                 cmd = inbox.recv() => match cmd {
                     None | Some(Command::Stop) => break,

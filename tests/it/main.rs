@@ -10,3 +10,4 @@ mod docker;
 mod e2e;
 mod forward;
 mod http;
+mod ops;

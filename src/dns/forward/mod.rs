@@ -218,7 +218,6 @@ impl Drop for Link {
 /// Cheap-to-clone handle to the forwarding thread(s).
 #[derive(Clone)]
 pub struct Forwarder {
-    stats: Arc<ForwardStats>,
     /// `None` when there is no upstream: every query is refused at once.
     link: Option<Arc<Link>>,
 }
@@ -231,7 +230,7 @@ impl Forwarder {
         let upstreams = stats.set_upstreams(&config.upstreams);
         if upstreams.is_empty() {
             log::warn!("no upstream resolver: names that are not ours get SERVFAIL");
-            return Ok(Forwarder { stats, link: None });
+            return Ok(Forwarder { link: None });
         }
         let rng = StdRng::try_from_rng(&mut SysRng)
             .map_err(|e| io::Error::other(format!("no randomness from the OS: {e}")))?;
@@ -299,7 +298,14 @@ impl Forwarder {
         );
         let handle = std::thread::Builder::new()
             .name("glued-forward".into())
-            .spawn(move || forwarding.run());
+            .spawn(move || {
+                let alive = forwarding.stats.heartbeat.clone().enter();
+                forwarding.run();
+                // Only a requested stop is a clean end.
+                if forwarding.shared.stopping.load(Ordering::SeqCst) {
+                    alive.retire();
+                }
+            });
         match handle {
             Ok(h) => threads.insert(0, h),
             Err(e) => {
@@ -310,7 +316,6 @@ impl Forwarder {
         *shared.threads.lock().unwrap_or_else(|e| e.into_inner()) = threads;
         log::info!("forwarding to {:?}", config.upstreams);
         Ok(Forwarder {
-            stats,
             link: Some(Arc::new(Link { tx, shared })),
         })
     }
@@ -319,7 +324,7 @@ impl Forwarder {
     /// forwarder is saturated, has no upstream, is stopped, or the query
     /// has not exactly one question (the caller answers SERVFAIL).
     pub fn submit(&self, query: &[u8], reply: Reply) -> bool {
-        let accepted = match &self.link {
+        match &self.link {
             Some(link)
                 if wire::question(query).is_some()
                     && !link.shared.stopping.load(Ordering::Relaxed) =>
@@ -343,14 +348,7 @@ impl Forwarder {
                 }
             }
             _ => false,
-        };
-        let counter = if accepted {
-            &self.stats.submitted
-        } else {
-            &self.stats.rejected
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
-        accepted
+        }
     }
 
     /// Stops the forwarding thread and the TCP pool and joins them (queries
@@ -566,12 +564,18 @@ impl Forwarding {
         // Whether each socket is in `undrained`.
         let mut queued = vec![false; self.sockets.len()];
         loop {
+            self.stats.heartbeat.beat();
             let now = Instant::now();
             self.fire_timers(now);
             self.send_probes(now);
-            let timeout = self
-                .next_deadline()
-                .map(|d| d.saturating_duration_since(now));
+            // Wakes at least every BEAT_INTERVAL, so an idle thread beats.
+            let timeout = Some(
+                self.next_deadline()
+                    .map_or(crate::health::BEAT_INTERVAL, |d| {
+                        d.saturating_duration_since(now)
+                            .min(crate::health::BEAT_INTERVAL)
+                    }),
+            );
             // Announce the sleep, then look at the inbox once more (pairs
             // with the fence in `submit`).
             self.shared.asleep.store(true, Ordering::SeqCst);

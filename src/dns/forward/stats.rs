@@ -56,10 +56,8 @@ impl UpstreamStats {
 
 #[derive(Debug, Default)]
 pub struct ForwardStats {
-    /// Queries accepted by `submit`.
-    pub submitted: AtomicU64,
-    /// Queries `submit` refused (inbox full, no upstream, unparseable).
-    pub rejected: AtomicU64,
+    // Queries accepted or refused by `submit` are counted per serving thread
+    // (`glued_dns_forwarded_total`, `glued_dns_forward_rejected_total`).
     /// Upstream answers delivered to clients.
     pub answered: AtomicU64,
     /// SERVFAIL sent by the forwarder (every upstream failed, budget spent,
@@ -77,6 +75,8 @@ pub struct ForwardStats {
     latency_count: AtomicU64,
     latency_sum_micros: AtomicU64,
     upstreams: Mutex<Vec<Arc<UpstreamStats>>>,
+    /// Liveness of the forwarding thread.
+    pub heartbeat: Arc<crate::health::Heartbeat>,
 }
 
 impl ForwardStats {
@@ -103,17 +103,7 @@ impl ForwardStats {
     }
 
     pub fn render(&self, out: &mut String) {
-        let counters: [(&str, &str, &AtomicU64); 6] = [
-            (
-                "glued_forward_queries_total",
-                "Queries handed to the forwarder.",
-                &self.submitted,
-            ),
-            (
-                "glued_forward_rejected_total",
-                "Queries the forwarder could not take (saturated or no upstream); answered SERVFAIL by the server.",
-                &self.rejected,
-            ),
+        let counters: [(&str, &str, &AtomicU64); 4] = [
             (
                 "glued_forward_answered_total",
                 "Upstream answers relayed to clients.",
