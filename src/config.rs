@@ -1654,8 +1654,8 @@ fn static_records(
             layer: Layer::File(path.to_path_buf()),
         };
         let name = setting("name", record.name.0).one(
-            "a single DNS label of letters, digits, - and _ (at most 63)",
-            parse_label,
+            "a single DNS label of letters, digits, - and _ (at most 63), not ns",
+            crate::table::record_name,
         )?;
         let ip = setting("ip", record.ip.0).one("an IPv4 or IPv6 address", parse_ip)?;
         out.push(StaticRecord { name, ip });

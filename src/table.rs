@@ -12,6 +12,8 @@
 //! `Table::build` of the same groups answers. Keys are lowercase
 //! ASCII names *relative to the cluster domain* (`api`, `api.node-1`);
 //! callers lowercase the query name into a stack buffer before looking it up.
+//! The maps hash with a per-map random seed: names come from containers, so
+//! nobody can choose names that collide.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -22,7 +24,7 @@ use arc_swap::ArcSwap;
 /// Longest DNS name in wire format (RFC 1035 §2.3.4).
 pub const MAX_NAME_WIRE_LEN: usize = 255;
 
-type FastMap<K, V> = HashMap<K, V, foldhash::fast::FixedState>;
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 /// Who published a group of records: a node of the cluster.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
@@ -105,8 +107,15 @@ pub struct Table {
     /// Bumped on every publish; used as the SOA serial.
     pub serial: u32,
     names: FastMap<Box<[u8]>, Entry>,
+    /// Node label → number of pinned keys (`name.node`) under it: the
+    /// empty non-terminals `<node>.<domain>.`.
+    nodes: FastMap<Box<[u8]>, u32>,
     /// Address → primary name under the domain, wire format.
     reverse: FastMap<IpAddr, Box<[u8]>>,
+    /// The keys of `reverse`, sorted: which reverse names lie above an
+    /// address of the table.
+    reverse_v4: Vec<u32>,
+    reverse_v6: Vec<u128>,
     /// Every group, by owner, for `/records` and gossip full state.
     pub groups: Arc<BTreeMap<(Origin, Source), Group>>,
 }
@@ -164,17 +173,35 @@ impl Table {
                 }
             }
         }
-        let names = union
+        let names: FastMap<Box<[u8]>, Entry> = union
             .into_iter()
             .map(|(key, (v4, v6))| (key, Entry::from_union(v4, v6)))
             .collect();
+        let mut nodes = FastMap::default();
+        for key in names.keys() {
+            if let Some(node) = node_of(key) {
+                *nodes.entry(Box::from(node)).or_insert(0) += 1;
+            }
+        }
+        let (mut reverse_v4, mut reverse_v6) = (Vec::new(), Vec::new());
+        for ip in reverse.keys() {
+            match ip {
+                IpAddr::V4(a) => reverse_v4.push(u32::from(*a)),
+                IpAddr::V6(a) => reverse_v6.push(u128::from(*a)),
+            }
+        }
+        reverse_v4.sort_unstable();
+        reverse_v6.sort_unstable();
         Table {
             domain,
             domain_wire,
             ttl_secs,
             serial,
             names,
+            nodes,
             reverse,
+            reverse_v4,
+            reverse_v6,
             groups,
         }
     }
@@ -190,6 +217,38 @@ impl Table {
     #[inline]
     pub fn reverse(&self, ip: &IpAddr) -> Option<&[u8]> {
         self.reverse.get(ip).map(|b| &**b)
+    }
+
+    /// Whether `label` (lowercase) is a node with pinned names: the empty
+    /// non-terminal `<node>.<domain>.`. Never allocates.
+    #[inline]
+    pub fn is_node(&self, label: &[u8]) -> bool {
+        self.nodes.contains_key(label)
+    }
+
+    /// Whether an address of the table starts with the first `bits` bits
+    /// of `prefix` (its reverse name lies at or below the reverse name of
+    /// that prefix). Never allocates.
+    pub fn has_address_in(&self, prefix: IpAddr, bits: u32) -> bool {
+        /// Whether a value of `sorted` has the high bits of `low` under `mask`.
+        fn any_in<T: Copy + Ord + std::ops::BitAnd<Output = T>>(
+            sorted: &[T],
+            low: T,
+            mask: T,
+        ) -> bool {
+            let at = sorted.partition_point(|&a| a < low);
+            sorted.get(at).is_some_and(|&a| a & mask == low)
+        }
+        match prefix {
+            IpAddr::V4(a) => {
+                let mask = u32::MAX.checked_shl(32 - bits.min(32)).unwrap_or(0);
+                any_in(&self.reverse_v4, u32::from(a) & mask, mask)
+            }
+            IpAddr::V6(a) => {
+                let mask = u128::MAX.checked_shl(128 - bits.min(128)).unwrap_or(0);
+                any_in(&self.reverse_v6, u128::from(a) & mask, mask)
+            }
+        }
     }
 
     /// Number of distinct names answered (pinned names included).
@@ -231,13 +290,29 @@ impl Table {
                     v6: Box::from(v6),
                 };
                 self.names.insert(Box::from(key), entry);
+                if let Some(node) = node_of(key) {
+                    match self.nodes.get_mut(node) {
+                        Some(n) => *n += 1,
+                        None => {
+                            self.nodes.insert(Box::from(node), 1);
+                        }
+                    }
+                }
             }
         }
     }
 
     /// Forgets one name key.
     pub(crate) fn remove_name(&mut self, key: &[u8]) {
-        self.names.remove(key);
+        if self.names.remove(key).is_some()
+            && let Some(node) = node_of(key)
+            && let Some(n) = self.nodes.get_mut(node)
+        {
+            *n -= 1;
+            if *n == 0 {
+                self.nodes.remove(node);
+            }
+        }
     }
 
     /// Points `ip` back to `target` (wire format, under the domain).
@@ -247,13 +322,22 @@ impl Table {
             Some(old) => *old = Box::from(target),
             None => {
                 self.reverse.insert(ip, Box::from(target));
+                match ip {
+                    IpAddr::V4(a) => sorted_insert(&mut self.reverse_v4, u32::from(a)),
+                    IpAddr::V6(a) => sorted_insert(&mut self.reverse_v6, u128::from(a)),
+                }
             }
         }
     }
 
     /// Forgets the PTR answer of `ip`.
     pub(crate) fn remove_reverse(&mut self, ip: &IpAddr) {
-        self.reverse.remove(ip);
+        if self.reverse.remove(ip).is_some() {
+            match ip {
+                IpAddr::V4(a) => sorted_remove(&mut self.reverse_v4, u32::from(*a)),
+                IpAddr::V6(a) => sorted_remove(&mut self.reverse_v6, u128::from(*a)),
+            }
+        }
     }
 
     /// Sets (or with `None` removes) one group of [`Table::groups`]. Clones
@@ -269,6 +353,24 @@ impl Table {
                 groups.remove(key);
             }
         }
+    }
+}
+
+/// The node of a pinned key (`node` of `name.node`).
+fn node_of(key: &[u8]) -> Option<&[u8]> {
+    let dot = key.iter().position(|&b| b == b'.')?;
+    Some(&key[dot + 1..])
+}
+
+fn sorted_insert<T: Ord>(sorted: &mut Vec<T>, value: T) {
+    if let Err(at) = sorted.binary_search(&value) {
+        sorted.insert(at, value);
+    }
+}
+
+fn sorted_remove<T: Ord>(sorted: &mut Vec<T>, value: T) {
+    if let Ok(at) = sorted.binary_search(&value) {
+        sorted.remove(at);
     }
 }
 
@@ -344,6 +446,22 @@ pub fn label(name: &str) -> Option<String> {
     is_valid_label(&lower).then_some(lower)
 }
 
+/// Labels no container or record may take as a name: `ns` is the target of
+/// the apex NS record, `ns.<domain>.`, answered with the server's own
+/// address.
+pub const RESERVED_NAMES: [&str; 1] = ["ns"];
+
+/// True for a name a container or record may have: a valid label
+/// ([`is_valid_label`]) that is not reserved ([`RESERVED_NAMES`]).
+pub fn is_valid_name(name: &str) -> bool {
+    is_valid_label(name) && !RESERVED_NAMES.contains(&name)
+}
+
+/// `name` lowercased, when that is a valid name ([`is_valid_name`]).
+pub fn record_name(name: &str) -> Option<String> {
+    label(name).filter(|n| !RESERVED_NAMES.contains(&n.as_str()))
+}
+
 /// The table shared between the registry (writer) and the DNS threads.
 pub type SharedTable = Arc<ArcSwap<Table>>;
 
@@ -393,5 +511,69 @@ mod tests {
         assert!(table.lookup(b"nope").is_none());
         let ptr = table.reverse(&"fd00::2".parse().unwrap()).unwrap();
         assert_eq!(ptr, &*name_to_wire("api.glued.internal"));
+    }
+
+    fn groups(names: &[(&str, &str, &str)]) -> Arc<BTreeMap<(Origin, Source), Group>> {
+        let mut groups = BTreeMap::new();
+        for (node, name, ip) in names {
+            groups.insert(
+                (
+                    origin(node, node),
+                    Source::Static {
+                        name: (*name).into(),
+                    },
+                ),
+                Group {
+                    names: vec![(*name).into()],
+                    v4: vec![ip.parse().unwrap()],
+                    v6: vec![],
+                },
+            );
+        }
+        Arc::new(groups)
+    }
+
+    /// Names come from containers: two tables of the same names must not
+    /// hash them alike (a fixed seed lets anyone pick colliding names).
+    #[test]
+    fn each_table_hashes_names_with_its_own_random_seed() {
+        let names: Vec<(String, String)> = (0..64)
+            .map(|i| (format!("name-{i}"), format!("10.1.0.{i}")))
+            .collect();
+        let list: Vec<(&str, &str, &str)> = names
+            .iter()
+            .map(|(n, ip)| ("host", n.as_str(), ip.as_str()))
+            .collect();
+        let order = |t: &Table| t.names().map(|(k, _)| k.to_vec()).collect::<Vec<_>>();
+        let a = Table::build("glued.internal", 5, 1, groups(&list));
+        let b = Table::build("glued.internal", 5, 1, groups(&list));
+        assert_ne!(order(&a), order(&b), "same hash order twice");
+    }
+
+    #[test]
+    fn nodes_and_reverse_prefixes_follow_incremental_updates() {
+        let mut t = Table::build(
+            "glued.internal",
+            5,
+            1,
+            groups(&[("host-a", "api", "10.0.0.1"), ("host-b", "web", "10.0.1.2")]),
+        );
+        assert!(t.is_node(b"host-a") && t.is_node(b"host-b") && !t.is_node(b"api"));
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(t.has_address_in(ip("10.0.0.0"), 24));
+        assert!(t.has_address_in(ip("10.0.1.2"), 32));
+        assert!(t.has_address_in(ip("10.0.0.0"), 8));
+        assert!(!t.has_address_in(ip("10.0.2.0"), 24));
+        assert!(!t.has_address_in(ip("fd00::"), 8));
+        t.remove_name(b"web.host-b");
+        assert!(!t.is_node(b"host-b"));
+        t.set_name(b"db.host-c", &[], &[]);
+        assert!(t.is_node(b"host-c"));
+        t.remove_reverse(&ip("10.0.1.2"));
+        assert!(!t.has_address_in(ip("10.0.1.0"), 24));
+        t.set_reverse(ip("fd00::5"), b"\x02db\x00");
+        assert!(t.has_address_in(ip("fd00::"), 16));
+        assert!(t.has_address_in(ip("fd00::5"), 128));
+        assert!(!t.has_address_in(ip("fd00::6"), 128));
     }
 }

@@ -16,7 +16,7 @@ use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::{Name, RecordType};
 
 use glued::dns::acl::Acl;
-use glued::dns::answer::{self, MAX_MESSAGE_LEN, Outcome, Transport};
+use glued::dns::answer::{self, Context, MAX_MESSAGE_LEN, Outcome, Transport};
 use glued::dns::forward::{ForwardStats, Forwarder};
 use glued::dns::stats::DnsStats;
 use glued::dns::udp::{self, UdpWorker};
@@ -97,7 +97,19 @@ fn queries() -> Vec<(Vec<u8>, ResponseCode)> {
             RecordType::A,
             ResponseCode::NXDomain,
         ),
-        ("nope.", RecordType::AAAA, ResponseCode::NXDomain),
+        ("x.invalid.", RecordType::AAAA, ResponseCode::NXDomain),
+        ("localhost.", RecordType::A, ResponseCode::NoError),
+        (
+            "node-a.glued.internal.",
+            RecordType::A,
+            ResponseCode::NoError,
+        ),
+        ("ns.glued.internal.", RecordType::A, ResponseCode::NoError),
+        (
+            "0.0.10.in-addr.arpa.",
+            RecordType::TXT,
+            ResponseCode::NoError,
+        ),
         ("web.", RecordType::AAAA, ResponseCode::NoError),
         (
             "3.0.0.10.in-addr.arpa.",
@@ -115,13 +127,22 @@ fn queries() -> Vec<(Vec<u8>, ResponseCode)> {
     .collect()
 }
 
+fn context(rotation: usize) -> Context {
+    Context {
+        transport: Transport::Udp,
+        local: "127.0.0.1".parse().unwrap(),
+        rotation,
+        recursion: true,
+    }
+}
+
 #[test]
 fn the_answer_function_allocates_nothing_per_local_answer() {
     let table = table();
     let queries = queries();
     let mut out = Vec::with_capacity(MAX_MESSAGE_LEN);
     for (q, rcode) in &queries {
-        let o = answer::answer(q, &table, 0, Transport::Udp, &mut out);
+        let o = answer::answer(q, &table, &context(0), &mut out);
         assert!(matches!(o, Outcome::Answered { .. }), "{o:?}");
         assert_eq!(
             Message::from_vec(&out).unwrap().metadata.response_code,
@@ -131,7 +152,7 @@ fn the_answer_function_allocates_nothing_per_local_answer() {
     let before = allocations();
     for round in 0..1000 {
         for (q, _) in &queries {
-            let o = answer::answer(q, &table, round, Transport::Udp, &mut out);
+            let o = answer::answer(q, &table, &context(round), &mut out);
             assert!(matches!(o, Outcome::Answered { .. }));
         }
     }

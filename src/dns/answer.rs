@@ -1,23 +1,33 @@
 //! Answer building: a pure function of (query bytes, table snapshot,
-//! rotation counter, transport) that writes the response into a
-//! caller-owned buffer and says what happened.
+//! [`Context`]) that writes the response into a caller-owned buffer and
+//! says what happened.
+//!
+//! What is answered here (SPEC §3): the domain and every name below it;
+//! single labels that are names of the table; special-use names (RFC 6761,
+//! RFC 7686: `localhost`, `invalid`, `onion`); reverse names at and above
+//! an address of the table; and, refused for every name, zone transfers
+//! and CHAOS queries. Everything else (the root, other single labels, the
+//! rest of the internet) is forwarded.
 //!
 //! Invariants: [`answer`] never allocates (the caller's buffer keeps its
 //! capacity; [`MAX_MESSAGE_LEN`] is enough), never panics on input, and
 //! never writes more than the transport's size limit: what does not fit is
-//! replaced by an empty answer with TC=1. Names of the zone (single labels,
-//! the domain and everything below it) are always answered here, never
-//! forwarded.
+//! replaced by an empty answer with TC=1, and building stops at the first
+//! record that does not fit. Every reply to a query that carried an OPT
+//! carries one (errors included). RA is set only on replies to QUERY and
+//! only when forwarding is configured. A TSIG-signed query is never given a
+//! local answer: it gets NOTAUTH with TSIG error BADKEY (RFC 8945).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use crate::table::Table;
+use crate::table::{Entry, Table};
 
 use super::wire::{
-    self, CLASS_ANY, CLASS_IN, EDNS_FLAG_DO, FLAG_AA, FLAG_CD, FLAG_QR, FLAG_RA, FLAG_RD, FLAG_TC,
-    HEADER_LEN, Header, MAX_NAME_LEN, Name, OPCODE_QUERY, RCODE_BADVERS, RCODE_FORMERR,
-    RCODE_NOERROR, RCODE_NOTIMP, RCODE_NXDOMAIN, RCODE_REFUSED, TYPE_A, TYPE_AAAA, TYPE_ANY,
-    TYPE_NS, TYPE_OPT, TYPE_PTR, TYPE_SOA,
+    self, CLASS_ANY, CLASS_CH, CLASS_IN, EDNS_FLAG_DO, Edns, FLAG_AA, FLAG_CD, FLAG_QR, FLAG_RA,
+    FLAG_RD, FLAG_TC, HEADER_LEN, Header, MAX_NAME_LEN, Name, OPCODE_QUERY, RCODE_BADVERS,
+    RCODE_FORMERR, RCODE_NOERROR, RCODE_NOTAUTH, RCODE_NOTIMP, RCODE_NXDOMAIN, RCODE_REFUSED,
+    TSIG_BADKEY, TYPE_A, TYPE_AAAA, TYPE_ANY, TYPE_AXFR, TYPE_IXFR, TYPE_NS, TYPE_OPT, TYPE_PTR,
+    TYPE_SOA, TYPE_TSIG, Tsig,
 };
 
 /// Largest DNS message (TCP length prefix, RFC 1035 §4.2.2).
@@ -35,22 +45,43 @@ pub const SOA_RETRY_SECS: u32 = 600;
 pub const SOA_EXPIRE_SECS: u32 = 86400;
 /// First label of the apex NS target and SOA MNAME (`ns.<domain>.`).
 pub const NS_LABEL: &[u8] = b"\x02ns";
+/// The key of the apex NS target below the domain (reserved:
+/// [`crate::table::RESERVED_NAMES`]).
+pub const NS_KEY: &[u8] = b"ns";
 /// First label of the SOA RNAME (`hostmaster.<domain>.`).
 pub const HOSTMASTER_LABEL: &[u8] = b"\x0ahostmaster";
 
 /// Length of an OPT record with no options.
 const OPT_LEN: usize = 11;
-/// Zone transfers are refused (RFC 5936, RFC 1995).
-const TYPE_AXFR: u16 = 252;
-const TYPE_IXFR: u16 = 251;
 /// Compression pointer to the question name.
 const QNAME_PTR: [u8; 2] = [0xC0, 0x0C];
+/// The reverse zones, lowercase wire format.
+const IN_ADDR_ARPA: &[u8] = b"\x07in-addr\x04arpa\x00";
+const IP6_ARPA: &[u8] = b"\x03ip6\x04arpa\x00";
+/// Special-use top-level labels (RFC 6761 §6.3, §6.4; RFC 7686).
+const LOCALHOST: &[u8] = b"localhost";
+const INVALID: &[u8] = b"invalid";
+const ONION: &[u8] = b"onion";
 
 /// How the query arrived: decides the size limit of the answer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Transport {
     Udp,
     Tcp,
+}
+
+/// Everything about a query that is not in its bytes or the table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Context {
+    pub transport: Transport,
+    /// The address the query was sent to: the answer for `ns.<domain>.`
+    /// (IPv4-mapped addresses count as IPv4; unspecified answers nothing).
+    pub local: IpAddr,
+    /// Picks the first address of multi-address answers; callers bump it
+    /// per answer.
+    pub rotation: usize,
+    /// Forwarding is configured: replies to QUERY set RA.
+    pub recursion: bool,
 }
 
 /// What [`answer`] did with a query.
@@ -72,15 +103,7 @@ pub enum Outcome {
 }
 
 /// Builds the response to `query` into `out` (cleared first).
-/// `rotation` picks the first address of multi-address answers; callers
-/// bump it per answer.
-pub fn answer(
-    query: &[u8],
-    table: &Table,
-    rotation: usize,
-    transport: Transport,
-    out: &mut Vec<u8>,
-) -> Outcome {
+pub fn answer(query: &[u8], table: &Table, ctx: &Context, out: &mut Vec<u8>) -> Outcome {
     out.clear();
     let Some(header) = Header::new_checked(query) else {
         return Outcome::Drop;
@@ -89,19 +112,33 @@ pub fn answer(
         return Outcome::Drop;
     }
     if header.opcode() != OPCODE_QUERY {
-        return bare(header, RCODE_NOTIMP, out);
+        return bare(
+            header,
+            RCODE_NOTIMP,
+            wire::find_edns(query, header),
+            false,
+            out,
+        );
     }
+    let ra = ctx.recursion;
     if header.qdcount() != 1 {
-        return bare(header, RCODE_FORMERR, out);
+        return bare(
+            header,
+            RCODE_FORMERR,
+            wire::find_edns(query, header),
+            ra,
+            out,
+        );
     }
     let Ok(question) = wire::parse_question(query) else {
-        return bare(header, RCODE_FORMERR, out);
+        return bare(header, RCODE_FORMERR, None, ra, out);
     };
-    let Ok(edns) = wire::parse_edns(query, header, question.end) else {
-        return bare(header, RCODE_FORMERR, out);
+    let Ok(extra) = wire::parse_additional(query, header, question.end) else {
+        return bare(header, RCODE_FORMERR, None, ra, out);
     };
-    let qtype = question.qtype;
-    let (limit, forward_len) = match (transport, edns) {
+    let edns = extra.edns;
+    let (qtype, qclass) = (question.qtype, question.qclass);
+    let (limit, forward_len) = match (ctx.transport, edns) {
         (Transport::Tcp, _) => (MAX_MESSAGE_LEN, MAX_MESSAGE_LEN),
         (Transport::Udp, None) => (UDP_PAYLOAD_MIN, UDP_PAYLOAD_MIN),
         (Transport::Udp, Some(e)) => {
@@ -116,89 +153,135 @@ pub fn answer(
         limit,
         edns.map(|e| e.dnssec_ok),
         table.ttl_secs,
+        ra,
     );
     if let Some(e) = edns
         && e.version > 0
     {
         return w.finish(RCODE_BADVERS, false, qtype);
     }
-
-    let name = &question.name;
-    // Where the domain sits in the question, to point at it.
-    let below = name.labels_below(&table.domain_wire);
-    let domain_at = below.map(|_| HEADER_LEN + name.wire().len() - table.domain_wire.len());
-    let mut key = [0; MAX_NAME_LEN];
-    let zone = classify(
-        name,
-        below.filter(|_| table.domain_wire.len() > 1),
-        &mut key,
-    );
-    if matches!(zone, Zone::Other) {
-        return match reverse_addr(name).and_then(|ip| table.reverse(&ip)) {
-            Some(target) if qtype == TYPE_PTR && question.qclass == CLASS_IN => {
-                w.rr_qname(TYPE_PTR, target);
-                w.finish(RCODE_NOERROR, true, qtype)
-            }
-            _ => w.forward(qtype, forward_len),
-        };
-    }
-    if (question.qclass != CLASS_IN && question.qclass != CLASS_ANY)
-        || matches!(qtype, TYPE_AXFR | TYPE_IXFR)
-    {
+    // Refused whatever the name: zone transfers (RFC 5936, RFC 1995) and
+    // CHAOS (`version.bind`, `id.server`: nothing to tell).
+    if matches!(qtype, TYPE_AXFR | TYPE_IXFR) || qclass == CLASS_CH {
         return w.finish(RCODE_REFUSED, false, qtype);
     }
-    match zone {
-        Zone::Apex => {
-            let ptr = QNAME_PTR;
+    let class_ok = qclass == CLASS_IN || qclass == CLASS_ANY;
+    let name = &question.name;
+
+    // Special-use names: answered here, never forwarded.
+    if let Some(top) = name.labels().last() {
+        if top.eq_ignore_ascii_case(LOCALHOST) {
+            if !class_ok {
+                return w.finish(RCODE_REFUSED, false, qtype);
+            }
+            if matches!(qtype, TYPE_A | TYPE_ANY) {
+                w.rr_qname(TYPE_A, &Ipv4Addr::LOCALHOST.octets());
+            }
+            if matches!(qtype, TYPE_AAAA | TYPE_ANY) {
+                w.rr_qname(TYPE_AAAA, &Ipv6Addr::LOCALHOST.octets());
+            }
+            return w.finish(RCODE_NOERROR, false, qtype);
+        }
+        if top.eq_ignore_ascii_case(INVALID) || top.eq_ignore_ascii_case(ONION) {
+            return w.finish(RCODE_NXDOMAIN, false, qtype);
+        }
+    }
+
+    // The zone: the domain and every name below it.
+    let below = name
+        .labels_below(&table.domain_wire)
+        .filter(|_| table.domain_wire.len() > 1);
+    let mut key = [0; MAX_NAME_LEN];
+    if let Some(k) = below {
+        if !class_ok {
+            return w.finish(RCODE_REFUSED, false, qtype);
+        }
+        if let Some(tsig) = extra.tsig {
+            return w.tsig_badkey(query, tsig, qtype);
+        }
+        // Where the domain sits in the question, to point at it.
+        let domain_at = Some(HEADER_LEN + name.wire().len() - table.domain_wire.len());
+        if k == 0 {
             if matches!(qtype, TYPE_SOA | TYPE_ANY) {
                 w.soa(table, Some(HEADER_LEN), false);
             }
             if matches!(qtype, TYPE_NS | TYPE_ANY) {
-                w.ns(ptr);
+                w.ns(QNAME_PTR);
             }
-            if w.ancount == 0 {
-                w.soa(table, domain_at, true);
-            }
-            w.finish(RCODE_NOERROR, true, qtype)
+            return w.nodata_if_empty(table, domain_at, qtype);
         }
-        Zone::Key { len } => match table.lookup(&key[..len]) {
-            None => {
-                w.soa(table, domain_at, true);
-                w.finish(RCODE_NXDOMAIN, true, qtype)
-            }
-            Some(entry) => {
-                if matches!(qtype, TYPE_A | TYPE_ANY) {
-                    let n = entry.v4.len();
-                    for i in 0..n {
-                        let ip = entry.v4[(rotation + i) % n];
-                        w.rr_qname(TYPE_A, &ip.octets());
-                    }
-                }
-                if matches!(qtype, TYPE_AAAA | TYPE_ANY) {
-                    let n = entry.v6.len();
-                    for i in 0..n {
-                        let ip = entry.v6[(rotation + i) % n];
-                        w.rr_qname(TYPE_AAAA, &ip.octets());
-                    }
-                }
-                if w.ancount == 0 {
-                    w.soa(table, domain_at, true);
-                }
-                w.finish(RCODE_NOERROR, true, qtype)
-            }
-        },
-        Zone::Unknown => {
+        let Some(len) = name.dotted_key(k, &mut key) else {
             w.soa(table, domain_at, true);
-            w.finish(RCODE_NXDOMAIN, true, qtype)
+            return w.finish(RCODE_NXDOMAIN, true, qtype);
+        };
+        let key = &key[..len];
+        if key == NS_KEY {
+            match ctx.local.to_canonical() {
+                IpAddr::V4(ip) if !ip.is_unspecified() && matches!(qtype, TYPE_A | TYPE_ANY) => {
+                    w.rr_qname(TYPE_A, &ip.octets());
+                }
+                IpAddr::V6(ip) if !ip.is_unspecified() && matches!(qtype, TYPE_AAAA | TYPE_ANY) => {
+                    w.rr_qname(TYPE_AAAA, &ip.octets());
+                }
+                _ => {}
+            }
+            return w.nodata_if_empty(table, domain_at, qtype);
         }
-        Zone::Other => unreachable!("handled above"),
+        if let Some(entry) = table.lookup(key) {
+            w.addresses(entry, qtype, ctx.rotation);
+            return w.nodata_if_empty(table, domain_at, qtype);
+        }
+        if k == 1 && table.is_node(key) {
+            // An empty non-terminal (RFC 8020): it exists, with no data.
+            return w.nodata_if_empty(table, domain_at, qtype);
+        }
+        w.soa(table, domain_at, true);
+        return w.finish(RCODE_NXDOMAIN, true, qtype);
     }
+
+    // A single label that is a name of the table; any other goes upstream.
+    if name.n_labels() == 1
+        && let Some(len) = name.dotted_key(1, &mut key)
+        && let Some(entry) = table.lookup(&key[..len])
+    {
+        if !class_ok {
+            return w.finish(RCODE_REFUSED, false, qtype);
+        }
+        if let Some(tsig) = extra.tsig {
+            return w.tsig_badkey(query, tsig, qtype);
+        }
+        w.addresses(entry, qtype, ctx.rotation);
+        return w.nodata_if_empty(table, None, qtype);
+    }
+
+    // Reverse names at and above an address of the table.
+    if let Some((prefix, bits)) = reverse_prefix(name)
+        && table.has_address_in(prefix, bits)
+    {
+        if !class_ok {
+            return w.finish(RCODE_REFUSED, false, qtype);
+        }
+        if let Some(tsig) = extra.tsig {
+            return w.tsig_badkey(query, tsig, qtype);
+        }
+        if matches!(qtype, TYPE_PTR | TYPE_ANY)
+            && let Some(target) = table
+                .reverse(&prefix)
+                .filter(|_| bits == prefix_width(prefix))
+        {
+            w.rr_qname(TYPE_PTR, target);
+        }
+        // No SOA: the reverse zone is not ours to describe.
+        return w.finish(RCODE_NOERROR, true, qtype);
+    }
+    w.forward(qtype, forward_len)
 }
 
-/// A response to `query` with only `rcode` (and the question when it
-/// parses): REFUSED for clients outside the allowed networks, SERVFAIL when
-/// the forwarder is saturated. Drops what [`answer`] would drop.
-pub fn error_reply(query: &[u8], rcode: u16, out: &mut Vec<u8>) -> Outcome {
+/// A response to `query` with only `rcode` (and the question and OPT when
+/// they parse): REFUSED for clients outside the allowed networks, SERVFAIL
+/// when the forwarder is saturated. `recursion`: forwarding is configured
+/// (RA). Drops what [`answer`] would drop.
+pub fn error_reply(query: &[u8], rcode: u16, recursion: bool, out: &mut Vec<u8>) -> Outcome {
     out.clear();
     let Some(header) = Header::new_checked(query) else {
         return Outcome::Drop;
@@ -206,22 +289,47 @@ pub fn error_reply(query: &[u8], rcode: u16, out: &mut Vec<u8>) -> Outcome {
     if header.is_response() {
         return Outcome::Drop;
     }
+    let ra = recursion && header.opcode() == OPCODE_QUERY;
     if header.qdcount() != 1 {
-        return bare(header, rcode, out);
+        return bare(header, rcode, wire::find_edns(query, header), ra, out);
     }
     match wire::parse_question(query) {
-        Ok(q) => Writer::new(out, &query[..q.end], header, MAX_MESSAGE_LEN, None, 0)
-            .finish(rcode, false, q.qtype),
-        Err(_) => bare(header, rcode, out),
+        Ok(q) => {
+            let edns = wire::parse_edns(query, header, q.end).ok().flatten();
+            Writer::new(
+                out,
+                &query[..q.end],
+                header,
+                MAX_MESSAGE_LEN,
+                edns.map(|e| e.dnssec_ok),
+                0,
+                ra,
+            )
+            .finish(rcode, false, q.qtype)
+        }
+        Err(_) => bare(header, rcode, None, ra, out),
     }
 }
 
-/// Header-only response: the id, opcode and RD of the query, `rcode`.
-fn bare(header: Header<'_>, rcode: u16, out: &mut Vec<u8>) -> Outcome {
-    let flags = FLAG_QR | (header.flags() & (0x7800 | FLAG_RD)) | FLAG_RA | (rcode & 0xF);
+/// Header-only response (and the client's OPT, if found): the id, opcode
+/// and RD of the query, `rcode`.
+fn bare(
+    header: Header<'_>,
+    rcode: u16,
+    edns: Option<Edns>,
+    ra: bool,
+    out: &mut Vec<u8>,
+) -> Outcome {
+    let mut flags = FLAG_QR | (header.flags() & (0x7800 | FLAG_RD)) | (rcode & 0xF);
+    if ra {
+        flags |= FLAG_RA;
+    }
     out.extend_from_slice(&header.id().to_be_bytes());
     out.extend_from_slice(&flags.to_be_bytes());
-    out.extend_from_slice(&[0; 8]);
+    out.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, u8::from(edns.is_some())]);
+    if let Some(e) = edns {
+        push_opt(out, rcode, e.dnssec_ok);
+    }
     Outcome::Answered {
         rcode,
         qtype: None,
@@ -229,61 +337,42 @@ fn bare(header: Header<'_>, rcode: u16, out: &mut Vec<u8>) -> Outcome {
     }
 }
 
-/// Where a question name falls.
-enum Zone {
-    /// The domain itself.
-    Apex,
-    /// A name of the zone with its table key (`api`, `api.node-a`).
-    Key { len: usize },
-    /// A name of the zone that cannot be a key.
-    Unknown,
-    /// Not ours (root, reverse zones, the rest of the internet).
-    Other,
+/// Appends our OPT record: advertised payload, the upper bits of `rcode`,
+/// the client's DO bit echoed.
+fn push_opt(out: &mut Vec<u8>, rcode: u16, dnssec_ok: bool) {
+    let ttl = ((rcode >> 4) as u32) << 24 | if dnssec_ok { EDNS_FLAG_DO as u32 } else { 0 };
+    let [p0, p1] = UDP_PAYLOAD_ADVERTISED.to_be_bytes();
+    let [o0, o1] = TYPE_OPT.to_be_bytes();
+    let [l0, l1, l2, l3] = ttl.to_be_bytes();
+    out.extend_from_slice(&[0, o0, o1, p0, p1, l0, l1, l2, l3, 0, 0]);
 }
 
-/// Sorts `name` into the zone; a table key is written into `key`.
-/// `below`: the labels in front of the domain, if the name is in it.
-fn classify(name: &Name, below: Option<usize>, key: &mut [u8; MAX_NAME_LEN]) -> Zone {
-    let key_labels = match below {
-        Some(0) => return Zone::Apex,
-        Some(k) => k,
-        None if name.n_labels() == 1 => 1,
-        None => return Zone::Other,
-    };
-    match name.dotted_key(key_labels, key) {
-        Some(len) => Zone::Key { len },
-        None => Zone::Unknown,
-    }
+fn prefix_width(ip: IpAddr) -> u32 {
+    if ip.is_ipv4() { 32 } else { 128 }
 }
 
-/// The address named by `d.c.b.a.in-addr.arpa.` or a full 32-nibble
-/// `ip6.arpa.` name.
-fn reverse_addr(name: &Name) -> Option<IpAddr> {
+/// The address prefix a reverse name stands for, with its length in bits:
+/// `c.b.a.in-addr.arpa.` (1 to 4 octets) or nibbles `.ip6.arpa.` (1 to
+/// 32).
+fn reverse_prefix(name: &Name) -> Option<(IpAddr, u32)> {
     let mut labels = name.labels();
-    let arpa = |labels: &mut wire::Labels, zone: &[u8]| {
-        labels.next()?.eq_ignore_ascii_case(zone).then_some(())?;
-        labels.next()?.eq_ignore_ascii_case(b"arpa").then_some(())
-    };
-    match name.n_labels() {
-        6 => {
-            let mut octets = [0u8; 4];
-            for o in octets.iter_mut().rev() {
-                *o = decimal_octet(labels.next()?)?;
-            }
-            arpa(&mut labels, b"in-addr")?;
-            Some(IpAddr::V4(Ipv4Addr::from(octets)))
+    if let Some(n @ 1..=4) = name.labels_below(IN_ADDR_ARPA) {
+        let mut octets = [0u8; 4];
+        for i in (0..n).rev() {
+            octets[i] = decimal_octet(labels.next()?)?;
         }
-        34 => {
-            let mut value: u128 = 0;
-            for i in 0..32 {
-                let &[c] = labels.next()? else { return None };
-                value |= ((c as char).to_digit(16)? as u128) << (4 * i);
-            }
-            arpa(&mut labels, b"ip6")?;
-            Some(IpAddr::V6(Ipv6Addr::from(value)))
-        }
-        _ => None,
+        return Some((IpAddr::V4(Ipv4Addr::from(octets)), 8 * n as u32));
     }
+    if let Some(n @ 1..=32) = name.labels_below(IP6_ARPA) {
+        let mut value: u128 = 0;
+        for i in 0..n {
+            let &[c] = labels.next()? else { return None };
+            let nibble = (c as char).to_digit(16)? as u128;
+            value |= nibble << (128 - 4 * (n - i));
+        }
+        return Some((IpAddr::V6(Ipv6Addr::from(value)), 4 * n as u32));
+    }
+    None
 }
 
 fn decimal_octet(label: &[u8]) -> Option<u8> {
@@ -314,6 +403,8 @@ struct Writer<'a> {
     /// The client sent OPT: `Some(DO bit)`.
     opt: Option<bool>,
     ttl: u32,
+    /// Set RA (forwarding is configured).
+    ra: bool,
     ancount: u16,
     nscount: u16,
     truncated: bool,
@@ -340,6 +431,7 @@ impl<'a> Writer<'a> {
         limit: usize,
         opt: Option<bool>,
         ttl: u32,
+        ra: bool,
     ) -> Writer<'a> {
         out.clear();
         out.extend_from_slice(question);
@@ -350,6 +442,7 @@ impl<'a> Writer<'a> {
             room: limit - if opt.is_some() { OPT_LEN } else { 0 },
             opt,
             ttl,
+            ra,
             ancount: 0,
             nscount: 0,
             truncated: false,
@@ -364,17 +457,60 @@ impl<'a> Writer<'a> {
         ok
     }
 
-    /// An answer record owned by the question name.
+    /// An answer record owned by the question name; false when it did not
+    /// fit (the answer is truncated: write nothing more).
     #[inline]
-    fn rr_qname(&mut self, rtype: u16, rdata: &[u8]) {
+    fn rr_qname(&mut self, rtype: u16, rdata: &[u8]) -> bool {
         if !self.fits(QNAME_PTR.len() + 10 + rdata.len()) {
-            return;
+            return false;
         }
         self.out.extend_from_slice(&QNAME_PTR);
         self.out
             .extend_from_slice(&rr_fields(rtype, self.ttl, rdata.len()));
         self.out.extend_from_slice(rdata);
         self.ancount += 1;
+        true
+    }
+
+    /// The A and AAAA records of `entry` that `qtype` asks for, each list
+    /// starting at `rotation`; stops at the first that does not fit.
+    fn addresses(&mut self, entry: &Entry, qtype: u16, rotation: usize) {
+        if matches!(qtype, TYPE_A | TYPE_ANY) && !entry.v4.is_empty() {
+            let (tail, head) = entry.v4.split_at(rotation % entry.v4.len());
+            for ip in head.iter().chain(tail) {
+                if !self.rr_qname(TYPE_A, &ip.octets()) {
+                    return;
+                }
+            }
+        }
+        if matches!(qtype, TYPE_AAAA | TYPE_ANY) && !entry.v6.is_empty() {
+            let (tail, head) = entry.v6.split_at(rotation % entry.v6.len());
+            for ip in head.iter().chain(tail) {
+                if !self.rr_qname(TYPE_AAAA, &ip.octets()) {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Finishes an authoritative NOERROR answer; with no record written,
+    /// NODATA: the zone's SOA in the authority section (`domain_at`: where
+    /// the domain already is in the message).
+    fn nodata_if_empty(mut self, table: &Table, domain_at: Option<usize>, qtype: u16) -> Outcome {
+        if self.ancount == 0 && !self.truncated {
+            self.soa(table, domain_at, true);
+        }
+        self.finish(RCODE_NOERROR, true, qtype)
+    }
+
+    /// NOTAUTH to a TSIG-signed query (we hold no key), unsigned, with the
+    /// query's TSIG echoed with error BADKEY (RFC 8945 §5.2.1, §5.3.2) when
+    /// it fits and can be echoed.
+    fn tsig_badkey(mut self, query: &[u8], tsig: Tsig, qtype: u16) -> Outcome {
+        let limit = self.room + if self.opt.is_some() { OPT_LEN } else { 0 };
+        let outcome = self.close(RCODE_NOTAUTH, false, qtype);
+        append_tsig_error(self.out, query, tsig, limit);
+        outcome
     }
 
     /// The apex NS record, owned by `owner` (a pointer to the domain).
@@ -447,13 +583,20 @@ impl<'a> Writer<'a> {
     /// Fills the header, appends the OPT, and truncates (TC=1, question
     /// and OPT only) when something did not fit.
     fn finish(mut self, rcode: u16, authoritative: bool, qtype: u16) -> Outcome {
+        self.close(rcode, authoritative, qtype)
+    }
+
+    fn close(&mut self, rcode: u16, authoritative: bool, qtype: u16) -> Outcome {
         if self.truncated {
             self.out.truncate(self.qend);
             self.ancount = 0;
             self.nscount = 0;
         }
         let q = self.query_flags;
-        let mut flags = FLAG_QR | (q & (0x7800 | FLAG_RD | FLAG_CD)) | FLAG_RA | (rcode & 0xF);
+        let mut flags = FLAG_QR | (q & (0x7800 | FLAG_RD | FLAG_CD)) | (rcode & 0xF);
+        if self.ra {
+            flags |= FLAG_RA;
+        }
         if authoritative {
             flags |= FLAG_AA;
         }
@@ -467,12 +610,7 @@ impl<'a> Writer<'a> {
         // Everything after the id: flags, QDCOUNT = 1 and the counts.
         self.out[2..HEADER_LEN].copy_from_slice(&[f0, f1, 0, 1, a0, a1, n0, n1, 0, arcount]);
         if let Some(dnssec_ok) = self.opt {
-            let ttl = ((rcode >> 4) as u32) << 24 | if dnssec_ok { EDNS_FLAG_DO as u32 } else { 0 };
-            let [p0, p1] = UDP_PAYLOAD_ADVERTISED.to_be_bytes();
-            let [o0, o1] = TYPE_OPT.to_be_bytes();
-            let [l0, l1, l2, l3] = ttl.to_be_bytes();
-            self.out
-                .extend_from_slice(&[0, o0, o1, p0, p1, l0, l1, l2, l3, 0, 0]);
+            push_opt(self.out, rcode, dnssec_ok);
         }
         Outcome::Answered {
             rcode,
@@ -480,6 +618,45 @@ impl<'a> Writer<'a> {
             truncated: self.truncated,
         }
     }
+}
+
+/// Appends to a finished reply the TSIG record of an unsigned error with
+/// TSIG error BADKEY (RFC 8945 §5.3.2): the query's key name, algorithm,
+/// time signed, fudge and original id, no MAC. Nothing when it would pass
+/// `limit` or the query's TSIG is compressed or malformed.
+fn append_tsig_error(out: &mut Vec<u8>, query: &[u8], tsig: Tsig, limit: usize) {
+    let Some(owner_end) = wire::uncompressed_name_end(query, tsig.owner) else {
+        return;
+    };
+    let Some(algorithm_end) = wire::uncompressed_name_end(query, tsig.rdata) else {
+        return;
+    };
+    // Time signed (6), fudge (2), MAC size (2), MAC, original id (2),
+    // error (2), other length (2).
+    let rdata = query.get(tsig.rdata..tsig.end).unwrap_or_default();
+    let fixed = algorithm_end - tsig.rdata;
+    let Some(mac_len) = rdata.get(fixed + 8..fixed + 10) else {
+        return;
+    };
+    let mac_len = u16::from_be_bytes([mac_len[0], mac_len[1]]) as usize;
+    let Some(original_id) = rdata.get(fixed + 10 + mac_len..fixed + 12 + mac_len) else {
+        return;
+    };
+    let rdlen = fixed + 8 + 2 + 2 + 2 + 2;
+    let owner = &query[tsig.owner..owner_end];
+    if owner_end > tsig.rdata || out.len() + owner.len() + 10 + rdlen > limit {
+        return;
+    }
+    out.extend_from_slice(owner);
+    let [t0, t1] = TYPE_TSIG.to_be_bytes();
+    let [c0, c1] = CLASS_ANY.to_be_bytes();
+    let [r0, r1] = (rdlen as u16).to_be_bytes();
+    out.extend_from_slice(&[t0, t1, c0, c1, 0, 0, 0, 0, r0, r1]);
+    out.extend_from_slice(&rdata[..fixed + 8]);
+    let [e0, e1] = TSIG_BADKEY.to_be_bytes();
+    out.extend_from_slice(&[0, 0, original_id[0], original_id[1], e0, e1, 0, 0]);
+    let arcount = u16::from_be_bytes([out[10], out[11]]) + 1;
+    out[10..12].copy_from_slice(&arcount.to_be_bytes());
 }
 
 #[cfg(test)]
@@ -529,10 +706,20 @@ mod tests {
         m.to_vec().unwrap()
     }
 
+    /// A UDP query that arrived at 192.0.2.53, forwarding configured.
+    fn udp(rotation: usize) -> Context {
+        Context {
+            transport: Transport::Udp,
+            local: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 53)),
+            rotation,
+            recursion: true,
+        }
+    }
+
     /// Answers `q` over UDP and parses the response.
     fn check(q: &[u8], t: &Table) -> (Outcome, Message) {
         let mut out = Vec::with_capacity(MAX_MESSAGE_LEN);
-        let outcome = answer(q, t, 0, Transport::Udp, &mut out);
+        let outcome = answer(q, t, &udp(0), &mut out);
         (outcome, Message::from_vec(&out).unwrap())
     }
 
@@ -591,7 +778,7 @@ mod tests {
         };
         assert_eq!((soa.serial, soa.minimum), (7, 5));
         assert_eq!(soa.mname.to_ascii(), "ns.glued.internal.");
-        for name in ["nope.", "nope.glued.internal.", "a.b.glued.internal."] {
+        for name in ["nope.glued.internal.", "a.b.glued.internal."] {
             let (o, m) = check(&query(name, RecordType::A, None), &t);
             assert!(matches!(o, Outcome::Answered { rcode: 3, .. }), "{name}");
             assert!(m.metadata.authoritative);
@@ -627,7 +814,7 @@ mod tests {
             ("example.com.", RecordType::A),
             (".", RecordType::NS),
         ] {
-            let o = answer(&query(name, rtype, None), &t, 0, Transport::Udp, &mut out);
+            let o = answer(&query(name, rtype, None), &t, &udp(0), &mut out);
             assert!(matches!(o, Outcome::Forward { max_len: 512, .. }), "{name}");
         }
     }
@@ -639,7 +826,7 @@ mod tests {
         let mut out = Vec::new();
         let mut firsts = std::collections::HashSet::new();
         for r in 0..4 {
-            answer(&q, &t, r, Transport::Udp, &mut out);
+            answer(&q, &t, &udp(r), &mut out);
             let m = Message::from_vec(&out).unwrap();
             firsts.insert(addrs(&m)[0].clone());
         }
@@ -683,13 +870,11 @@ mod tests {
         let (_, m) = check(&query("big.", RecordType::A, Some(600)), &t);
         assert!(m.metadata.truncation && m.edns.is_some());
         let mut out = Vec::new();
-        answer(
-            &query("big.", RecordType::A, None),
-            &t,
-            0,
-            Transport::Tcp,
-            &mut out,
-        );
+        let tcp = Context {
+            transport: Transport::Tcp,
+            ..udp(0)
+        };
+        answer(&query("big.", RecordType::A, None), &t, &tcp, &mut out);
         assert_eq!(Message::from_vec(&out).unwrap().answers.len(), 60);
     }
 
@@ -698,14 +883,11 @@ mod tests {
         let t = table();
         let mut out = Vec::new();
         let good = query("api.", RecordType::A, None);
-        assert_eq!(
-            answer(&good[..11], &t, 0, Transport::Udp, &mut out),
-            Outcome::Drop
-        );
+        assert_eq!(answer(&good[..11], &t, &udp(0), &mut out), Outcome::Drop);
         let mut qr = good.clone();
         qr[2] |= 0x80;
-        assert_eq!(answer(&qr, &t, 0, Transport::Udp, &mut out), Outcome::Drop);
-        let rcode = |q: &[u8], out: &mut Vec<u8>| match answer(q, &t, 0, Transport::Udp, out) {
+        assert_eq!(answer(&qr, &t, &udp(0), &mut out), Outcome::Drop);
+        let rcode = |q: &[u8], out: &mut Vec<u8>| match answer(q, &t, &udp(0), out) {
             Outcome::Answered { rcode, .. } => rcode,
             o => panic!("{o:?}"),
         };
@@ -819,7 +1001,12 @@ mod tests {
             } else {
                 Transport::Tcp
             };
-            let outcome = answer(&q, &t, rng.usize(..), transport, &mut out);
+            let context = Context {
+                transport,
+                rotation: rng.usize(..),
+                ..udp(0)
+            };
+            let outcome = answer(&q, &t, &context, &mut out);
             assert_eq!(out.capacity(), capacity, "answer allocated");
             match outcome {
                 Outcome::Drop => {
@@ -863,11 +1050,215 @@ mod tests {
         assert!(seen.iter().all(|&n| n > 500), "outcomes {seen:?}");
     }
 
+    /// `query` with `class` instead of IN.
+    fn with_class(mut q: Vec<u8>, class: u16) -> Vec<u8> {
+        let end = wire::parse_question(&q).unwrap().end;
+        q[end - 2..end].copy_from_slice(&class.to_be_bytes());
+        q
+    }
+
+    fn outcome(q: &[u8], t: &Table, ctx: &Context) -> (Outcome, Vec<u8>) {
+        let mut out = Vec::with_capacity(MAX_MESSAGE_LEN);
+        (answer(q, t, ctx, &mut out), out)
+    }
+
+    fn is_forward(o: Outcome) -> bool {
+        matches!(o, Outcome::Forward { .. })
+    }
+
+    #[test]
+    fn single_labels_that_are_not_names_are_forwarded() {
+        let t = table();
+        for (name, rtype) in [
+            ("com.", RecordType::DS),
+            ("org.", RecordType::DNSKEY),
+            ("internal.", RecordType::SOA),
+            ("foo.", RecordType::A),
+        ] {
+            let (o, _) = outcome(&query(name, rtype, None), &t, &udp(0));
+            assert!(is_forward(o), "{name} {rtype}: {o:?}");
+        }
+        let (o, m) = check(&query("api.", RecordType::DS, None), &t);
+        assert!(matches!(o, Outcome::Answered { rcode: 0, .. }));
+        assert!(m.answers.is_empty() && m.metadata.authoritative);
+    }
+
+    #[test]
+    fn special_use_names_are_answered_here() {
+        let t = table();
+        let (_, m) = check(&query("localhost.", RecordType::A, None), &t);
+        assert_eq!(addrs(&m), ["127.0.0.1"]);
+        let (_, m) = check(&query("db.LocalHost.", RecordType::ANY, None), &t);
+        assert_eq!(addrs(&m), ["127.0.0.1", "::1"]);
+        let (_, m) = check(&query("localhost.", RecordType::MX, None), &t);
+        assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+        assert!(m.answers.is_empty());
+        for name in ["x.invalid.", "invalid.", "a.b.onion.", "onion."] {
+            let (o, m) = check(&query(name, RecordType::A, None), &t);
+            assert!(matches!(o, Outcome::Answered { rcode: 3, .. }), "{name}");
+            assert!(!m.metadata.authoritative);
+        }
+        for name in ["version.bind.", "id.server."] {
+            let q = with_class(query(name, RecordType::TXT, None), 3);
+            let (o, _) = outcome(&q, &t, &udp(0));
+            assert!(matches!(o, Outcome::Answered { rcode: 5, .. }), "{name}");
+        }
+    }
+
+    #[test]
+    fn node_names_are_empty_non_terminals() {
+        let t = table();
+        let (o, m) = check(&query("Node-A.glued.internal.", RecordType::A, None), &t);
+        assert!(matches!(o, Outcome::Answered { rcode: 0, .. }));
+        assert!(m.answers.is_empty() && m.authorities.len() == 1);
+        let (o, _) = check(&query("node-c.glued.internal.", RecordType::A, None), &t);
+        assert!(matches!(o, Outcome::Answered { rcode: 3, .. }));
+        let (o, _) = check(&query("x.node-a.glued.internal.", RecordType::A, None), &t);
+        assert!(matches!(o, Outcome::Answered { rcode: 3, .. }));
+    }
+
+    #[test]
+    fn the_ns_target_is_the_address_the_query_arrived_on() {
+        let t = table();
+        let (_, m) = check(&query("ns.glued.internal.", RecordType::A, None), &t);
+        assert_eq!(addrs(&m), ["192.0.2.53"]);
+        let (_, m) = check(&query("ns.glued.internal.", RecordType::AAAA, None), &t);
+        assert!(m.answers.is_empty() && m.authorities.len() == 1);
+        let v6 = Context {
+            local: "::ffff:10.1.2.3".parse().unwrap(),
+            ..udp(0)
+        };
+        let (_, out) = outcome(&query("NS.glued.internal.", RecordType::A, None), &t, &v6);
+        assert_eq!(addrs(&Message::from_vec(&out).unwrap()), ["10.1.2.3"]);
+        assert!(!crate::table::is_valid_name("ns") && crate::table::is_valid_label("ns"));
+    }
+
+    #[test]
+    fn every_type_at_and_above_a_known_reverse_name_is_local() {
+        let t = table();
+        let v6 = "1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.d.f.ip6.arpa.";
+        for (name, rtype) in [
+            ("3.0.0.10.in-addr.arpa.", RecordType::TXT),
+            ("0.0.10.in-addr.arpa.", RecordType::PTR),
+            ("10.in-addr.arpa.", RecordType::NS),
+            (v6, RecordType::TXT),
+            (&v6[2..], RecordType::PTR),
+            ("d.f.ip6.arpa.", RecordType::SOA),
+        ] {
+            let (o, m) = check(&query(name, rtype, None), &t);
+            assert!(matches!(o, Outcome::Answered { rcode: 0, .. }), "{name}");
+            assert!(m.answers.is_empty() && m.metadata.authoritative, "{name}");
+        }
+        for name in [
+            "4.0.0.10.in-addr.arpa.",
+            "1.0.10.in-addr.arpa.",
+            "11.in-addr.arpa.",
+            "in-addr.arpa.",
+            "x.3.0.0.10.in-addr.arpa.",
+            "e.f.ip6.arpa.",
+        ] {
+            let (o, _) = outcome(&query(name, RecordType::PTR, None), &t, &udp(0));
+            assert!(is_forward(o), "{name}: {o:?}");
+        }
+        let (_, m) = check(&query("3.0.0.10.in-addr.arpa.", RecordType::ANY, None), &t);
+        assert_eq!(addrs(&m), ["web.glued.internal."]);
+    }
+
+    #[test]
+    fn every_error_reply_to_a_query_with_opt_carries_one() {
+        let t = table();
+        let mut notify = query("api.", RecordType::A, Some(1232));
+        notify[2] |= 4 << 3;
+        let mut qd2 = query("api.", RecordType::A, Some(1232));
+        let end = wire::parse_question(&qd2).unwrap().end;
+        qd2.splice(end..end, *b"\x03web\x00\x00\x01\x00\x01");
+        qd2[5] = 2;
+        let edns = |out: &[u8]| Message::from_vec(out).ok().and_then(|m| m.edns.clone());
+        let (o, out) = outcome(&notify, &t, &udp(0));
+        assert!(matches!(o, Outcome::Answered { rcode: 4, .. }));
+        assert!(edns(&out).is_some(), "NOTIMP");
+        // Two questions cannot be parsed as a message; look at ARCOUNT.
+        let (o, out) = outcome(&qd2, &t, &udp(0));
+        assert!(matches!(o, Outcome::Answered { rcode: 1, .. }));
+        assert_eq!(out[11], 1, "FORMERR without OPT");
+        let axfr = query("example.com.", RecordType::AXFR, Some(1232));
+        let (o, out) = outcome(&axfr, &t, &udp(0));
+        assert!(matches!(o, Outcome::Answered { rcode: 5, .. }));
+        assert!(edns(&out).is_some(), "REFUSED");
+        let mut out = Vec::new();
+        error_reply(&query("api.", RecordType::A, Some(1232)), 2, true, &mut out);
+        assert!(edns(&out).is_some(), "SERVFAIL");
+    }
+
+    #[test]
+    fn ra_only_on_query_replies_when_forwarding() {
+        let t = table();
+        let q = query("api.", RecordType::A, None);
+        let (_, out) = outcome(&q, &t, &udp(0));
+        assert!(
+            Message::from_vec(&out)
+                .unwrap()
+                .metadata
+                .recursion_available
+        );
+        let local = Context {
+            recursion: false,
+            ..udp(0)
+        };
+        let (_, out) = outcome(&q, &t, &local);
+        assert!(
+            !Message::from_vec(&out)
+                .unwrap()
+                .metadata
+                .recursion_available
+        );
+        let mut notify = q.clone();
+        notify[2] |= 4 << 3;
+        let (_, out) = outcome(&notify, &t, &udp(0));
+        assert_eq!(out[3] & 0x80, 0, "RA on NOTIMP");
+    }
+
+    /// `q` signed with a TSIG record (key `k.`, hmac-sha256, a 32-byte MAC).
+    pub(crate) fn signed(mut q: Vec<u8>) -> Vec<u8> {
+        let ar = u16::from_be_bytes([q[10], q[11]]) + 1;
+        q[10..12].copy_from_slice(&ar.to_be_bytes());
+        let mut rdata = b"\x0bhmac-sha256\x00".to_vec();
+        rdata.extend_from_slice(&[0, 0, 0x65, 0x43, 0x21, 0x00, 1, 44, 0, 32]);
+        rdata.extend_from_slice(&[0xAB; 32]);
+        rdata.extend_from_slice(&[q[0], q[1], 0, 0, 0, 0]);
+        q.extend_from_slice(b"\x01k\x00\x00\xfa\x00\xff\x00\x00\x00\x00");
+        q.extend_from_slice(&(rdata.len() as u16).to_be_bytes());
+        q.extend_from_slice(&rdata);
+        q
+    }
+
+    #[test]
+    fn a_tsig_signed_query_for_the_zone_gets_notauth_badkey() {
+        let t = table();
+        for name in ["api.glued.internal.", "api.", "3.0.0.10.in-addr.arpa."] {
+            let q = signed(query(name, RecordType::A, Some(1232)));
+            let (o, out) = outcome(&q, &t, &udp(0));
+            assert!(
+                matches!(o, Outcome::Answered { rcode: 9, .. }),
+                "{name}: {o:?}"
+            );
+            let m = Message::from_vec(&out).unwrap();
+            assert!(m.answers.is_empty() && m.edns.is_some());
+            // The TSIG record comes last: MAC size 0, error BADKEY.
+            let tail = &out[out.len() - 8..];
+            assert_eq!(tail, &[0, 0, q[0], q[1], 0, 17, 0, 0], "{name}");
+            assert_eq!(u16::from_be_bytes([out[10], out[11]]), 2);
+        }
+        // Not ours: relayed as it is.
+        let q = signed(query("example.com.", RecordType::A, None));
+        assert!(is_forward(outcome(&q, &t, &udp(0)).0));
+    }
+
     #[test]
     fn refused_and_servfail_echo_the_question() {
         let mut out = Vec::new();
         let q = query("api.", RecordType::A, None);
-        error_reply(&q, RCODE_REFUSED, &mut out);
+        error_reply(&q, RCODE_REFUSED, true, &mut out);
         let m = Message::from_vec(&out).unwrap();
         assert_eq!(m.metadata.response_code, ResponseCode::Refused);
         assert_eq!(m.queries.len(), 1);

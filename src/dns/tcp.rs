@@ -13,7 +13,7 @@
 //! ([`MAX_FRAMES_PER_TURN`]).
 
 use std::io::{self, Read, Write};
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -25,7 +25,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use crate::table::SharedTable;
 
 use super::acl::Acl;
-use super::answer::{self, MAX_MESSAGE_LEN, Outcome, Transport};
+use super::answer::{self, Context, MAX_MESSAGE_LEN, Outcome, Transport};
 use super::forward::{Forwarder, Reply};
 use super::stats::Counters;
 use super::wire::{RCODE_REFUSED, RCODE_SERVFAIL};
@@ -89,6 +89,8 @@ pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
 struct Conn {
     stream: TcpStream,
     allowed: bool,
+    /// The address the client connected to (`ns.<domain>.`).
+    local: IpAddr,
     /// Received bytes; `rpos` is where the next frame starts.
     rbuf: Vec<u8>,
     rpos: usize,
@@ -121,6 +123,8 @@ struct Ctx {
     /// loop when the answer is queued.
     waker: Arc<Waker>,
     rotation: usize,
+    /// Forwarding is configured (RA).
+    recursion: bool,
     scratch: Box<[u8]>,
     answer: Vec<u8>,
 }
@@ -147,6 +151,7 @@ pub(crate) fn run(
         return;
     }
     let mut ctx = Ctx {
+        recursion: forwarder.forwards(),
         table,
         forwarder,
         counters,
@@ -221,9 +226,13 @@ pub(crate) fn run(
                             continue;
                         }
                         let (tx, rx) = bounded(MAX_PENDING_FORWARDS);
+                        let local = stream
+                            .local_addr()
+                            .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |a| a.ip());
                         conns[slot] = Some(Conn {
                             stream,
                             allowed: ctx.acl.allows(peer.ip()),
+                            local,
                             rbuf: Vec::new(),
                             rpos: 0,
                             wbuf: Vec::new(),
@@ -409,13 +418,18 @@ fn handle_frame(ctx: &mut Ctx, c: &mut Conn, start: usize, len: usize) {
     let out = &mut ctx.answer;
     let outcome = if !c.allowed {
         ctx.counters.acl_refused();
-        answer::error_reply(query, RCODE_REFUSED, out)
+        answer::error_reply(query, RCODE_REFUSED, ctx.recursion, out)
     } else {
         let table = ctx.table.load();
         ctx.rotation = ctx.rotation.wrapping_add(1);
-        match answer::answer(query, &table, ctx.rotation, Transport::Tcp, out) {
+        let context = Context {
+            transport: Transport::Tcp,
+            local: c.local,
+            rotation: ctx.rotation,
+            recursion: ctx.recursion,
+        };
+        match answer::answer(query, &table, &context, out) {
             Outcome::Forward { qtype, .. } => {
-                ctx.counters.query(qtype);
                 if c.pending < MAX_PENDING_FORWARDS
                     && ctx.forwarder.submit(
                         query,
@@ -425,12 +439,13 @@ fn handle_frame(ctx: &mut Ctx, c: &mut Conn, start: usize, len: usize) {
                         },
                     )
                 {
+                    ctx.counters.query(qtype);
                     ctx.counters.forwarded();
                     c.pending += 1;
                     return;
                 }
                 ctx.counters.forward_rejected();
-                answer::error_reply(query, RCODE_SERVFAIL, out)
+                answer::error_reply(query, RCODE_SERVFAIL, ctx.recursion, out)
             }
             outcome => outcome,
         }

@@ -30,7 +30,7 @@ use std::time::Duration;
 use crate::table::SharedTable;
 
 use super::acl::Acl;
-use super::answer::{self, Outcome, Transport, UDP_PAYLOAD_ADVERTISED};
+use super::answer::{self, Context, Outcome, Transport, UDP_PAYLOAD_ADVERTISED};
 use super::forward::{Forwarder, Reply};
 use super::stats::Counters;
 use super::wire::{RCODE_REFUSED, RCODE_SERVFAIL};
@@ -265,13 +265,15 @@ pub struct UdpWorker {
     forwarder: Forwarder,
     counters: Arc<Counters>,
     acl: Acl,
+    /// What [`answer::answer`] is told besides the query; `local` is the
+    /// bound address, replaced per datagram on a wildcard bind.
+    context: Context,
     /// The socket is bound to a wildcard address: each datagram's
     /// destination comes in a control message, and its reply leaves from
     /// it.
     pktinfo: bool,
     /// The last IPv4 client checked against `acl`, and the decision.
     last_v4: Option<(u32, bool)>,
-    rotation: usize,
     /// Receive slots the last batch filled (their headers need a reset).
     used: usize,
     /// [`BATCH`] receive slots of [`RECV_BUF_LEN`] bytes.
@@ -319,7 +321,16 @@ impl UdpWorker {
         let mut send_iov: Box<[libc::iovec]> = (0..BATCH).map(|_| zero_iov()).collect();
         let mut send_hdrs: Box<[libc::mmsghdr]> = (0..BATCH).map(|_| zero_hdr()).collect();
         let mut recv_control: Box<[Control]> = (0..BATCH).map(|_| ZERO_CONTROL).collect();
-        let pktinfo = socket.local_addr().is_ok_and(|a| a.ip().is_unspecified());
+        let bound = socket
+            .local_addr()
+            .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |a| a.ip());
+        let pktinfo = bound.is_unspecified();
+        let context = Context {
+            transport: Transport::Udp,
+            local: bound,
+            rotation: 0,
+            recursion: forwarder.forwards(),
+        };
         for (i, slot) in recv.chunks_exact_mut(RECV_BUF_LEN).enumerate() {
             recv_iov[i] = libc::iovec {
                 iov_base: slot.as_mut_ptr().cast(),
@@ -343,9 +354,9 @@ impl UdpWorker {
             forwarder,
             counters,
             acl,
+            context,
             pktinfo,
             last_v4: None,
-            rotation: 0,
             used: 0,
             recv,
             out: (0..BATCH)
@@ -464,14 +475,18 @@ impl UdpWorker {
             self.counters.acl_refused();
             return count(
                 &self.counters,
-                answer::error_reply(query, RCODE_REFUSED, out),
+                answer::error_reply(query, RCODE_REFUSED, self.context.recursion, out),
             );
         }
         let table = self.table.load();
-        self.rotation = self.rotation.wrapping_add(1);
-        match answer::answer(query, &table, self.rotation, Transport::Udp, out) {
+        let mut context = self.context;
+        context.rotation = context.rotation.wrapping_add(1);
+        self.context.rotation = context.rotation;
+        if let Some(local) = self.locals[i] {
+            context.local = local.ip;
+        }
+        match answer::answer(query, &table, &context, out) {
             Outcome::Forward { qtype, max_len } => {
-                self.counters.query(qtype);
                 let Some(peer) = to_socket_addr(&self.names[i]) else {
                     return false; // unreachable: peer_ip parsed it
                 };
@@ -482,13 +497,14 @@ impl UdpWorker {
                     max_len,
                 };
                 if self.forwarder.submit(query, reply) {
+                    self.counters.query(qtype);
                     self.counters.forwarded();
                     false
                 } else {
                     self.counters.forward_rejected();
                     count(
                         &self.counters,
-                        answer::error_reply(query, RCODE_SERVFAIL, out),
+                        answer::error_reply(query, RCODE_SERVFAIL, context.recursion, out),
                     )
                 }
             }

@@ -1,6 +1,6 @@
 //! A bounds-checked view over untrusted DNS message bytes (RFC 1035 §4,
-//! RFC 6891 for OPT): the header, the one question, and the client's EDNS
-//! OPT record.
+//! RFC 6891 for OPT, RFC 8945 for TSIG): the header, the one question, the
+//! client's EDNS OPT record and where its TSIG record sits.
 //!
 //! Invariant: nothing here allocates, panics or loops on any input; every
 //! read is bounds-checked and every parse moves strictly forward through the
@@ -20,9 +20,15 @@ pub const TYPE_NS: u16 = 2;
 pub const TYPE_SOA: u16 = 6;
 pub const TYPE_PTR: u16 = 12;
 pub const TYPE_AAAA: u16 = 28;
+pub const TYPE_TXT: u16 = 16;
 pub const TYPE_OPT: u16 = 41;
+pub const TYPE_TSIG: u16 = 250;
+pub const TYPE_IXFR: u16 = 251;
+pub const TYPE_AXFR: u16 = 252;
 pub const TYPE_ANY: u16 = 255;
 pub const CLASS_IN: u16 = 1;
+/// CHAOS class (`version.bind`, `id.server`).
+pub const CLASS_CH: u16 = 3;
 pub const CLASS_ANY: u16 = 255;
 
 pub const OPCODE_QUERY: u8 = 0;
@@ -33,6 +39,7 @@ pub const RCODE_SERVFAIL: u16 = 2;
 pub const RCODE_NXDOMAIN: u16 = 3;
 pub const RCODE_NOTIMP: u16 = 4;
 pub const RCODE_REFUSED: u16 = 5;
+pub const RCODE_NOTAUTH: u16 = 9;
 /// Extended rcode (RFC 6891 §6.1.3): upper 8 bits go in the OPT TTL.
 pub const RCODE_BADVERS: u16 = 16;
 
@@ -44,6 +51,8 @@ pub const FLAG_RA: u16 = 0x0080;
 pub const FLAG_CD: u16 = 0x0010;
 /// DNSSEC OK bit in the OPT TTL's flags (RFC 3225).
 pub const EDNS_FLAG_DO: u16 = 0x8000;
+/// TSIG error: the key is not known (RFC 8945 §5.2.1).
+pub const TSIG_BADKEY: u16 = 17;
 
 /// The input is not a well-formed DNS query (answer FORMERR).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -263,21 +272,44 @@ pub struct Edns {
     pub dnssec_ok: bool,
 }
 
+/// Where a TSIG record sits in a message (offsets into it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tsig {
+    /// Start of the owner name (the key name).
+    pub owner: usize,
+    /// Start and end of the RDATA.
+    pub rdata: usize,
+    pub end: usize,
+}
+
+/// What the sections after the question hold that a server must heed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Additional {
+    pub edns: Option<Edns>,
+    pub tsig: Option<Tsig>,
+}
+
 /// Walks the answer, authority and additional sections after the question
 /// and returns the OPT record if there is one. Two OPT records, an OPT
 /// whose owner is not the root, or a record running past the end are
 /// malformed (RFC 6891 §6.1.1).
-pub fn parse_edns(
+pub fn parse_edns(msg: &[u8], header: Header<'_>, pos: usize) -> Result<Option<Edns>, Malformed> {
+    parse_additional(msg, header, pos).map(|a| a.edns)
+}
+
+/// [`parse_edns`], and the TSIG record if there is one; a TSIG that is not
+/// the last record of the additional section is malformed (RFC 8945 §5.1).
+pub fn parse_additional(
     msg: &[u8],
     header: Header<'_>,
     mut pos: usize,
-) -> Result<Option<Edns>, Malformed> {
+) -> Result<Additional, Malformed> {
+    let mut found = Additional::default();
     if header.ancount() | header.nscount() | header.arcount() == 0 {
-        return Ok(None);
+        return Ok(found);
     }
     let before = header.ancount() as usize + header.nscount() as usize;
     let total = before + header.arcount() as usize;
-    let mut edns = None;
     for i in 0..total {
         let owner = pos;
         pos = skip_name(msg, pos)?;
@@ -289,19 +321,57 @@ pub fn parse_edns(
         if pos + rdlen > msg.len() {
             return Err(Malformed);
         }
+        let rdata = pos;
         pos += rdlen;
         if rtype == TYPE_OPT {
-            if i < before || edns.is_some() || msg[owner] != 0 {
+            if i < before || found.edns.is_some() || msg[owner] != 0 {
                 return Err(Malformed);
             }
-            edns = Some(Edns {
+            found.edns = Some(Edns {
                 payload: class,
                 version: (ttl >> 16) as u8,
                 dnssec_ok: ttl as u16 & EDNS_FLAG_DO != 0,
             });
+        } else if rtype == TYPE_TSIG {
+            if i + 1 != total || i < before {
+                return Err(Malformed);
+            }
+            found.tsig = Some(Tsig {
+                owner,
+                rdata,
+                end: pos,
+            });
         }
     }
-    Ok(edns)
+    Ok(found)
+}
+
+/// The client's OPT record in a message whose question section may not be
+/// one well-formed question (`QDCOUNT` ≠ 1): `None` when it cannot be
+/// found.
+pub fn find_edns(msg: &[u8], header: Header<'_>) -> Option<Edns> {
+    let mut pos = HEADER_LEN;
+    for _ in 0..header.qdcount() {
+        pos = skip_name(msg, pos).ok()? + 4;
+    }
+    if pos > msg.len() {
+        return None;
+    }
+    parse_edns(msg, header, pos).ok().flatten()
+}
+
+/// The end of the name at `pos` when it is written without compression.
+pub fn uncompressed_name_end(msg: &[u8], mut pos: usize) -> Option<usize> {
+    loop {
+        let len = *msg.get(pos)? as usize;
+        if len == 0 {
+            return Some(pos + 1);
+        }
+        if len > MAX_LABEL_LEN {
+            return None;
+        }
+        pos += 1 + len;
+    }
 }
 
 #[cfg(test)]
@@ -358,6 +428,40 @@ mod tests {
         assert!(parse_question(&query(&long)).is_err());
         let q = query(b"\x03api\x00");
         assert!(parse_question(&q[..q.len() - 1]).is_err());
+    }
+
+    #[test]
+    fn tsig_must_be_the_last_record() {
+        let mut q = query(b"\x03api\x00");
+        let end = q.len();
+        q[11] = 2;
+        let tsig = [3, b'k', b'e', b'y', 0, 0, 250, 0, 255, 0, 0, 0, 0, 0, 0];
+        let opt = [0, 0, 41, 0x04, 0xD0, 0, 0, 0, 0, 0, 0];
+        let mut last = q.clone();
+        last.extend_from_slice(&opt);
+        last.extend_from_slice(&tsig);
+        let h = Header::new_checked(&last).unwrap();
+        let a = parse_additional(&last, h, end).unwrap();
+        assert!(a.edns.is_some());
+        assert_eq!(a.tsig.unwrap().owner, end + opt.len());
+        q.extend_from_slice(&tsig);
+        q.extend_from_slice(&opt);
+        let h = Header::new_checked(&q).unwrap();
+        assert!(parse_additional(&q, h, end).is_err());
+    }
+
+    #[test]
+    fn the_opt_is_found_behind_any_number_of_questions() {
+        let mut q = query(b"\x03api\x00");
+        q.extend_from_slice(b"\x03web\x00\x00\x01\x00\x01");
+        q[5] = 2;
+        q[11] = 1;
+        q.extend_from_slice(&[0, 0, 41, 0x04, 0xD0, 0, 0, 0x80, 0, 0, 0]);
+        let h = Header::new_checked(&q).unwrap();
+        assert!(find_edns(&q, h).unwrap().dnssec_ok);
+        q[5] = 0;
+        let h = Header::new_checked(&q).unwrap();
+        assert_eq!(find_edns(&q, h), None);
     }
 
     #[test]

@@ -133,9 +133,9 @@ impl ContainerInfo {
             if name.is_empty() {
                 continue;
             }
-            if !is_valid_label(&name) {
+            if !crate::table::is_valid_name(&name) {
                 log::debug!(
-                    "container {}: name {name:?} is not a single DNS label, skipped",
+                    "container {}: name {name:?} is not a single DNS label or is reserved, skipped",
                     self.short_id()
                 );
                 continue;

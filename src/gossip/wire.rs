@@ -139,7 +139,7 @@ impl From<WireGroup> for Group {
             names: g
                 .names
                 .iter()
-                .filter_map(|n| crate::table::label(n))
+                .filter_map(|n| crate::table::record_name(n))
                 .collect(),
             v4: g.v4,
             v6: g.v6,

@@ -243,11 +243,7 @@ fn nodata_and_nxdomain_both_carry_the_soa() {
     let other_type = udp_ask(s.udp, "web.", RecordType::MX, None);
     assert_eq!(other_type.metadata.response_code, ResponseCode::NoError);
     assert!(soa_in_authority(&other_type));
-    for name in [
-        "nope.",
-        "nope.glued.internal.",
-        "web.node-b.glued.internal.",
-    ] {
+    for name in ["nope.glued.internal.", "web.node-b.glued.internal."] {
         let m = udp_ask(s.udp, name, RecordType::A, None);
         assert_eq!(m.metadata.response_code, ResponseCode::NXDomain, "{name}");
         assert!(m.metadata.authoritative);
@@ -686,16 +682,21 @@ fn ipv6_bind_is_accepted() {
 fn metrics_text_counts_queries_by_type_and_rcode() {
     let s = start();
     udp_ask(s.udp, "web.", RecordType::A, None);
-    udp_ask(s.udp, "nope.", RecordType::AAAA, None);
+    udp_ask(s.udp, "nope.glued.internal.", RecordType::AAAA, None);
+    // Forwarded, refused by the forwarder (no upstream): counted once.
+    udp_ask(s.udp, "example.com.", RecordType::AAAA, None);
     let mut out = String::new();
     s.stats.render(&mut out);
     assert!(
         out.contains("glued_dns_queries_total{qtype=\"A\"} 1\n"),
         "{out}"
     );
-    assert!(out.contains("glued_dns_queries_total{qtype=\"AAAA\"} 1\n"));
+    assert!(
+        out.contains("glued_dns_queries_total{qtype=\"AAAA\"} 2\n"),
+        "{out}"
+    );
     assert!(out.contains("glued_dns_responses_total{rcode=\"NXDOMAIN\"} 1\n"));
-    assert!(out.contains("glued_dns_local_answers_total 2\n"));
+    assert!(out.contains("glued_dns_local_answers_total 3\n"), "{out}");
 }
 
 /// A stub upstream on loopback: answers every query with its own question
@@ -831,4 +832,242 @@ fn a_dual_stack_wildcard_bind_replies_to_ipv4_from_the_right_address() {
     let at6 = SocketAddr::new("::1".parse().unwrap(), s.udp.port());
     let m = connected_ask(at6, "web.", RecordType::A).expect("local answer from ::1");
     assert_eq!(addresses(&m), ["10.0.0.3"]);
+}
+
+/// A server forwarding to a stub upstream (optionally on another bind).
+fn start_forwarding(bind: Option<&str>) -> Server {
+    let mut config = test_config();
+    config.upstreams = vec![stub_upstream()];
+    if let Some(bind) = bind {
+        config.dns_bind = bind.parse().unwrap();
+    }
+    start_with(config, TcpLimits::default())
+}
+
+/// Waits until `n` queries were counted as forwarded (the count may trail
+/// the answer: the forwarder can reply before the serving thread counts).
+fn forwarded_eventually(s: &Server, n: u64) {
+    let deadline = Instant::now() + ANSWER_WAIT;
+    while s.stats.totals().forwarded != n {
+        assert!(
+            Instant::now() < deadline,
+            "forwarded {:?}",
+            s.stats.totals()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// `query_bytes` with another class than IN.
+fn query_class(name: &str, rtype: RecordType, class: u16) -> Vec<u8> {
+    let mut q = query_bytes(name, rtype, None);
+    let n = q.len();
+    q[n - 2..].copy_from_slice(&class.to_be_bytes());
+    q
+}
+
+fn udp_rcode(server: SocketAddr, q: &[u8]) -> ResponseCode {
+    rcode_of(&udp_raw(server, q, ANSWER_WAIT).expect("no UDP answer"))
+}
+
+#[test]
+fn single_labels_that_are_not_names_are_forwarded() {
+    let s = start_forwarding(None);
+    for (name, rtype) in [
+        ("com.", RecordType::DS),
+        ("org.", RecordType::DNSKEY),
+        ("internal.", RecordType::SOA),
+        ("foo.", RecordType::A),
+    ] {
+        let m = udp_ask(s.udp, name, rtype, None);
+        assert!(is_stub_answer(&m), "{name} {rtype}: {m:?}");
+    }
+    forwarded_eventually(&s, 4);
+    // Single labels that are names stay local.
+    let m = udp_ask(s.udp, "web.", RecordType::A, None);
+    assert_eq!(addresses(&m), ["10.0.0.3"]);
+    let m = udp_ask(s.udp, "web.", RecordType::DS, None);
+    assert!(m.answers.is_empty() && soa_in_authority(&m), "{m:?}");
+    assert_eq!(s.stats.totals().forwarded, 4);
+}
+
+#[test]
+fn special_use_names_are_answered_here_and_never_forwarded() {
+    let s = start_forwarding(None);
+    let m = udp_ask(s.udp, "localhost.", RecordType::A, None);
+    assert_eq!(addresses(&m), ["127.0.0.1"]);
+    let m = udp_ask(s.udp, "api.LOCALHOST.", RecordType::AAAA, None);
+    assert_eq!(addresses(&m), ["::1"]);
+    let m = tcp_ask(s.tcp, "localhost.", RecordType::A);
+    assert_eq!(addresses(&m), ["127.0.0.1"]);
+    for name in ["x.invalid.", "invalid.", "abc.onion.", "a.b.onion."] {
+        let m = udp_ask(s.udp, name, RecordType::A, None);
+        assert_eq!(m.metadata.response_code, ResponseCode::NXDomain, "{name}");
+    }
+    for name in ["version.bind.", "id.server."] {
+        let q = query_class(name, RecordType::TXT, 3);
+        assert_eq!(udp_rcode(s.udp, &q), ResponseCode::Refused, "{name}");
+    }
+    assert_eq!(s.stats.totals().forwarded, 0);
+}
+
+#[test]
+fn a_node_name_under_the_domain_is_an_empty_non_terminal() {
+    let s = start();
+    for name in ["node-a.glued.internal.", "Node-B.glued.internal."] {
+        let m = udp_ask(s.udp, name, RecordType::A, None);
+        assert_eq!(m.metadata.response_code, ResponseCode::NoError, "{name}");
+        assert!(
+            m.answers.is_empty() && soa_in_authority(&m),
+            "{name}: {m:?}"
+        );
+    }
+    let m = udp_ask(s.udp, "node-z.glued.internal.", RecordType::A, None);
+    assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+}
+
+#[test]
+fn the_ns_target_resolves_to_the_address_the_query_arrived_on() {
+    let s = start_forwarding(Some("0.0.0.0:0"));
+    for at in ["127.0.0.1", "127.0.0.2"] {
+        let server = SocketAddr::new(at.parse().unwrap(), s.udp.port());
+        let m = connected_ask(server, "ns.glued.internal.", RecordType::A).expect("answer");
+        assert_eq!(addresses(&m), [at]);
+        assert!(m.metadata.authoritative);
+    }
+    let tcp = SocketAddr::new("127.0.0.3".parse().unwrap(), s.tcp.port());
+    assert_eq!(
+        addresses(&tcp_ask(tcp, "NS.glued.internal.", RecordType::A)),
+        ["127.0.0.3"]
+    );
+    let m = udp_ask(s.udp, "ns.glued.internal.", RecordType::AAAA, None);
+    assert!(m.answers.is_empty() && soa_in_authority(&m), "{m:?}");
+    // The apex NS points at it.
+    let m = udp_ask(s.udp, "glued.internal.", RecordType::NS, None);
+    assert!(matches!(&m.answers[0].data, RData::NS(ns) if ns.0.to_ascii() == "ns.glued.internal."));
+}
+
+#[test]
+fn every_type_at_and_above_a_known_reverse_name_is_answered_here() {
+    let s = start_forwarding(None);
+    let v6 = "1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.d.f.ip6.arpa.";
+    for (name, rtype) in [
+        ("3.0.0.10.in-addr.arpa.", RecordType::TXT),
+        ("0.0.10.in-addr.arpa.", RecordType::PTR),
+        ("0.10.in-addr.arpa.", RecordType::NS),
+        (v6, RecordType::TXT),
+        ("d.f.ip6.arpa.", RecordType::PTR),
+    ] {
+        let m = udp_ask(s.udp, name, rtype, None);
+        assert_eq!(m.metadata.response_code, ResponseCode::NoError, "{name}");
+        assert!(
+            m.answers.is_empty() && m.metadata.authoritative,
+            "{name}: {m:?}"
+        );
+    }
+    assert_eq!(s.stats.totals().forwarded, 0);
+    // Not above any address of the table: forwarded.
+    let m = udp_ask(s.udp, "1.168.192.in-addr.arpa.", RecordType::PTR, None);
+    assert!(is_stub_answer(&m), "{m:?}");
+}
+
+/// The OPT record of a reply, parsed by hand (ARCOUNT and the last 11
+/// bytes), so that header-only replies can be checked too.
+fn has_opt(reply: &[u8]) -> bool {
+    let arcount = u16::from_be_bytes([reply[10], reply[11]]);
+    arcount >= 1 && reply.len() >= 12 + 11 && reply[reply.len() - 11..reply.len() - 8] == [0, 0, 41]
+}
+
+#[test]
+fn every_error_reply_to_a_query_with_opt_carries_one() {
+    let s = start();
+    let mut notify = query_bytes("web.", RecordType::SOA, Some(1232));
+    notify[2] |= 4 << 3;
+    let mut formerr = query_bytes("web.", RecordType::A, Some(1232));
+    let end = 12 + b"\x03web\x00".len() + 4;
+    formerr.splice(end..end, *b"\x03api\x00\x00\x01\x00\x01");
+    formerr[5] = 2;
+    let axfr = query_bytes("glued.internal.", RecordType::AXFR, Some(1232));
+    let servfail = query_bytes("example.com.", RecordType::A, Some(1232));
+    for (what, q, rcode) in [
+        ("NOTIMP", &notify, ResponseCode::NotImp),
+        ("FORMERR", &formerr, ResponseCode::FormErr),
+        ("REFUSED", &axfr, ResponseCode::Refused),
+        ("SERVFAIL", &servfail, ResponseCode::ServFail),
+    ] {
+        let reply = udp_raw(s.udp, q, ANSWER_WAIT).expect(what);
+        assert_eq!(reply[3] & 0xF, rcode.low(), "{what}");
+        assert!(has_opt(&reply), "{what}: no OPT in {reply:?}");
+    }
+    // Refused by the access list, over UDP and TCP.
+    let mut config = test_config();
+    config.allow_nets = vec!["10.0.0.0/8".parse().unwrap()];
+    let refusing = start_with(config, TcpLimits::default());
+    let q = query_bytes("web.", RecordType::A, Some(1232));
+    let reply = udp_raw(refusing.udp, &q, ANSWER_WAIT).expect("ACL");
+    assert!(has_opt(&reply) && rcode_of(&reply) == ResponseCode::Refused);
+    let mut c = tcp_connect(refusing.tcp);
+    tcp_send(&mut c, &q);
+    if let Some(reply) = tcp_recv(&mut c) {
+        assert!(has_opt(&reply) && rcode_of(&reply) == ResponseCode::Refused);
+    }
+}
+
+#[test]
+fn zone_transfers_are_refused_for_every_name_over_udp_and_tcp() {
+    let s = start_forwarding(None);
+    for (name, rtype) in [
+        ("example.com.", RecordType::AXFR),
+        ("example.com.", RecordType::IXFR),
+        ("glued.internal.", RecordType::AXFR),
+        ("com.", RecordType::AXFR),
+    ] {
+        let m = udp_ask(s.udp, name, rtype, None);
+        assert_eq!(m.metadata.response_code, ResponseCode::Refused, "{name}");
+        let m = tcp_ask(s.tcp, name, rtype);
+        assert_eq!(m.metadata.response_code, ResponseCode::Refused, "{name}");
+    }
+    assert_eq!(s.stats.totals().forwarded, 0);
+}
+
+#[test]
+fn ra_is_set_only_on_query_replies_and_only_when_forwarding() {
+    let local_only = start();
+    let m = udp_ask(local_only.udp, "web.", RecordType::A, None);
+    assert!(!m.metadata.recursion_available);
+    let forwarding = start_forwarding(None);
+    let m = udp_ask(forwarding.udp, "web.", RecordType::A, None);
+    assert!(m.metadata.recursion_available);
+    let mut notify = query_bytes("web.", RecordType::SOA, None);
+    notify[2] |= 4 << 3;
+    let reply = udp_raw(forwarding.udp, &notify, ANSWER_WAIT).expect("NOTIMP");
+    assert_eq!(rcode_of(&reply), ResponseCode::NotImp);
+    assert_eq!(reply[3] & 0x80, 0, "RA on a NOTIMP reply");
+}
+
+/// `q` signed with a TSIG record (key `k.`, hmac-sha256, a 32-byte MAC).
+fn tsig_signed(mut q: Vec<u8>) -> Vec<u8> {
+    let ar = u16::from_be_bytes([q[10], q[11]]) + 1;
+    q[10..12].copy_from_slice(&ar.to_be_bytes());
+    let mut rdata = b"\x0bhmac-sha256\x00".to_vec();
+    rdata.extend_from_slice(&[0, 0, 0x65, 0x43, 0x21, 0x00, 1, 44, 0, 32]);
+    rdata.extend_from_slice(&[0xAB; 32]);
+    rdata.extend_from_slice(&[q[0], q[1], 0, 0, 0, 0]);
+    q.extend_from_slice(b"\x01k\x00\x00\xfa\x00\xff\x00\x00\x00\x00");
+    q.extend_from_slice(&(rdata.len() as u16).to_be_bytes());
+    q.extend_from_slice(&rdata);
+    q
+}
+
+#[test]
+fn a_tsig_signed_query_for_the_zone_gets_notauth_badkey() {
+    let s = start();
+    for name in ["web.glued.internal.", "web."] {
+        let q = tsig_signed(query_bytes(name, RecordType::A, None));
+        let reply = udp_raw(s.udp, &q, ANSWER_WAIT).expect("answer");
+        assert_eq!(reply[3] & 0xF, 9, "{name}: NOTAUTH");
+        assert_eq!(&reply[6..8], &[0, 0], "{name}: no answer records");
+        // The TSIG echoed last, unsigned, error BADKEY.
+        assert_eq!(&reply[reply.len() - 8..], &[0, 0, q[0], q[1], 0, 17, 0, 0]);
+    }
 }

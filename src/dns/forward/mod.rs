@@ -151,6 +151,14 @@ impl Reply {
     }
 }
 
+impl Forwarder {
+    /// Whether queries are forwarded at all (some upstream is configured):
+    /// replies advertise recursion (RA) only then.
+    pub fn forwards(&self) -> bool {
+        self.link.is_some()
+    }
+}
+
 /// A query handed over by a serving thread.
 struct Job {
     query: Vec<u8>,
