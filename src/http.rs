@@ -34,6 +34,9 @@ pub const ANSWER_DEADLINE: Duration = Duration::from_secs(5);
 pub const DRAIN_TIMEOUT: Duration = Duration::from_millis(200);
 /// Most bytes discarded from a refused request.
 pub const MAX_DRAIN_BYTES: usize = 64 * 1024;
+/// At most one `accept failed` warning per this long (clients can make
+/// accepts fail, e.g. by exhausting descriptors); the rest go to debug.
+pub const ACCEPT_WARN_EVERY: Duration = Duration::from_secs(60);
 /// How often the idle accept loop looks at the stop flag.
 pub const STOP_POLL: Duration = Duration::from_millis(100);
 /// Prometheus text exposition format.
@@ -104,6 +107,7 @@ impl HttpServer {
 }
 
 fn serve(listener: TcpListener, state: &State, stop: &AtomicBool) {
+    let mut warnings = LogLimit::new(ACCEPT_WARN_EVERY);
     while !stop.load(Ordering::Relaxed) {
         state.metrics.http.beat();
         match listener.accept() {
@@ -116,10 +120,39 @@ fn serve(listener: TcpListener, state: &State, stop: &AtomicBool) {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => {
                 // Out of descriptors and the like: back off instead of spinning.
-                log::warn!("http: accept failed: {e}");
+                if warnings.allow(Instant::now()) {
+                    log::warn!(
+                        "http: accept failed: {e} (repeats within {ACCEPT_WARN_EVERY:?} at debug level)"
+                    );
+                } else {
+                    log::debug!("http: accept failed: {e}");
+                }
                 std::thread::sleep(STOP_POLL);
             }
         }
+    }
+}
+
+/// Lets one line through per period: a failure others can cause is logged
+/// at warn at a rate no one outside controls.
+struct LogLimit {
+    every: Duration,
+    last: Option<Instant>,
+}
+
+impl LogLimit {
+    fn new(every: Duration) -> LogLimit {
+        LogLimit { every, last: None }
+    }
+
+    fn allow(&mut self, now: Instant) -> bool {
+        let allowed = self
+            .last
+            .is_none_or(|t| now.saturating_duration_since(t) >= self.every);
+        if allowed {
+            self.last = Some(now);
+        }
+        allowed
     }
 }
 
@@ -402,6 +435,16 @@ pub fn get(addr: SocketAddr, path: &str) -> io::Result<(u16, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_repeated_accept_failure_is_warned_once_per_period() {
+        let mut limit = LogLimit::new(ACCEPT_WARN_EVERY);
+        let t0 = Instant::now();
+        assert!(limit.allow(t0));
+        assert!(!limit.allow(t0 + Duration::from_millis(100)));
+        assert!(!limit.allow(t0 + ACCEPT_WARN_EVERY - Duration::from_millis(1)));
+        assert!(limit.allow(t0 + ACCEPT_WARN_EVERY));
+    }
 
     #[test]
     fn head_end() {

@@ -160,11 +160,95 @@ impl Endpoint {
 
 pub use crate::table::is_valid_label;
 
+/// The log lines of one container's change, one per name added, removed or
+/// given other addresses, from its groups (by network) before and after.
+pub fn change_lines(
+    id: &str,
+    old: &BTreeMap<String, Group>,
+    new: &BTreeMap<String, Group>,
+) -> Vec<String> {
+    let short = &id[..id.len().min(SHORT_ID_LEN)];
+    let addresses = |g: &Group| {
+        let all: Vec<String> =
+            g.v4.iter()
+                .map(|a| a.to_string())
+                .chain(g.v6.iter().map(|a| a.to_string()))
+                .collect();
+        if all.is_empty() {
+            "no address".to_string()
+        } else {
+            all.join(", ")
+        }
+    };
+    let empty = Group::default();
+    let mut lines = Vec::new();
+    let networks: std::collections::BTreeSet<&String> = old.keys().chain(new.keys()).collect();
+    for net in networks {
+        let (before, after) = (
+            old.get(net).unwrap_or(&empty),
+            new.get(net).unwrap_or(&empty),
+        );
+        let at = format!("(container {short} on {net})");
+        for name in &after.names {
+            if !before.names.contains(name) {
+                lines.push(format!("Added {name} → {} {at}", addresses(after)));
+            } else if (&before.v4, &before.v6) != (&after.v4, &after.v6) {
+                lines.push(format!(
+                    "Readdressed {name}: {} → {} {at}",
+                    addresses(before),
+                    addresses(after)
+                ));
+            }
+        }
+        for name in before.names.iter().filter(|n| !after.names.contains(n)) {
+            lines.push(format!("Removed {name} ({}) {at}", addresses(before)));
+        }
+    }
+    lines
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const ID: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn a_change_logs_one_line_per_name_added_removed_or_readdressed() {
+        let group = |names: &[&str], v4: &str| Group {
+            names: names.iter().map(|n| n.to_string()).collect(),
+            v4: vec![v4.parse().unwrap()],
+            v6: vec![],
+        };
+        let old = BTreeMap::from([
+            (
+                "net-a".to_string(),
+                group(&["web", "old-alias"], "172.20.0.5"),
+            ),
+            ("net-b".to_string(), group(&["web"], "172.21.0.5")),
+        ]);
+        let new = BTreeMap::from([
+            ("net-a".to_string(), group(&["web", "api"], "172.20.0.5")),
+            ("net-b".to_string(), group(&["web"], "172.21.0.9")),
+        ]);
+        assert_eq!(
+            change_lines(ID, &old, &new),
+            [
+                "Added api → 172.20.0.5 (container 0123456789ab on net-a)",
+                "Removed old-alias (172.20.0.5) (container 0123456789ab on net-a)",
+                "Readdressed web: 172.21.0.5 → 172.21.0.9 (container 0123456789ab on net-b)",
+            ]
+        );
+        assert_eq!(
+            change_lines(ID, &new, &BTreeMap::new()),
+            [
+                "Removed web (172.20.0.5) (container 0123456789ab on net-a)",
+                "Removed api (172.20.0.5) (container 0123456789ab on net-a)",
+                "Removed web (172.21.0.9) (container 0123456789ab on net-b)",
+            ]
+        );
+        assert!(change_lines(ID, &new, &new).is_empty());
+    }
 
     fn info(labels: &[(&str, &str)]) -> ContainerInfo {
         let mut networks = HashMap::new();

@@ -286,6 +286,17 @@ impl Watcher {
             kind: Some(SourceKind::Container),
             groups,
         })?;
+        let none = BTreeMap::new();
+        let ids: BTreeSet<&String> = self.sent.keys().chain(fresh.keys()).collect();
+        for id in ids {
+            let (old, new) = (
+                self.sent.get(id).unwrap_or(&none),
+                fresh.get(id).unwrap_or(&none),
+            );
+            for line in super::names::change_lines(id, old, new) {
+                log::info!("{line}");
+            }
+        }
         self.sent = fresh;
         self.stats.resyncs.fetch_add(1, Ordering::Relaxed);
         self.stats
@@ -352,6 +363,7 @@ impl Watcher {
     async fn refresh(&mut self, docker: &bollard::Docker, id: &str) -> Result<(), Lost> {
         let (_, new) = inspect(docker.clone(), id.to_owned(), self.networks.clone()).await?;
         let old = self.sent.remove(id).unwrap_or_default();
+        let lines = super::names::change_lines(id, &old, &new);
         for (net, group) in &new {
             if old.get(net) != Some(group) {
                 self.send(RegistryMsg::Upsert {
@@ -369,6 +381,9 @@ impl Watcher {
         }
         if !new.is_empty() {
             self.sent.insert(id.to_owned(), new);
+        }
+        for line in lines {
+            log::info!("{line}");
         }
         self.stats
             .containers

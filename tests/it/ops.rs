@@ -795,3 +795,102 @@ fn dpkg_extract(deb: &Path, root: &Path) {
         .unwrap();
     assert!(o.status.success(), "{}", text(&o.stderr));
 }
+
+// -------------------------------------------------------------------- logs
+
+/// Docker objects a test created, removed on drop.
+#[derive(Default)]
+struct DockerCleanup {
+    containers: Vec<String>,
+    networks: Vec<String>,
+}
+
+impl Drop for DockerCleanup {
+    fn drop(&mut self) {
+        for c in &self.containers {
+            let _ = Command::new("docker").args(["rm", "-f", c]).output();
+        }
+        for n in &self.networks {
+            let _ = Command::new("docker").args(["network", "rm", n]).output();
+        }
+    }
+}
+
+fn docker(args: &[&str]) -> String {
+    let o = Command::new("docker").args(args).output().unwrap();
+    assert!(o.status.success(), "docker {args:?}: {}", text(&o.stderr));
+    text(&o.stdout).trim().to_string()
+}
+
+#[test]
+fn one_info_line_per_container_name_added_or_removed() {
+    const IMAGE: &str = "glued-test-busybox";
+    let missing = docker_engine_missing().or_else(|| {
+        let has = Command::new("docker")
+            .args(["image", "inspect", IMAGE])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        (!has).then(|| format!("image {IMAGE} missing: run tests/images/build-busybox.sh"))
+    });
+    if let Some(why) = missing {
+        assert!(!support::in_ci(), "Docker test cannot run in CI: {why}");
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let mut cleanup = DockerCleanup::default();
+    let net = support::unique("glued-ops-net");
+    docker(&["network", "create", &net]);
+    cleanup.networks.push(net.clone());
+    let g = spawn(
+        "logs",
+        "svc",
+        &[
+            ("GLUED_DOCKER_HOST", "unix:///var/run/docker.sock".into()),
+            ("GLUED_NETWORK_NAME", net.clone()),
+        ],
+    );
+    assert!(
+        wait_until(CONVERGE, || g
+            .log()
+            .contains("Connected to the Docker engine")),
+        "{}",
+        g.log()
+    );
+    let name = support::unique("glued-ops-c");
+    cleanup.containers.push(name.clone());
+    let id = docker(&[
+        "run",
+        "-d",
+        "--name",
+        &name,
+        "--network",
+        &net,
+        IMAGE,
+        "sleep",
+        "3600",
+    ]);
+    let ip = docker(&[
+        "inspect",
+        "-f",
+        &format!("{{{{(index .NetworkSettings.Networks \"{net}\").IPAddress}}}}"),
+        &name,
+    ]);
+    let at = format!("(container {} on {net})", &id[..12]);
+    let added = format!("Added {name} → {ip} {at}");
+    assert!(
+        wait_until(CONVERGE, || g.log().contains(&added)),
+        "no {added:?} in:\n{}",
+        g.log()
+    );
+    docker(&["rm", "-f", &name]);
+    let removed = format!("Removed {name} ({ip}) {at}");
+    assert!(
+        wait_until(CONVERGE, || g.log().contains(&removed)),
+        "no {removed:?} in:\n{}",
+        g.log()
+    );
+    let log = g.log();
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains(&name)).collect();
+    assert_eq!(lines.len(), 2, "{lines:#?}");
+    assert!(lines.iter().all(|l| l.contains(" INFO ")), "{lines:#?}");
+}
