@@ -65,6 +65,8 @@ pub struct Counters {
     tcp_rejected: AtomicU64,
     /// Connections closed by the idle timeout.
     tcp_idle_closed: AtomicU64,
+    /// Idle connections closed to make room for a new one.
+    tcp_evicted: AtomicU64,
     /// Connections open now (gauge).
     tcp_open: AtomicU64,
     /// Liveness of the owning thread.
@@ -115,6 +117,9 @@ impl Counters {
     pub fn tcp_idle_closed(&self) {
         bump(&self.tcp_idle_closed);
     }
+    pub fn tcp_evicted(&self) {
+        bump(&self.tcp_evicted);
+    }
     pub fn set_tcp_open(&self, n: usize) {
         self.tcp_open.store(n as u64, Relaxed);
     }
@@ -134,6 +139,7 @@ pub struct Totals {
     pub tcp_accepted: u64,
     pub tcp_rejected: u64,
     pub tcp_idle_closed: u64,
+    pub tcp_evicted: u64,
     pub tcp_open: u64,
 }
 
@@ -199,6 +205,7 @@ impl DnsStats {
             t.tcp_accepted += c.tcp_accepted.load(Relaxed);
             t.tcp_rejected += c.tcp_rejected.load(Relaxed);
             t.tcp_idle_closed += c.tcp_idle_closed.load(Relaxed);
+            t.tcp_evicted += c.tcp_evicted.load(Relaxed);
             t.tcp_open += c.tcp_open.load(Relaxed);
         }
         t
@@ -251,7 +258,7 @@ impl DnsStats {
             ),
             (
                 "glued_dns_acl_refused_total",
-                "Queries from clients outside the allowed networks.",
+                "UDP queries and TCP connections from clients outside the allowed networks.",
                 t.acl_refused,
             ),
             (
@@ -261,13 +268,18 @@ impl DnsStats {
             ),
             (
                 "glued_dns_tcp_rejected_total",
-                "TCP connections closed at once because the cap was reached.",
+                "TCP connections closed at once because the cap (in all or per client) was reached.",
                 t.tcp_rejected,
             ),
             (
                 "glued_dns_tcp_idle_closed_total",
                 "TCP connections closed by the idle timeout.",
                 t.tcp_idle_closed,
+            ),
+            (
+                "glued_dns_tcp_evicted_total",
+                "Idle TCP connections closed to make room for a new one.",
+                t.tcp_evicted,
             ),
         ];
         for (name, help, v) in counters {

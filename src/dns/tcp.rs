@@ -3,15 +3,19 @@
 //! queries per connection are answered in order (forwarded ones whenever
 //! the upstream replies).
 //!
-//! Invariants: no socket operation blocks; at most
-//! [`TcpLimits::max_connections`] connections are open (the next one is
-//! accepted and closed at once); a connection that completes no query and
+//! Invariants: no socket operation blocks; a client outside the access
+//! list is closed at accept and never holds a slot; at most
+//! [`TcpLimits::per_client`] connections per client address; at most
+//! [`TcpLimits::max_connections`] connections are open (when full, the
+//! oldest idle connection is closed to make room, or the new one when none
+//! is idle); a connection that completes no query and
 //! receives no answer for [`TcpLimits::idle_timeout`] is closed, so a
 //! client sending half a frame, or nothing, cannot hold a slot; a
 //! connection's unsent answers are bounded by [`MAX_UNSENT_BYTES`] (it is
 //! not read while over), and one busy client cannot starve the others
 //! ([`MAX_FRAMES_PER_TURN`]).
 
+use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -28,13 +32,16 @@ use super::acl::Acl;
 use super::answer::{self, Context, MAX_MESSAGE_LEN, Outcome, Transport};
 use super::forward::{Forwarder, Reply};
 use super::stats::Counters;
-use super::wire::{RCODE_REFUSED, RCODE_SERVFAIL};
+use super::wire::RCODE_SERVFAIL;
 
 /// Default idle timeout of a TCP connection (RFC 7766 §6.2.3 suggests
 /// seconds, not minutes).
 pub const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default cap on open TCP connections.
 pub const TCP_MAX_CONNECTIONS: usize = 256;
+/// Default cap on open TCP connections from one client address (a quarter
+/// of the table: one address cannot fill it).
+pub const TCP_PER_CLIENT: usize = 64;
 /// Backlog of the listening socket.
 pub const LISTEN_BACKLOG: i32 = 1024;
 /// Unsent answer bytes above which a connection is not read any more.
@@ -64,6 +71,7 @@ const FIRST_CONN: usize = 2;
 pub struct TcpLimits {
     pub idle_timeout: Duration,
     pub max_connections: usize,
+    pub per_client: usize,
 }
 
 impl Default for TcpLimits {
@@ -71,6 +79,7 @@ impl Default for TcpLimits {
         TcpLimits {
             idle_timeout: TCP_IDLE_TIMEOUT,
             max_connections: TCP_MAX_CONNECTIONS,
+            per_client: TCP_PER_CLIENT,
         }
     }
 }
@@ -81,6 +90,9 @@ pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     socket.set_nonblocking(true)?;
+    // Accepted connections inherit it: answers leave at once, not after
+    // Nagle's delay.
+    socket.set_tcp_nodelay(true)?;
     socket.bind(&addr.into())?;
     socket.listen(LISTEN_BACKLOG)?;
     Ok(socket.into())
@@ -88,7 +100,8 @@ pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
 
 struct Conn {
     stream: TcpStream,
-    allowed: bool,
+    /// The client's address (IPv4-mapped addresses as IPv4).
+    peer: IpAddr,
     /// The address the client connected to (`ns.<domain>.`).
     local: IpAddr,
     /// Received bytes; `rpos` is where the next frame starts.
@@ -162,9 +175,7 @@ pub(crate) fn run(
         scratch: vec![0; READ_CHUNK].into_boxed_slice(),
         answer: Vec::with_capacity(MAX_MESSAGE_LEN),
     };
-    let mut conns: Vec<Option<Conn>> = Vec::new();
-    let mut free: Vec<usize> = Vec::new();
-    let mut n_open = 0usize;
+    let mut conns = Conns::default();
     let mut again: Vec<usize> = Vec::new();
     let mut ready: Vec<usize> = Vec::new();
     let mut accept_retry = false;
@@ -175,7 +186,7 @@ pub(crate) fn run(
     let mut last_sweep = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         ctx.counters.heartbeat.beat();
-        let pending = conns.iter().flatten().any(|c| c.pending > 0);
+        let pending = conns.slots.iter().flatten().any(|c| c.pending > 0);
         let timeout = if !again.is_empty() || accept_more {
             Duration::ZERO
         } else if accept_retry {
@@ -204,14 +215,33 @@ pub(crate) fn run(
                 }
                 match listener.accept() {
                     Ok((mut stream, peer)) => {
-                        if n_open >= ctx.limits.max_connections {
+                        let peer = peer.ip().to_canonical();
+                        if !ctx.acl.allows(peer) {
+                            ctx.counters.acl_refused();
+                            drop(stream);
+                            continue;
+                        }
+                        if conns.of_client(peer) >= ctx.limits.per_client {
                             ctx.counters.tcp_rejected();
                             drop(stream);
                             continue;
                         }
-                        let slot = free.pop().unwrap_or_else(|| {
-                            conns.push(None);
-                            conns.len() - 1
+                        if conns.n_open >= ctx.limits.max_connections {
+                            let Some(slot) = conns.oldest_idle() else {
+                                ctx.counters.tcp_rejected();
+                                drop(stream);
+                                continue;
+                            };
+                            ctx.counters.tcp_evicted();
+                            conns.close(&poll, slot);
+                            again.retain(|&s| s != slot);
+                        }
+                        // The listener's TCP_NODELAY is inherited; set it
+                        // again where it is not.
+                        let _ = stream.set_nodelay(true);
+                        let slot = conns.free.pop().unwrap_or_else(|| {
+                            conns.slots.push(None);
+                            conns.slots.len() - 1
                         });
                         if poll
                             .registry()
@@ -222,28 +252,30 @@ pub(crate) fn run(
                             )
                             .is_err()
                         {
-                            free.push(slot);
+                            conns.free.push(slot);
                             continue;
                         }
                         let (tx, rx) = bounded(MAX_PENDING_FORWARDS);
                         let local = stream
                             .local_addr()
                             .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |a| a.ip());
-                        conns[slot] = Some(Conn {
-                            stream,
-                            allowed: ctx.acl.allows(peer.ip()),
-                            local,
-                            rbuf: Vec::new(),
-                            rpos: 0,
-                            wbuf: Vec::new(),
-                            wpos: 0,
-                            last_active: Instant::now(),
-                            read_closed: false,
-                            pending: 0,
-                            tx,
-                            rx,
-                        });
-                        n_open += 1;
+                        conns.open(
+                            slot,
+                            Conn {
+                                stream,
+                                peer,
+                                local,
+                                rbuf: Vec::new(),
+                                rpos: 0,
+                                wbuf: Vec::new(),
+                                wpos: 0,
+                                last_active: Instant::now(),
+                                read_closed: false,
+                                pending: 0,
+                                tx,
+                                rx,
+                            },
+                        );
                         ctx.counters.tcp_accepted();
                         ready.push(slot);
                     }
@@ -263,7 +295,7 @@ pub(crate) fn run(
             }
         }
         if pending {
-            for (slot, c) in conns.iter_mut().enumerate() {
+            for (slot, c) in conns.slots.iter_mut().enumerate() {
                 if let Some(c) = c
                     && c.pending > 0
                     && collect_forwarded(c)
@@ -275,41 +307,79 @@ pub(crate) fn run(
         ready.sort_unstable();
         ready.dedup();
         for &slot in &ready {
-            let Some(Some(conn)) = conns.get_mut(slot) else {
+            let Some(Some(conn)) = conns.slots.get_mut(slot) else {
                 continue;
             };
             match drive(&mut ctx, conn) {
                 Drive::Wait => {}
                 Drive::Again => again.push(slot),
-                Drive::Close => {
-                    close(&poll, &mut conns, &mut free, slot);
-                    n_open -= 1;
-                }
+                Drive::Close => conns.close(&poll, slot),
             }
         }
         let now = Instant::now();
         if now.duration_since(last_sweep) >= IDLE_POLL {
             last_sweep = now;
-            for slot in 0..conns.len() {
-                if let Some(c) = &conns[slot]
+            for slot in 0..conns.slots.len() {
+                if let Some(c) = &conns.slots[slot]
                     && now.duration_since(c.last_active) >= ctx.limits.idle_timeout
                 {
                     ctx.counters.tcp_idle_closed();
-                    close(&poll, &mut conns, &mut free, slot);
-                    n_open -= 1;
+                    conns.close(&poll, slot);
                     again.retain(|&s| s != slot);
                 }
             }
         }
-        ctx.counters.set_tcp_open(n_open);
+        ctx.counters.set_tcp_open(conns.n_open);
     }
     ctx.counters.set_tcp_open(0);
 }
 
-fn close(poll: &Poll, conns: &mut [Option<Conn>], free: &mut Vec<usize>, slot: usize) {
-    if let Some(mut c) = conns[slot].take() {
+/// The open connections: slots (a slot's index is its token), the free
+/// slots, and the count per client address.
+#[derive(Default)]
+struct Conns {
+    slots: Vec<Option<Conn>>,
+    free: Vec<usize>,
+    n_open: usize,
+    per_client: HashMap<IpAddr, usize>,
+}
+
+impl Conns {
+    fn of_client(&self, ip: IpAddr) -> usize {
+        self.per_client.get(&ip).copied().unwrap_or(0)
+    }
+
+    fn open(&mut self, slot: usize, conn: Conn) {
+        *self.per_client.entry(conn.peer).or_insert(0) += 1;
+        self.slots[slot] = Some(conn);
+        self.n_open += 1;
+    }
+
+    fn close(&mut self, poll: &Poll, slot: usize) {
+        let Some(mut c) = self.slots.get_mut(slot).and_then(Option::take) else {
+            return;
+        };
         let _ = poll.registry().deregister(&mut c.stream);
-        free.push(slot);
+        self.free.push(slot);
+        self.n_open -= 1;
+        if let Some(n) = self.per_client.get_mut(&c.peer) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_client.remove(&c.peer);
+            }
+        }
+    }
+
+    /// The connection that has been idle longest: nothing unsent, no
+    /// forwarded query outstanding.
+    fn oldest_idle(&self) -> Option<usize> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(slot, c)| Some((slot, c.as_ref()?)))
+            .filter(|(_, c)| c.pending == 0 && c.wpos == c.wbuf.len())
+            .min_by_key(|(_, c)| c.last_active)
+            .map(|(slot, _)| slot)
     }
 }
 
@@ -416,10 +486,7 @@ fn drive(ctx: &mut Ctx, c: &mut Conn) -> Drive {
 fn handle_frame(ctx: &mut Ctx, c: &mut Conn, start: usize, len: usize) {
     let query = &c.rbuf[start..start + len];
     let out = &mut ctx.answer;
-    let outcome = if !c.allowed {
-        ctx.counters.acl_refused();
-        answer::error_reply(query, RCODE_REFUSED, ctx.recursion, out)
-    } else {
+    let outcome = {
         let table = ctx.table.load();
         ctx.rotation = ctx.rotation.wrapping_add(1);
         let context = Context {

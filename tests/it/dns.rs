@@ -14,6 +14,7 @@ use glued::dns::DnsServer;
 use glued::dns::TcpLimits;
 use glued::dns::forward::{ForwardStats, Forwarder};
 use glued::dns::stats::DnsStats;
+use glued::dns::tcp::TCP_PER_CLIENT;
 use glued::registry::{Registry, RegistryMsg, RegistryStats};
 use glued::table::{self, Group, Origin, Source};
 
@@ -427,8 +428,10 @@ fn clients_outside_allow_nets_get_refused() {
     assert!(m.answers.is_empty());
     let m = udp_ask(s.udp, "example.com.", RecordType::A, None);
     assert_eq!(m.metadata.response_code, ResponseCode::Refused);
-    let m = tcp_ask(s.tcp, "web.", RecordType::A);
-    assert_eq!(m.metadata.response_code, ResponseCode::Refused);
+    // Over TCP the connection is closed at accept.
+    let mut c = tcp_connect(s.tcp);
+    tcp_send(&mut c, &query_bytes("web.", RecordType::A, None));
+    assert_eq!(tcp_recv(&mut c), None);
     let t = s.stats.totals();
     assert_eq!(t.acl_refused, 3);
     assert_eq!(t.forwarded, 0);
@@ -595,6 +598,7 @@ fn a_thousand_tcp_connections_at_once_do_not_stop_the_server() {
     let limits = TcpLimits {
         idle_timeout: Duration::from_secs(5),
         max_connections: 256,
+        ..TcpLimits::default()
     };
     let s = start_with(test_config(), limits);
     let mut conns = Vec::new();
@@ -1006,11 +1010,6 @@ fn every_error_reply_to_a_query_with_opt_carries_one() {
     let q = query_bytes("web.", RecordType::A, Some(1232));
     let reply = udp_raw(refusing.udp, &q, ANSWER_WAIT).expect("ACL");
     assert!(has_opt(&reply) && rcode_of(&reply) == ResponseCode::Refused);
-    let mut c = tcp_connect(refusing.tcp);
-    tcp_send(&mut c, &q);
-    if let Some(reply) = tcp_recv(&mut c) {
-        assert!(has_opt(&reply) && rcode_of(&reply) == ResponseCode::Refused);
-    }
 }
 
 #[test]
@@ -1070,4 +1069,107 @@ fn a_tsig_signed_query_for_the_zone_gets_notauth_badkey() {
         // The TSIG echoed last, unsigned, error BADKEY.
         assert_eq!(&reply[reply.len() - 8..], &[0, 0, q[0], q[1], 0, 17, 0, 0]);
     }
+}
+
+/// A TCP connection to `server` from `source` (any 127/8 address: all are
+/// loopback on Linux).
+fn tcp_connect_from(source: &str, server: SocketAddr) -> TcpStream {
+    use socket2::{Domain, Socket, Type};
+    let sock = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    let from = SocketAddr::new(source.parse().unwrap(), 0);
+    sock.bind(&from.into()).unwrap();
+    sock.connect_timeout(&server.into(), ANSWER_WAIT).unwrap();
+    let s: TcpStream = sock.into();
+    s.set_read_timeout(Some(ANSWER_WAIT)).unwrap();
+    s
+}
+
+/// Asks `web.` on `c`; true when the right answer came.
+fn tcp_web_answered(c: &mut TcpStream) -> bool {
+    tcp_send(c, &query_bytes("web.", RecordType::A, None));
+    tcp_recv(c).is_some_and(|r| addresses(&Message::from_vec(&r).unwrap()) == ["10.0.0.3"])
+}
+
+/// Waits until the server's totals satisfy `done`.
+fn totals_eventually(s: &Server, done: impl Fn(&glued::dns::stats::Totals) -> bool) {
+    let deadline = Instant::now() + ANSWER_WAIT;
+    loop {
+        let t = s.stats.totals();
+        if done(&t) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{t:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Whether the server closed `c` (end of stream or reset), as opposed to
+/// keeping it open past the read timeout.
+fn closed_by_server(c: &mut TcpStream) -> bool {
+    let mut buf = [0u8; 1];
+    match c.read(&mut buf) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+    }
+}
+
+#[test]
+fn refused_tcp_clients_are_closed_at_accept_and_hold_no_slot() {
+    let mut config = test_config();
+    config.allow_nets = vec!["127.0.0.1/32".parse().unwrap()];
+    let s = start_with(config, TcpLimits::default());
+    let mut refused: Vec<TcpStream> = (0..300)
+        .map(|_| tcp_connect_from("127.0.0.2", s.tcp))
+        .collect();
+    totals_eventually(&s, |t| t.acl_refused >= 300);
+    assert_eq!(s.stats.totals().tcp_accepted, 0);
+    assert!(closed_by_server(&mut refused[0]));
+    let mut allowed = tcp_connect_from("127.0.0.1", s.tcp);
+    assert!(
+        tcp_web_answered(&mut allowed),
+        "the allowed client is locked out"
+    );
+}
+
+#[test]
+fn one_client_address_cannot_take_every_tcp_slot() {
+    let s = start();
+    let _hog: Vec<TcpStream> = (0..300)
+        .map(|_| tcp_connect_from("127.0.0.2", s.tcp))
+        .collect();
+    totals_eventually(&s, |t| t.tcp_accepted + t.tcp_rejected >= 300);
+    let t = s.stats.totals();
+    assert_eq!(t.tcp_accepted as usize, TCP_PER_CLIENT, "{t:?}");
+    assert_eq!(t.tcp_evicted, 0);
+    let mut other = tcp_connect_from("127.0.0.3", s.tcp);
+    assert!(tcp_web_answered(&mut other));
+}
+
+#[test]
+fn a_full_tcp_table_closes_the_oldest_idle_connection() {
+    let limits = TcpLimits {
+        max_connections: 4,
+        ..TcpLimits::default()
+    };
+    let s = start_with(test_config(), limits);
+    let mut held = Vec::new();
+    for i in 2..6 {
+        held.push(tcp_connect_from(&format!("127.0.0.{i}"), s.tcp));
+        totals_eventually(&s, |t| t.tcp_open as usize == held.len());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The newest of them is busy answering: not the one to go.
+    assert!(tcp_web_answered(&mut held[3]));
+    let mut newcomer = tcp_connect_from("127.0.0.6", s.tcp);
+    assert!(
+        tcp_web_answered(&mut newcomer),
+        "the newcomer was turned away"
+    );
+    assert!(
+        closed_by_server(&mut held[0]),
+        "the oldest idle one is still open"
+    );
+    assert_eq!(s.stats.totals().tcp_evicted, 1);
+    assert!(tcp_web_answered(&mut held[1]));
 }
