@@ -122,7 +122,7 @@ write_zone_file() {
     local file=$1 domain=$2 prefix=$3 names=$4 i
     {
         echo "\$ORIGIN $domain."
-        echo "\$TTL 5"
+        echo "\$TTL ${ZONE_TTL:-5}"
         echo "@ IN SOA ns.$domain. hostmaster.$domain. 1 3600 600 86400 5"
         echo "@ IN NS ns.$domain."
         echo "ns IN A 127.0.0.1"
@@ -431,9 +431,10 @@ CONF
 
 # dnsmasq: host-record entries, NXDOMAIN for the rest of the domain
 # (local=/domain/), no upstreams unless $4 names one (ip#port); no cache when
-# forwarding so that every query really is forwarded.
+# forwarding so that every query really is forwarded, unless $5 sets a cache
+# size.
 start_dnsmasq() {
-    local label=$1 port=$2 cpu=$3 upstream=${4:-} dir="$WORK/$1" i
+    local label=$1 port=$2 cpu=$3 upstream=${4:-} cache_size=${5:-0} dir="$WORK/$1" i
     mkdir -p "$dir"
     {
         echo "port=$port"
@@ -449,7 +450,7 @@ start_dnsmasq() {
         echo "local=/$ZONE_DOMAIN/"
         if [ -n "$upstream" ]; then
             echo "server=$upstream"
-            echo "cache-size=0"
+            echo "cache-size=$cache_size"
             echo "dns-forward-max=1000"
         fi
         for ((i = 0; i < ZONE_COUNT; i++)); do

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use signal_hook::consts::signal::{SIGINT, SIGTERM};
+use signal_hook::consts::signal::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 use crate::config::{self, Command, Config, ConfigError, KEYS};
@@ -61,6 +61,7 @@ pub fn main() -> i32 {
         Command::Health => health(&config),
         Command::Peers => peers(&config, args.json),
         Command::Records => records(&config, args.json),
+        Command::CacheFlush => cache_flush(&config),
         _ => run(&config),
     }
 }
@@ -144,6 +145,28 @@ fn peers(config: &Config, json: bool) -> i32 {
 /// JSON.
 fn records(config: &Config, json: bool) -> i32 {
     show(config, "/records", json, records_table)
+}
+
+/// `glued cache flush`: asks the local daemon to empty its forward cache.
+fn cache_flush(config: &Config) -> i32 {
+    let addr = crate::http::client_addr(config.http_bind);
+    match crate::http::post(addr, crate::http::CACHE_FLUSH_PATH) {
+        Ok((200, _)) => {
+            println!("forward cache flushed");
+            EXIT_OK
+        }
+        Ok((code, body)) => {
+            eprintln!("error: {addr} answered HTTP {code}: {}", body.trim_end());
+            EXIT_FAILURE
+        }
+        Err(e) => {
+            eprintln!(
+                "error: no glued daemon answers at {addr} ({e}); is it running, and is http_bind \
+                 (GLUED_HTTP_BIND) the same for this command?"
+            );
+            EXIT_FAILURE
+        }
+    }
 }
 
 fn show(
@@ -350,7 +373,7 @@ fn run(config: &Config) -> i32 {
         .init();
     abort_on_panic();
     // Registered before anything starts, so an early signal is not lost.
-    let mut signals = match Signals::new([SIGTERM, SIGINT]) {
+    let mut signals = match Signals::new([SIGTERM, SIGINT, SIGHUP]) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("error: cannot install signal handlers: {e}");
@@ -381,7 +404,13 @@ fn run(config: &Config) -> i32 {
         daemon.dns_tcp_addr
     );
     log::info!("HTTP status on {}", daemon.http_addr);
-    let signal = signals.forever().next().unwrap_or(SIGTERM);
+    // SIGHUP empties the forward cache; SIGTERM and SIGINT stop.
+    let signal = loop {
+        match signals.forever().next() {
+            Some(SIGHUP) => daemon.flush_cache(),
+            other => break other.unwrap_or(SIGTERM),
+        }
+    };
     log::info!(
         "{} received, stopping",
         if signal == SIGINT {
@@ -417,7 +446,8 @@ pub fn help() -> String {
          health   ask the local daemon (http_bind) whether it is healthy: exit 0, or 1\n           \
          with the reasons\n  \
          peers    the local daemon's peers as a table (--json: the raw JSON)\n  \
-         records  the local daemon's records as a table (--json: the raw JSON)\n\n\
+         records  the local daemon's records as a table (--json: the raw JSON)\n  \
+         cache flush  empty the local daemon's forward cache (also: SIGHUP)\n\n\
          Options:\n  \
          --config PATH   config file (TOML, or JSON if it ends in .json); default: the\n                  \
          first of ./glued.toml, ./glued.json, /etc/glued/glued.toml\n  \

@@ -626,6 +626,8 @@ pub enum Command {
     Health,
     Peers,
     Records,
+    /// `glued cache flush`: empties the running daemon's forward cache.
+    CacheFlush,
 }
 
 /// The command line, split but not validated.
@@ -676,6 +678,17 @@ pub fn parse_args(args: &[String]) -> Result<Args, ConfigError> {
                 "health" => Command::Health,
                 "peers" => Command::Peers,
                 "records" => Command::Records,
+                "cache" => match args.get(i).map(String::as_str) {
+                    Some("flush") => {
+                        i += 1;
+                        Command::CacheFlush
+                    }
+                    _ => {
+                        return Err(ConfigError::Usage(
+                            "glued cache needs a subcommand: flush".into(),
+                        ));
+                    }
+                },
                 _ => return Err(ConfigError::Usage(format!("unknown command {arg:?}"))),
             };
             if command.is_some() {

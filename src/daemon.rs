@@ -63,8 +63,12 @@ impl Daemon {
             .tx
             .send(static_records(&origin, config))
             .context("registry stopped at start")?;
-        let forwarder =
-            Forwarder::start(config, metrics.forward.clone()).context("starting the forwarder")?;
+        let forwarder = Forwarder::start_with_cache(
+            config,
+            metrics.forward.clone(),
+            Some(metrics.cache.clone()),
+        )
+        .context("starting the forwarder")?;
         let dns = DnsServer::start(
             config,
             table.clone(),
@@ -78,6 +82,7 @@ impl Daemon {
             table.clone(),
             metrics.clone(),
             peers.clone(),
+            forwarder.cache().cloned(),
         )
         .with_context(|| format!("binding HTTP status on {}", config.http_bind))?;
         let docker = Docker::start(
@@ -109,6 +114,14 @@ impl Daemon {
             docker: Some(docker),
             gossip: Some(gossip),
         })
+    }
+
+    /// Empties the forward cache (`SIGHUP`, `glued cache flush`).
+    pub fn flush_cache(&self) {
+        if let Some(cache) = self.forwarder.cache() {
+            cache.flush();
+            log::info!("forward cache flushed");
+        }
     }
 
     /// Stops every component, last started first.

@@ -1,4 +1,5 @@
-//! HTTP status: `/metrics`, `/healthz`, `/records`, `/peers`.
+//! HTTP status: `/metrics`, `/healthz`, `/records`, `/peers`, and
+//! `POST /cache/flush` (empties the forward cache).
 //!
 //! A deliberately small HTTP/1.1 server on one thread: it accepts one
 //! connection at a time, reads one `GET` request of bounded size under a
@@ -8,7 +9,8 @@
 //! [`REQUEST_DEADLINE`] plus [`ANSWER_DEADLINE`] (plus [`DRAIN_TIMEOUT`] for
 //! a refused request); no request makes it allocate
 //! more than [`MAX_REQUEST_BYTES`] for input; nothing here panics on input;
-//! the thread only reads the table, the metrics and the peer list.
+//! the thread only reads the table, the metrics and the peer list (a cache
+//! flush only bumps the cache's generation; the forwarder frees it).
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -18,6 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::dns::cache::Cache;
 use crate::gossip::Peers;
 use crate::metrics::Metrics;
 use crate::table::{SharedTable, Source};
@@ -42,10 +45,13 @@ pub const STOP_POLL: Duration = Duration::from_millis(100);
 /// Prometheus text exposition format.
 pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 /// Timeout of each step (connect, write, each read) of a status request
-/// made by `glued health`, `glued peers` and `glued records`.
+/// made by `glued health`, `glued peers`, `glued records` and `glued cache
+/// flush`.
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Largest answer those commands read.
 pub const MAX_CLIENT_ANSWER_BYTES: u64 = 64 << 20;
+/// `POST` here empties the forward cache (`glued cache flush`).
+pub const CACHE_FLUSH_PATH: &str = "/cache/flush";
 const JSON_CONTENT_TYPE: &str = "application/json";
 const TEXT_CONTENT_TYPE: &str = "text/plain; charset=utf-8";
 
@@ -54,6 +60,8 @@ struct State {
     table: SharedTable,
     metrics: Arc<Metrics>,
     peers: Peers,
+    /// The forward cache, when there is one (`POST /cache/flush`).
+    cache: Option<Arc<Cache>>,
 }
 
 /// The running status thread.
@@ -70,6 +78,7 @@ impl HttpServer {
         table: SharedTable,
         metrics: Arc<Metrics>,
         peers: Peers,
+        cache: Option<Arc<Cache>>,
     ) -> io::Result<HttpServer> {
         let listener = TcpListener::bind(bind)?;
         listener.set_nonblocking(true)?;
@@ -79,6 +88,7 @@ impl HttpServer {
             table,
             metrics,
             peers,
+            cache,
         };
         let thread = std::thread::Builder::new()
             .name("glued-http".into())
@@ -316,12 +326,15 @@ fn route(head: &[u8], state: &State) -> (Response, bool) {
         return (Response::text("400 Bad Request", "bad request"), false);
     }
     let head_only = method == "HEAD";
+    let path = target.split(['?', '#']).next().unwrap_or_default();
+    if path == CACHE_FLUSH_PATH {
+        return (cache_flush(method, state), false);
+    }
     if method != "GET" && !head_only {
         let mut r = Response::text("405 Method Not Allowed", "method not allowed");
         r.allow_get = true;
         return (r, false);
     }
-    let path = target.split(['?', '#']).next().unwrap_or_default();
     let response = match path {
         "/metrics" => Response {
             status: "200 OK",
@@ -347,6 +360,24 @@ fn healthz(state: &State) -> Response {
         Response::text("200 OK", "ok")
     } else {
         Response::text("503 Service Unavailable", &problems.join("\n"))
+    }
+}
+
+/// `POST /cache/flush`: empties the forward cache (404 without one).
+fn cache_flush(method: &str, state: &State) -> Response {
+    if method != "POST" {
+        return Response::text("405 Method Not Allowed", "use POST");
+    }
+    match &state.cache {
+        Some(cache) => {
+            cache.flush();
+            log::info!("forward cache flushed (status API)");
+            Response::text("200 OK", "flushed")
+        }
+        None => Response::text(
+            "404 Not Found",
+            "no forward cache (cache_size = 0 or no upstream)",
+        ),
     }
 }
 
@@ -410,12 +441,21 @@ pub fn client_addr(bind: SocketAddr) -> SocketAddr {
 
 /// `GET path` from a status server: its status code and body.
 pub fn get(addr: SocketAddr, path: &str) -> io::Result<(u16, String)> {
+    request(addr, "GET", path)
+}
+
+/// `POST path` with an empty body (`glued cache flush`).
+pub fn post(addr: SocketAddr, path: &str) -> io::Result<(u16, String)> {
+    request(addr, "POST", path)
+}
+
+fn request(addr: SocketAddr, method: &str, path: &str) -> io::Result<(u16, String)> {
     let mut stream = TcpStream::connect_timeout(&addr, CLIENT_TIMEOUT)?;
     stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
     stream.set_write_timeout(Some(CLIENT_TIMEOUT))?;
     write!(
         stream,
-        "GET {path} HTTP/1.1\r\nHost: glued\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: glued\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
     )?;
     let mut answer = Vec::new();
     stream
@@ -461,6 +501,7 @@ mod tests {
             table: crate::table::shared("glued.internal", 5),
             metrics: Arc::new(Metrics::default()),
             peers: Peers::default(),
+            cache: None,
         }
     }
 

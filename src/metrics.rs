@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use crate::dns::cache::CacheStats;
 use crate::dns::forward::ForwardStats;
 use crate::dns::stats::DnsStats;
 use crate::docker::DockerStats;
@@ -42,6 +43,7 @@ pub struct Metrics {
     pub http: Arc<Heartbeat>,
     /// `None`: the engine is not checked (no Docker watcher).
     pub docker_check: Option<DockerCheck>,
+    pub cache: Arc<CacheStats>,
 }
 
 impl Metrics {
@@ -54,6 +56,7 @@ impl Metrics {
         self.registry.render(&mut out);
         self.docker.render(&mut out);
         self.gossip.render(&mut out);
+        self.cache.render(&mut out);
         let _ = writeln!(
             out,
             "# HELP glued_records Addresses in the name table (every origin).\n\

@@ -10,13 +10,14 @@ use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::{Name, RecordType};
 
 use glued::dns::acl::Acl;
 use glued::dns::answer::{self, Context, MAX_MESSAGE_LEN, Outcome, Transport};
+use glued::dns::cache::{Cache, CacheConfig, Lookup};
 use glued::dns::forward::{ForwardStats, Forwarder};
 use glued::dns::stats::DnsStats;
 use glued::dns::udp::{self, UdpWorker};
@@ -225,6 +226,152 @@ fn udp_loop_allocates_nothing(bind: &str) {
     assert_eq!(
         measured, 0,
         "{measured} allocations for {n_answers} UDP answers"
+    );
+}
+
+/// Forwardable queries (RD, EDNS, mixed case) for names outside the zone.
+fn external_queries() -> Vec<Vec<u8>> {
+    ["www.Example.com.", "api.example.ORG.", "mail.example.net."]
+        .into_iter()
+        .map(|name| {
+            let mut m = Message::new(7, MessageType::Query, OpCode::Query);
+            m.metadata.recursion_desired = true;
+            m.add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
+            m.edns = Some(hickory_proto::op::Edns::new());
+            m.to_vec().unwrap()
+        })
+        .collect()
+}
+
+/// An upstream's answer to `query`: one A record, TTL one hour.
+fn upstream_answer(query: &[u8]) -> Vec<u8> {
+    use hickory_proto::rr::rdata::A;
+    use hickory_proto::rr::{RData, Record};
+    let q = Message::from_vec(query).unwrap();
+    let mut m = Message::response(q.metadata.id, OpCode::Query);
+    m.metadata.recursion_desired = true;
+    m.metadata.recursion_available = true;
+    m.queries = q.queries.clone();
+    m.edns = q.edns.clone();
+    m.answers.push(Record::from_rdata(
+        q.queries[0].name().clone(),
+        3600,
+        RData::A(A::new(192, 0, 2, 1)),
+    ));
+    m.to_vec().unwrap()
+}
+
+#[test]
+fn a_cache_hit_allocates_nothing() {
+    let (cache, mut writer) = Cache::new(CacheConfig::default(), Arc::default()).unwrap();
+    let queries = external_queries();
+    for q in &queries {
+        assert!(writer.insert(q, &upstream_answer(q), Instant::now()));
+    }
+    let reader = cache.reader();
+    let mut out = Vec::with_capacity(udp::SEND_BUF_LEN);
+    let hit = |out: &mut Vec<u8>, q: &[u8]| {
+        let l = reader.answer(q, Transport::Udp, Instant::now(), out);
+        assert!(matches!(l, Lookup::Hit { stale: false, .. }), "{l:?}");
+    };
+    for q in &queries {
+        hit(&mut out, q);
+        assert_eq!(Message::from_vec(&out).unwrap().answers.len(), 1);
+    }
+    let before = allocations();
+    for _ in 0..1000 {
+        for q in &queries {
+            hit(&mut out, q);
+        }
+    }
+    let n = allocations() - before;
+    assert_eq!(
+        n,
+        0,
+        "{n} allocations for {} cache hits",
+        1000 * queries.len()
+    );
+}
+
+/// A cache hit through the real UDP loop: the queries go upstream once (a
+/// stub on loopback), then every answer is a hit built in the batch.
+#[test]
+fn the_udp_loop_allocates_nothing_per_cache_hit() {
+    let upstream = UdpSocket::bind("127.0.0.1:0").unwrap();
+    upstream
+        .set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    let upstream_addr = upstream.local_addr().unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stub = std::thread::spawn({
+        let stop = stop.clone();
+        move || {
+            let mut buf = [0u8; 4096];
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok((n, from)) = upstream.recv_from(&mut buf) {
+                    let _ = upstream.send_to(&upstream_answer(&buf[..n]), from);
+                }
+            }
+        }
+    });
+    let config = glued::config::Config {
+        upstreams: vec![upstream_addr],
+        ..glued::config::Config::loopback(std::env::temp_dir())
+    };
+    let forwarder = Forwarder::start_with_cache(
+        &config,
+        Arc::new(ForwardStats::default()),
+        Some(Arc::default()),
+    )
+    .unwrap();
+    let stats = DnsStats::default();
+    let shared = Arc::new(arc_swap::ArcSwap::from_pointee(table()));
+    let socket = Arc::new(udp::bind("127.0.0.1:0".parse().unwrap()).unwrap());
+    let server = socket.local_addr().unwrap();
+    let mut worker = UdpWorker::new(
+        socket,
+        shared,
+        forwarder.clone(),
+        stats.register(),
+        Acl::new(&config.allow_nets),
+    );
+    let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let queries = external_queries();
+    let mut buf = vec![0u8; 4096];
+    let mut measured = 0;
+    let mut n_answers = 0;
+    for round in 0..50 {
+        for q in &queries {
+            client.send_to(q, server).unwrap();
+        }
+        let mut received = 0;
+        while received < queries.len() {
+            let before = allocations();
+            received += worker.serve_batch().unwrap();
+            if round >= 5 {
+                measured += allocations() - before;
+            }
+        }
+        for _ in &queries {
+            let n = client.recv(&mut buf).unwrap();
+            let m = Message::from_vec(&buf[..n]).unwrap();
+            assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+            assert_eq!(m.answers.len(), 1);
+            if round >= 5 {
+                n_answers += 1;
+            }
+        }
+    }
+    forwarder.stop();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    stub.join().unwrap();
+    assert!(n_answers >= 135);
+    assert_eq!(
+        measured, 0,
+        "{measured} allocations for {n_answers} UDP cache hits"
     );
 }
 

@@ -60,7 +60,7 @@
 
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
@@ -328,8 +328,12 @@ pub struct Cache {
     epoch: Instant,
     /// Bumped by [`Cache::flush`]; older entries are not answered.
     generation: AtomicU32,
+    /// Run after each flush: the writer's thread sets it to be woken.
+    flush_hook: OnceLock<FlushHook>,
     stats: Arc<CacheStats>,
 }
+
+type FlushHook = Box<dyn Fn() + Send + Sync>;
 
 impl Cache {
     /// A cache for `config.size` entries and its single writer; `None` when
@@ -349,6 +353,7 @@ impl Cache {
             hasher: foldhash::fast::RandomState::default(),
             epoch: Instant::now(),
             generation: AtomicU32::new(0),
+            flush_hook: OnceLock::new(),
             stats,
         });
         let writer = CacheWriter {
@@ -380,6 +385,21 @@ impl Cache {
     /// them now, the writer frees them on its next turn.
     pub fn flush(&self) {
         self.generation.fetch_add(1, Relaxed);
+        if let Some(hook) = self.flush_hook.get() {
+            hook();
+        }
+    }
+
+    /// Sets what [`Cache::flush`] runs afterwards (once; later calls are
+    /// ignored): the writer's thread wakes itself up to call
+    /// [`CacheWriter::maintain`].
+    pub fn set_flush_hook(&self, hook: impl Fn() + Send + Sync + 'static) {
+        let _ = self.flush_hook.set(Box::new(hook));
+    }
+
+    /// Counts a refresh sent upstream (prefetch or behind a stale answer).
+    pub fn count_prefetch(&self) {
+        self.stats.prefetches.fetch_add(1, Relaxed);
     }
 
     fn now_ms(&self, now: Instant) -> u64 {

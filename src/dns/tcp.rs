@@ -30,6 +30,7 @@ use crate::table::SharedTable;
 
 use super::acl::Acl;
 use super::answer::{self, Context, MAX_MESSAGE_LEN, Outcome, Transport};
+use super::cache::{CacheReader, Lookup};
 use super::forward::{Forwarder, Reply};
 use super::stats::Counters;
 use super::wire::RCODE_SERVFAIL;
@@ -129,6 +130,8 @@ enum Drive {
 struct Ctx {
     table: SharedTable,
     forwarder: Forwarder,
+    /// The forwarder's cache: hits are answered here.
+    cache: Option<CacheReader>,
     counters: Arc<Counters>,
     acl: Acl,
     limits: TcpLimits,
@@ -166,6 +169,7 @@ pub(crate) fn run(
     let mut ctx = Ctx {
         recursion: forwarder.forwards(),
         table,
+        cache: forwarder.cache().map(|c| c.reader()),
         forwarder,
         counters,
         acl,
@@ -497,6 +501,18 @@ fn handle_frame(ctx: &mut Ctx, c: &mut Conn, start: usize, len: usize) {
         };
         match answer::answer(query, &table, &context, out) {
             Outcome::Forward { qtype, .. } => {
+                if let Some(cache) = &ctx.cache
+                    && let Lookup::Hit { refresh, .. } =
+                        cache.answer(query, Transport::Tcp, Instant::now(), out)
+                {
+                    ctx.counters.query(qtype);
+                    if refresh {
+                        ctx.forwarder.refresh(query);
+                    }
+                    c.wbuf.extend_from_slice(&(out.len() as u16).to_be_bytes());
+                    c.wbuf.extend_from_slice(out);
+                    return;
+                }
                 if c.pending < MAX_PENDING_FORWARDS
                     && ctx.forwarder.submit(
                         query,

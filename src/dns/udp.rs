@@ -25,12 +25,13 @@ use std::mem::{size_of, zeroed};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::table::SharedTable;
 
 use super::acl::Acl;
 use super::answer::{self, Context, Outcome, Transport, UDP_PAYLOAD_ADVERTISED};
+use super::cache::{CacheReader, Lookup};
 use super::forward::{Forwarder, Reply};
 use super::stats::Counters;
 use super::wire::{RCODE_REFUSED, RCODE_SERVFAIL};
@@ -263,6 +264,8 @@ pub struct UdpWorker {
     socket: Arc<UdpSocket>,
     table: SharedTable,
     forwarder: Forwarder,
+    /// The forwarder's cache: hits are answered in the batch.
+    cache: Option<CacheReader>,
     counters: Arc<Counters>,
     acl: Acl,
     /// What [`answer::answer`] is told besides the query; `local` is the
@@ -351,6 +354,7 @@ impl UdpWorker {
         UdpWorker {
             socket,
             table,
+            cache: forwarder.cache().map(|c| c.reader()),
             forwarder,
             counters,
             acl,
@@ -487,6 +491,16 @@ impl UdpWorker {
         }
         match answer::answer(query, &table, &context, out) {
             Outcome::Forward { qtype, max_len } => {
+                if let Some(cache) = &self.cache
+                    && let Lookup::Hit { refresh, .. } =
+                        cache.answer(query, Transport::Udp, Instant::now(), out)
+                {
+                    self.counters.query(qtype);
+                    if refresh {
+                        self.forwarder.refresh(query);
+                    }
+                    return true;
+                }
                 let Some(peer) = to_socket_addr(&self.names[i]) else {
                     return false; // unreachable: peer_ip parsed it
                 };

@@ -63,6 +63,7 @@ fn server() -> Server {
         table.clone(),
         Arc::new(Metrics::default()),
         peers.clone(),
+        None,
     )
     .unwrap();
     Server { http, table, peers }

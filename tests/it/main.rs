@@ -3,6 +3,7 @@
 
 mod support;
 
+mod cache;
 mod cluster;
 mod config;
 mod dns;

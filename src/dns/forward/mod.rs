@@ -50,6 +50,7 @@ use rand::rngs::{StdRng, SysRng};
 use rand::{RngExt, SeedableRng};
 
 use crate::config::Config;
+use crate::dns::cache::{CLIENT_RESPONSE_TIMER, Cache, CacheStats, CacheWriter};
 use crate::dns::udp::{LocalAddr, send_from};
 use health::{Change, Health, Outcome};
 pub use health::{DOWN_AFTER_FAILURES, PROBE_INTERVAL};
@@ -159,10 +160,10 @@ impl Forwarder {
     }
 }
 
-/// A query handed over by a serving thread.
+/// A query handed over by a serving thread; no reply for a cache refresh.
 struct Job {
     query: Vec<u8>,
-    reply: Reply,
+    reply: Option<Reply>,
     received: Instant,
 }
 
@@ -228,6 +229,9 @@ impl Drop for Link {
 pub struct Forwarder {
     /// `None` when there is no upstream: every query is refused at once.
     link: Option<Arc<Link>>,
+    /// The forward cache the forwarding thread writes (none without
+    /// upstreams or with `cache_size = 0`).
+    cache: Option<Arc<Cache>>,
 }
 
 impl Forwarder {
@@ -235,11 +239,28 @@ impl Forwarder {
     /// `config.upstreams`. With no upstream, starts nothing and `submit`
     /// always returns false (the caller answers SERVFAIL at once).
     pub fn start(config: &Config, stats: Arc<ForwardStats>) -> io::Result<Forwarder> {
+        Forwarder::start_with_cache(config, stats, None)
+    }
+
+    /// [`Forwarder::start`] with the forward cache of `config.cache`
+    /// (counted in `cache_stats`), written by the forwarding thread only.
+    pub fn start_with_cache(
+        config: &Config,
+        stats: Arc<ForwardStats>,
+        cache_stats: Option<Arc<CacheStats>>,
+    ) -> io::Result<Forwarder> {
         let upstreams = stats.set_upstreams(&config.upstreams);
         if upstreams.is_empty() {
             log::warn!("no upstream resolver: names that are not ours get SERVFAIL");
-            return Ok(Forwarder { link: None });
+            return Ok(Forwarder {
+                link: None,
+                cache: None,
+            });
         }
+        let (cache, cache_writer) = match cache_stats.and_then(|s| Cache::new(config.cache, s)) {
+            Some((cache, writer)) => (Some(cache), Some(writer)),
+            None => (None, None),
+        };
         let rng = StdRng::try_from_rng(&mut SysRng)
             .map_err(|e| io::Error::other(format!("no randomness from the OS: {e}")))?;
         let poll = Poll::new()?;
@@ -304,6 +325,7 @@ impl Forwarder {
             stats.clone(),
             shared.clone(),
         );
+        forwarding.cache = cache_writer;
         let handle = std::thread::Builder::new()
             .name("glued-forward".into())
             .spawn(move || {
@@ -323,15 +345,45 @@ impl Forwarder {
         }
         *shared.threads.lock().unwrap_or_else(|e| e.into_inner()) = threads;
         log::info!("forwarding to {:?}", config.upstreams);
+        if let Some(cache) = &cache {
+            // A flush wakes the forwarding thread, which frees the entries.
+            let weak = Arc::downgrade(&shared);
+            cache.set_flush_hook(move || {
+                if let Some(shared) = weak.upgrade() {
+                    let _ = shared.waker.wake();
+                }
+            });
+        }
         Ok(Forwarder {
             link: Some(Arc::new(Link { tx, shared })),
+            cache,
         })
+    }
+
+    /// The forward cache, for the serving threads' lookups.
+    pub fn cache(&self) -> Option<&Arc<Cache>> {
+        self.cache.as_ref()
+    }
+
+    /// Sends `query` (a client's, any id) upstream to refresh its cache
+    /// entry; nobody waits for the answer. False when the forwarder cannot
+    /// take it now (the entry asks again later).
+    pub fn refresh(&self, query: &[u8]) -> bool {
+        let sent = self.hand_over(query, None);
+        if sent && let Some(cache) = &self.cache {
+            cache.count_prefetch();
+        }
+        sent
     }
 
     /// Hands a client's query over without blocking. Returns false when the
     /// forwarder is saturated, has no upstream, is stopped, or the query
     /// has not exactly one question (the caller answers SERVFAIL).
     pub fn submit(&self, query: &[u8], reply: Reply) -> bool {
+        self.hand_over(query, Some(reply))
+    }
+
+    fn hand_over(&self, query: &[u8], reply: Option<Reply>) -> bool {
         match &self.link {
             Some(link)
                 if wire::question(query).is_some()
@@ -453,8 +505,11 @@ struct Pending {
     /// forwarder's id.
     query: Vec<u8>,
     /// Who waits for the answer, the first client first; nobody for a
-    /// health probe.
+    /// health probe or a cache refresh.
     waiters: Vec<Waiter>,
+    /// A cache refresh (or clients already given a stale answer): the
+    /// answer goes into the cache, to whoever joined meanwhile.
+    refresh: bool,
     /// Hash of its [`wire::merge_key`] while identical queries may join it.
     merge_hash: Option<u64>,
     /// When the first client's query arrived: the budget counts from there.
@@ -476,7 +531,7 @@ impl Pending {
         self.tried().last().map(|u| *u as usize)
     }
     fn is_probe(&self) -> bool {
-        self.waiters.is_empty()
+        self.waiters.is_empty() && !self.refresh
     }
     /// Whether a reply from `from` on `socket` answers one of our attempts;
     /// the upstream's index if so.
@@ -522,6 +577,12 @@ struct Forwarding {
     /// `. NS` query sent to down upstreams, id set per probe.
     probe: Vec<u8>,
     scratch: Vec<u8>,
+    /// The cache's one writer.
+    cache: Option<CacheWriter>,
+    /// (client-response deadline, id, the query's `received`): waiters
+    /// whose question has a stale cache entry get it then if no answer
+    /// came (RFC 8767 §5).
+    stale_timers: BinaryHeap<Reverse<(Instant, u16, Instant)>>,
     rx: Receiver<Job>,
     tcp_tx: Sender<tcp::TcpJob>,
     stats: Arc<ForwardStats>,
@@ -557,6 +618,8 @@ impl Forwarding {
             recv_buf: vec![0; MAX_MESSAGE_LEN],
             probe: wire::probe_query(),
             scratch: Vec::with_capacity(MAX_MESSAGE_LEN),
+            cache: None,
+            stale_timers: BinaryHeap::new(),
             rx,
             tcp_tx,
             stats,
@@ -574,7 +637,11 @@ impl Forwarding {
         loop {
             self.stats.heartbeat.beat();
             let now = Instant::now();
+            if let Some(cache) = &mut self.cache {
+                cache.maintain();
+            }
             self.fire_timers(now);
+            self.fire_stale_timers(now);
             self.send_probes(now);
             // Wakes at least every BEAT_INTERVAL, so an idle thread beats.
             let timeout = Some(
@@ -634,7 +701,12 @@ impl Forwarding {
     }
 
     fn next_deadline(&self) -> Option<Instant> {
+        let stale = self.stale_timers.peek().map(|Reverse((at, _, _))| *at);
         let timer = self.timers.peek().map(|Reverse((at, _, _))| *at);
+        let timer = match (timer, stale) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         let probe = self.healths.iter().filter_map(Health::next_probe).min();
         match (timer, probe) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -665,11 +737,21 @@ impl Forwarding {
         let Some(original_id) = wire::id(&job.query) else {
             return;
         };
+        let Some(reply) = job.reply else {
+            self.start_refresh(job.query, job.received, now);
+            return;
+        };
         let waiter = Waiter {
             original_id,
-            reply: job.reply,
+            reply,
             received: job.received,
         };
+        // A client whose question has an expired cache entry gets it when
+        // the client-response timer runs out.
+        let stale_candidate = self
+            .cache
+            .as_ref()
+            .is_some_and(|c| c.cache().has_stale(&job.query, now));
         if self.n_waiting >= MAX_IN_FLIGHT || self.pending.len() >= MAX_IN_FLIGHT {
             log::debug!("{MAX_IN_FLIGHT} queries in flight: SERVFAIL");
             self.servfail(&job.query, std::slice::from_ref(&waiter));
@@ -683,15 +765,101 @@ impl Forwarding {
             && wire::merge_key(&p.query) == key
         {
             p.waiters.push(waiter);
+            let (id, first_received) = (*id, p.received);
             self.n_waiting += 1;
             self.stats.merged.fetch_add(1, Ordering::Relaxed);
+            if stale_candidate {
+                self.push_stale_timer(job.received, id, first_received);
+            }
             return;
         }
         let id = self.fresh_id();
         let mut query = job.query;
         wire::set_id(&mut query, id);
         self.insert(id, query, vec![waiter], job.received, merge_hash);
+        if stale_candidate {
+            self.push_stale_timer(job.received, id, job.received);
+        }
         self.next_attempt(id, now);
+    }
+
+    /// A cache refresh: goes upstream with nobody waiting, unless the same
+    /// question is already in flight (its answer refreshes the entry).
+    fn start_refresh(&mut self, mut query: Vec<u8>, received: Instant, now: Instant) {
+        if self.pending.len() >= MAX_IN_FLIGHT {
+            return;
+        }
+        let key = wire::merge_key(&query);
+        let merge_hash = key.map(|k| self.merge_hasher.hash_one(k));
+        if let Some(hash) = merge_hash
+            && let Some(id) = self.merging.get(&hash)
+            && let Some(p) = self.pending.get(id)
+            && wire::merge_key(&p.query) == key
+        {
+            return;
+        }
+        let id = self.fresh_id();
+        wire::set_id(&mut query, id);
+        self.insert(id, query, Vec::new(), received, merge_hash);
+        if let Some(p) = self.pending.get_mut(&id) {
+            p.refresh = true;
+        }
+        self.next_attempt(id, now);
+    }
+
+    /// The client-response timer of a client that arrived at `received`,
+    /// for query `id` (first received at `first_received`). At most one
+    /// per waiting client, so bounded like them.
+    fn push_stale_timer(&mut self, received: Instant, id: u16, first_received: Instant) {
+        self.stale_timers.push(Reverse((
+            received + CLIENT_RESPONSE_TIMER,
+            id,
+            first_received,
+        )));
+    }
+
+    /// Gives the waiters of a query whose client-response timer ran out
+    /// their stale answer; the query goes on upstream as a refresh.
+    fn fire_stale_timers(&mut self, now: Instant) {
+        while let Some(Reverse((at, id, received))) = self.stale_timers.peek().copied() {
+            if at > now {
+                return;
+            }
+            self.stale_timers.pop();
+            let Some(p) = self.pending.get_mut(&id) else {
+                continue;
+            };
+            if p.received != received || p.waiters.is_empty() {
+                continue;
+            }
+            let waiters = std::mem::take(&mut p.waiters);
+            let query = p.query.clone();
+            if self.answer_stale(&query, &waiters, now) {
+                self.n_waiting -= waiters.len();
+                if let Some(p) = self.pending.get_mut(&id) {
+                    p.refresh = true;
+                }
+            } else if let Some(p) = self.pending.get_mut(&id) {
+                // The entry went away meanwhile: they keep waiting.
+                p.waiters = waiters;
+            }
+        }
+    }
+
+    /// Sends `query`'s stale cache entry (TTL 30) to each waiter with its
+    /// own id; false when the cache has none to give.
+    fn answer_stale(&mut self, query: &[u8], waiters: &[Waiter], now: Instant) -> bool {
+        let Some(cache) = &self.cache else {
+            return false;
+        };
+        let mut out = std::mem::take(&mut self.scratch);
+        let answered = cache.cache().answer_stale(query, now, &mut out);
+        if answered {
+            let mut unused = Vec::new();
+            deliver_answer(&self.stats, &mut out, waiters, &mut unused);
+        }
+        self.scratch = out;
+        answered
     }
 
     fn insert(
@@ -711,6 +879,7 @@ impl Forwarding {
             Pending {
                 query,
                 waiters,
+                refresh: false,
                 merge_hash,
                 received,
                 tried: [0; MAX_ATTEMPTS],
@@ -966,6 +1135,14 @@ impl Forwarding {
         if p.is_probe() {
             return;
         }
+        if !wire::is_truncated(msg)
+            && let Some(cache) = &mut self.cache
+        {
+            cache.insert(&p.query, msg, Instant::now());
+        }
+        if p.waiters.is_empty() {
+            return;
+        }
         if wire::is_truncated(msg) {
             let job = tcp::TcpJob {
                 upstream: self.upstreams[upstream].clone(),
@@ -982,10 +1159,23 @@ impl Forwarding {
         }
     }
 
-    /// Answers query `id` SERVFAIL and forgets it.
+    /// Every upstream failed query `id`: its clients get the stale cache
+    /// entry if there is one, else SERVFAIL (cached a few seconds, RFC
+    /// 9520). A refresh just ends: the stale entry stays.
     fn fail(&mut self, id: u16) {
-        if let Some(p) = self.take(id) {
-            self.servfail(&p.query, &p.waiters);
+        let Some(p) = self.take(id) else {
+            return;
+        };
+        if p.waiters.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        if self.answer_stale(&p.query, &p.waiters, now) {
+            return;
+        }
+        self.servfail(&p.query, &p.waiters);
+        if let Some(cache) = &mut self.cache {
+            cache.insert(&p.query, &self.scratch, now);
         }
     }
 
@@ -1008,9 +1198,12 @@ impl Forwarding {
     /// Answers every query still in flight SERVFAIL.
     fn shutdown(&mut self) {
         while let Ok(job) = self.rx.try_recv() {
+            let Some(reply) = job.reply else {
+                continue;
+            };
             let waiter = Waiter {
                 original_id: wire::id(&job.query).unwrap_or(0),
-                reply: job.reply,
+                reply,
                 received: job.received,
             };
             self.servfail(&job.query, std::slice::from_ref(&waiter));
@@ -1104,12 +1297,12 @@ mod tests {
             query[0..2].copy_from_slice(&(i as u16).to_be_bytes());
             let job = Job {
                 query: query.clone(),
-                reply: Reply::Udp {
+                reply: Some(Reply::Udp {
                     socket: client.clone(),
                     peer,
                     local: None,
                     max_len: 512,
-                },
+                }),
                 received: Instant::now(),
             };
             f.start_query(job);
