@@ -3,9 +3,9 @@
 # names outside their own zone — to the same upstream, an NSD serving those
 # names on another port. The forwarder under test is pinned to CPU 0; dnsperf
 # and the upstream NSD share CPU 1, so CPU 0 holds only the forwarder. dnsmasq
-# runs with cache-size=0 so that every query really is forwarded (Glued has
-# no cache). Two passes per forwarder: saturated and at a fixed offered rate
-# (90 % of what dnsmasq answered saturated, or $RATE). Prints qps, lost,
+# runs with cache-size=0 so that every query really is forwarded, and Glued
+# with GLUED_CACHE_SIZE=0. Two passes per forwarder: saturated and at a fixed
+# offered rate (90 % of what dnsmasq answered saturated, or $RATE). Prints qps, lost,
 # latency and the forwarder's CPU µs per answered query, and the ratio
 # Glued/dnsmasq.
 #
@@ -19,6 +19,8 @@ FORWARDERS="${FORWARDERS:-dnsmasq glued}"
 RATE="${RATE:-}"
 UPSTREAM_DOMAIN="${UPSTREAM_DOMAIN:-upstream.test}"
 UPSTREAM_PORT=$((BASE_PORT + 50))
+# Every query really forwarded: Glued's cache off (bench/cache.sh measures it).
+CACHE_SIZE=0
 
 install_packages
 case " $FORWARDERS " in *" glued "*) build_glued ;; esac

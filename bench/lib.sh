@@ -462,7 +462,7 @@ start_dnsmasq() {
 
 # Glued: a generated glued.toml with the static records, one DNS thread, no
 # mDNS, gossip on 127.0.0.1:0, a network that does not exist. $4 (ip:port)
-# sets the upstream.
+# sets the upstream; CACHE_SIZE (default 10000) its forward cache.
 start_glued() {
     local label=$1 port=$2 cpu=$3 upstream=${4:-127.0.0.1:9} dir="$WORK/$1" i
     mkdir -p "$dir/data"
@@ -489,6 +489,7 @@ start_glued() {
         GLUED_GOSSIP_BIND=127.0.0.1:0 GLUED_HTTP_BIND=127.0.0.1:0 \
         GLUED_DATA_DIR="$dir/data" GLUED_NETWORK_NAME=glued-bench-no-such-network \
         GLUED_UPSTREAMS="$upstream" GLUED_DOMAIN="$ZONE_DOMAIN" RUST_LOG=warn \
+        GLUED_CACHE_SIZE="${CACHE_SIZE:-10000}" \
         "$GLUED_BIN" run --config "$dir/glued.toml"
 }
 
