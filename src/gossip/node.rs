@@ -864,6 +864,13 @@ impl Node {
         if id == self.my_id {
             return;
         }
+        if !self.origins.contains_key(&id) {
+            log::info!(
+                "gossip: first message from peer {id} ({}) at {}",
+                header.node_name,
+                peer_addr(&self.auth, &self.bootstrap, &id)
+            );
+        }
         let o = self
             .origins
             .entry(id)
@@ -877,8 +884,9 @@ impl Node {
             }
             Fresh::NewIncarnation => {
                 log::info!(
-                    "gossip: {id} ({}) restarted; keeping its records until its full state arrives",
-                    header.node_name
+                    "gossip: {id} ({}) at {} restarted; keeping its records until its full state arrives",
+                    header.node_name,
+                    peer_addr(&self.auth, &self.bootstrap, &id)
                 );
                 o.known = None;
                 o.advertised = 0;
@@ -1060,8 +1068,9 @@ impl Node {
                 if o.holds {
                     o.holds = false;
                     log::info!(
-                        "gossip: lease of {id} ({}) expired, dropping its records",
-                        o.node_name
+                        "gossip: lease of {id} ({}) at {} expired, dropping its records",
+                        o.node_name,
+                        peer_addr(&self.auth, &self.bootstrap, id)
                     );
                     send_registry(
                         &self.registry,
@@ -1200,6 +1209,26 @@ impl Node {
         list.sort_by(|a, b| a.node_name.cmp(&b.node_name).then(a.id.cmp(&b.id)));
         *self.peers.lock().expect("peers lock") = list;
     }
+}
+
+/// A peer's address for log lines: where it was admitted from, else its
+/// bootstrap address, else `an unknown address` (heard through others).
+fn peer_addr(
+    auth: &AuthState,
+    bootstrap: &[(EndpointId, Option<String>)],
+    id: &EndpointId,
+) -> String {
+    auth.admitted()
+        .get(id)
+        .and_then(|a| a.addr)
+        .map(|a| a.to_string())
+        .or_else(|| {
+            bootstrap
+                .iter()
+                .find(|(b, _)| b == id)
+                .and_then(|(_, addr)| addr.clone())
+        })
+        .unwrap_or_else(|| "an unknown address".into())
 }
 
 /// Sends to the registry without stalling the runtime for long: the

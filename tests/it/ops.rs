@@ -450,6 +450,20 @@ fn glued_peers_and_records_show_a_two_node_cluster_as_tables_and_json() {
     );
     assert!(row_b.trim_end().ends_with("static"), "{row_b}");
     assert_eq!(row_b.find("10.9.9.9"), header.find("ADDRESSES"), "{table}");
+
+    // Peer log lines name the node and its address.
+    let line = format!(
+        "gossip: first message from peer {b_id} (node-b) at {}",
+        b.gossip
+    );
+    assert!(a.log().contains(&line), "no {line:?} in:\n{}", a.log());
+    let a_id = a.id();
+    let line = format!("gossip: first message from peer {a_id} (node-a) at 127.0.0.1:");
+    assert!(
+        wait_until(CONVERGE, || b.log().contains(&line)),
+        "no {line:?} in:\n{}",
+        b.log()
+    );
 }
 
 // ---------------------------------------------------------------- metrics
