@@ -273,7 +273,8 @@ fn healthz_and_glued_health_follow_the_docker_engine_going_and_coming_back() {
             secs.split(' ').next()?.parse().ok()
         })
         .unwrap_or_else(|| panic!("no Docker reason in {body:?}"));
-    assert!(silent > window_secs as f64, "{body}");
+    // Shown to a tenth of a second: 2.04 s reads "2.0".
+    assert!(silent >= window_secs as f64, "{body}");
     assert!(
         silent <= lost.elapsed().as_secs_f64() + window_secs as f64,
         "{body}"
