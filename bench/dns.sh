@@ -7,9 +7,43 @@
 # server's CPU µs per answered query, then the ratios Glued/NSD and
 # Glued/echo.
 #
-# Usage: bench/dns.sh            (as root on a fresh Debian 12; a few minutes)
+# With --threads N: the echo floor (N SO_REUSEPORT processes), NSD
+# (server-count N), Knot (udp-workers N) and Glued (dns_threads N), each
+# pinned to CPUs 0..N-1, dnsperf with one thread per remaining CPU (all CPUs
+# when none remain), measured as ../shared/bench-multicore/run.sh does:
+# saturated only, dnsperf -T <client CPUs> -c 8×that -q 2000, a 1 s
+# warm-up, server CPU time of the process tree per completed query.
+#
+# Usage: bench/dns.sh [--threads N]  (as root on a fresh Debian 12; a few minutes)
 # Knobs: DURATION=10 RATE=<qps> SERVERS="nsd echo knot unbound dnsmasq glued"
 #        SKIP_INSTALL=1 SKIP_BUILD=1 KEEP_WORK=1 (see bench/lib.sh)
+
+MULTI=0
+while [ $# -gt 0 ]; do
+    case $1 in
+        --threads) THREADS="${2:?--threads needs a number}"; MULTI=1; shift 2 ;;
+        --threads=*) THREADS="${1#--threads=}"; MULTI=1; shift ;;
+        *) echo "usage: $0 [--threads N]" >&2; exit 2 ;;
+    esac
+done
+if [ "$MULTI" = 1 ]; then
+    [[ "$THREADS" =~ ^[1-9][0-9]*$ ]] || { echo "--threads: a number ≥ 1, not '$THREADS'" >&2; exit 2; }
+    n_cpus="$(nproc)"
+    SERVER_CPU="0-$((THREADS - 1))"
+    if [ "$THREADS" -lt "$n_cpus" ]; then
+        CLIENT_CPU="$THREADS-$((n_cpus - 1))"
+        CLIENT_THREADS=$((n_cpus - THREADS))
+    else
+        CLIENT_CPU="0-$((n_cpus - 1))"
+        CLIENT_THREADS=1
+        echo "NOTE: $THREADS serving threads on $n_cpus CPUs: dnsperf shares the servers' CPUs" >&2
+    fi
+    CLIENTS=$((CLIENT_THREADS * 8))
+    OUTSTANDING=2000
+    DURATION="${DURATION:-5}"
+    SERVERS="${SERVERS:-nsd echo knot glued}"
+fi
+export THREADS
 
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -49,9 +83,13 @@ for server in $ordered; do
     fi
     # Warm-up (not measured): fills caches, faults pages in, starts threads.
     taskset -c "$CLIENT_CPU" dnsperf -s 127.0.0.1 -p "$port" -d "$QUERIES" -l 1 \
-        -c "$CLIENTS" -q "$OUTSTANDING" > /dev/null 2>&1 || true
+        -c "$CLIENTS" -T "$CLIENT_THREADS" -q "$OUTSTANDING" > /dev/null 2>&1 || true
     log "$server: saturated, ${DURATION}s"
     SAT[$server]="$(measure "$pid" "$port" "$QUERIES" "$server-sat" 0)"
+    if [ "$MULTI" = 1 ]; then
+        stop_server "$pid"
+        continue
+    fi
     if [ -z "$RATE" ]; then
         if [ "$server" = nsd ]; then
             RATE="$(awk '{ printf "%d", $1 * 0.9 }' <<<"${SAT[nsd]}")"
@@ -73,20 +111,26 @@ echo
 echo "Pass 1: saturated (dnsperf sends as fast as answers come back, -q $OUTSTANDING in flight)"
 print_header
 for s in $ordered; do [ -n "${SAT[$s]:-}" ] && print_row "$s" "${SAT[$s]}"; done
-echo
-echo "Pass 2: fixed offered rate, -Q $RATE"
-print_header
-for s in $ordered; do [ -n "${FIXED[$s]:-}" ] && print_row "$s" "${FIXED[$s]}"; done
+if [ "$MULTI" = 0 ]; then
+    echo
+    echo "Pass 2: fixed offered rate, -Q $RATE"
+    print_header
+    for s in $ordered; do [ -n "${FIXED[$s]:-}" ] && print_row "$s" "${FIXED[$s]}"; done
+fi
 print_noise_legend
 echo
 
 us() { awk '{ print $6 }' <<<"${1:-}"; }
-for pass in SAT FIXED; do
+echo_target=$([ "$THREADS" -gt 1 ] && echo 1.20 || echo 1.15)
+passes=$([ "$MULTI" = 1 ] && echo SAT || echo "SAT FIXED")
+for pass in $passes; do
     declare -n P=$pass
     g="$(us "${P[glued]:-}")"; nsd="$(us "${P[nsd]:-}")"; e="$(us "${P[echo]:-}")"
+    k="$(us "${P[knot]:-}")"
     name=$([ "$pass" = SAT ] && echo saturated || echo "fixed rate")
-    echo "CPU µs/query ratios ($name): Glued/NSD = $(ratio "$g" "$nsd") (target ≤ 1.00)," \
-        "Glued/echo = $(ratio "$g" "$e") (target ≤ 1.15)"
+    echo "CPU µs/query ratios ($name, $THREADS serving threads): Glued/NSD = $(ratio "$g" "$nsd") (target ≤ 1.00)," \
+        "Glued/Knot = $(ratio "$g" "$k") (target ≤ 1.00)," \
+        "Glued/echo = $(ratio "$g" "$e") (target ≤ $echo_target)"
     unset -n P
 done
 if [ -n "${FIXED[glued]:-}" ]; then

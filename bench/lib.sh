@@ -14,10 +14,12 @@ REPO_DIR="$(cd "$BENCH_DIR/.." && pwd)"
 
 # ---- knobs (environment overrides) -----------------------------------------
 DURATION="${DURATION:-10}"          # seconds per dnsperf pass (-l)
-SERVER_CPU="${SERVER_CPU:-0}"       # CPU the server under test is pinned to
-CLIENT_CPU="${CLIENT_CPU:-1}"       # CPU dnsperf (and helper servers) run on
+SERVER_CPU="${SERVER_CPU:-0}"       # CPU(s) the server under test is pinned to (taskset list)
+CLIENT_CPU="${CLIENT_CPU:-1}"       # CPU(s) dnsperf (and helper servers) run on
 CLIENTS="${CLIENTS:-4}"             # dnsperf -c: sockets (source ports)
 OUTSTANDING="${OUTSTANDING:-200}"   # dnsperf -q: queries in flight
+CLIENT_THREADS="${CLIENT_THREADS:-1}" # dnsperf -T: client threads
+THREADS="${THREADS:-1}"             # serving threads (processes for the echo floor)
 QUERY_TIMEOUT="${QUERY_TIMEOUT:-2}" # dnsperf -t: a query unanswered this long is lost
 ZONE_NAMES="${ZONE_NAMES:-1000}"    # names in the zone
 QUERY_LINES="${QUERY_LINES:-20000}" # lines in the (looped) query file
@@ -153,10 +155,21 @@ tree_ticks() {
     echo "$total"
 }
 
-# Busy (non-idle, non-iowait) ticks of CPU $1 from /proc/stat: everything that
-# ran there, including soft interrupts not charged to any process.
+# The CPUs of a taskset list ("0", "0-3", "0,2-3"), one per line.
+cpu_list() {
+    local part
+    for part in ${1//,/ }; do
+        if [[ "$part" == *-* ]]; then seq "${part%-*}" "${part#*-}"; else echo "$part"; fi
+    done
+}
+
+# Busy (non-idle, non-iowait) ticks of the CPUs $1 (a taskset list) from
+# /proc/stat: everything that ran there, including soft interrupts not
+# charged to any process.
 cpu_busy_ticks() {
-    awk -v c="cpu$1" '$1 == c { print $2 + $3 + $4 + $7 + $8 + $9 }' /proc/stat
+    awk -v cpus=" $(cpu_list "$1" | tr '\n' ' ')" '
+        $1 ~ /^cpu[0-9]+$/ && index(cpus, " " substr($1, 4) " ") { t += $2 + $3 + $4 + $7 + $8 + $9 }
+        END { print t + 0 }' /proc/stat
 }
 
 kill_tree() {
@@ -237,7 +250,7 @@ measure() {
     t0="$(tree_ticks "$pid")"
     c0="$(cpu_busy_ticks "$SERVER_CPU")"
     taskset -c "$CLIENT_CPU" dnsperf -s 127.0.0.1 -p "$port" -d "$queries" \
-        -l "$DURATION" -c "$CLIENTS" -T 1 -q "$OUTSTANDING" -t "$QUERY_TIMEOUT" \
+        -l "$DURATION" -c "$CLIENTS" -T "$CLIENT_THREADS" -q "$OUTSTANDING" -t "$QUERY_TIMEOUT" \
         "${extra[@]}" > "$out" 2>&1 || true
     t1="$(tree_ticks "$pid")"
     c1="$(cpu_busy_ticks "$SERVER_CPU")"
@@ -317,7 +330,7 @@ load_note() {
 
 describe_machine() {
     echo "machine: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), kernel $(uname -r)"
-    echo "dnsperf: -l $DURATION -c $CLIENTS -T 1 -q $OUTSTANDING -t $QUERY_TIMEOUT, pinned to CPU $CLIENT_CPU; servers pinned to CPU $SERVER_CPU"
+    echo "dnsperf: -l $DURATION -c $CLIENTS -T $CLIENT_THREADS -q $OUTSTANDING -t $QUERY_TIMEOUT, pinned to CPU $CLIENT_CPU; servers ($THREADS serving threads) pinned to CPU $SERVER_CPU"
     echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
 }
 
@@ -330,14 +343,15 @@ ZONE_DOMAIN="$DOMAIN"
 ZONE_PREFIX="host"
 ZONE_COUNT="$ZONE_NAMES"
 
-# NSD: one server process (server-count 1), response rate limiting off.
+# NSD: $THREADS server processes (SO_REUSEPORT), response rate limiting off.
 start_nsd() {
     local label=$1 port=$2 cpu=$3 dir="$WORK/$1"
     mkdir -p "$dir"
     write_zone_file "$dir/zone" "$ZONE_DOMAIN" "$ZONE_PREFIX" "$ZONE_COUNT"
     cat > "$dir/nsd.conf" <<CONF
 server:
-    server-count: 1
+    server-count: $THREADS
+    reuseport: $([ "$THREADS" -gt 1 ] && echo yes || echo no)
     ip-address: 127.0.0.1@$port
     port: $port
     do-ip6: no
@@ -362,7 +376,7 @@ CONF
     start_pinned "$cpu" "$label" nsd -d -c "$dir/nsd.conf"
 }
 
-# Knot DNS: one UDP, one TCP and one background worker.
+# Knot DNS: $THREADS UDP workers, one TCP and one background worker.
 start_knot() {
     local label=$1 port=$2 cpu=$3 dir="$WORK/$1"
     mkdir -p "$dir/db"
@@ -372,7 +386,7 @@ server:
     rundir: "$dir"
     user: root:root
     listen: 127.0.0.1@$port
-    udp-workers: 1
+    udp-workers: $THREADS
     tcp-workers: 1
     background-workers: 1
 control:
@@ -394,7 +408,7 @@ CONF
     start_pinned "$cpu" "$label" knotd -c "$dir/knot.conf"
 }
 
-# unbound: the names as local-data of a static local zone, one thread.
+# unbound: the names as local-data of a static local zone, $THREADS threads.
 start_unbound() {
     local label=$1 port=$2 cpu=$3 dir="$WORK/$1" i
     mkdir -p "$dir"
@@ -403,7 +417,7 @@ start_unbound() {
 server:
     interface: 127.0.0.1
     port: $port
-    num-threads: 1
+    num-threads: $THREADS
     do-daemonize: no
     do-ip6: no
     username: ""
@@ -414,7 +428,7 @@ server:
     logfile: ""
     verbosity: 0
     access-control: 127.0.0.0/8 allow
-    so-reuseport: no
+    so-reuseport: $([ "$THREADS" -gt 1 ] && echo yes || echo no)
     local-zone: "$ZONE_DOMAIN." static
     local-data: "$ZONE_DOMAIN. 5 IN SOA ns.$ZONE_DOMAIN. hostmaster.$ZONE_DOMAIN. 1 3600 600 86400 5"
     local-data: "$ZONE_DOMAIN. 5 IN NS ns.$ZONE_DOMAIN."
@@ -460,7 +474,7 @@ start_dnsmasq() {
     start_pinned "$cpu" "$label" dnsmasq -k -C "$dir/dnsmasq.conf"
 }
 
-# Glued: a generated glued.toml with the static records, one DNS thread, no
+# Glued: a generated glued.toml with the static records, $THREADS DNS threads, no
 # mDNS, gossip on 127.0.0.1:0, a network that does not exist. $4 (ip:port)
 # sets the upstream; CACHE_SIZE (default 10000) its forward cache.
 start_glued() {
@@ -468,7 +482,7 @@ start_glued() {
     mkdir -p "$dir/data"
     {
         echo "dns_bind = \"127.0.0.1:$port\""
-        echo "dns_threads = 1"
+        echo "dns_threads = $THREADS"
         echo "http_bind = \"127.0.0.1:0\""
         echo "domain = \"$ZONE_DOMAIN\""
         echo "node_name = \"bench\""
@@ -485,7 +499,7 @@ start_glued() {
     # The environment repeats the essentials (it wins over the file, SPEC §8),
     # so a run is the same whatever ./glued.toml or GLUED_* the caller has.
     start_pinned "$cpu" "$label" env \
-        GLUED_DNS_BIND="127.0.0.1:$port" GLUED_DNS_THREADS=1 GLUED_MDNS=false \
+        GLUED_DNS_BIND="127.0.0.1:$port" GLUED_DNS_THREADS="$THREADS" GLUED_MDNS=false \
         GLUED_GOSSIP_BIND=127.0.0.1:0 GLUED_HTTP_BIND=127.0.0.1:0 \
         GLUED_DATA_DIR="$dir/data" GLUED_NETWORK_NAME=glued-bench-no-such-network \
         GLUED_UPSTREAMS="$upstream" GLUED_DOMAIN="$ZONE_DOMAIN" RUST_LOG=warn \
@@ -493,8 +507,9 @@ start_glued() {
         "$GLUED_BIN" run --config "$dir/glued.toml"
 }
 
-# The echo floor: answers every query with itself (QR set).
+# The echo floor: answers every query with itself (QR set); $THREADS
+# processes, each with its own SO_REUSEPORT socket.
 start_echo() {
     local label=$1 port=$2 cpu=$3
-    start_pinned "$cpu" "$label" "$ECHO_BIN" "127.0.0.1:$port"
+    start_pinned "$cpu" "$label" "$ECHO_BIN" "127.0.0.1:$port" "$THREADS"
 }

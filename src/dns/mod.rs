@@ -154,10 +154,17 @@ impl Drop for DnsServer {
 }
 
 /// Serves until `stop`; each batch (or [`udp::READ_TIMEOUT`] of silence)
-/// is a heartbeat.
+/// is a heartbeat, written only when the coarse clock moved: the heartbeat
+/// is read by the status thread, and a store per batch would make its cache
+/// line bounce between cores (under load a batch is a handful of queries).
 fn serve_udp(worker: &mut udp::UdpWorker, stop: &AtomicBool, heartbeat: &Heartbeat) {
+    let mut last_beat = 0;
     while !stop.load(Ordering::Relaxed) {
-        heartbeat.beat();
+        let now = crate::health::now_ms();
+        if now != last_beat {
+            heartbeat.beat();
+            last_beat = now;
+        }
         match worker.serve_batch() {
             Ok(_) => {}
             Err(e)

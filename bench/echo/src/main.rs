@@ -4,11 +4,14 @@
 //! in the loop: whatever CPU this costs per query is the cost of the
 //! system calls and the loopback path, which no real server can beat.
 //!
-//! Usage: `dns-echo 127.0.0.1:5300`
+//! With `N` > 1, `N` processes (forked) each bind their own `SO_REUSEPORT`
+//! socket to the address, as a server with `N` serving threads would.
+//!
+//! Usage: `dns-echo 127.0.0.1:5300 [N]`
 
 use std::mem::{MaybeUninit, size_of, zeroed};
 use std::net::{SocketAddr, UdpSocket};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 
 /// Datagrams per system call.
 const BATCH: usize = 64;
@@ -24,10 +27,31 @@ fn main() {
         .nth(1)
         .unwrap_or_else(|| "127.0.0.1:5300".to_string())
         .parse()
-        .expect("usage: dns-echo IP:PORT");
-    let sock = UdpSocket::bind(addr).expect("bind");
+        .expect("usage: dns-echo IP:PORT [N]");
+    let n_procs: usize = std::env::args()
+        .nth(2)
+        .map_or(1, |n| n.parse().expect("usage: dns-echo IP:PORT [N]"));
+    // The children share nothing with the parent but the port.
+    for _ in 1..n_procs {
+        // SAFETY: no thread has been started yet; the child goes on alone.
+        match unsafe { libc::fork() } {
+            0 => break,
+            -1 => panic!("fork failed"),
+            _ => {}
+        }
+    }
+    serve(addr);
+}
+
+/// Binds a `SO_REUSEPORT` socket to `addr` and echoes forever.
+fn serve(addr: SocketAddr) {
+    let sock = bind_reuseport(addr);
     let fd = sock.as_raw_fd();
-    eprintln!("dns-echo listening on {}", sock.local_addr().unwrap());
+    eprintln!(
+        "dns-echo listening on {} (pid {})",
+        sock.local_addr().unwrap(),
+        std::process::id()
+    );
 
     let mut bufs = vec![[0u8; BUF_LEN]; BATCH];
     // SAFETY: all-zero sockaddr_storage / iovec / mmsghdr are valid values.
@@ -74,12 +98,49 @@ fn main() {
         while sent < n {
             // SAFETY: same buffers as above, first `n` entries filled.
             let r = unsafe {
-                libc::sendmmsg(fd, msgs.as_mut_ptr().add(sent), (n - sent) as libc::c_uint, 0)
+                libc::sendmmsg(
+                    fd,
+                    msgs.as_mut_ptr().add(sent),
+                    (n - sent) as libc::c_uint,
+                    0,
+                )
             };
             if r <= 0 {
                 break; // drop the rest of the batch, like a full socket would
             }
             sent += r as usize;
         }
+    }
+}
+
+/// A UDP socket bound to `addr` with `SO_REUSEPORT` set before the bind.
+fn bind_reuseport(addr: SocketAddr) -> UdpSocket {
+    let SocketAddr::V4(v4) = addr else {
+        panic!("dns-echo: IPv4 addresses only");
+    };
+    // SAFETY: plain socket calls on a descriptor this function owns; the
+    // sockaddr_in is fully initialised.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
+        assert!(fd >= 0, "socket");
+        let one: libc::c_int = 1;
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEPORT,
+            (&one as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        );
+        let mut sin: libc::sockaddr_in = zeroed();
+        sin.sin_family = libc::AF_INET as libc::sa_family_t;
+        sin.sin_port = v4.port().to_be();
+        sin.sin_addr.s_addr = u32::from(*v4.ip()).to_be();
+        let r = libc::bind(
+            fd,
+            (&sin as *const libc::sockaddr_in).cast(),
+            size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        );
+        assert!(r == 0, "bind {addr}: {}", std::io::Error::last_os_error());
+        UdpSocket::from_raw_fd(fd)
     }
 }
