@@ -2,10 +2,13 @@
 # Forwarding (SPEC §9): Glued and dnsmasq each forward the same queries —
 # names outside their own zone — to the same upstream, an NSD serving those
 # names on another port. The forwarder under test is pinned to CPU 0; dnsperf
-# and the upstream NSD share CPU 1, so CPU 0 holds only the forwarder. dnsmasq
-# runs with cache-size=0 so that every query really is forwarded, and Glued
-# with GLUED_CACHE_SIZE=0. Two passes per forwarder: saturated and at a fixed
-# offered rate (90 % of what dnsmasq answered saturated, or $RATE). Prints qps, lost,
+# and the upstream NSD share CPU 1, so CPU 0 holds only the forwarder. Both
+# run without a cache (dnsmasq cache-size=0, GLUED_CACHE_SIZE=0) so that every
+# query really is forwarded; each query leaves Glued from a port drawn at
+# random from its pool (RFC 5452), as dnsmasq's leave from random ports.
+# Identical queries in flight are merged by both. Two passes per forwarder:
+# saturated and at a fixed offered rate
+# (90 % of what dnsmasq answered saturated, or $RATE). Prints qps, lost,
 # latency and the forwarder's CPU µs per answered query, and the ratio
 # Glued/dnsmasq.
 #
@@ -82,7 +85,7 @@ load_note
 echo
 describe_machine
 echo "upstream: NSD on CPU $CLIENT_CPU serving $ZONE_NAMES names under $UPSTREAM_DOMAIN;" \
-    "queries: 90 % existing (A), 10 % NXDOMAIN, shuffled; dnsmasq cache-size=0"
+    "queries: 90 % existing (A), 10 % NXDOMAIN, shuffled; dnsmasq cache-size=0, GLUED_CACHE_SIZE=0"
 echo
 echo "Pass 1: saturated (-q $OUTSTANDING in flight); 'direct' = dnsperf straight at the upstream"
 print_header

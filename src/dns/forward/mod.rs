@@ -752,8 +752,8 @@ impl Forwarding {
             .cache
             .as_ref()
             .is_some_and(|c| c.cache().has_stale(&job.query, now));
-        if self.n_waiting >= MAX_IN_FLIGHT || self.pending.len() >= MAX_IN_FLIGHT {
-            log::debug!("{MAX_IN_FLIGHT} queries in flight: SERVFAIL");
+        if self.n_waiting >= MAX_IN_FLIGHT {
+            log::debug!("{MAX_IN_FLIGHT} clients waiting: SERVFAIL");
             self.servfail(&job.query, std::slice::from_ref(&waiter));
             return;
         }
@@ -771,6 +771,11 @@ impl Forwarding {
             if stale_candidate {
                 self.push_stale_timer(job.received, id, first_received);
             }
+            return;
+        }
+        if self.pending.len() >= MAX_IN_FLIGHT {
+            log::debug!("{MAX_IN_FLIGHT} queries in flight: SERVFAIL");
+            self.servfail(&job.query, std::slice::from_ref(&waiter));
             return;
         }
         let id = self.fresh_id();
