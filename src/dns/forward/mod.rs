@@ -813,9 +813,23 @@ impl Forwarding {
     }
 
     /// The client-response timer of a client that arrived at `received`,
-    /// for query `id` (first received at `first_received`). At most one
-    /// per waiting client, so bounded like them.
+    /// for query `id` (first received at `first_received`). When the heap
+    /// is full, the timers of queries already answered are dropped first;
+    /// if it is still full the client goes without one (it still gets the
+    /// stale entry if every upstream fails), so the heap stays within
+    /// [`MAX_TIMERS`] like the attempt timers.
     fn push_stale_timer(&mut self, received: Instant, id: u16, first_received: Instant) {
+        if self.stale_timers.len() >= MAX_TIMERS {
+            let pending = &self.pending;
+            self.stale_timers.retain(|Reverse((_, id, received))| {
+                pending
+                    .get(id)
+                    .is_some_and(|p| p.received == *received && !p.waiters.is_empty())
+            });
+            if self.stale_timers.len() >= MAX_TIMERS {
+                return;
+            }
+        }
         self.stale_timers.push(Reverse((
             received + CLIENT_RESPONSE_TIMER,
             id,
