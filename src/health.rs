@@ -82,17 +82,27 @@ impl Heartbeat {
         }
     }
 
+    /// The owning thread's name, once it has entered.
+    pub fn thread(&self) -> Option<&str> {
+        self.thread.get().map(String::as_str)
+    }
+
     /// What is wrong with this thread at `now` (from [`now_ms`]), if
     /// anything. A heartbeat never entered belongs to a thread that is not
     /// part of this process's components (or not started yet): no problem.
     pub fn problem(&self, now: u64) -> Option<String> {
+        self.silent_for(now, BEAT_STALE)
+    }
+
+    /// Like [`Heartbeat::problem`], with `stale` as the longest silence.
+    pub fn silent_for(&self, now: u64, stale: Duration) -> Option<String> {
         let name = self.thread.get().map_or("unnamed", String::as_str);
         match self.last_ms.load(Relaxed) {
             NOT_STARTED | RETIRED => None,
             EXITED => Some(format!("thread {name} exited")),
             last => {
                 let silent = now.saturating_sub(last);
-                (silent > BEAT_STALE.as_millis() as u64).then(|| {
+                (silent > stale.as_millis() as u64).then(|| {
                     format!(
                         "thread {name} stuck: no heartbeat for {:.1} s",
                         silent as f64 / 1000.0

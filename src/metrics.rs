@@ -86,7 +86,19 @@ impl Metrics {
     /// healthy.
     pub fn problems(&self) -> Vec<String> {
         let now = health::now_ms();
-        let mut out = Vec::new();
+        let mut out = self.silent_threads(health::BEAT_STALE);
+        if let Some(check) = &self.docker_check {
+            out.extend(self.docker.engine.problem(&check.host, check.window, now));
+        }
+        out
+    }
+}
+
+impl Metrics {
+    /// Component threads that have not beaten for longer than `stale`, or
+    /// have died, one line each.
+    pub fn silent_threads(&self, stale: Duration) -> Vec<String> {
+        let now = health::now_ms();
         let single = [
             &self.registry.heartbeat,
             &self.forward.heartbeat,
@@ -94,11 +106,8 @@ impl Metrics {
             &self.gossip.heartbeat,
             &self.http,
         ];
-        out.extend(self.dns.problems(now));
-        out.extend(single.iter().filter_map(|h| h.problem(now)));
-        if let Some(check) = &self.docker_check {
-            out.extend(self.docker.engine.problem(&check.host, check.window, now));
-        }
+        let mut out = self.dns.problems(now, stale);
+        out.extend(single.iter().filter_map(|h| h.silent_for(now, stale)));
         out
     }
 }

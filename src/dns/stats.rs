@@ -179,12 +179,12 @@ impl DnsStats {
     }
 
     /// What is wrong with any serving thread at `now` (see
-    /// [`crate::health::Heartbeat::problem`]).
-    pub fn problems(&self, now: u64) -> Vec<String> {
+    /// [`crate::health::Heartbeat::silent_for`]).
+    pub fn problems(&self, now: u64, stale: std::time::Duration) -> Vec<String> {
         let threads = self.threads.lock().unwrap_or_else(|e| e.into_inner());
         threads
             .iter()
-            .filter_map(|c| c.heartbeat.problem(now))
+            .filter_map(|c| c.heartbeat.silent_for(now, stale))
             .collect()
     }
 

@@ -916,3 +916,31 @@ fn one_info_line_per_container_name_added_or_removed() {
     assert_eq!(lines.len(), 2, "{lines:#?}");
     assert!(lines.iter().all(|l| l.contains(" INFO ")), "{lines:#?}");
 }
+
+#[test]
+fn every_component_thread_of_an_idle_daemon_beats_every_interval() {
+    use glued::health::BEAT_INTERVAL;
+    // A silent upstream, so that the forwarding thread runs.
+    let silent = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut config = support::test_config();
+    config.upstreams = vec![silent.local_addr().unwrap()];
+    let daemon = glued::daemon::Daemon::start(&config).unwrap();
+    let m = daemon.metrics.clone();
+    // Idle for several intervals: no query, no change, no peer.
+    std::thread::sleep(3 * BEAT_INTERVAL);
+    for (heartbeat, name) in [
+        (&m.registry.heartbeat, "registry"),
+        (&m.forward.heartbeat, "glued-forward"),
+        (&m.docker.heartbeat, "docker"),
+        (&m.gossip.heartbeat, "gossip"),
+        (&m.http, "glued-http"),
+    ] {
+        assert_eq!(heartbeat.thread(), Some(name));
+    }
+    // Generous for a loaded machine, yet under the 3 intervals of idleness.
+    let silent_threads = m.silent_threads(2 * BEAT_INTERVAL);
+    assert!(silent_threads.is_empty(), "{silent_threads:?}");
+    daemon.stop();
+    let after: Vec<String> = m.silent_threads(Duration::ZERO);
+    assert!(after.is_empty(), "stopped threads retire: {after:?}");
+}
