@@ -944,3 +944,31 @@ fn every_component_thread_of_an_idle_daemon_beats_every_interval() {
     let after: Vec<String> = m.silent_threads(Duration::ZERO);
     assert!(after.is_empty(), "stopped threads retire: {after:?}");
 }
+
+#[test]
+fn both_image_stages_check_health_with_the_binary_they_run() {
+    let dockerfile =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("Dockerfile")).unwrap();
+    let stages: Vec<&str> = dockerfile.split("\nFROM ").skip(1).collect();
+    let runnable: Vec<&&str> = stages
+        .iter()
+        .filter(|s| s.lines().any(|l| l.starts_with("ENTRYPOINT")))
+        .collect();
+    assert_eq!(runnable.len(), 2, "the offline and final stages");
+    for stage in runnable {
+        let entrypoint = stage
+            .lines()
+            .find_map(|l| l.strip_prefix("ENTRYPOINT "))
+            .unwrap();
+        let binary: Vec<String> = serde_json::from_str(entrypoint).unwrap();
+        // HEALTHCHECK [options] \ CMD [...] may span lines.
+        let joined = stage.replace("\\\n", " ");
+        let check = joined
+            .lines()
+            .find(|l| l.starts_with("HEALTHCHECK "))
+            .unwrap_or_else(|| panic!("no HEALTHCHECK in stage {stage}"));
+        let cmd: Vec<String> =
+            serde_json::from_str(check.split(" CMD ").nth(1).unwrap().trim()).unwrap();
+        assert_eq!(cmd, [binary[0].as_str(), "health"], "{check}");
+    }
+}
