@@ -1770,7 +1770,7 @@ mod tests {
         );
         assert_eq!(
             err("", &[("GLUED_CACHE_SIZE", "-1")], &[]),
-            "invalid GLUED_CACHE_SIZE=\"-1\": expected a number of entries between 0 (off) and 10000000"
+            "invalid GLUED_CACHE_SIZE=\"-1\": expected a number of entries between 0 (off) and 1000000"
         );
         assert_eq!(
             err("cache_max_ttl = 0", &[], &[]),

@@ -8,7 +8,9 @@
 //! buffer, writes the client's id and question (same length as the stored
 //! one, so compression pointers stay valid), lowers each TTL by the age in
 //! whole seconds (stale answers: [`STALE_TTL_SECS`]), and cuts the answer to
-//! the client's UDP payload size with TC=1 like a local answer.
+//! the client's UDP payload size with TC=1 like a local answer. A hit
+//! allocates nothing; only the one hit that asks for a refresh hands a copy
+//! of the query to the forwarder.
 //!
 //! Lifetimes: a positive answer lives for its smallest TTL, a negative one
 //! (NXDOMAIN, NODATA) for min(SOA TTL, SOA MINIMUM) (RFC 2308 §5), both
@@ -73,8 +75,9 @@ use super::wire::{
 
 /// Default number of entries (`GLUED_CACHE_SIZE`); 0 turns the cache off.
 pub const DEFAULT_CACHE_SIZE: usize = 10_000;
-/// Largest accepted `GLUED_CACHE_SIZE`.
-pub const MAX_CACHE_SIZE: usize = 10_000_000;
+/// Largest accepted `GLUED_CACHE_SIZE` (the slots, 16 bytes each, at
+/// most 4 per entry, are allocated at start: 64 MB at this size).
+pub const MAX_CACHE_SIZE: usize = 1_000_000;
 /// Default cap on any cached lifetime (`GLUED_CACHE_MAX_TTL`), one day.
 pub const DEFAULT_CACHE_MAX_TTL_SECS: u32 = 86_400;
 /// Largest accepted `GLUED_CACHE_MAX_TTL` and `GLUED_CACHE_STALE_SECS`:

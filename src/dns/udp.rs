@@ -2,12 +2,12 @@
 //! `SO_REUSEPORT` socket, receiving and sending up to [`BATCH`] datagrams
 //! per system call (`recvmmsg`/`sendmmsg`).
 //!
-//! Invariants: after the first batch a local answer allocates nothing (all
-//! buffers belong to the worker and are reused); no system call but the one
-//! `recvmmsg` and the `sendmmsg` of a batch; one `table.load()` per query;
-//! the access check runs before anything else that costs; forwarded
-//! queries are handed over without blocking and the forwarder replies on
-//! the same socket.
+//! Invariants: after the first batch a local answer (or a cache hit)
+//! allocates nothing (all buffers belong to the worker and are reused); no
+//! system call but the one `recvmmsg` and the `sendmmsg` of a batch; one
+//! `table.load()` per query; the access check runs before anything else
+//! that costs; forwarded queries are handed over without blocking and the
+//! forwarder replies on the same socket.
 //!
 //! The `msghdr`s point into the worker's own boxed buffers once, at
 //! construction (boxed slices do not move when the worker does); a batch
