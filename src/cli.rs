@@ -187,16 +187,27 @@ fn show(
         }
     };
     if json {
-        print!("{body}");
-        return EXIT_OK;
+        return print_out(&body);
     }
     match serde_json::from_str::<Vec<serde_json::Value>>(&body) {
-        Ok(items) => {
-            print!("{}", aligned(&table(&items)));
-            EXIT_OK
-        }
+        Ok(items) => print_out(&aligned(&table(&items))),
         Err(e) => {
             eprintln!("error: {path} answered something that is not a JSON list: {e}");
+            EXIT_FAILURE
+        }
+    }
+}
+
+/// Writes `text` to stdout; a reader that went away (`glued peers | head`)
+/// is not an error.
+fn print_out(text: &str) -> i32 {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => EXIT_OK,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => EXIT_OK,
+        Err(e) => {
+            eprintln!("error: writing to stdout: {e}");
             EXIT_FAILURE
         }
     }

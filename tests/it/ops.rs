@@ -459,6 +459,32 @@ fn glued_peers_and_records_show_a_two_node_cluster_as_tables_and_json() {
     assert!(row_b.trim_end().ends_with("static"), "{row_b}");
     assert_eq!(row_b.find("10.9.9.9"), header.find("ADDRESSES"), "{table}");
 
+    // A reader that went away (`glued records | head -0`) is not an error.
+    let mut fds = [0; 2];
+    // SAFETY: a two-element array for pipe(2).
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    // SAFETY: both descriptors were just created and are owned here.
+    let (reader, writer) = unsafe {
+        use std::os::fd::FromRawFd;
+        (
+            std::os::fd::OwnedFd::from_raw_fd(fds[0]),
+            std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+        )
+    };
+    drop(reader);
+    let empty = support::data_dir().join("empty.toml");
+    std::fs::write(&empty, "").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_glued"))
+        .args(["records", "--config"])
+        .arg(&empty)
+        .env_clear()
+        .env("GLUED_HTTP_BIND", http.to_string())
+        .stdout(Stdio::from(writer))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(out.stderr.is_empty(), "{}", text(&out.stderr));
+
     // Peer log lines name the node and its address.
     let line = format!(
         "gossip: first message from peer {b_id} (node-b) at {}",
