@@ -9,7 +9,7 @@ use std::time::Duration;
 use signal_hook::consts::signal::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
-use crate::config::{self, Command, Config, ConfigError, KEYS};
+use crate::config::{self, Args, Command, Config, ConfigError, KEYS};
 use crate::daemon::Daemon;
 
 /// Exit code of a clean run.
@@ -62,7 +62,7 @@ pub fn main() -> i32 {
         Command::Peers => peers(&config, args.json),
         Command::Records => records(&config, args.json),
         Command::CacheFlush => cache_flush(&config),
-        _ => run(&config),
+        _ => run(&config, &args),
     }
 }
 
@@ -375,13 +375,10 @@ pub const QUIET_DEPENDENCIES: &str = "iroh=warn,iroh_gossip=off,iroh_relay=warn,
      noq_proto=warn,noq_udp=warn,netwatch=warn,swarm_discovery=warn,\
      iroh_mdns_address_lookup=warn,tracing::span=off,bollard=warn,hyper_util=warn,mio=warn";
 
-/// `glued run`: start every component, wait for SIGTERM or SIGINT, stop.
-fn run(config: &Config) -> i32 {
-    env_logger::Builder::new()
-        .parse_filters(QUIET_DEPENDENCIES)
-        .parse_filters(&config.log)
-        .format_timestamp_millis()
-        .init();
+/// `glued run`: start every component, reload on SIGHUP, stop on SIGTERM
+/// or SIGINT.
+fn run(config: &Config, args: &Args) -> i32 {
+    crate::logging::init(&config.log);
     abort_on_panic();
     // Registered before anything starts, so an early signal is not lost.
     let mut signals = match Signals::new([SIGTERM, SIGINT, SIGHUP]) {
@@ -402,7 +399,18 @@ fn run(config: &Config) -> i32 {
              AND PUBLISH NAMES. Set GLUED_CLUSTER_SECRET or GLUED_CLUSTER_SECRET_FILE."
         );
     }
-    let daemon = match Daemon::start(config) {
+    if let Some(file) = &config.upstreams_file {
+        log::info!(
+            "upstreams from {}: {}",
+            file.display(),
+            if config.upstreams.is_empty() {
+                "none".to_string()
+            } else {
+                format!("{:?}", config.upstreams)
+            }
+        );
+    }
+    let mut daemon = match Daemon::start(config) {
         Ok(d) => d,
         Err(e) => {
             eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
@@ -415,11 +423,13 @@ fn run(config: &Config) -> i32 {
         daemon.dns_tcp_addr
     );
     log::info!("HTTP status on {}", daemon.http_addr);
-    // SIGHUP empties the forward cache; SIGTERM and SIGINT stop.
+    // SIGHUP reloads the configuration (and empties the forward cache);
+    // SIGTERM and SIGINT stop.
     let signal = loop {
         match signals.forever().next() {
-            Some(SIGHUP) => daemon.flush_cache(),
-            other => break other.unwrap_or(SIGTERM),
+            Some(SIGHUP) => reload(&mut daemon, args),
+            Some(signal) => break signal,
+            None => break SIGTERM,
         }
     };
     log::info!(
@@ -442,6 +452,25 @@ fn run(config: &Config) -> i32 {
     daemon.stop();
     log::info!("stopped");
     EXIT_OK
+}
+
+/// SIGHUP: reads the configuration again (same command line, environment
+/// and config file path) and applies it. A bad configuration changes
+/// nothing and is logged as the one line `glued check` prints.
+fn reload(daemon: &mut Daemon, args: &Args) {
+    log::info!("SIGHUP received, reloading the configuration");
+    let env = |name: &str| std::env::var(name).ok();
+    match Config::from_args(args, &env, &config::Host::current()) {
+        Ok(new) => {
+            if let Some(file) = &new.upstreams_file
+                && new.upstreams != daemon.config().upstreams
+            {
+                log::info!("upstreams from {}", file.display());
+            }
+            daemon.reload(new).log();
+        }
+        Err(e) => log::error!("error: {e} (reload refused; configuration unchanged)"),
+    }
 }
 
 /// The `--help` text, generated from [`KEYS`].
@@ -484,6 +513,8 @@ pub fn help() -> String {
     out.push_str(
         "\nStatic records exist in the file only:\n  \
          [[records]]\n  name = \"db\"\n  ip = \"10.0.0.5\"\n\n\
+         Signals: SIGHUP reloads the configuration (ttl, upstreams, allow_nets, records,\n\
+         log; other changed keys are reported and need a restart); SIGTERM/SIGINT stop.\n\n\
          Exit codes: 0 ok, 1 a component could not start (or, for health, peers and\n\
          records: the daemon is unhealthy or unreachable), 2 bad configuration.\n",
     );

@@ -21,8 +21,14 @@ use serde::Deserialize;
 
 use crate::dns::cache::{CacheConfig, MAX_CACHE_SECS, MAX_CACHE_SIZE};
 
-/// Default DNS listen address.
-pub const DEFAULT_DNS_BIND: &str = "0.0.0.0:53";
+/// Default DNS listen address: [`AUTO_BIND`].
+pub const DEFAULT_DNS_BIND: &str = "auto";
+/// `dns_bind = "auto"`: [`AUTO_FIXED_BIND`] plus port 53 on the gateway of
+/// each watched Docker network, followed as networks come and go.
+pub const AUTO_BIND: &str = "auto";
+/// The fixed address of `auto` (not 0.0.0.0, so that it coexists with
+/// systemd-resolved on 127.0.0.53:53).
+pub const AUTO_FIXED_BIND: &str = "127.0.0.1:53";
 /// Default gossip (iroh QUIC) port.
 pub const DEFAULT_GOSSIP_PORT: u16 = 9254;
 /// Default HTTP status address.
@@ -77,6 +83,11 @@ pub const MAX_CONFIG_FILE_BYTES: u64 = 1 << 20;
 pub const MAX_SECRET_FILE_BYTES: u64 = 64 << 10;
 /// Where the default upstreams come from.
 pub const RESOLV_CONF: &str = "/etc/resolv.conf";
+/// systemd-resolved's stub listener: a resolv.conf that lists only it says
+/// nothing about the real upstreams.
+pub const RESOLVED_STUB: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 53);
+/// Where systemd-resolved lists the real upstreams (Docker reads it too).
+pub const RESOLVED_CONF: &str = "/run/systemd/resolve/resolv.conf";
 /// Docker's embedded resolver: a loopback address that is never Glued itself
 /// (Docker redirects its port 53 elsewhere), so it stays a valid upstream.
 pub const DOCKER_EMBEDDED_DNS: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 11);
@@ -135,7 +146,11 @@ pub struct StaticRecord {
 /// The validated configuration of one Glued.
 #[derive(Clone, Debug)]
 pub struct Config {
+    /// The fixed DNS address (in `auto` mode [`AUTO_FIXED_BIND`]).
     pub dns_bind: SocketAddr,
+    /// `auto`: also serve port `dns_bind.port()` on the gateway of each
+    /// watched Docker network, as networks come and go.
+    pub dns_bind_auto: bool,
     pub dns_threads: usize,
     pub http_bind: SocketAddr,
     /// Lowercase, no trailing dot.
@@ -144,6 +159,9 @@ pub struct Config {
     pub node_name: String,
     pub ttl_secs: u32,
     pub upstreams: Vec<SocketAddr>,
+    /// The resolver file the default upstreams were read from; `None` when
+    /// `upstreams` was set.
+    pub upstreams_file: Option<PathBuf>,
     pub allow_nets: Vec<IpNet>,
     pub networks: Vec<String>,
     pub docker_host: String,
@@ -223,8 +241,9 @@ pub const KEYS: &[KeySpec] = &[
         env: &["GLUED_DNS_BIND"],
         flag: "--dns-bind",
         value: "ADDR",
-        default: "0.0.0.0:53",
-        help: "UDP and TCP address of the DNS server (ip:port)",
+        default: "auto",
+        help: "UDP and TCP address of the DNS server (ip:port), or auto: 127.0.0.1:53 plus \
+               port 53 on the gateway of each watched Docker network",
     },
     KeySpec {
         key: Key::BindIp,
@@ -286,7 +305,8 @@ pub const KEYS: &[KeySpec] = &[
         env: &["GLUED_UPSTREAMS"],
         flag: "--upstreams",
         value: "LIST",
-        default: "nameservers of /etc/resolv.conf, minus Glued's own addresses",
+        default: "nameservers of /etc/resolv.conf (of /run/systemd/resolve/resolv.conf when \
+                  it lists only 127.0.0.53), minus Glued's own addresses",
         help: "resolvers for every other name: ip or ip:port, comma-separated; none to disable",
     },
     KeySpec {
@@ -1043,6 +1063,13 @@ pub struct Host {
     pub hostname: String,
     /// Text of `/etc/resolv.conf` (empty when unreadable).
     pub resolv_conf: String,
+    /// Where `resolv_conf` was read from.
+    pub resolv_conf_path: PathBuf,
+    /// Text of systemd-resolved's upstream list, read only when
+    /// `resolv_conf` names nothing but its stub (empty otherwise).
+    pub resolved_conf: String,
+    /// Where `resolved_conf` was (or would be) read from.
+    pub resolved_conf_path: PathBuf,
     /// Addresses of this host's interfaces.
     pub local_ips: Vec<IpAddr>,
     pub n_cores: usize,
@@ -1051,14 +1078,62 @@ pub struct Host {
 impl Host {
     /// The facts of the machine this runs on.
     pub fn current() -> Host {
+        Host::with_resolver_files(Path::new(RESOLV_CONF), Path::new(RESOLVED_CONF))
+    }
+
+    /// [`Host::current`] with the resolver files read from other paths.
+    pub fn with_resolver_files(resolv_conf: &Path, resolved_conf: &Path) -> Host {
+        let read = |path: &Path| read_small(path, MAX_CONFIG_FILE_BYTES).unwrap_or_default();
+        let resolv_text = read(resolv_conf);
+        let resolved_text = if only_resolved_stub(&resolv_text) {
+            read(resolved_conf)
+        } else {
+            String::new()
+        };
         Host {
             hostname: hostname(),
-            resolv_conf: read_small(Path::new(RESOLV_CONF), MAX_CONFIG_FILE_BYTES)
-                .unwrap_or_default(),
+            resolv_conf: resolv_text,
+            resolv_conf_path: resolv_conf.to_path_buf(),
+            resolved_conf: resolved_text,
+            resolved_conf_path: resolved_conf.to_path_buf(),
             local_ips: local_ips(),
             n_cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
         }
     }
+
+    /// The default upstreams and the file they come from: the nameservers
+    /// of `resolv_conf`, or of `resolved_conf` when the first lists only
+    /// systemd-resolved's stub (127.0.0.53), minus Glued's own addresses.
+    pub fn default_upstreams(&self, dns_bind: SocketAddr) -> (Vec<SocketAddr>, PathBuf) {
+        let (text, path) = if only_resolved_stub(&self.resolv_conf) {
+            (&self.resolved_conf, &self.resolved_conf_path)
+        } else {
+            (&self.resolv_conf, &self.resolv_conf_path)
+        };
+        (
+            default_upstreams(text, dns_bind, &self.local_ips),
+            path.clone(),
+        )
+    }
+}
+
+/// True when the nameservers of a resolv.conf are systemd-resolved's stub
+/// and nothing else.
+fn only_resolved_stub(resolv_conf: &str) -> bool {
+    let stub = IpAddr::V4(RESOLVED_STUB);
+    let mut servers = nameservers(resolv_conf).peekable();
+    servers.peek().is_some() && servers.all(|ip| ip == stub)
+}
+
+/// The nameserver addresses of a resolv.conf, in order. A scoped address
+/// (`fe80::1%eth0`) cannot be kept in an IpAddr and is left out.
+fn nameservers(resolv_conf: &str) -> impl Iterator<Item = IpAddr> + '_ {
+    resolv_conf.lines().filter_map(|line| {
+        let mut words = line.split_whitespace();
+        (words.next() == Some("nameserver"))
+            .then(|| words.next()?.parse::<IpAddr>().ok())
+            .flatten()
+    })
 }
 
 fn hostname() -> String {
@@ -1142,16 +1217,7 @@ pub fn default_upstreams(
     local_ips: &[IpAddr],
 ) -> Vec<SocketAddr> {
     let mut out = Vec::new();
-    for line in resolv_conf.lines() {
-        let mut words = line.split_whitespace();
-        if words.next() != Some("nameserver") {
-            continue;
-        }
-        let Some(word) = words.next() else { continue };
-        // A scope (`fe80::1%eth0`) cannot be kept in an IpAddr; drop such entries.
-        let Ok(ip) = word.parse::<IpAddr>() else {
-            continue;
-        };
+    for ip in nameservers(resolv_conf) {
         let upstream = SocketAddr::new(ip, DNS_PORT);
         if !is_own_address(upstream, dns_bind, local_ips) && !out.contains(&upstream) {
             out.push(upstream);
@@ -1299,6 +1365,7 @@ fn parse_peer(s: &str) -> Option<BootstrapPeer> {
 // Validation
 
 const EXPECT_BIND: &str = "an address ip:port (IPv6 as [::1]:53)";
+const EXPECT_DNS_BIND: &str = "auto, or an address ip:port (IPv6 as [::1]:53)";
 
 impl Config {
     /// A configuration for tests, examples and benchmarks, not the daemon's
@@ -1309,12 +1376,14 @@ impl Config {
         let any_port: SocketAddr = "127.0.0.1:0".parse().expect("a socket address");
         Config {
             dns_bind: any_port,
+            dns_bind_auto: false,
             dns_threads: 1,
             http_bind: any_port,
             domain: "glued.internal".into(),
             node_name: "node-a".into(),
             ttl_secs: 5,
             upstreams: vec![],
+            upstreams_file: None,
             allow_nets: ["127.0.0.0/8", "::1/128"]
                 .iter()
                 .map(|n| n.parse().expect("a network"))
@@ -1375,15 +1444,24 @@ impl Config {
         let all: Vec<Setting> = file_settings.into_iter().chain(env).chain(flags).collect();
         let get = |key: Key| all.iter().rev().find(|s| s.key == key);
 
-        let mut dns_bind = match get(Key::DnsBind) {
-            Some(s) => s.one(EXPECT_BIND, |v| parse_bind(v, DNS_PORT))?,
-            None => DEFAULT_DNS_BIND.parse().expect("valid default"),
+        let auto: SocketAddr = AUTO_FIXED_BIND.parse().expect("valid default");
+        let (mut dns_bind, mut dns_bind_auto) = match get(Key::DnsBind) {
+            Some(s) => s.one(EXPECT_DNS_BIND, |v| {
+                if v.eq_ignore_ascii_case(AUTO_BIND) {
+                    Some((auto, true))
+                } else {
+                    parse_bind(v, DNS_PORT).map(|a| (a, false))
+                }
+            })?,
+            None => (auto, true),
         };
         if let Some(s) = get(Key::BindIp) {
             let ip = s.one("an IP address (IPv4 or IPv6)", parse_ip)?;
             let dns_rank = get(Key::DnsBind).map_or(0, |d| d.layer.rank());
             if s.layer.rank() >= dns_rank {
+                // One address: `auto`'s port with this IP.
                 dns_bind.set_ip(ip);
+                dns_bind_auto = false;
             }
         }
         let dns_threads = match get(Key::DnsThreads) {
@@ -1418,15 +1496,21 @@ impl Config {
             )?,
             None => DEFAULT_TTL_SECS,
         };
-        let upstreams = match get(Key::Upstreams) {
+        let (upstreams, upstreams_file) = match get(Key::Upstreams) {
             Some(s) if matches!(&s.value, RawValue::Text(t) if t.trim().eq_ignore_ascii_case("none")) => {
-                Vec::new()
+                (Vec::new(), None)
             }
-            Some(s) => s.list(
-                "a comma-separated list of ip or ip:port (IPv6 as [::1]:53), or none",
-                parse_upstream,
-            )?,
-            None => default_upstreams(&host.resolv_conf, dns_bind, &host.local_ips),
+            Some(s) => (
+                s.list(
+                    "a comma-separated list of ip or ip:port (IPv6 as [::1]:53), or none",
+                    parse_upstream,
+                )?,
+                None,
+            ),
+            None => {
+                let (list, file) = host.default_upstreams(dns_bind);
+                (list, Some(file))
+            }
         };
         let allow_nets = match get(Key::AllowNets) {
             Some(s) => {
@@ -1511,12 +1595,14 @@ impl Config {
         };
         Ok(Config {
             dns_bind,
+            dns_bind_auto,
             dns_threads,
             http_bind,
             domain,
             node_name,
             ttl_secs,
             upstreams,
+            upstreams_file,
             allow_nets,
             networks,
             docker_host,
@@ -1567,7 +1653,15 @@ impl Config {
             self.cluster_secret.to_string()
         };
         vec![
-            format!("dns_bind = {}", self.dns_bind),
+            if self.dns_bind_auto {
+                format!(
+                    "dns_bind = {AUTO_BIND} ({} and port {} on each watched network's gateway)",
+                    self.dns_bind,
+                    self.dns_bind.port()
+                )
+            } else {
+                format!("dns_bind = {}", self.dns_bind)
+            },
             format!("dns_threads = {}", self.dns_threads),
             format!("http_bind = {}", self.http_bind),
             format!("domain = {}", self.domain),
@@ -1617,6 +1711,32 @@ fn cache_config<'a>(get: &impl Fn(Key) -> Option<&'a Setting>) -> Result<CacheCo
         )?;
     }
     Ok(cache)
+}
+
+/// Keys a reload (`SIGHUP`) applies to the running daemon, by file name;
+/// a change to any other key needs a restart. A component joins the reload
+/// by adding its keys here and applying them in `Daemon::reload`.
+pub const RELOADABLE_KEYS: &[&str] = &["ttl", "upstreams", "allow_nets", "records", "log"];
+
+impl Config {
+    /// The keys (file names, in [`Config::effective_lines`] order) whose
+    /// effective value differs in `other`.
+    pub fn changed_keys(&self, other: &Config) -> Vec<String> {
+        let mut changed: Vec<String> = self
+            .effective_lines()
+            .iter()
+            .zip(other.effective_lines().iter())
+            .filter(|(a, b)| a != b)
+            .filter_map(|(a, _)| a.split_once(" = ").map(|(key, _)| key.to_string()))
+            .collect();
+        // Shown redacted in the lines, so compared here.
+        if self.cluster_secret != other.cluster_secret
+            && !changed.iter().any(|k| k == "cluster_secret")
+        {
+            changed.push("cluster_secret".into());
+        }
+        changed
+    }
 }
 
 /// The cluster secret: from the last layer that sets `cluster_secret` or
@@ -1687,6 +1807,7 @@ mod tests {
             resolv_conf: "nameserver 10.0.0.2\n".into(),
             local_ips: vec![],
             n_cores: 4,
+            ..Host::default()
         }
     }
 
@@ -1725,7 +1846,8 @@ mod tests {
     #[test]
     fn defaults() {
         let c = load("", &[], &[]).unwrap();
-        assert_eq!(c.dns_bind, "0.0.0.0:53".parse().unwrap());
+        assert_eq!(c.dns_bind, "127.0.0.1:53".parse().unwrap());
+        assert!(c.dns_bind_auto);
         assert_eq!(c.dns_threads, 4);
         assert_eq!(c.http_bind, "127.0.0.1:9253".parse().unwrap());
         assert_eq!(c.domain, "glued.internal");
@@ -2071,6 +2193,73 @@ mod tests {
         assert_eq!(ups.len(), 4, "{ups:?}");
         let other_port: SocketAddr = "0.0.0.0:5353".parse().unwrap();
         assert_eq!(default_upstreams(resolv, other_port, &local).len(), 5);
+    }
+
+    #[test]
+    fn dns_bind_auto_is_the_default_and_bind_ip_makes_it_one_address() {
+        let c = load("dns_bind = \"AUTO\"", &[], &[]).unwrap();
+        assert!(c.dns_bind_auto);
+        assert_eq!(c.dns_bind, "127.0.0.1:53".parse().unwrap());
+        assert!(c.effective_lines()[0].starts_with("dns_bind = auto"));
+        let c = load("", &[("GLUED_BIND_IP", "10.1.2.3")], &[]).unwrap();
+        assert!(!c.dns_bind_auto);
+        assert_eq!(c.dns_bind, "10.1.2.3:53".parse().unwrap());
+        let c = load("", &[], &["--dns-bind", "[::]:53"]).unwrap();
+        assert!(!c.dns_bind_auto);
+        assert_eq!(c.dns_bind, "[::]:53".parse().unwrap());
+        let e = err("dns_bind = \"automatic\"", &[], &[]);
+        assert!(
+            e.contains("dns_bind") && e.contains("expected auto, or"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn upstreams_come_from_resolved_when_resolv_conf_lists_only_its_stub() {
+        let dir = tempfile::tempdir().unwrap();
+        let resolv = dir.path().join("resolv.conf");
+        let resolved = dir.path().join("resolved.conf");
+        std::fs::write(&resolved, "nameserver 192.0.2.7\nnameserver 2001:db8::7\n").unwrap();
+        let auto: SocketAddr = AUTO_FIXED_BIND.parse().unwrap();
+        std::fs::write(&resolv, "# stub\nnameserver 127.0.0.53\noptions edns0\n").unwrap();
+        let host = Host::with_resolver_files(&resolv, &resolved);
+        let (ups, file) = host.default_upstreams(auto);
+        assert_eq!(file, resolved);
+        let ups: Vec<String> = ups.iter().map(|a| a.to_string()).collect();
+        assert_eq!(ups, ["192.0.2.7:53", "[2001:db8::7]:53"]);
+        // Another nameserver beside the stub: resolv.conf is used as it is.
+        std::fs::write(&resolv, "nameserver 127.0.0.53\nnameserver 10.0.0.2\n").unwrap();
+        let host = Host::with_resolver_files(&resolv, &resolved);
+        let (ups, file) = host.default_upstreams(auto);
+        assert_eq!(file, resolv);
+        assert_eq!(ups.len(), 2, "{ups:?}");
+        // Through the whole configuration, the file is remembered.
+        let c = Config::from_layers(FileSettings::default(), vec![], vec![], &host).unwrap();
+        assert_eq!(c.upstreams_file.as_deref(), Some(resolv.as_path()));
+        let c = load("upstreams = \"1.1.1.1\"", &[], &[]).unwrap();
+        assert_eq!(c.upstreams_file, None);
+    }
+
+    #[test]
+    fn changed_keys_name_what_differs() {
+        let a = load(
+            "ttl = 5\n[[records]]\nname = \"db\"\nip = \"10.0.0.5\"",
+            &[],
+            &[],
+        )
+        .unwrap();
+        let b = load(
+            "ttl = 9\ndata_dir = \"/elsewhere\"\ncluster_secret = \"other\"\n\
+             [[records]]\nname = \"db\"\nip = \"10.0.0.6\"",
+            &[],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(a.changed_keys(&a.clone()), Vec::<String>::new());
+        assert_eq!(
+            a.changed_keys(&b),
+            ["ttl", "data_dir", "cluster_secret", "records"]
+        );
     }
 
     /// glued.toml.example documents every key, and its example values,

@@ -2,6 +2,10 @@
 //!
 //! Start order follows the data flow: table → registry → forwarder → DNS →
 //! HTTP → Docker → gossip. Stop order is the reverse.
+//!
+//! [`Daemon::reload`] is the one entry point of a configuration reload
+//! (`SIGHUP`): it applies the keys of [`RELOADABLE_KEYS`] to the running
+//! components and reports the others, which need a restart.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -11,9 +15,10 @@ use std::time::Duration;
 use anyhow::Context;
 use crossbeam_channel::bounded;
 
-use crate::config::Config;
-use crate::dns::DnsServer;
+use crate::config::{Config, RELOADABLE_KEYS};
+use crate::dns::acl::{Acl, LiveAcl};
 use crate::dns::forward::Forwarder;
+use crate::dns::{Listeners, Serving, TcpLimits};
 use crate::docker::Docker;
 use crate::gossip::{Gossip, Peers};
 use crate::http::HttpServer;
@@ -29,9 +34,13 @@ pub struct Daemon {
     pub dns_udp_addr: SocketAddr,
     pub dns_tcp_addr: SocketAddr,
     pub http_addr: SocketAddr,
+    /// The configuration running now: the start's, with every reload's
+    /// reloadable keys applied.
+    config: Config,
     registry: Registry,
     forwarder: Forwarder,
-    dns: DnsServer,
+    acl: LiveAcl,
+    dns: Listeners,
     http: HttpServer,
     docker: Option<Docker>,
     gossip: Option<Gossip>,
@@ -69,13 +78,17 @@ impl Daemon {
             Some(metrics.cache.clone()),
         )
         .context("starting the forwarder")?;
-        let dns = DnsServer::start(
-            config,
-            table.clone(),
-            forwarder.clone(),
-            metrics.dns.clone(),
-        )
-        .map_err(|e| bind_error(e, config.dns_bind))?;
+        let acl = LiveAcl::new(Acl::new(&config.allow_nets));
+        let serving = Serving {
+            table: table.clone(),
+            forwarder: forwarder.clone(),
+            stats: metrics.dns.clone(),
+            acl: acl.clone(),
+            limits: TcpLimits::default(),
+            n_udp_threads: config.dns_threads,
+        };
+        let (dns, gateways) = Listeners::start(config.dns_bind, serving, config.dns_bind_auto)
+            .map_err(|e| bind_error(e, config.dns_bind))?;
         let peers = Peers::default();
         let http = HttpServer::start(
             config.http_bind,
@@ -85,11 +98,12 @@ impl Daemon {
             forwarder.cache().cloned(),
         )
         .with_context(|| format!("binding HTTP status on {}", config.http_bind))?;
-        let docker = Docker::start(
+        let docker = Docker::start_with_gateways(
             config,
             origin.clone(),
             registry.tx.clone(),
             metrics.docker.clone(),
+            gateways,
         )?;
         let gossip = Gossip::start(
             config,
@@ -104,11 +118,13 @@ impl Daemon {
             origin,
             table,
             metrics,
-            dns_udp_addr: dns.udp_addr,
-            dns_tcp_addr: dns.tcp_addr,
+            dns_udp_addr: dns.udp_addr(),
+            dns_tcp_addr: dns.tcp_addr(),
             http_addr: http.addr,
+            config: config.clone(),
             registry,
             forwarder,
+            acl,
             dns,
             http,
             docker: Some(docker),
@@ -124,6 +140,73 @@ impl Daemon {
         }
     }
 
+    /// The configuration running now.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Applies a new configuration to the running daemon: the keys of
+    /// [`RELOADABLE_KEYS`] that changed take effect at once; the other
+    /// changed keys are left as they were and reported in
+    /// [`Reloaded::needs_restart`]. A key whose component cannot take it
+    /// (upstream sockets) keeps its old value and is reported in
+    /// [`Reloaded::failed`]. Every reload also empties the forward cache.
+    pub fn reload(&mut self, new: Config) -> Reloaded {
+        self.flush_cache();
+        let mut out = Reloaded::default();
+        for key in self.config.changed_keys(&new) {
+            if !RELOADABLE_KEYS.contains(&key.as_str()) {
+                out.needs_restart.push(key);
+                continue;
+            }
+            match self.apply(&key, &new) {
+                Ok(()) => out.applied.push(key),
+                Err(reason) => out.failed.push(format!("{key}: {reason}")),
+            }
+        }
+        out
+    }
+
+    /// Applies one reloadable key of `new` to the components, then to the
+    /// running configuration.
+    fn apply(&mut self, key: &str, new: &Config) -> Result<(), String> {
+        let running = &mut self.config;
+        match key {
+            "records" => {
+                let msg = static_records(&self.origin, new);
+                self.registry
+                    .tx
+                    .send(msg)
+                    .map_err(|_| "the registry stopped".to_string())?;
+                running.records = new.records.clone();
+            }
+            "ttl" => {
+                self.registry
+                    .tx
+                    .send(RegistryMsg::SetTtl(new.ttl_secs))
+                    .map_err(|_| "the registry stopped".to_string())?;
+                running.ttl_secs = new.ttl_secs;
+            }
+            "allow_nets" => {
+                self.acl.store(Acl::new(&new.allow_nets));
+                running.allow_nets = new.allow_nets.clone();
+            }
+            "upstreams" => {
+                self.forwarder
+                    .set_upstreams(new, self.metrics.forward.clone())
+                    .map_err(|e| e.to_string())?;
+                running.upstreams = new.upstreams.clone();
+                running.upstreams_file = new.upstreams_file.clone();
+            }
+            "log" => {
+                crate::logging::set_filter(&new.log);
+                running.log = new.log.clone();
+            }
+            _ => return Err("not reloadable".into()),
+        }
+        Ok(())
+    }
+
     /// Stops every component, last started first.
     pub fn stop(mut self) {
         if let Some(g) = self.gossip.take() {
@@ -136,6 +219,41 @@ impl Daemon {
         self.dns.stop();
         self.forwarder.stop();
         self.registry.stop();
+    }
+}
+
+/// What [`Daemon::reload`] did, by key (file names).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Reloaded {
+    /// Changed and applied.
+    pub applied: Vec<String>,
+    /// Changed, but only a restart applies them: left as they were.
+    pub needs_restart: Vec<String>,
+    /// Changed and reloadable, but a component refused: `key: reason`.
+    pub failed: Vec<String>,
+}
+
+impl Reloaded {
+    /// Logs the outcome: one info line, and one warning line naming every
+    /// key that needs a restart.
+    pub fn log(&self) {
+        if self.applied.is_empty() {
+            log::info!("configuration reloaded: nothing to apply");
+        } else {
+            log::info!(
+                "configuration reloaded: applied {}",
+                self.applied.join(", ")
+            );
+        }
+        if !self.needs_restart.is_empty() {
+            log::warn!(
+                "configuration reload: {} changed but need a restart; left as they were",
+                self.needs_restart.join(", ")
+            );
+        }
+        for failure in &self.failed {
+            log::error!("configuration reload: {failure}; left as it was");
+        }
     }
 }
 

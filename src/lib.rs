@@ -10,6 +10,7 @@ pub mod docker;
 pub mod gossip;
 pub mod health;
 pub mod http;
+pub mod logging;
 pub mod metrics;
 pub mod registry;
 pub mod table;

@@ -75,6 +75,8 @@ pub enum RegistryMsg {
     },
     /// Forget every group of the origin with this id (lease expired).
     DropOrigin { id: String },
+    /// Publish every answer with this TTL from now on (a reload).
+    SetTtl(u32),
     /// Apply what is queued, then stop.
     Stop,
 }
@@ -190,7 +192,9 @@ fn run(
                 break;
             }
             stats.updates.fetch_add(1, Ordering::Relaxed);
-            if let Some(origin_id) = state.apply(m) {
+            if let RegistryMsg::SetTtl(ttl_secs) = m {
+                changed |= writer.set_ttl(ttl_secs);
+            } else if let Some(origin_id) = state.apply(m) {
                 changed = true;
                 local |= origin_id == local_id;
             }
@@ -267,6 +271,17 @@ impl Writer {
         }
     }
 
+    /// Changes the TTL of the tables published from now on; true when it
+    /// differs (the next publish is then a full build).
+    fn set_ttl(&mut self, ttl_secs: u32) -> bool {
+        if ttl_secs == self.ttl_secs {
+            return false;
+        }
+        self.ttl_secs = ttl_secs;
+        self.spare = None;
+        true
+    }
+
     /// Publishes the registry's groups as they are now, with the changes
     /// `state` recorded since the last publish.
     fn publish(&mut self, state: &mut State, stats: &RegistryStats) {
@@ -291,7 +306,11 @@ impl Writer {
         let burst = std::mem::replace(&mut state.index.changes, behind);
         let next_id = (Arc::as_ptr(&next) as usize, self.serial);
         let old = self.table.swap(next);
-        if self.published == Some((Arc::as_ptr(&old) as usize, old.serial)) {
+        // A table of another TTL is no spare: patching it would bring the
+        // old TTL back.
+        if self.published == Some((Arc::as_ptr(&old) as usize, old.serial))
+            && old.ttl_secs == self.ttl_secs
+        {
             self.spare = Some(old);
             self.spare_behind = burst;
         } else {
@@ -468,7 +487,7 @@ impl State {
                 }
                 changed.then_some(id)
             }
-            RegistryMsg::Stop => None,
+            RegistryMsg::Stop | RegistryMsg::SetTtl(_) => None,
         }
     }
 
@@ -867,6 +886,35 @@ mod tests {
             1 + n_held + 1,
             "full builds"
         );
+    }
+
+    #[test]
+    fn a_new_ttl_is_published_and_kept_by_later_bursts() {
+        let table = crate::table::shared("glued.internal", 5);
+        let reg = Registry::spawn(table.clone(), Arc::default(), "a".into(), None);
+        let upsert = |i: u8| RegistryMsg::Upsert {
+            origin: origin("a"),
+            source: container(&i.to_string()),
+            group: group(&format!("c{i}"), &format!("10.0.1.{i}")),
+        };
+        reg.tx.send(upsert(1)).unwrap();
+        reg.tx.send(RegistryMsg::SetTtl(30)).unwrap();
+        let wait = |want: &dyn Fn(&Table) -> bool| {
+            let deadline = std::time::Instant::now() + Duration::from_secs(2);
+            while !want(&table.load()) {
+                assert!(std::time::Instant::now() < deadline, "not published");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        };
+        wait(&|t| t.ttl_secs == 30 && t.lookup(b"c1").is_some());
+        // Later bursts patch a spare: it must not be a table of the old TTL.
+        for i in 2..6u8 {
+            reg.tx.send(upsert(i)).unwrap();
+            wait(&|t| t.lookup(format!("c{i}").as_bytes()).is_some());
+            assert_eq!(table.load().ttl_secs, 30, "after burst {i}");
+        }
+        reg.stop();
+        assert_eq!(table.load().ttl_secs, 30);
     }
 
     #[test]

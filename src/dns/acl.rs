@@ -6,10 +6,41 @@
 //! socket) are checked as the IPv4 address they are.
 //!
 //! Invariant: [`Acl::allows`] never allocates; an empty list allows nobody.
+//! The serving threads hold a [`LiveAcl`]: a reload replaces the whole list
+//! and they pick it up with an `arc-swap` load, never a lock.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 
+use arc_swap::{ArcSwap, Guard};
 use ipnet::IpNet;
+
+/// The access list shared by every serving thread and replaced whole by a
+/// reload ([`LiveAcl::store`]). Readers `load` it once per batch (UDP) or
+/// per accepted connection (TCP).
+#[derive(Clone, Debug)]
+pub struct LiveAcl(Arc<ArcSwap<Acl>>);
+
+impl LiveAcl {
+    pub fn new(acl: Acl) -> LiveAcl {
+        LiveAcl(Arc::new(ArcSwap::from_pointee(acl)))
+    }
+    /// The current list: lock-free, no allocation.
+    #[inline]
+    pub fn load(&self) -> Guard<Arc<Acl>> {
+        self.0.load()
+    }
+    /// Replaces the list for every reader.
+    pub fn store(&self, acl: Acl) {
+        self.0.store(Arc::new(acl));
+    }
+}
+
+impl From<Acl> for LiveAcl {
+    fn from(acl: Acl) -> LiveAcl {
+        LiveAcl::new(acl)
+    }
+}
 
 /// The allowed client networks, ready for cheap checks.
 #[derive(Clone, Debug, Default)]

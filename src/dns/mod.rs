@@ -1,10 +1,14 @@
 //! DNS serving: hand-rolled UDP and TCP loops around a pure answer builder,
 //! plus the forwarder for names that are not ours.
 //!
-//! Threads: `config.dns_threads` UDP threads (`dns-udp-N`), each on its own
-//! `SO_REUSEPORT` socket bound to the same address, and one TCP thread
-//! (`dns-tcp`) running a `mio` event loop. They read the name table with one
-//! `load()` per query and hand what is not ours to the [`Forwarder`].
+//! Threads: per served address, `config.dns_threads` UDP threads
+//! (`dns-udp-N`), each on its own `SO_REUSEPORT` socket bound to that
+//! address, and one TCP thread (`dns-tcp`) running a `mio` event loop: one
+//! [`DnsServer`]. They read the name table with one `load()` per query and
+//! hand what is not ours to the [`Forwarder`]. [`Listeners`] holds the
+//! fixed server and, with `dns_bind = "auto"`, one more per Docker gateway,
+//! started and stopped by its own thread as networks come and go; a serving
+//! thread never learns about sockets other than its own.
 //!
 //! Invariants: the serving threads never block on anything but their own
 //! sockets (forwarding is a non-blocking hand-over); names of the zone are
@@ -15,6 +19,7 @@ pub mod acl;
 pub mod answer;
 pub mod cache;
 pub mod forward;
+pub mod listeners;
 pub mod stats;
 pub mod tcp;
 pub mod udp;
@@ -29,8 +34,9 @@ use std::thread::JoinHandle;
 use crate::config::Config;
 use crate::health::Heartbeat;
 use crate::table::SharedTable;
-use acl::Acl;
+use acl::{Acl, LiveAcl};
 use forward::Forwarder;
+pub use listeners::Listeners;
 use stats::DnsStats;
 pub use tcp::TcpLimits;
 
@@ -38,7 +44,48 @@ pub use tcp::TcpLimits;
 /// configuration asks for port 0.
 const BIND_ATTEMPTS: usize = 16;
 
-/// The running DNS listeners (UDP threads and the TCP thread).
+/// What every serving thread of every listener shares; cheap to clone.
+#[derive(Clone)]
+pub struct Serving {
+    pub table: SharedTable,
+    pub forwarder: Forwarder,
+    pub stats: Arc<DnsStats>,
+    /// Replaced whole by a reload.
+    pub acl: LiveAcl,
+    pub limits: TcpLimits,
+    /// UDP threads per served address.
+    pub n_udp_threads: usize,
+}
+
+/// Lets a socket bind an address that is not (yet) configured on any
+/// interface (`IP_FREEBIND` / `IPV6_FREEBIND`): a Docker gateway listener
+/// then binds before its bridge is up, and serves once the address is.
+pub fn set_freebind(socket: &socket2::Socket, addr: SocketAddr) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let (level, name) = if addr.is_ipv4() {
+        (libc::SOL_IP, libc::IP_FREEBIND)
+    } else {
+        (libc::SOL_IPV6, libc::IPV6_FREEBIND)
+    };
+    let on: libc::c_int = 1;
+    // SAFETY: a valid socket fd and a c_int option of its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            level,
+            name,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// The serving threads of one address (UDP threads and the TCP thread).
 pub struct DnsServer {
     pub udp_addr: SocketAddr,
     pub tcp_addr: SocketAddr,
@@ -66,10 +113,32 @@ impl DnsServer {
         stats: Arc<DnsStats>,
         limits: TcpLimits,
     ) -> io::Result<DnsServer> {
-        let (udp_sockets, listener) = bind_all(config.dns_bind, config.dns_threads.max(1))?;
+        let serving = Serving {
+            table,
+            forwarder,
+            stats,
+            acl: LiveAcl::new(Acl::new(&config.allow_nets)),
+            limits,
+            n_udp_threads: config.dns_threads,
+        };
+        DnsServer::bind(config.dns_bind, &serving, false)
+    }
+
+    /// Binds UDP and TCP on `addr` (with `freebind`, whether or not the
+    /// address is up yet) and starts its serving threads.
+    pub fn bind(addr: SocketAddr, serving: &Serving, freebind: bool) -> io::Result<DnsServer> {
+        let n_udp = serving.n_udp_threads.max(1);
+        let (udp_sockets, listener) = bind_all(addr, n_udp, freebind)?;
         let udp_addr = udp_sockets[0].local_addr()?;
         let tcp_addr = listener.local_addr()?;
-        let acl = Acl::new(&config.allow_nets);
+        let Serving {
+            table,
+            forwarder,
+            stats,
+            acl,
+            limits,
+            ..
+        } = serving.clone();
         let stop = Arc::new(AtomicBool::new(false));
         let poll = mio::Poll::new()?;
         let waker = Arc::new(mio::Waker::new(poll.registry(), tcp::WAKER)?);
@@ -126,10 +195,7 @@ impl DnsServer {
             dns.shutdown();
             return Err(e);
         }
-        log::info!(
-            "DNS serving on {udp_addr} (UDP, {} threads) and {tcp_addr} (TCP)",
-            config.dns_threads.max(1)
-        );
+        log::info!("DNS serving on {udp_addr} (UDP, {n_udp} threads) and {tcp_addr} (TCP)");
         Ok(dns)
     }
 
@@ -188,17 +254,18 @@ fn serve_udp(worker: &mut udp::UdpWorker, stop: &AtomicBool, heartbeat: &Heartbe
 fn bind_all(
     addr: SocketAddr,
     n_udp: usize,
+    freebind: bool,
 ) -> io::Result<(Vec<std::net::UdpSocket>, std::net::TcpListener)> {
     let attempts = if addr.port() == 0 { BIND_ATTEMPTS } else { 1 };
     let mut last = None;
     for _ in 0..attempts {
-        let first = udp::bind(addr)?;
+        let first = udp::bind_with(addr, freebind)?;
         let local = first.local_addr()?;
         let mut sockets = vec![first];
         for _ in 1..n_udp {
-            sockets.push(udp::bind(local)?);
+            sockets.push(udp::bind_with(local, freebind)?);
         }
-        match tcp::bind(local) {
+        match tcp::bind_with(local, freebind) {
             Ok(listener) => return Ok((sockets, listener)),
             Err(e) if e.kind() == io::ErrorKind::AddrInUse => last = Some(e),
             Err(e) => return Err(e),

@@ -28,7 +28,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 
 use crate::table::SharedTable;
 
-use super::acl::Acl;
+use super::acl::LiveAcl;
 use super::answer::{self, Context, MAX_MESSAGE_LEN, Outcome, Transport};
 use super::cache::{CacheReader, Lookup};
 use super::forward::{Forwarder, Reply};
@@ -87,8 +87,17 @@ impl Default for TcpLimits {
 
 /// Binds the non-blocking listening socket.
 pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    bind_with(addr, false)
+}
+
+/// [`bind`]; with `freebind` the address need not be up yet
+/// ([`super::set_freebind`]).
+pub fn bind_with(addr: SocketAddr, freebind: bool) -> io::Result<std::net::TcpListener> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if freebind {
+        super::set_freebind(&socket, addr)?;
+    }
     socket.set_reuse_address(true)?;
     socket.set_nonblocking(true)?;
     // Accepted connections inherit it: answers leave at once, not after
@@ -133,7 +142,8 @@ struct Ctx {
     /// The forwarder's cache: hits are answered here.
     cache: Option<CacheReader>,
     counters: Arc<Counters>,
-    acl: Acl,
+    /// Checked once per accepted connection.
+    acl: LiveAcl,
     limits: TcpLimits,
     /// Handed to the forwarder with each forwarded query: it wakes this
     /// loop when the answer is queued.
@@ -156,7 +166,7 @@ pub(crate) fn run(
     table: SharedTable,
     forwarder: Forwarder,
     counters: Arc<Counters>,
-    acl: Acl,
+    acl: LiveAcl,
     limits: TcpLimits,
 ) {
     if let Err(e) = poll
@@ -220,7 +230,7 @@ pub(crate) fn run(
                 match listener.accept() {
                     Ok((mut stream, peer)) => {
                         let peer = peer.ip().to_canonical();
-                        if !ctx.acl.allows(peer) {
+                        if !ctx.acl.load().allows(peer) {
                             ctx.counters.acl_refused();
                             drop(stream);
                             continue;

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use crate::table::SharedTable;
 
-use super::acl::Acl;
+use super::acl::{Acl, LiveAcl};
 use super::answer::{self, Context, Outcome, Transport, UDP_PAYLOAD_ADVERTISED};
 use super::cache::{CacheReader, Lookup};
 use super::forward::{Forwarder, Reply};
@@ -58,8 +58,17 @@ pub const CONTROL_LEN: usize = 64;
 /// address the socket also reports each datagram's destination
 /// ([`LocalAddr`]).
 pub fn bind(addr: SocketAddr) -> io::Result<UdpSocket> {
+    bind_with(addr, false)
+}
+
+/// [`bind`]; with `freebind` the address need not be up yet
+/// ([`super::set_freebind`]).
+pub fn bind_with(addr: SocketAddr, freebind: bool) -> io::Result<UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if freebind {
+        super::set_freebind(&socket, addr)?;
+    }
     socket.set_reuse_port(true)?;
     let _ = socket.set_recv_buffer_size(SOCKET_RECV_BUFFER_BYTES);
     socket.set_read_timeout(Some(READ_TIMEOUT))?;
@@ -267,7 +276,10 @@ pub struct UdpWorker {
     /// The forwarder's cache: hits are answered in the batch.
     cache: Option<CacheReader>,
     counters: Arc<Counters>,
-    acl: Acl,
+    /// The access list a reload may replace, and this thread's snapshot of
+    /// it, refreshed at the start of each batch.
+    live_acl: LiveAcl,
+    acl: Arc<Acl>,
     /// What [`answer::answer`] is told besides the query; `local` is the
     /// bound address, replaced per datagram on a wildcard bind.
     context: Context,
@@ -310,8 +322,10 @@ impl UdpWorker {
         table: SharedTable,
         forwarder: Forwarder,
         counters: Arc<Counters>,
-        acl: Acl,
+        acl: impl Into<LiveAcl>,
     ) -> UdpWorker {
+        let live_acl = acl.into();
+        let acl = Arc::clone(&live_acl.load());
         // SAFETY: these are plain C structs for which all-zero is valid.
         let zero_iov = || unsafe { zeroed::<libc::iovec>() };
         let zero_hdr = || unsafe { zeroed::<libc::mmsghdr>() };
@@ -357,6 +371,7 @@ impl UdpWorker {
             cache: forwarder.cache().map(|c| c.reader()),
             forwarder,
             counters,
+            live_acl,
             acl,
             context,
             pktinfo,
@@ -382,6 +397,7 @@ impl UdpWorker {
     /// number of datagrams received; a timeout is `WouldBlock`.
     pub fn serve_batch(&mut self) -> io::Result<usize> {
         let n = self.receive()?;
+        self.refresh_live();
         let mut n_send = 0;
         for i in 0..n {
             if self.handle(i) {
@@ -436,8 +452,21 @@ impl UdpWorker {
         Ok(self.used)
     }
 
+    /// Takes what a reload may have changed, once per batch: the access
+    /// list (one lock-free load; the remembered decision goes with the old
+    /// list) and whether forwarding is configured (RA).
+    #[inline]
+    fn refresh_live(&mut self) {
+        self.context.recursion = self.forwarder.forwards();
+        let live = self.live_acl.load();
+        if !Arc::ptr_eq(&live, &self.acl) {
+            self.acl = Arc::clone(&live);
+            self.last_v4 = None;
+        }
+    }
+
     /// Whether `ip` may be answered; the decision for the last IPv4 client
-    /// is remembered (the list never changes).
+    /// is remembered (until the list is replaced).
     #[inline]
     fn allowed(&mut self, ip: IpAddr) -> bool {
         let IpAddr::V4(v4) = ip else {

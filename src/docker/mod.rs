@@ -6,6 +6,10 @@
 //! sends one `Upsert`/`Remove` per (container, network) that changed. When
 //! the engine is unreachable it retries with capped backoff and resyncs.
 //!
+//! With `dns_bind = "auto"` it also tells the DNS listeners the gateway
+//! addresses of the watched networks that exist ([`GatewaySender`]), each
+//! time that set changes.
+//!
 //! Invariants: this thread never writes the table itself, only sends to the
 //! registry; the DNS never waits on it; a lost engine removes nothing until
 //! the resync after reconnection says what vanished; `stop` returns within
@@ -23,6 +27,7 @@ use anyhow::Context;
 use crossbeam_channel::Sender;
 
 use crate::config::Config;
+use crate::dns::listeners::GatewaySender;
 use crate::registry::RegistryMsg;
 use crate::table::Origin;
 
@@ -172,13 +177,26 @@ impl Docker {
         registry: Sender<RegistryMsg>,
         stats: Arc<DockerStats>,
     ) -> anyhow::Result<Docker> {
+        Docker::start_with_gateways(config, origin, registry, stats, None)
+    }
+
+    /// [`Docker::start`], also sending the watched networks' gateway
+    /// addresses to `gateways` whenever they change.
+    pub fn start_with_gateways(
+        config: &Config,
+        origin: Origin,
+        registry: Sender<RegistryMsg>,
+        stats: Arc<DockerStats>,
+        gateways: Option<GatewaySender>,
+    ) -> anyhow::Result<Docker> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .context("building the Docker thread's runtime")?;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let heartbeat = stats.heartbeat.clone();
-        let watcher = watch::Watcher::new(config, origin, registry, stats, stop_rx.clone());
+        let watcher =
+            watch::Watcher::new(config, origin, registry, stats, gateways, stop_rx.clone());
         let thread = std::thread::Builder::new()
             .name("docker".into())
             .spawn(move || {

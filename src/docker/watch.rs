@@ -5,6 +5,7 @@
 //! containers, so each event sends only the difference.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -23,6 +24,7 @@ use super::{
     RESYNC_CONCURRENCY, STOP_POLL,
 };
 use crate::config::Config;
+use crate::dns::listeners::GatewaySender;
 use crate::registry::RegistryMsg;
 use crate::table::{Group, Origin, Source, SourceKind};
 
@@ -63,6 +65,10 @@ pub(super) struct Watcher {
     engine: EngineState,
     /// Watched networks known not to exist (logged once each).
     missing: BTreeSet<String>,
+    /// Where the gateway addresses of the watched networks go (`auto` bind).
+    gateways: Option<GatewaySender>,
+    /// The gateway set sent last.
+    gateways_sent: Option<BTreeSet<IpAddr>>,
 }
 
 /// Runs sessions until stopped.
@@ -95,6 +101,7 @@ impl Watcher {
         origin: Origin,
         registry: Sender<RegistryMsg>,
         stats: Arc<DockerStats>,
+        gateways: Option<GatewaySender>,
         stop: watch::Receiver<bool>,
     ) -> Watcher {
         Watcher {
@@ -108,6 +115,8 @@ impl Watcher {
             sent: HashMap::new(),
             engine: EngineState::Unknown,
             missing: BTreeSet::new(),
+            gateways,
+            gateways_sent: None,
         }
     }
 
@@ -228,10 +237,26 @@ impl Watcher {
         self.engine = EngineState::Down;
     }
 
-    /// Notes which watched networks exist; logs each change once.
+    /// Notes which watched networks exist (logs each change once) and
+    /// sends their gateways to the DNS listeners when those changed.
     async fn check_networks(&mut self, docker: &bollard::Docker) -> Result<(), Lost> {
         let nets = timed(docker.list_networks(None::<ListNetworksOptions>)).await?;
         let present: BTreeSet<&str> = nets.iter().filter_map(|n| n.name.as_deref()).collect();
+        let gateways: BTreeSet<IpAddr> = nets
+            .iter()
+            .filter(|n| {
+                n.name
+                    .as_ref()
+                    .is_some_and(|name| self.networks.contains(name))
+            })
+            .filter_map(|n| n.ipam.as_ref()?.config.as_ref())
+            .flatten()
+            .filter_map(|c| c.gateway.as_deref()?.parse().ok())
+            .collect();
+        if self.gateways.is_some() && self.gateways_sent.as_ref() != Some(&gateways) {
+            self.send_gateways(gateways.clone())?;
+            self.gateways_sent = Some(gateways);
+        }
         for net in self.networks.iter() {
             if present.contains(net.as_str()) {
                 if self.missing.remove(net) {
@@ -341,13 +366,13 @@ impl Watcher {
                         if self.missing.remove(net) {
                             log::info!("Watched Docker network {net} created; watching it");
                         }
-                        Ok(())
+                        self.check_networks(docker).await
                     }
                     "destroy" => {
                         if self.missing.insert(net.clone()) {
                             log::info!("Watched Docker network {net} removed; waiting for it");
                         }
-                        Ok(())
+                        self.check_networks(docker).await
                     }
                     _ => Ok(()),
                 }
@@ -389,6 +414,26 @@ impl Watcher {
             .containers
             .store(self.sent.len() as u64, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Sends the gateway set to the DNS listeners, waiting while their
+    /// inbox is full but never past a stop request.
+    fn send_gateways(&self, mut set: BTreeSet<IpAddr>) -> Result<(), Lost> {
+        let Some(tx) = &self.gateways else {
+            return Ok(());
+        };
+        loop {
+            match tx.send_timeout(set, STOP_POLL) {
+                // Gone listeners (stopping) are not the engine's fault.
+                Ok(()) | Err(SendTimeoutError::Disconnected(_)) => return Ok(()),
+                Err(SendTimeoutError::Timeout(s)) => {
+                    if *self.stop.borrow() {
+                        return Err(Lost::Stopped);
+                    }
+                    set = s;
+                }
+            }
+        }
     }
 
     /// Sends to the registry, blocking while its inbox is full but never

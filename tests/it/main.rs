@@ -1,6 +1,7 @@
 //! The one integration test binary: real components on 127.0.0.1:0, real
 //! UDP/TCP packets, the real Docker engine.
 
+mod process;
 mod support;
 
 mod cache;
@@ -12,3 +13,4 @@ mod e2e;
 mod forward;
 mod http;
 mod ops;
+mod reload;

@@ -44,6 +44,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use std::{cmp::Reverse, ops::Range};
 
+use arc_swap::ArcSwapOption;
 use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError, bounded};
 use mio::{Events, Interest, Poll, Token, Waker};
 use rand::rngs::{StdRng, SysRng};
@@ -154,9 +155,11 @@ impl Reply {
 
 impl Forwarder {
     /// Whether queries are forwarded at all (some upstream is configured):
-    /// replies advertise recursion (RA) only then.
+    /// replies advertise recursion (RA) only then. One lock-free load: a
+    /// reload may change it ([`Forwarder::set_upstreams`]).
+    #[inline]
     pub fn forwards(&self) -> bool {
-        self.link.is_some()
+        self.link.load().is_some()
     }
 }
 
@@ -228,10 +231,17 @@ impl Drop for Link {
 #[derive(Clone)]
 pub struct Forwarder {
     /// `None` when there is no upstream: every query is refused at once.
-    link: Option<Arc<Link>>,
-    /// The forward cache the forwarding thread writes (none without
-    /// upstreams or with `cache_size = 0`).
+    /// Shared by every clone and replaced whole when the upstreams change
+    /// ([`Forwarder::set_upstreams`]); `submit` loads it lock-free.
+    link: Arc<ArcSwapOption<Link>>,
+    /// The forward cache the forwarding thread writes (none with
+    /// `cache_size = 0`). It outlives upstream changes: the serving
+    /// threads keep reading the one they were given.
     cache: Option<Arc<Cache>>,
+    /// The cache's one writer while no forwarding thread holds it (no
+    /// upstream, or between two upstream sets): a forwarding thread takes
+    /// it when it starts and puts it back when it ends.
+    parked_writer: Arc<Mutex<Option<CacheWriter>>>,
 }
 
 impl Forwarder {
@@ -249,18 +259,43 @@ impl Forwarder {
         stats: Arc<ForwardStats>,
         cache_stats: Option<Arc<CacheStats>>,
     ) -> io::Result<Forwarder> {
-        let upstreams = stats.set_upstreams(&config.upstreams);
-        if upstreams.is_empty() {
-            log::warn!("no upstream resolver: names that are not ours get SERVFAIL");
-            return Ok(Forwarder {
-                link: None,
-                cache: None,
-            });
-        }
-        let (cache, cache_writer) = match cache_stats.and_then(|s| Cache::new(config.cache, s)) {
+        let (cache, writer) = match cache_stats.and_then(|s| Cache::new(config.cache, s)) {
             Some((cache, writer)) => (Some(cache), Some(writer)),
             None => (None, None),
         };
+        let forwarder = Forwarder {
+            link: Arc::new(ArcSwapOption::empty()),
+            cache,
+            parked_writer: Arc::new(Mutex::new(writer)),
+        };
+        forwarder.link.store(forwarder.start_link(config, stats)?);
+        if let Some(cache) = &forwarder.cache {
+            // A flush wakes the forwarding thread, which frees the entries.
+            let links = Arc::downgrade(&forwarder.link);
+            cache.set_flush_hook(move || {
+                if let Some(links) = links.upgrade()
+                    && let Some(link) = &*links.load()
+                {
+                    let _ = link.shared.waker.wake();
+                }
+            });
+        }
+        Ok(forwarder)
+    }
+
+    /// Starts a forwarding thread (and its TCP pool) for
+    /// `config.upstreams`, holding the parked cache writer; `None` without
+    /// upstreams.
+    fn start_link(
+        &self,
+        config: &Config,
+        stats: Arc<ForwardStats>,
+    ) -> io::Result<Option<Arc<Link>>> {
+        let upstreams = stats.set_upstreams(&config.upstreams);
+        if upstreams.is_empty() {
+            log::warn!("no upstream resolver: names that are not ours get SERVFAIL");
+            return Ok(None);
+        }
         let rng = StdRng::try_from_rng(&mut SysRng)
             .map_err(|e| io::Error::other(format!("no randomness from the OS: {e}")))?;
         let poll = Poll::new()?;
@@ -325,12 +360,15 @@ impl Forwarder {
             stats.clone(),
             shared.clone(),
         );
-        forwarding.cache = cache_writer;
+        let parked = self.parked_writer.clone();
+        forwarding.cache = lock(&parked).take();
         let handle = std::thread::Builder::new()
             .name("glued-forward".into())
             .spawn(move || {
                 let alive = forwarding.stats.heartbeat.clone().enter();
                 forwarding.run();
+                // The next forwarding thread (an upstream change) writes on.
+                *lock(&parked) = forwarding.cache.take();
                 // Only a requested stop is a clean end.
                 if forwarding.shared.stopping.load(Ordering::SeqCst) {
                     alive.retire();
@@ -339,25 +377,15 @@ impl Forwarder {
         match handle {
             Ok(h) => threads.insert(0, h),
             Err(e) => {
+                // The closure (and the writer in it) is gone: start over
+                // without a cache rather than with two writers.
                 shared.stop();
                 return Err(e);
             }
         }
         *shared.threads.lock().unwrap_or_else(|e| e.into_inner()) = threads;
         log::info!("forwarding to {:?}", config.upstreams);
-        if let Some(cache) = &cache {
-            // A flush wakes the forwarding thread, which frees the entries.
-            let weak = Arc::downgrade(&shared);
-            cache.set_flush_hook(move || {
-                if let Some(shared) = weak.upgrade() {
-                    let _ = shared.waker.wake();
-                }
-            });
-        }
-        Ok(Forwarder {
-            link: Some(Arc::new(Link { tx, shared })),
-            cache,
-        })
+        Ok(Some(Arc::new(Link { tx, shared })))
     }
 
     /// The forward cache, for the serving threads' lookups.
@@ -384,7 +412,7 @@ impl Forwarder {
     }
 
     fn hand_over(&self, query: &[u8], reply: Option<Reply>) -> bool {
-        match &self.link {
+        match &*self.link.load() {
             Some(link)
                 if wire::question(query).is_some()
                     && !link.shared.stopping.load(Ordering::Relaxed) =>
@@ -414,20 +442,58 @@ impl Forwarder {
     /// Stops the forwarding thread and the TCP pool and joins them (queries
     /// in flight get SERVFAIL). Idempotent; any clone may call it.
     pub fn stop(&self) {
-        let Some(link) = &self.link else {
-            return;
-        };
-        link.shared.stop();
-        let threads = std::mem::take(
-            &mut *link
-                .shared
-                .threads
-                .lock()
-                .unwrap_or_else(|e| e.into_inner()),
-        );
-        for t in threads {
-            let _ = t.join();
+        if let Some(link) = self.link.swap(None) {
+            stop_link(&link);
         }
+    }
+
+    /// Forwards to `config.upstreams` from now on, for every clone, with
+    /// a fresh forwarding thread. Without a cache the old thread retires
+    /// after [`QUERY_BUDGET`], when every query it holds was answered. With
+    /// one, the cache's single writer must move: the old thread is stopped
+    /// first (its queries in flight get SERVFAIL, or a stale answer), and
+    /// queries arriving meanwhile get SERVFAIL. `stats` (the same as at
+    /// start) gets the new per-upstream counters.
+    pub fn set_upstreams(&self, config: &Config, stats: Arc<ForwardStats>) -> io::Result<()> {
+        if self.cache.is_some()
+            && let Some(old) = self.link.swap(None)
+        {
+            stop_link(&old);
+        }
+        let fresh = self.start_link(config, stats)?;
+        if let Some(old) = self.link.swap(fresh) {
+            std::thread::Builder::new()
+                .name("glued-forward-retire".into())
+                .spawn(move || {
+                    std::thread::sleep(QUERY_BUDGET + RETIRE_MARGIN);
+                    stop_link(&old);
+                })?;
+        }
+        Ok(())
+    }
+}
+
+/// How long a replaced forwarding thread outlives [`QUERY_BUDGET`] before
+/// it is stopped (its last SERVFAILs are sent by then).
+pub const RETIRE_MARGIN: Duration = Duration::from_millis(200);
+
+/// Locks a mutex off the hot path, whatever a panicking holder left.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Stops one forwarding thread set and joins it.
+fn stop_link(link: &Link) {
+    link.shared.stop();
+    let threads = std::mem::take(
+        &mut *link
+            .shared
+            .threads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()),
+    );
+    for t in threads {
+        let _ = t.join();
     }
 }
 

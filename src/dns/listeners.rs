@@ -1,0 +1,171 @@
+//! Every address the DNS serves: the fixed one (`dns_bind`) and, with
+//! `dns_bind = "auto"`, port `dns_bind.port()` on the gateway of each
+//! watched Docker network.
+//!
+//! The Docker watcher sends the whole set of gateway addresses whenever it
+//! changes ([`GatewaySender`]); the `dns-listeners` thread turns each set
+//! into one [`DnsServer`] per address, binding new ones (`IP_FREEBIND`, so a
+//! gateway whose bridge is not up yet binds anyway) and stopping the ones
+//! whose network went away.
+//!
+//! Invariants: serving threads never look at this set (each owns its
+//! sockets for its whole life, so the hot path has no lock and no check);
+//! a failed bind is logged and retried with the next set, never fatal; the
+//! fixed listener lives as long as the [`Listeners`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{Receiver, Sender, bounded, select};
+
+use super::{DnsServer, Serving};
+
+/// Gateway sets waiting for the listeners thread (each one replaces the
+/// last, so a short queue suffices; the sender waits while it is full).
+pub const GATEWAY_INBOX: usize = 8;
+
+/// Where the Docker watcher sends the current set of gateway addresses.
+pub type GatewaySender = Sender<BTreeSet<IpAddr>>;
+
+/// The fixed DNS server and, in `auto` mode, the thread that follows the
+/// gateways.
+pub struct Listeners {
+    fixed: DnsServer,
+    follower: Option<Follower>,
+}
+
+struct Follower {
+    stop: Sender<()>,
+    thread: JoinHandle<()>,
+}
+
+impl Listeners {
+    /// Binds the fixed address. With `follow_gateways`, also returns the
+    /// sender on which gateway sets are served on `fixed`'s port.
+    pub fn start(
+        fixed: SocketAddr,
+        serving: Serving,
+        follow_gateways: bool,
+    ) -> io::Result<(Listeners, Option<GatewaySender>)> {
+        let server = DnsServer::bind(fixed, &serving, false)?;
+        if !follow_gateways {
+            return Ok((
+                Listeners {
+                    fixed: server,
+                    follower: None,
+                },
+                None,
+            ));
+        }
+        let port = server.udp_addr.port();
+        let skip = server.udp_addr.ip();
+        let (tx, rx) = bounded(GATEWAY_INBOX);
+        let (stop_tx, stop_rx) = bounded(1);
+        let thread = std::thread::Builder::new()
+            .name("dns-listeners".into())
+            .spawn(move || follow(rx, stop_rx, serving, port, skip))?;
+        Ok((
+            Listeners {
+                fixed: server,
+                follower: Some(Follower {
+                    stop: stop_tx,
+                    thread,
+                }),
+            },
+            Some(tx),
+        ))
+    }
+
+    /// The fixed server's UDP address.
+    pub fn udp_addr(&self) -> SocketAddr {
+        self.fixed.udp_addr
+    }
+
+    /// The fixed server's TCP address.
+    pub fn tcp_addr(&self) -> SocketAddr {
+        self.fixed.tcp_addr
+    }
+
+    /// Stops every server and the follower thread.
+    pub fn stop(self) {
+        if let Some(f) = self.follower {
+            let _ = f.stop.send(());
+            let _ = f.thread.join();
+        }
+        self.fixed.stop();
+    }
+}
+
+/// The `dns-listeners` loop: applies the latest gateway set until stopped.
+fn follow(
+    sets: Receiver<BTreeSet<IpAddr>>,
+    stop: Receiver<()>,
+    serving: Serving,
+    port: u16,
+    skip: IpAddr,
+) {
+    let mut servers: BTreeMap<IpAddr, DnsServer> = BTreeMap::new();
+    loop {
+        select! {
+            recv(sets) -> set => match set {
+                Ok(mut set) => {
+                    // Only the newest set matters.
+                    while let Ok(newer) = sets.try_recv() {
+                        set = newer;
+                    }
+                    set.remove(&skip);
+                    apply(&mut servers, &set, &serving, port);
+                }
+                // The watcher is gone: keep serving until stopped.
+                Err(_) => {
+                    let _ = stop.recv();
+                    break;
+                }
+            },
+            recv(stop) -> _ => break,
+        }
+    }
+    for (_, server) in std::mem::take(&mut servers) {
+        server.stop();
+    }
+}
+
+/// Stops the servers of addresses not in `wanted`, binds the missing ones.
+fn apply(
+    servers: &mut BTreeMap<IpAddr, DnsServer>,
+    wanted: &BTreeSet<IpAddr>,
+    serving: &Serving,
+    port: u16,
+) {
+    let gone: Vec<IpAddr> = servers
+        .keys()
+        .filter(|ip| !wanted.contains(ip))
+        .copied()
+        .collect();
+    for ip in gone {
+        if let Some(server) = servers.remove(&ip) {
+            server.stop();
+            log::info!(
+                "DNS stopped serving on {} (its Docker network is gone)",
+                SocketAddr::new(ip, port)
+            );
+        }
+    }
+    for &ip in wanted {
+        if servers.contains_key(&ip) {
+            continue;
+        }
+        let addr = SocketAddr::new(ip, port);
+        match DnsServer::bind(addr, serving, true) {
+            // DnsServer::bind logs the address.
+            Ok(server) => {
+                servers.insert(ip, server);
+            }
+            Err(e) => log::warn!(
+                "cannot serve DNS on Docker gateway {addr}: {e}; retried when the networks change"
+            ),
+        }
+    }
+}
