@@ -23,7 +23,9 @@
 # Runtime (see README.md / docker-compose.yml):
 #   -v /var/run/docker.sock:/var/run/docker.sock:ro   Docker engine (read-only)
 #   -v glued-data:/var/lib/glued                      node key (stable id)
-#   53/udp + 53/tcp   DNS (GLUED_DNS_BIND, default 0.0.0.0:53)
+#   53/udp + 53/tcp   DNS (GLUED_DNS_BIND: 0.0.0.0:53 in the image, since the
+#                     binary's default `auto` serves loopback and the Docker
+#                     gateways of the host's own network namespace)
 #   9254/udp          gossip, iroh QUIC (GLUED_GOSSIP_BIND, default 0.0.0.0:9254)
 #   9253/tcp          HTTP status (GLUED_HTTP_BIND, default 127.0.0.1:9253)
 #
@@ -35,6 +37,7 @@
 FROM scratch AS offline
 COPY dist/rootfs/ /
 EXPOSE 53/udp 53/tcp 9254/udp
+ENV GLUED_DNS_BIND=0.0.0.0:53
 HEALTHCHECK --interval=10s --timeout=5s --start-period=10s --retries=3 \
     CMD ["/usr/local/bin/glued", "health"]
 ENTRYPOINT ["/usr/local/bin/glued"]
@@ -54,6 +57,7 @@ RUN CARGO_PROFILE_RELEASE_STRIP=symbols cargo build --release --locked \
 FROM scratch AS final
 COPY --from=build /rootfs/ /
 EXPOSE 53/udp 53/tcp 9254/udp
+ENV GLUED_DNS_BIND=0.0.0.0:53
 HEALTHCHECK --interval=10s --timeout=5s --start-period=10s --retries=3 \
     CMD ["/usr/local/bin/glued", "health"]
 ENTRYPOINT ["/usr/local/bin/glued"]

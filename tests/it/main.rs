@@ -4,6 +4,7 @@
 mod process;
 mod support;
 
+mod bind;
 mod cache;
 mod cluster;
 mod config;
