@@ -248,4 +248,17 @@ fn sighup_applies_ttl_access_list_and_upstreams_and_names_keys_needing_a_restart
     assert_eq!(m.answers[0].ttl, 7);
     let m = udp_ask(dns, "elsewhere.example.", RecordType::A).expect("answer");
     assert_eq!(rcode(&m), ResponseCode::ServFail);
+
+    // Log level: at warn, the reload's info line is gone, its warning not.
+    let extra = "dns_threads = 3\nlease_secs = 21\nttl = 7\nlog = \"warn\"";
+    glued.write_config(&file("10.0.0.5", extra));
+    let after = glued.n_lines();
+    glued.signal(libc::SIGHUP);
+    glued.wait_for_after(after, "lease_secs changed but need a restart", LOG_WAIT);
+    let log = glued.log();
+    let since: Vec<&str> = log.lines().skip(after).collect();
+    assert!(
+        !since.iter().any(|l| l.contains("configuration reloaded")),
+        "info lines after log = warn: {since:?}"
+    );
 }
