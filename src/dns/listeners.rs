@@ -18,9 +18,10 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::thread::JoinHandle;
 
-use crossbeam_channel::{Receiver, Sender, bounded, select};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded, select};
 
 use super::{DnsServer, Serving};
+use crate::health::BEAT_INTERVAL;
 
 /// Gateway sets waiting for the listeners thread (each one replaces the
 /// last, so a short queue suffices; the sender waits while it is full).
@@ -107,7 +108,11 @@ fn follow(
     skip: IpAddr,
 ) {
     let mut servers: BTreeMap<IpAddr, DnsServer> = BTreeMap::new();
+    // Its own heartbeat, like every component thread (for /healthz).
+    let heartbeat = serving.stats.register().heartbeat.clone();
+    let alive = heartbeat.enter();
     loop {
+        heartbeat.beat();
         select! {
             recv(sets) -> set => match set {
                 Ok(mut set) => {
@@ -120,16 +125,20 @@ fn follow(
                 }
                 // The watcher is gone: keep serving until stopped.
                 Err(_) => {
-                    let _ = stop.recv();
+                    while let Err(RecvTimeoutError::Timeout) = stop.recv_timeout(BEAT_INTERVAL) {
+                        heartbeat.beat();
+                    }
                     break;
                 }
             },
             recv(stop) -> _ => break,
+            default(BEAT_INTERVAL) => {}
         }
     }
     for (_, server) in std::mem::take(&mut servers) {
         server.stop();
     }
+    alive.retire();
 }
 
 /// Stops the servers of addresses not in `wanted`, binds the missing ones.
