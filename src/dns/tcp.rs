@@ -217,6 +217,9 @@ pub(crate) fn run(
         if stop.load(Ordering::Relaxed) {
             break;
         }
+        // A reload may start or stop forwarding (RA): one load per turn,
+        // after the wait.
+        ctx.recursion = ctx.forwarder.forwards();
         ready.clear();
         ready.append(&mut again);
         if accept_retry || accept_more || events.iter().any(|e| e.token() == LISTENER) {

@@ -1,6 +1,6 @@
 //! Integration tests: `SIGHUP` reloads the configuration of a running
 //! `glued run` (the real binary): records, TTL, access list and upstreams
-//! change the answers; a bad file changes nothing and logs the line
+//! change the answers (RA follows the upstreams); a bad file changes nothing and logs the line
 //! `glued check` prints; keys that need a restart are named in one warning.
 
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
@@ -199,6 +199,8 @@ fn sighup_applies_ttl_access_list_and_upstreams_and_names_keys_needing_a_restart
         ResponseCode::ServFail,
         "forwarded with no upstream"
     );
+    let m = udp_ask(dns, "db.glued.internal.", RecordType::A).expect("answer");
+    assert!(!m.metadata.recursion_available, "RA without upstreams");
 
     // TTL and upstreams.
     let upstream = Upstream::start();
@@ -208,6 +210,14 @@ fn sighup_applies_ttl_access_list_and_upstreams_and_names_keys_needing_a_restart
     assert!(line.contains("ttl") && line.contains("upstreams"), "{line}");
     let m = udp_ask(dns, "db.glued.internal.", RecordType::A).expect("answer");
     assert_eq!(m.answers[0].ttl, 42);
+    assert!(m.metadata.recursion_available, "no RA with an upstream");
+    let m = tcp_ask(dns, "db.glued.internal.", RecordType::A)
+        .expect("TCP connect")
+        .expect("TCP answer");
+    assert!(
+        m.metadata.recursion_available,
+        "no RA over TCP with an upstream"
+    );
     let m = udp_ask(dns, "elsewhere.example.", RecordType::A).expect("answer");
     assert_eq!(
         addresses(&m),
