@@ -148,6 +148,8 @@ fn sighup_changes_records_within_a_second_without_dropping_a_query() {
 struct Upstream {
     addr: SocketAddr,
     stop: Arc<AtomicBool>,
+    /// Queries received.
+    asked: Arc<AtomicUsize>,
 }
 
 impl Upstream {
@@ -159,6 +161,8 @@ impl Upstream {
         let addr = socket.local_addr().unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let stopping = stop.clone();
+        let asked = Arc::new(AtomicUsize::new(0));
+        let counted = asked.clone();
         std::thread::spawn(move || {
             let mut buf = vec![0; 4096];
             while !stopping.load(Ordering::Relaxed) {
@@ -177,10 +181,11 @@ impl Upstream {
                     60,
                     RData::A(A(Ipv4Addr::new(192, 0, 2, 99))),
                 ));
+                counted.fetch_add(1, Ordering::Relaxed);
                 let _ = socket.send_to(&m.to_vec().unwrap(), peer);
             }
         });
-        Upstream { addr, stop }
+        Upstream { addr, stop, asked }
     }
 }
 
@@ -224,6 +229,12 @@ fn sighup_applies_ttl_access_list_and_upstreams_and_names_keys_needing_a_restart
         ["192.0.2.99"],
         "not forwarded to the new upstream"
     );
+    // The forward cache kept working across the change (its one writer
+    // moved to the new forwarding thread): asked again, the answer comes
+    // from the cache.
+    let m = udp_ask(dns, "elsewhere.example.", RecordType::A).expect("answer");
+    assert_eq!(addresses(&m), ["192.0.2.99"]);
+    assert_eq!(upstream.asked.load(Ordering::Relaxed), 1, "not cached");
 
     // Access list: loopback is no longer allowed, over UDP and TCP.
     let extra = format!(
