@@ -338,6 +338,14 @@ fn a_client_reading_a_large_answer_slowly_does_not_hold_the_server() {
     sock.connect(&s.http.addr.into()).unwrap();
     let mut slow: TcpStream = sock.into();
     slow.write_all(b"GET /records HTTP/1.1\r\n\r\n").unwrap();
+    // The clock starts when the server starts writing: building a body of
+    // several MB takes a while in a debug build on a loaded machine, and the
+    // deadline bounds the writing.
+    let mut first = [0u8; 1];
+    slow.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    assert_eq!(slow.read(&mut first).unwrap(), 1);
+    let writing = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
     let reader = std::thread::spawn({
         let stop = stop.clone();
@@ -354,7 +362,6 @@ fn a_client_reading_a_large_answer_slowly_does_not_hold_the_server() {
         }
     });
     std::thread::sleep(Duration::from_millis(500));
-    let start = Instant::now();
     let mut other = TcpStream::connect(s.http.addr).unwrap();
     other
         .set_read_timeout(Some(ANSWER_DEADLINE + Duration::from_secs(3)))
@@ -362,7 +369,7 @@ fn a_client_reading_a_large_answer_slowly_does_not_hold_the_server() {
     other.write_all(b"GET /healthz HTTP/1.1\r\n\r\n").unwrap();
     let mut buf = Vec::new();
     let got = other.read_to_end(&mut buf);
-    let waited = start.elapsed();
+    let waited = writing.elapsed();
     stop.store(true, Ordering::Relaxed);
     reader.join().unwrap();
     assert!(got.is_ok(), "no answer after {waited:?}: {got:?}");
