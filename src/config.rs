@@ -151,6 +151,8 @@ pub struct Config {
     /// `auto`: also serve port `dns_bind.port()` on the gateway of each
     /// watched Docker network, as networks come and go.
     pub dns_bind_auto: bool,
+    /// Further fixed addresses (`dns_bind` given as a list).
+    pub dns_bind_more: Vec<SocketAddr>,
     pub dns_threads: usize,
     pub http_bind: SocketAddr,
     /// Lowercase, no trailing dot.
@@ -242,8 +244,8 @@ pub const KEYS: &[KeySpec] = &[
         flag: "--dns-bind",
         value: "ADDR",
         default: "auto",
-        help: "UDP and TCP address of the DNS server (ip:port), or auto: 127.0.0.1:53 plus \
-               port 53 on the gateway of each watched Docker network",
+        help: "UDP and TCP addresses of the DNS server (ip:port, comma-separated), or auto: \
+               127.0.0.1:53 plus port 53 on the gateway of each watched Docker network",
     },
     KeySpec {
         key: Key::BindIp,
@@ -1104,16 +1106,22 @@ impl Host {
     /// The default upstreams and the file they come from: the nameservers
     /// of `resolv_conf`, or of `resolved_conf` when the first lists only
     /// systemd-resolved's stub (127.0.0.53), minus Glued's own addresses.
-    pub fn default_upstreams(&self, dns_bind: SocketAddr) -> (Vec<SocketAddr>, PathBuf) {
+    pub fn default_upstreams(&self, binds: &[SocketAddr]) -> (Vec<SocketAddr>, PathBuf) {
         let (text, path) = if only_resolved_stub(&self.resolv_conf) {
             (&self.resolved_conf, &self.resolved_conf_path)
         } else {
             (&self.resolv_conf, &self.resolv_conf_path)
         };
-        (
-            default_upstreams(text, dns_bind, &self.local_ips),
-            path.clone(),
-        )
+        let mut list = Vec::new();
+        for (i, bind) in binds.iter().enumerate() {
+            let own = default_upstreams(text, *bind, &self.local_ips);
+            if i == 0 {
+                list = own;
+            } else {
+                list.retain(|u| own.contains(u));
+            }
+        }
+        (list, path.clone())
     }
 }
 
@@ -1365,7 +1373,8 @@ fn parse_peer(s: &str) -> Option<BootstrapPeer> {
 // Validation
 
 const EXPECT_BIND: &str = "an address ip:port (IPv6 as [::1]:53)";
-const EXPECT_DNS_BIND: &str = "auto, or an address ip:port (IPv6 as [::1]:53)";
+const EXPECT_DNS_BIND: &str =
+    "auto, or a comma-separated list of addresses ip:port (IPv6 as [::1]:53)";
 
 impl Config {
     /// A configuration for tests, examples and benchmarks, not the daemon's
@@ -1377,6 +1386,7 @@ impl Config {
         Config {
             dns_bind: any_port,
             dns_bind_auto: false,
+            dns_bind_more: vec![],
             dns_threads: 1,
             http_bind: any_port,
             domain: "glued.internal".into(),
@@ -1445,22 +1455,29 @@ impl Config {
         let get = |key: Key| all.iter().rev().find(|s| s.key == key);
 
         let auto: SocketAddr = AUTO_FIXED_BIND.parse().expect("valid default");
-        let (mut dns_bind, mut dns_bind_auto) = match get(Key::DnsBind) {
-            Some(s) => s.one(EXPECT_DNS_BIND, |v| {
-                if v.eq_ignore_ascii_case(AUTO_BIND) {
-                    Some((auto, true))
-                } else {
-                    parse_bind(v, DNS_PORT).map(|a| (a, false))
+        let (mut dns_bind, mut dns_bind_more, mut dns_bind_auto) = match get(Key::DnsBind) {
+            Some(s) if matches!(&s.value, RawValue::Text(t) if t.trim().eq_ignore_ascii_case(AUTO_BIND)) => {
+                (auto, Vec::new(), true)
+            }
+            Some(s) => {
+                let mut list = s.list(EXPECT_DNS_BIND, |v| parse_bind(v, DNS_PORT))?;
+                let mut seen = Vec::new();
+                list.retain(|a| !seen.contains(a) && (seen.push(*a), true).1);
+                if list.is_empty() {
+                    return Err(s.invalid(EXPECT_DNS_BIND));
                 }
-            })?,
-            None => (auto, true),
+                let first = list.remove(0);
+                (first, list, false)
+            }
+            None => (auto, Vec::new(), true),
         };
         if let Some(s) = get(Key::BindIp) {
             let ip = s.one("an IP address (IPv4 or IPv6)", parse_ip)?;
             let dns_rank = get(Key::DnsBind).map_or(0, |d| d.layer.rank());
             if s.layer.rank() >= dns_rank {
-                // One address: `auto`'s port with this IP.
+                // One address: the (first) port with this IP.
                 dns_bind.set_ip(ip);
+                dns_bind_more.clear();
                 dns_bind_auto = false;
             }
         }
@@ -1508,7 +1525,10 @@ impl Config {
                 None,
             ),
             None => {
-                let (list, file) = host.default_upstreams(dns_bind);
+                let binds: Vec<SocketAddr> = std::iter::once(dns_bind)
+                    .chain(dns_bind_more.iter().copied())
+                    .collect();
+                let (list, file) = host.default_upstreams(&binds);
                 (list, Some(file))
             }
         };
@@ -1596,6 +1616,7 @@ impl Config {
         Ok(Config {
             dns_bind,
             dns_bind_auto,
+            dns_bind_more,
             dns_threads,
             http_bind,
             domain,
@@ -1660,7 +1681,8 @@ impl Config {
                     self.dns_bind.port()
                 )
             } else {
-                format!("dns_bind = {}", self.dns_bind)
+                let more: String = self.dns_bind_more.iter().map(|a| format!(",{a}")).collect();
+                format!("dns_bind = {}{more}", self.dns_bind)
             },
             format!("dns_threads = {}", self.dns_threads),
             format!("http_bind = {}", self.http_bind),
@@ -2207,6 +2229,32 @@ mod tests {
         let c = load("", &[], &["--dns-bind", "[::]:53"]).unwrap();
         assert!(!c.dns_bind_auto);
         assert_eq!(c.dns_bind, "[::]:53".parse().unwrap());
+        let c = load(
+            "dns_bind = [\"127.0.0.1:53\", \"10.0.0.1\", \"127.0.0.1:53\"]",
+            &[],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.dns_bind, "127.0.0.1:53".parse().unwrap());
+        assert_eq!(c.dns_bind_more, ["10.0.0.1:53".parse().unwrap()]);
+        assert!(!c.dns_bind_auto);
+        assert_eq!(
+            c.effective_lines()[0],
+            "dns_bind = 127.0.0.1:53,10.0.0.1:53"
+        );
+        let c = load("", &[("GLUED_DNS_BIND", "127.0.0.1:5353, [::1]:5353")], &[]).unwrap();
+        assert_eq!(c.dns_bind_more, ["[::1]:5353".parse().unwrap()]);
+        let c = load(
+            "",
+            &[
+                ("GLUED_DNS_BIND", "127.0.0.1:5353,[::1]:5353"),
+                ("GLUED_BIND_IP", "10.1.2.3"),
+            ],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.dns_bind, "10.1.2.3:5353".parse().unwrap());
+        assert!(c.dns_bind_more.is_empty());
         let e = err("dns_bind = \"automatic\"", &[], &[]);
         assert!(
             e.contains("dns_bind") && e.contains("expected auto, or"),
@@ -2223,14 +2271,14 @@ mod tests {
         let auto: SocketAddr = AUTO_FIXED_BIND.parse().unwrap();
         std::fs::write(&resolv, "# stub\nnameserver 127.0.0.53\noptions edns0\n").unwrap();
         let host = Host::with_resolver_files(&resolv, &resolved);
-        let (ups, file) = host.default_upstreams(auto);
+        let (ups, file) = host.default_upstreams(&[auto]);
         assert_eq!(file, resolved);
         let ups: Vec<String> = ups.iter().map(|a| a.to_string()).collect();
         assert_eq!(ups, ["192.0.2.7:53", "[2001:db8::7]:53"]);
         // Another nameserver beside the stub: resolv.conf is used as it is.
         std::fs::write(&resolv, "nameserver 127.0.0.53\nnameserver 10.0.0.2\n").unwrap();
         let host = Host::with_resolver_files(&resolv, &resolved);
-        let (ups, file) = host.default_upstreams(auto);
+        let (ups, file) = host.default_upstreams(&[auto]);
         assert_eq!(file, resolv);
         assert_eq!(ups.len(), 2, "{ups:?}");
         // Through the whole configuration, the file is remembered.

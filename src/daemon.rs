@@ -87,8 +87,13 @@ impl Daemon {
             limits: TcpLimits::default(),
             n_udp_threads: config.dns_threads,
         };
-        let (dns, gateways) = Listeners::start(config.dns_bind, serving, config.dns_bind_auto)
-            .map_err(|e| bind_error(e, config.dns_bind))?;
+        let (dns, gateways) = Listeners::start(
+            config.dns_bind,
+            &config.dns_bind_more,
+            serving,
+            config.dns_bind_auto,
+        )
+        .map_err(|(addr, e)| bind_error(e, addr))?;
         let peers = Peers::default();
         let http = HttpServer::start(
             config.http_bind,

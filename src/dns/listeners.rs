@@ -1,4 +1,4 @@
-//! Every address the DNS serves: the fixed one (`dns_bind`) and, with
+//! Every address the DNS serves: the fixed ones (`dns_bind`) and, with
 //! `dns_bind = "auto"`, port `dns_bind.port()` on the gateway of each
 //! watched Docker network.
 //!
@@ -30,10 +30,12 @@ pub const GATEWAY_INBOX: usize = 8;
 /// Where the Docker watcher sends the current set of gateway addresses.
 pub type GatewaySender = Sender<BTreeSet<IpAddr>>;
 
-/// The fixed DNS server and, in `auto` mode, the thread that follows the
+/// The fixed DNS servers and, in `auto` mode, the thread that follows the
 /// gateways.
 pub struct Listeners {
     fixed: DnsServer,
+    /// Further fixed addresses (`dns_bind` given as a list).
+    more: Vec<DnsServer>,
     follower: Option<Follower>,
 }
 
@@ -43,18 +45,25 @@ struct Follower {
 }
 
 impl Listeners {
-    /// Binds the fixed address. With `follow_gateways`, also returns the
-    /// sender on which gateway sets are served on `fixed`'s port.
+    /// Binds the fixed addresses (`fixed`, then `more`). With
+    /// `follow_gateways`, also returns the sender on which gateway sets are
+    /// served on `fixed`'s port. An error names the address that failed.
     pub fn start(
         fixed: SocketAddr,
+        more: &[SocketAddr],
         serving: Serving,
         follow_gateways: bool,
-    ) -> io::Result<(Listeners, Option<GatewaySender>)> {
-        let server = DnsServer::bind(fixed, &serving, false)?;
+    ) -> Result<(Listeners, Option<GatewaySender>), (SocketAddr, io::Error)> {
+        let server = DnsServer::bind(fixed, &serving, false).map_err(|e| (fixed, e))?;
+        let mut others = Vec::with_capacity(more.len());
+        for &addr in more {
+            others.push(DnsServer::bind(addr, &serving, false).map_err(|e| (addr, e))?);
+        }
         if !follow_gateways {
             return Ok((
                 Listeners {
                     fixed: server,
+                    more: others,
                     follower: None,
                 },
                 None,
@@ -66,10 +75,12 @@ impl Listeners {
         let (stop_tx, stop_rx) = bounded(1);
         let thread = std::thread::Builder::new()
             .name("dns-listeners".into())
-            .spawn(move || follow(rx, stop_rx, serving, port, skip))?;
+            .spawn(move || follow(rx, stop_rx, serving, port, skip))
+            .map_err(|e| (fixed, e))?;
         Ok((
             Listeners {
                 fixed: server,
+                more: others,
                 follower: Some(Follower {
                     stop: stop_tx,
                     thread,
@@ -94,6 +105,9 @@ impl Listeners {
         if let Some(f) = self.follower {
             let _ = f.stop.send(());
             let _ = f.thread.join();
+        }
+        for server in self.more {
+            server.stop();
         }
         self.fixed.stop();
     }

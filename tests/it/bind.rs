@@ -270,3 +270,44 @@ fn auto_bind_serves_loopback_and_follows_docker_gateways_next_to_resolved() {
     assert_eq!(ns.answers(first.dns()), (true, true));
     assert_eq!(ns.answers("127.0.0.1:53".parse().unwrap()), (true, true));
 }
+
+#[test]
+fn an_explicit_address_list_is_served_as_given() {
+    let toml = format!("[[records]]\nname = \"probe\"\nip = \"{PROBE_IP}\"\n");
+    let network = unique("glued-bind-absent");
+    let mut glued = Glued::start(
+        &[],
+        &toml,
+        &[
+            ("GLUED_DNS_BIND", "127.0.0.1:0, 127.0.0.2:0"),
+            ("GLUED_HTTP_BIND", "127.0.0.1:0"),
+            ("GLUED_GOSSIP_BIND", "127.0.0.1:0"),
+            ("GLUED_MDNS", "false"),
+            ("GLUED_UPSTREAMS", "none"),
+            ("GLUED_NETWORK_NAME", &network),
+            (
+                "GLUED_DOCKER_HOST",
+                "unix:///nonexistent/glued-bind-test.sock",
+            ),
+            ("GLUED_CLUSTER_SECRET", "bind-test-secret"),
+        ],
+    );
+    glued.wait_for("DNS listening on udp ", START_TIMEOUT);
+    let log = glued.log();
+    let served: Vec<SocketAddr> = log
+        .lines()
+        .filter(|l| l.contains("DNS serving on "))
+        .map(|l| crate::process::addr_after(l, "DNS serving on "))
+        .collect();
+    assert_eq!(served.len(), 2, "{log}");
+    for (server, ip) in served.iter().zip(["127.0.0.1", "127.0.0.2"]) {
+        assert_eq!(server.ip().to_string(), ip);
+        let from = server.ip();
+        let udp = udp_ask_from(from, *server, PROBE, RecordType::A).expect("UDP answer");
+        assert_eq!(addresses(&udp), [PROBE_IP]);
+        let tcp = tcp_ask(*server, PROBE, RecordType::A)
+            .unwrap()
+            .expect("TCP answer");
+        assert_eq!(addresses(&tcp), [PROBE_IP]);
+    }
+}
