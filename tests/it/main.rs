@@ -11,6 +11,7 @@ mod config;
 mod dns;
 mod docker;
 mod e2e;
+mod fleet;
 mod forward;
 mod http;
 mod ops;
