@@ -20,7 +20,8 @@
 //! without them the tests print why and pass, or fail with `CI=true`.
 //!
 //! `GLUED_FLEET_QUIET_SECS` sets how long the cluster stays quiet before a
-//! node restarts (`bench/fleet.sh` uses 600, beyond every cache).
+//! node restarts (600 goes beyond every cache); `GLUED_FLEET_BIN` runs
+//! another glued binary (a release build) in the nodes.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, OpenOptions};
@@ -56,8 +57,8 @@ const RESTART_WITHIN: Duration = Duration::from_secs(15);
 /// peer's state (`ACTOR_MAX_IDLE_TIMEOUT`, 60 s in iroh 1.4, a constant
 /// Glued cannot shorten), after which iroh forgets every address of a peer
 /// it has no connection with. iroh-gossip's own address cache keeps peers
-/// for 5 minutes: `GLUED_FLEET_QUIET_SECS=600` (bench/fleet.sh) waits that
-/// out too, which is too long for CI.
+/// for 5 minutes: `GLUED_FLEET_QUIET_SECS=600` waits that out too (so does
+/// bench/fleet.sh at 32 nodes, `QUIET=600`), too long for CI.
 const QUIET_DEFAULT: Duration = Duration::from_secs(65);
 /// Environment variable overriding [`QUIET_DEFAULT`], in seconds.
 const QUIET_ENV: &str = "GLUED_FLEET_QUIET_SECS";
@@ -76,6 +77,8 @@ const PREFIX: &str = "gfleet";
 /// Lines of a lagging node's log quoted in a failure report.
 const LOG_TAIL: usize = 6;
 
+/// Environment variable naming another glued binary for the nodes.
+const BIN_ENV: &str = "GLUED_FLEET_BIN";
 /// One fleet test at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -103,6 +106,12 @@ struct Fleet {
 
 /// What one node's `/records` holds: origin id → its (name, address) pairs.
 type View = BTreeMap<String, BTreeSet<(String, String)>>;
+
+/// The glued binary the nodes run: this build's, or `GLUED_FLEET_BIN`
+/// (e.g. a release build, to tell slowness of the debug build apart).
+fn binary() -> String {
+    std::env::var(BIN_ENV).unwrap_or_else(|_| env!("CARGO_BIN_EXE_glued").to_string())
+}
 
 /// Runs `ip args…`; the error names the command and what it printed.
 fn ip(args: &[&str]) -> Result<(), String> {
@@ -345,7 +354,7 @@ impl Fleet {
         .unwrap();
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &node.ns])
-            .arg(env!("CARGO_BIN_EXE_glued"))
+            .arg(binary())
             .arg("run")
             .arg("--config")
             .arg(&config)
