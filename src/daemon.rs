@@ -197,9 +197,18 @@ impl Daemon {
                 running.allow_nets = new.allow_nets.clone();
             }
             "upstreams" => {
-                self.forwarder
-                    .set_upstreams(new, self.metrics.forward.clone())
-                    .map_err(|e| e.to_string())?;
+                let stats = self.metrics.forward.clone();
+                if let Err(e) = self.forwarder.set_upstreams(new, stats.clone()) {
+                    // The old forwarding thread may be gone already: back
+                    // to the upstreams that ran.
+                    if let Err(again) = self.forwarder.set_upstreams(running, stats) {
+                        log::error!(
+                            "cannot restart forwarding to {:?}: {again}",
+                            running.upstreams
+                        );
+                    }
+                    return Err(e.to_string());
+                }
                 running.upstreams = new.upstreams.clone();
                 running.upstreams_file = new.upstreams_file.clone();
             }
