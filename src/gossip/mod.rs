@@ -30,7 +30,12 @@
 //! of an origin replaces the old one's records only with its full state.
 
 pub mod auth;
+pub mod core;
+pub mod membership;
 pub mod node;
+pub mod origins;
+pub mod sim;
+pub mod transfer;
 pub mod wire;
 
 use std::collections::HashSet;

@@ -85,7 +85,7 @@ impl Keys {
 
 /// Where a group comes from, as carried on the wire (postcard needs an
 /// externally tagged enum; [`Source`] is internally tagged for JSON).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum WireSource {
     Static(String),
     Container { id: String, network: String },
