@@ -70,6 +70,8 @@ server:
     so-reuseport: no
     do-not-query-localhost: no
     module-config: "iterator"
+    # test. is one of unbound's default local zones (RFC 6761): forward it.
+    local-zone: "test." nodefault
     msg-cache-size: 16m
     rrset-cache-size: 32m
 forward-zone:
