@@ -14,11 +14,14 @@
 #
 # Usage: bench/forward.sh        (as root on a fresh Debian 12; a few minutes)
 # Knobs: DURATION=10 RATE=<qps> FORWARDERS="dnsmasq glued"
+#        GLUED_BASE_BIN=<path>: adds a "glued-base" row, another Glued binary
+#        (e.g. built from an older commit) measured side by side
 #        SKIP_INSTALL=1 SKIP_BUILD=1 KEEP_WORK=1 (see bench/lib.sh)
 
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-FORWARDERS="${FORWARDERS:-dnsmasq glued}"
+GLUED_BASE_BIN="${GLUED_BASE_BIN:-}"
+FORWARDERS="${FORWARDERS:-dnsmasq glued${GLUED_BASE_BIN:+ glued-base}}"
 RATE="${RATE:-}"
 UPSTREAM_DOMAIN="${UPSTREAM_DOMAIN:-upstream.test}"
 UPSTREAM_PORT=$((BASE_PORT + 50))
@@ -56,6 +59,10 @@ for fwd in $FORWARDERS; do
     case "$fwd" in
         dnsmasq) start_dnsmasq dnsmasq "$port" "$SERVER_CPU" "127.0.0.1#$UPSTREAM_PORT" ;;
         glued) start_glued glued "$port" "$SERVER_CPU" "127.0.0.1:$UPSTREAM_PORT" ;;
+        glued-base)
+            [ -x "$GLUED_BASE_BIN" ] || die "GLUED_BASE_BIN=$GLUED_BASE_BIN is not an executable"
+            GLUED_BIN="$GLUED_BASE_BIN" start_glued glued-base "$port" "$SERVER_CPU" "127.0.0.1:$UPSTREAM_PORT"
+            ;;
         *) die "unknown forwarder $fwd" ;;
     esac
     pid=$SERVER_PID
@@ -99,3 +106,7 @@ echo
 us() { awk '{ print $6 }' <<<"${1:-}"; }
 echo "Forwarding CPU µs/query, Glued/dnsmasq: saturated $(ratio "$(us "${SAT[glued]:-}")" "$(us "${SAT[dnsmasq]:-}")")," \
     "fixed rate $(ratio "$(us "${FIXED[glued]:-}")" "$(us "${FIXED[dnsmasq]:-}")") (target ≤ 1.00)"
+if [ -n "${SAT[glued-base]:-}" ]; then
+    echo "Glued/glued-base ($GLUED_BASE_BIN): saturated $(ratio "$(us "${SAT[glued]:-}")" "$(us "${SAT[glued-base]:-}")")," \
+        "fixed rate $(ratio "$(us "${FIXED[glued]:-}")" "$(us "${FIXED[glued-base]:-}")")"
+fi
