@@ -476,6 +476,8 @@ impl Cache {
             Transport::Udp => p.udp_limit,
             Transport::Tcp => MAX_MESSAGE_LEN,
         };
+        // Within the caller's buffer: a hit never allocates.
+        let limit = limit.min(out.capacity().max(UDP_PAYLOAD_MIN));
         write_answer(e, query, p.question_end, limit, now_ms, stale, out);
         Lookup::Hit {
             refresh: claim_refresh(e, now_ms),
@@ -560,7 +562,6 @@ fn write_answer(
     stale: bool,
     out: &mut Vec<u8>,
 ) {
-    let limit = limit.min(out.capacity().max(UDP_PAYLOAD_MIN));
     out.clear();
     let whole = e.reply.len() <= limit;
     if whole {
@@ -1225,6 +1226,11 @@ mod tests {
         // Over TCP the whole answer.
         let mut out = Vec::with_capacity(MAX_MESSAGE_LEN);
         c.lookup(&q, Transport::Tcp, t0, &mut out);
+        assert_eq!(Message::from_vec(&out).unwrap().answers.len(), 100);
+        // The forwarder's fallback is whole whatever its buffer (the reply
+        // path cuts it to the client's size).
+        let mut out = Vec::new();
+        assert!(c.answer_stale(&q, t0 + Duration::from_secs(101), &mut out));
         assert_eq!(Message::from_vec(&out).unwrap().answers.len(), 100);
     }
 
