@@ -110,6 +110,12 @@ node_dns_port() { echo $((NODE_PORT_BASE + 10 * $1)); }
 node_http_port() { echo $((NODE_PORT_BASE + 10 * $1 + 1)); }
 node_gossip_port() { echo $((NODE_PORT_BASE + 10 * $1 + 2)); }
 
+# The cluster key of this run (made once by `glued keygen`).
+bench_key() {
+    [ -s "$WORK/cluster.key" ] || "$GLUED_BIN" keygen >"$WORK/cluster.key"
+    cat "$WORK/cluster.key"
+}
+
 # Environment of node number $1 (label $2), watching network $3, with the
 # bootstrap peers $4 (may be empty). Extra GLUED_* may follow.
 node_env() {
@@ -120,7 +126,7 @@ node_env() {
         GLUED_GOSSIP_BIND="127.0.0.1:$(node_gossip_port "$n")" \
         GLUED_MDNS=false GLUED_DATA_DIR="$WORK/$label/data" \
         GLUED_NETWORK_NAME="$net" GLUED_BOOTSTRAP_PEERS="$peers" \
-        GLUED_CLUSTER_SECRET="bench-secret-$RUN_ID" GLUED_NODE_NAME="$label" \
+        GLUED_CLUSTER_SECRET="$(bench_key)" GLUED_NODE_NAME="$label" \
         GLUED_UPSTREAMS=none GLUED_DOMAIN="$DOMAIN" "$@"
 }
 

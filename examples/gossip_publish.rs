@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::bounded;
 
-use glued::config::{Config, Secret};
+use glued::config::{Config, Keyring};
 use glued::gossip::{Gossip, GossipStats, Peers};
 use glued::registry::{Registry, RegistryMsg, RegistryStats};
 use glued::table::{self, Group, Origin, Source};
@@ -82,7 +82,7 @@ fn config() -> Config {
     std::fs::create_dir_all(&data_dir).expect("data dir");
     Config {
         node_name: "bench".into(),
-        cluster_secret: Secret::new("bench-secret".into()),
+        cluster_keys: Keyring::for_tests("bench-key"),
         log: "warn".into(),
         ..Config::loopback(data_dir)
     }

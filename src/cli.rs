@@ -9,7 +9,7 @@ use std::time::Duration;
 use signal_hook::consts::signal::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
-use crate::config::{self, Args, Command, Config, ConfigError, KEYS};
+use crate::config::{self, Args, ClusterKey, Command, Config, ConfigError, KEYS};
 use crate::daemon::Daemon;
 
 /// Exit code of a clean run.
@@ -48,6 +48,7 @@ pub fn main() -> i32 {
             println!("glued {}", env!("CARGO_PKG_VERSION"));
             return EXIT_OK;
         }
+        Command::Keygen => return keygen(),
         _ => {}
     }
     let env = |name: &str| std::env::var(name).ok();
@@ -81,6 +82,20 @@ fn check(config: &Config, explicit: Option<&std::path::Path>) -> i32 {
         println!("{line}");
     }
     EXIT_OK
+}
+
+/// `glued keygen`: a new cluster key (32 random bytes, base64) on stdout.
+fn keygen() -> i32 {
+    match ClusterKey::generate() {
+        Ok(k) => {
+            println!("{}", k.to_base64());
+            EXIT_OK
+        }
+        Err(e) => {
+            eprintln!("error: no random bytes from the OS: {e}");
+            EXIT_FAILURE
+        }
+    }
 }
 
 /// `glued id`: this node's endpoint id, then its `id@ip:port` addresses.
@@ -393,12 +408,6 @@ fn run(config: &Config, args: &Args) -> i32 {
     for line in config.effective_lines() {
         log::info!("config: {line}");
     }
-    if config.cluster_secret.is_default() {
-        log::warn!(
-            "USING THE DEFAULT CLUSTER SECRET: ANY HOST THAT KNOWS IT CAN JOIN THIS CLUSTER \
-             AND PUBLISH NAMES. Set GLUED_CLUSTER_SECRET or GLUED_CLUSTER_SECRET_FILE."
-        );
-    }
     if let Some(file) = &config.upstreams_file {
         log::info!(
             "upstreams from {}: {}",
@@ -483,6 +492,7 @@ pub fn help() -> String {
          run      run the daemon (the default)\n  \
          id       print this node's endpoint id, then its ID@ip:port addresses\n  \
          check    validate the configuration and print the effective values\n  \
+         keygen   print a new cluster key (32 random bytes, base64)\n  \
          health   ask the local daemon (http_bind) whether it is healthy: exit 0, or 1\n           \
          with the reasons\n  \
          peers    the local daemon's peers as a table (--json: the raw JSON)\n  \

@@ -33,8 +33,6 @@ pub const AUTO_FIXED_BIND: &str = "127.0.0.1:53";
 pub const DEFAULT_GOSSIP_PORT: u16 = 9254;
 /// Default HTTP status address.
 pub const DEFAULT_HTTP_BIND: &str = "127.0.0.1:9253";
-/// Default cluster secret: works, but start-up warns loudly.
-pub const DEFAULT_CLUSTER_SECRET: &str = "glued-default-insecure-secret";
 /// Default cluster domain.
 pub const DEFAULT_DOMAIN: &str = "glued.internal";
 /// Default TTL of container records and of negative answers.
@@ -94,35 +92,167 @@ pub const DOCKER_EMBEDDED_DNS: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 11);
 pub use crate::table::MAX_LABEL_LEN;
 /// Longest domain in text form without the trailing dot (RFC 1035 §2.3.4).
 pub const MAX_DOMAIN_LEN: usize = 253;
+/// Cluster protocol version of this release; a node also speaks the one
+/// before it (see `gossip::auth`).
+pub const PROTOCOL_VERSION: u8 = 3;
 /// Shown instead of the cluster secret.
 pub const REDACTED: &str = "<redacted>";
 
-/// A secret whose `Debug` and `Display` never show the value.
+// ---------------------------------------------------------------------------
+// Cluster keys
+
+/// Fewest bytes of key material a cluster key may have.
+pub const MIN_KEY_BYTES: usize = 16;
+/// Most bytes of key material a cluster key may have.
+pub const MAX_KEY_BYTES: usize = 64;
+/// Bytes of key material `glued keygen` makes.
+pub const KEYGEN_BYTES: usize = 32;
+/// Most keys in a keyring (a rotation needs two).
+pub const MAX_KEYRING_KEYS: usize = 16;
+/// Bytes of a key id (shown as twice as many hex digits).
+pub const KEY_ID_LEN: usize = 4;
+/// What a cluster key must look like, for error lines.
+pub const EXPECT_KEY: &str =
+    "standard base64 of at least 16 bytes (run `glued keygen` to make a key)";
+
+/// A short fingerprint of a cluster key: the first bytes of a
+/// domain-separated SHA-256 of it. Safe to log and to send; it names a key
+/// without revealing it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct KeyId(pub [u8; KEY_ID_LEN]);
+
+impl fmt::Display for KeyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+/// One cluster key: its bytes (never printed) and its id.
 #[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
+pub struct ClusterKey {
+    bytes: Vec<u8>,
+    id: KeyId,
+}
 
-impl Secret {
-    pub fn new(value: String) -> Secret {
-        Secret(value)
+impl ClusterKey {
+    /// A key from raw bytes; `None` when shorter than [`MIN_KEY_BYTES`] or
+    /// longer than [`MAX_KEY_BYTES`].
+    pub fn from_bytes(bytes: &[u8]) -> Option<ClusterKey> {
+        use sha2::Digest;
+        if !(MIN_KEY_BYTES..=MAX_KEY_BYTES).contains(&bytes.len()) {
+            return None;
+        }
+        let digest = sha2::Sha256::new()
+            .chain_update(b"glued/key-id/v1\0")
+            .chain_update(bytes)
+            .finalize();
+        let mut id = [0u8; KEY_ID_LEN];
+        id.copy_from_slice(&digest[..KEY_ID_LEN]);
+        Some(ClusterKey {
+            bytes: bytes.to_vec(),
+            id: KeyId(id),
+        })
     }
-    /// The raw secret, for key derivation only. Never log it.
+
+    /// Parses a key as `glued keygen` prints it: standard base64 (RFC 4648
+    /// alphabet, canonical padding) of at least [`MIN_KEY_BYTES`]. A
+    /// passphrase is never one: `_`, `-`, spaces and a length that is not a
+    /// multiple of 4 are refused.
+    pub fn parse(text: &str) -> Option<ClusterKey> {
+        use base64::Engine;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(text.trim())
+            .ok()?;
+        ClusterKey::from_bytes(&bytes)
+    }
+
+    /// A new random key of [`KEYGEN_BYTES`] from the OS random source.
+    pub fn generate() -> std::io::Result<ClusterKey> {
+        let mut bytes = [0u8; KEYGEN_BYTES];
+        getrandom::fill(&mut bytes).map_err(|e| std::io::Error::other(e.to_string()))?;
+        Ok(ClusterKey::from_bytes(&bytes).expect("KEYGEN_BYTES is a valid length"))
+    }
+
+    /// The key in base64, for `glued keygen` only. Never log it.
+    pub fn to_base64(&self) -> String {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(&self.bytes)
+    }
+
+    /// The raw key, for key derivation only. Never log it.
     pub fn expose(&self) -> &[u8] {
-        self.0.as_bytes()
+        &self.bytes
     }
-    pub fn is_default(&self) -> bool {
-        self.0 == DEFAULT_CLUSTER_SECRET
+
+    pub fn id(&self) -> KeyId {
+        self.id
     }
 }
 
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("<redacted>")
+impl fmt::Debug for ClusterKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ClusterKey({})", self.id)
     }
 }
 
-impl std::fmt::Display for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("<redacted>")
+/// The cluster keyring: the primary key (first, used to send and to prove
+/// admission) and older or newer keys still accepted. Empty: single host.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Keyring {
+    keys: Vec<ClusterKey>,
+}
+
+impl Keyring {
+    /// A keyring of `keys`, primary first; a key given twice is kept once.
+    pub fn new(keys: Vec<ClusterKey>) -> Keyring {
+        let mut out: Vec<ClusterKey> = Vec::with_capacity(keys.len());
+        for k in keys {
+            if !out.iter().any(|o| o.id == k.id && o.bytes == k.bytes) {
+                out.push(k);
+            }
+        }
+        Keyring { keys: out }
+    }
+
+    /// A one-key keyring of a fixed key made from `label` (tests and
+    /// examples; never a default of the daemon).
+    pub fn for_tests(label: &str) -> Keyring {
+        use sha2::Digest;
+        let bytes = sha2::Sha256::digest(label.as_bytes());
+        Keyring::new(vec![ClusterKey::from_bytes(&bytes).expect("32 bytes")])
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// The key used to send; `None` for an empty keyring.
+    pub fn primary(&self) -> Option<&ClusterKey> {
+        self.keys.first()
+    }
+
+    /// Every key, primary first.
+    pub fn keys(&self) -> &[ClusterKey] {
+        &self.keys
+    }
+
+    /// `primary 1a2b3c4d, also accepted 5e6f7a8b`: ids only.
+    pub fn describe(&self) -> String {
+        match self.keys.split_first() {
+            None => "none".to_string(),
+            Some((p, [])) => format!("primary {}", p.id),
+            Some((p, rest)) => format!(
+                "primary {}, also accepted {}",
+                p.id,
+                rest.iter()
+                    .map(|k| k.id.to_string())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            ),
+        }
     }
 }
 
@@ -173,7 +303,10 @@ pub struct Config {
     pub lease_secs: u64,
     pub bootstrap_peers: Vec<BootstrapPeer>,
     pub topic_id: Option<[u8; 32]>,
-    pub cluster_secret: Secret,
+    /// Empty: single host (no gossip, no mDNS).
+    pub cluster_keys: Keyring,
+    /// Highest cluster protocol version spoken (the one below is spoken too).
+    pub protocol_version: u8,
     pub records: Vec<StaticRecord>,
     pub log: String,
     /// The forward cache (`cache_*` keys).
@@ -208,6 +341,7 @@ pub enum Key {
     TopicId,
     ClusterSecret,
     ClusterSecretFile,
+    ProtocolVersion,
     Log,
     // The forward cache.
     CacheSize,
@@ -389,7 +523,7 @@ pub const KEYS: &[KeySpec] = &[
         env: &["GLUED_TOPIC_ID"],
         flag: "--topic-id",
         value: "HEX",
-        default: "derived from the cluster secret",
+        default: "a fixed topic",
         help: "gossip topic, 64 hex digits",
     },
     KeySpec {
@@ -397,9 +531,10 @@ pub const KEYS: &[KeySpec] = &[
         file: "cluster_secret",
         env: &["GLUED_CLUSTER_SECRET"],
         flag: "--cluster-secret",
-        value: "SECRET",
-        default: "a built-in, insecure secret",
-        help: "shared secret of the cluster (prefer cluster_secret_file)",
+        value: "KEYS",
+        default: "none: single host, no gossip",
+        help: "cluster keyring: keys from glued keygen, comma-separated, primary first \
+               (prefer cluster_secret_file)",
     },
     KeySpec {
         key: Key::ClusterSecretFile,
@@ -408,7 +543,16 @@ pub const KEYS: &[KeySpec] = &[
         flag: "--cluster-secret-file",
         value: "PATH",
         default: "unset",
-        help: "file holding the cluster secret (trailing newline trimmed)",
+        help: "file of cluster keys, one per line, primary first, # comments; re-read on SIGHUP",
+    },
+    KeySpec {
+        key: Key::ProtocolVersion,
+        file: "protocol_version",
+        env: &["GLUED_PROTOCOL_VERSION"],
+        flag: "--protocol-version",
+        value: "N",
+        default: "3 (this release)",
+        help: "highest cluster protocol version spoken (2: the previous release's; for tests)",
     },
     KeySpec {
         key: Key::Log,
@@ -642,6 +786,8 @@ pub enum Command {
     Run,
     Id,
     Check,
+    /// Print a new cluster key.
+    Keygen,
     Help,
     Version,
     // Status views (ops): ask the local daemon's HTTP status.
@@ -695,6 +841,7 @@ pub fn parse_args(args: &[String]) -> Result<Args, ConfigError> {
                 "run" => Command::Run,
                 "id" => Command::Id,
                 "check" => Command::Check,
+                "keygen" => Command::Keygen,
                 "help" => Command::Help,
                 "version" => Command::Version,
                 "health" => Command::Health,
@@ -905,6 +1052,7 @@ struct FileLayer {
     topic_id: Option<FileValue>,
     cluster_secret: Option<FileValue>,
     cluster_secret_file: Option<FileValue>,
+    protocol_version: Option<FileValue>,
     log: Option<FileValue>,
     records: Option<Vec<FileRecord>>,
     // The forward cache.
@@ -945,6 +1093,7 @@ impl FileLayer {
             (Key::TopicId, self.topic_id),
             (Key::ClusterSecret, self.cluster_secret),
             (Key::ClusterSecretFile, self.cluster_secret_file),
+            (Key::ProtocolVersion, self.protocol_version),
             (Key::Log, self.log),
             // The forward cache.
             (Key::CacheSize, self.cache_size),
@@ -1406,7 +1555,8 @@ impl Config {
             lease_secs: 15,
             bootstrap_peers: vec![],
             topic_id: None,
-            cluster_secret: Secret::new("loopback-test-secret".into()),
+            cluster_keys: Keyring::for_tests("loopback-test-key"),
+            protocol_version: PROTOCOL_VERSION,
             records: vec![],
             log: "info".into(),
             cache: CacheConfig::default(),
@@ -1574,9 +1724,11 @@ impl Config {
             Some(s) => s.one(EXPECT_BIND, |v| parse_bind(v, DEFAULT_GOSSIP_PORT))?,
             None => SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), DEFAULT_GOSSIP_PORT),
         };
+        let cluster_keys = cluster_keys(&all)?;
+        // mDNS finds peers only for a cluster: on by default with a key.
         let mdns = match get(Key::Mdns) {
             Some(s) => s.one("true or false", parse_bool)?,
-            None => true,
+            None => !cluster_keys.is_empty(),
         };
         let lease_secs = match get(Key::LeaseSecs) {
             Some(s) => s.one(
@@ -1597,7 +1749,16 @@ impl Config {
             Some(s) => Some(s.one("64 hex digits", parse_hex32)?),
             None => None,
         };
-        let cluster_secret = cluster_secret(&all)?;
+        let protocol_version = match get(Key::ProtocolVersion) {
+            Some(s) => s.one(
+                &format!(
+                    "a protocol version between {} and {PROTOCOL_VERSION}",
+                    PROTOCOL_VERSION - 1
+                ),
+                |v| parse_in_range(v, PROTOCOL_VERSION - 1, PROTOCOL_VERSION),
+            )?,
+            None => PROTOCOL_VERSION,
+        };
         let log = match get(Key::Log) {
             Some(s) => s.one("a log filter like info or glued=debug", |v| {
                 (!v.is_empty()).then(|| v.to_string())
@@ -1633,7 +1794,8 @@ impl Config {
             lease_secs,
             bootstrap_peers,
             topic_id,
-            cluster_secret,
+            cluster_keys,
+            protocol_version,
             records,
             log,
             cache,
@@ -1666,12 +1828,12 @@ impl Config {
             .collect();
         let topic = match &self.topic_id {
             Some(t) => t.iter().map(|b| format!("{b:02x}")).collect(),
-            None => "derived from the cluster secret".to_string(),
+            None => "the fixed default".to_string(),
         };
-        let secret = if self.cluster_secret.is_default() {
-            format!("{} (the built-in default: INSECURE)", self.cluster_secret)
+        let secret = if self.cluster_keys.is_empty() {
+            "none (single host: gossip and mDNS off)".to_string()
         } else {
-            self.cluster_secret.to_string()
+            format!("{REDACTED} (keys {})", self.cluster_keys.describe())
         };
         vec![
             if self.dns_bind_auto {
@@ -1700,6 +1862,7 @@ impl Config {
             format!("bootstrap_peers = {}", join(&peers)),
             format!("topic_id = {topic}"),
             format!("cluster_secret = {secret}"),
+            format!("protocol_version = {}", self.protocol_version),
             format!("records = {}", join(&records)),
             format!("log = {}", self.log),
             // The forward cache.
@@ -1738,7 +1901,14 @@ fn cache_config<'a>(get: &impl Fn(Key) -> Option<&'a Setting>) -> Result<CacheCo
 /// Keys a reload (`SIGHUP`) applies to the running daemon, by file name;
 /// a change to any other key needs a restart. A component joins the reload
 /// by adding its keys here and applying them in `Daemon::reload`.
-pub const RELOADABLE_KEYS: &[&str] = &["ttl", "upstreams", "allow_nets", "records", "log"];
+pub const RELOADABLE_KEYS: &[&str] = &[
+    "ttl",
+    "upstreams",
+    "allow_nets",
+    "records",
+    "log",
+    "cluster_secret",
+];
 
 impl Config {
     /// The keys (file names, in [`Config::effective_lines`] order) whose
@@ -1752,8 +1922,7 @@ impl Config {
             .filter_map(|(a, _)| a.split_once(" = ").map(|(key, _)| key.to_string()))
             .collect();
         // Shown redacted in the lines, so compared here.
-        if self.cluster_secret != other.cluster_secret
-            && !changed.iter().any(|k| k == "cluster_secret")
+        if self.cluster_keys != other.cluster_keys && !changed.iter().any(|k| k == "cluster_secret")
         {
             changed.push("cluster_secret".into());
         }
@@ -1761,12 +1930,13 @@ impl Config {
     }
 }
 
-/// The cluster secret: from the last layer that sets `cluster_secret` or
-/// `cluster_secret_file`; one layer setting both is an error.
-fn cluster_secret(all: &[Setting]) -> Result<Secret, ConfigError> {
+/// The cluster keyring: from the last layer that sets `cluster_secret` or
+/// `cluster_secret_file`; one layer setting both is an error; neither is
+/// an empty keyring (single host).
+fn cluster_keys(all: &[Setting]) -> Result<Keyring, ConfigError> {
     let is_secret = |s: &&Setting| matches!(s.key, Key::ClusterSecret | Key::ClusterSecretFile);
     let Some(last) = all.iter().rev().find(is_secret) else {
-        return Ok(Secret::new(DEFAULT_CLUSTER_SECRET.to_string()));
+        return Ok(Keyring::default());
     };
     if let Some(other) = all
         .iter()
@@ -1778,22 +1948,51 @@ fn cluster_secret(all: &[Setting]) -> Result<Secret, ConfigError> {
             second: last.written.clone(),
         });
     }
-    let value = match last.key {
-        Key::ClusterSecret => last.text("a non-empty secret")?.to_string(),
-        _ => {
-            let path = last.text("the path of a file holding the secret")?;
-            let text = read_small(Path::new(path), MAX_SECRET_FILE_BYTES).map_err(|e| {
-                last.invalid(format!(
-                    "a readable file holding the secret (cannot read it: {e})"
-                ))
-            })?;
-            text.trim_end_matches(['\r', '\n']).to_string()
+    let mut keys = Vec::new();
+    match last.key {
+        Key::ClusterSecret => {
+            let expected =
+                format!("comma-separated cluster keys, primary first, each {EXPECT_KEY}");
+            let items = last.items(&expected)?;
+            for (i, item) in items.iter().enumerate() {
+                match ClusterKey::parse(item) {
+                    Some(k) => keys.push(k),
+                    None if items.len() == 1 => {
+                        return Err(last.invalid(format!("a cluster key: {EXPECT_KEY}")));
+                    }
+                    None => {
+                        return Err(last.invalid(format!("{expected} (key {} is not one)", i + 1)));
+                    }
+                }
+            }
         }
-    };
-    if value.is_empty() {
-        return Err(last.invalid("a non-empty secret"));
+        _ => {
+            let expected =
+                format!("a file of cluster keys, one per line, primary first, each {EXPECT_KEY}");
+            let path = last.text(&expected)?;
+            let text = read_small(Path::new(path), MAX_SECRET_FILE_BYTES)
+                .map_err(|e| last.invalid(format!("{expected} (cannot read it: {e})")))?;
+            for (n, line) in text.lines().enumerate() {
+                let line = line.trim();
+                if line.is_empty() || line.starts_with('#') {
+                    continue;
+                }
+                match ClusterKey::parse(line) {
+                    Some(k) => keys.push(k),
+                    None => {
+                        return Err(last.invalid(format!("{expected} (line {} is not one)", n + 1)));
+                    }
+                }
+            }
+        }
     }
-    Ok(Secret::new(value))
+    if keys.is_empty() {
+        return Err(last.invalid(format!("at least one cluster key, {EXPECT_KEY}")));
+    }
+    if keys.len() > MAX_KEYRING_KEYS {
+        return Err(last.invalid(format!("at most {MAX_KEYRING_KEYS} cluster keys")));
+    }
+    Ok(Keyring::new(keys))
 }
 
 fn static_records(
@@ -1880,9 +2079,10 @@ mod tests {
         assert_eq!(c.networks, vec!["glued_net"]);
         assert_eq!(c.docker_host, DEFAULT_DOCKER_HOST);
         assert_eq!(c.gossip_bind.port(), DEFAULT_GOSSIP_PORT);
-        assert!(c.mdns);
+        assert!(!c.mdns, "no key: single host, mDNS off");
         assert_eq!(c.lease_secs, 15);
-        assert!(c.cluster_secret.is_default());
+        assert!(c.cluster_keys.is_empty());
+        assert_eq!(c.protocol_version, PROTOCOL_VERSION);
         assert_eq!(c.topic_id, None);
         assert_eq!(c.log, "info");
     }
@@ -2054,12 +2254,16 @@ mod tests {
         }
     }
 
+    const KEY_A: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+    const KEY_B: &str = "ICEiIyQlJicoKSorLC0uLzAxMjM0NTY3ODk6Ozw9Pj8=";
+
     #[test]
     fn secret_never_in_errors() {
         let e = err("cluster_secret = \"\"", &[], &[]);
-        assert_eq!(
-            e,
-            "invalid cluster_secret=<redacted> in glued.toml: expected a non-empty secret"
+        assert!(
+            e.starts_with("invalid cluster_secret=<redacted> in glued.toml: expected ")
+                && e.contains("glued keygen"),
+            "{e}"
         );
         let e = err("cluster_secret = [\"hunter2\"]", &[], &[]);
         assert!(!e.contains("hunter2"), "{e}");
@@ -2088,29 +2292,110 @@ mod tests {
     }
 
     #[test]
-    fn secret_from_file_and_layers() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("secret");
-        std::fs::write(&path, "from-file\n").unwrap();
+    fn only_base64_keys_of_16_bytes_or_more_are_keys() {
+        for bad in [
+            "my_secure_cluster_secret",
+            "a long random secret",
+            "hunter2",
+            // Valid base64, but only 15 bytes.
+            "AAECAwQFBgcICQoLDA0O",
+            // Unpadded, URL-safe alphabet, trailing bits.
+            "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8",
+            "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh-=",
+            "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh9=",
+        ] {
+            assert!(ClusterKey::parse(bad).is_none(), "{bad}");
+            let e = err("", &[("GLUED_CLUSTER_SECRET", bad)], &[]);
+            assert!(
+                e.starts_with("invalid GLUED_CLUSTER_SECRET=<redacted>: expected a cluster key")
+                    && e.contains("run `glued keygen`")
+                    && !e.contains(bad),
+                "{e}"
+            );
+        }
+        let k = ClusterKey::generate().unwrap();
+        assert_eq!(k.expose().len(), KEYGEN_BYTES);
+        assert_eq!(ClusterKey::parse(&k.to_base64()), Some(k.clone()));
+        assert_ne!(ClusterKey::generate().unwrap(), k);
+        let e = err(
+            "",
+            &[("GLUED_CLUSTER_SECRET", &format!("{KEY_A},nope"))],
+            &[],
+        );
+        assert!(e.contains("key 2 is not one"), "{e}");
+    }
+
+    #[test]
+    fn a_keyring_from_a_list_or_a_file_has_its_primary_first() {
         let c = load(
-            "cluster_secret = \"in-file\"",
+            "",
+            &[("GLUED_CLUSTER_SECRET", &format!("{KEY_B}, {KEY_A}"))],
+            &[],
+        )
+        .unwrap();
+        let ids: Vec<KeyId> = c.cluster_keys.keys().iter().map(ClusterKey::id).collect();
+        let a = ClusterKey::parse(KEY_A).unwrap();
+        let b = ClusterKey::parse(KEY_B).unwrap();
+        assert_eq!(ids, [b.id(), a.id()]);
+        assert!(c.mdns, "a key turns mDNS on by default");
+        let line = c
+            .effective_lines()
+            .into_iter()
+            .find(|l| l.starts_with("cluster_secret"))
+            .unwrap();
+        assert_eq!(
+            line,
+            format!(
+                "cluster_secret = <redacted> (keys primary {}, also accepted {})",
+                b.id(),
+                a.id()
+            )
+        );
+        assert_eq!(b.id().to_string().len(), 2 * KEY_ID_LEN);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys");
+        std::fs::write(
+            &path,
+            format!("# rotated in on 2026-11-26\n{KEY_A}\n\n  {KEY_B}  \n"),
+        )
+        .unwrap();
+        let c = load(
+            &format!("cluster_secret = \"{KEY_B}\""),
             &[("GLUED_CLUSTER_SECRET_FILE", path.to_str().unwrap())],
             &[],
         )
         .unwrap();
-        assert_eq!(c.cluster_secret.expose(), b"from-file");
+        assert_eq!(c.cluster_keys.primary(), Some(&a));
+        assert_eq!(c.cluster_keys.keys().len(), 2);
+        std::fs::write(&path, format!("{KEY_A}\nmy_secure_cluster_secret\n")).unwrap();
+        let e = err(
+            "",
+            &[("GLUED_CLUSTER_SECRET_FILE", path.to_str().unwrap())],
+            &[],
+        );
+        assert!(
+            e.contains("line 2 is not one")
+                && e.contains("glued keygen")
+                && !e.contains("my_secure"),
+            "{e}"
+        );
+        std::fs::write(&path, "# nothing yet\n").unwrap();
+        let e = err(
+            "",
+            &[("GLUED_CLUSTER_SECRET_FILE", path.to_str().unwrap())],
+            &[],
+        );
+        assert!(e.contains("at least one cluster key"), "{e}");
         let c = load(
             "",
-            &[("GLUED_CLUSTER_SECRET", "a")],
-            &["--cluster-secret", "b"],
+            &[("GLUED_CLUSTER_SECRET", KEY_A)],
+            &["--cluster-secret", KEY_B],
         )
         .unwrap();
-        assert_eq!(c.cluster_secret.expose(), b"b");
-        assert!(
-            c.effective_lines()
-                .iter()
-                .all(|l| !l.contains('b') || !l.starts_with("cluster"))
-        );
+        assert_eq!(c.cluster_keys.primary(), Some(&b));
+        assert!(!format!("{c:?}").contains(KEY_B));
+        let c = load("mdns = false", &[("GLUED_CLUSTER_SECRET", KEY_A)], &[]).unwrap();
+        assert!(!c.mdns);
     }
 
     #[test]
@@ -2291,14 +2576,16 @@ mod tests {
     #[test]
     fn changed_keys_name_what_differs() {
         let a = load(
-            "ttl = 5\n[[records]]\nname = \"db\"\nip = \"10.0.0.5\"",
+            &format!("ttl = 5\ncluster_secret = \"{KEY_A}\"\n[[records]]\nname = \"db\"\nip = \"10.0.0.5\""),
             &[],
             &[],
         )
         .unwrap();
         let b = load(
-            "ttl = 9\ndata_dir = \"/elsewhere\"\ncluster_secret = \"other\"\n\
-             [[records]]\nname = \"db\"\nip = \"10.0.0.6\"",
+            &format!(
+                "ttl = 9\ndata_dir = \"/elsewhere\"\ncluster_secret = \"{KEY_B}\"\n\
+                 [[records]]\nname = \"db\"\nip = \"10.0.0.6\""
+            ),
             &[],
             &[],
         )

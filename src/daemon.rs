@@ -62,11 +62,13 @@ impl Daemon {
             ..Metrics::default()
         });
         let (local_changed_tx, local_changed_rx) = bounded(1);
+        // No cluster key: a single host, nothing to publish to.
+        let single_host = config.cluster_keys.is_empty();
         let registry = Registry::spawn(
             table.clone(),
             metrics.registry.clone(),
             origin.id.clone(),
-            Some(local_changed_tx),
+            (!single_host).then_some(local_changed_tx),
         );
         registry
             .tx
@@ -110,15 +112,24 @@ impl Daemon {
             metrics.docker.clone(),
             gateways,
         )?;
-        let gossip = Gossip::start(
-            config,
-            origin.clone(),
-            table.clone(),
-            registry.tx.clone(),
-            local_changed_rx,
-            metrics.gossip.clone(),
-            peers,
-        )?;
+        let gossip = if single_host {
+            log::info!(
+                "No cluster key (GLUED_CLUSTER_SECRET or GLUED_CLUSTER_SECRET_FILE): running as a \
+                 single host, DNS and Docker only; gossip and mDNS are off. Make a key with \
+                 `glued keygen` to join a cluster"
+            );
+            None
+        } else {
+            Some(Gossip::start(
+                config,
+                origin.clone(),
+                table.clone(),
+                registry.tx.clone(),
+                local_changed_rx,
+                metrics.gossip.clone(),
+                peers,
+            )?)
+        };
         Ok(Daemon {
             origin,
             table,
@@ -133,7 +144,7 @@ impl Daemon {
             dns,
             http,
             docker: Some(docker),
-            gossip: Some(gossip),
+            gossip,
         })
     }
 
@@ -216,9 +227,19 @@ impl Daemon {
                 crate::logging::set_filter(&new.log);
                 running.log = new.log.clone();
             }
+            "cluster_secret" => {
+                set_keyring(self.gossip.as_ref(), new.cluster_keys.clone())?;
+                running.cluster_keys = new.cluster_keys.clone();
+            }
             _ => return Err("not reloadable".into()),
         }
         Ok(())
+    }
+
+    /// Installs a reloaded cluster keyring (`SIGHUP`, through
+    /// [`Daemon::reload`]).
+    pub fn set_keyring(&self, keyring: crate::config::Keyring) -> Result<(), String> {
+        set_keyring(self.gossip.as_ref(), keyring)
     }
 
     /// Stops every component, last started first.
@@ -268,6 +289,21 @@ impl Reloaded {
         for failure in &self.failed {
             log::error!("configuration reload: {failure}; left as it was");
         }
+    }
+}
+
+/// Hands a reloaded keyring to the gossip thread. A node started as a
+/// single host stays one, and a cluster node cannot become one: both need
+/// a restart (an empty keyring is refused by the gossip thread).
+fn set_keyring(gossip: Option<&Gossip>, keyring: crate::config::Keyring) -> Result<(), String> {
+    match gossip {
+        Some(g) => g.set_keyring(keyring),
+        None if keyring.is_empty() => Ok(()),
+        None => Err(
+            "a cluster key was added, but this node started as a single host: \
+                     restart it to join a cluster"
+                .into(),
+        ),
     }
 }
 

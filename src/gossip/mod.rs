@@ -51,11 +51,12 @@ use anyhow::Context;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use iroh::{EndpointId, SecretKey};
 
-use crate::config::Config;
+use crate::config::{Config, Keyring};
 use crate::registry::RegistryMsg;
 use crate::table::{Origin, SharedTable};
 
-pub use wire::{DropReason, Keys};
+pub use auth::Refusal;
+pub use wire::{DropReason, Keys, Ring, Versions};
 
 /// Capacity of the gossip thread's command inbox.
 pub const COMMAND_CAPACITY: usize = 256;
@@ -75,6 +76,9 @@ pub const STOP_TIMEOUT: Duration = Duration::from_millis(500);
 pub const START_TIMEOUT: Duration = Duration::from_secs(10);
 /// File of the node's secret key inside the data dir.
 pub const KEY_FILE: &str = "node.key";
+/// Gossip topic when none is configured: fixed, so that rotating the key
+/// never moves the cluster to another topic (admission keeps others out).
+pub const DEFAULT_TOPIC: [u8; 32] = *b"glued/cluster-topic/v1\0\0\0\0\0\0\0\0\0\0";
 /// File of the last incarnation number inside the data dir.
 pub const INCARNATION_FILE: &str = "incarnation";
 
@@ -88,7 +92,17 @@ pub struct GossipStats {
     /// Dropped messages by [`DropReason::index`].
     pub dropped: [AtomicU64; 7],
     pub auth_ok: AtomicU64,
+    /// Admissions refused for the peer's proof, key or version.
     pub auth_refused: AtomicU64,
+    /// Admissions not made, by [`Refusal::index`] (every reason, including
+    /// rate limits and timeouts of unauthenticated clients).
+    pub admission_refusals: [AtomicU64; 7],
+    /// Admission exchanges being served now.
+    pub admissions_in_progress: AtomicU64,
+    /// Admissions ended (a key left the ring, the peer restarted).
+    pub admissions_ended: AtomicU64,
+    /// Keyring reloads installed.
+    pub keyring_reloads: AtomicU64,
     pub lagged: AtomicU64,
     pub state_pulls: AtomicU64,
     pub state_pull_failures: AtomicU64,
@@ -106,22 +120,26 @@ impl GossipStats {
         self.dropped[reason.index()].load(Ordering::Relaxed)
     }
 
+    pub fn refusals(&self, reason: Refusal) -> u64 {
+        self.admission_refusals[reason.index()].load(Ordering::Relaxed)
+    }
+
     pub fn render(&self, out: &mut String) {
         use std::fmt::Write;
         let counters = [
             (
                 "glued_gossip_messages_sent_total",
-                "Gossip messages broadcast.",
+                "Gossip messages sent.",
                 &self.sent,
             ),
             (
                 "glued_gossip_bytes_sent_total",
-                "Bytes of gossip messages broadcast.",
+                "Bytes of gossip messages sent.",
                 &self.sent_bytes,
             ),
             (
                 "glued_gossip_messages_received_total",
-                "Gossip messages received.",
+                "Gossip messages received (before checks).",
                 &self.received,
             ),
             (
@@ -131,17 +149,27 @@ impl GossipStats {
             ),
             (
                 "glued_gossip_auth_ok_total",
-                "Peers admitted.",
+                "Successful admissions (either side).",
                 &self.auth_ok,
             ),
             (
                 "glued_gossip_auth_refused_total",
-                "Admissions refused.",
+                "Admissions refused for the peer's proof, key or protocol version.",
                 &self.auth_refused,
             ),
             (
+                "glued_gossip_admissions_ended_total",
+                "Admissions ended because the peer restarted or its key left the keyring.",
+                &self.admissions_ended,
+            ),
+            (
+                "glued_gossip_keyring_reloads_total",
+                "Keyrings installed by SIGHUP.",
+                &self.keyring_reloads,
+            ),
+            (
                 "glued_gossip_lagged_total",
-                "Times the gossip event stream lagged.",
+                "Times the gossip event stream lagged (a resynchronisation).",
                 &self.lagged,
             ),
             (
@@ -151,7 +179,7 @@ impl GossipStats {
             ),
             (
                 "glued_gossip_state_pull_failures_total",
-                "Full state pulls that failed.",
+                "Full-state pulls that failed.",
                 &self.state_pull_failures,
             ),
             (
@@ -161,12 +189,12 @@ impl GossipStats {
             ),
             (
                 "glued_gossip_leases_expired_total",
-                "Origins dropped because their lease expired.",
+                "Peers whose lease expired.",
                 &self.leases_expired,
             ),
             (
                 "glued_gossip_oversize_changes_total",
-                "Changes too large for one message (sent through the full state).",
+                "Changes too large for one message (sent as full state).",
                 &self.oversize_changes,
             ),
         ];
@@ -190,16 +218,35 @@ impl GossipStats {
                 self.dropped(r)
             );
         }
+        let _ = writeln!(
+            out,
+            "# HELP glued_gossip_admission_refusals_total Admissions not made, by reason \
+             (counted always; log lines are rate-limited).\n\
+             # TYPE glued_gossip_admission_refusals_total counter"
+        );
+        for r in Refusal::ALL {
+            let _ = writeln!(
+                out,
+                "glued_gossip_admission_refusals_total{{reason=\"{}\"}} {}",
+                r.label(),
+                self.refusals(r)
+            );
+        }
         for (name, help, v) in [
             (
                 "glued_gossip_neighbors",
-                "Direct gossip neighbours now.",
+                "Gossip neighbours now.",
                 &self.neighbors,
             ),
             (
                 "glued_gossip_origins",
-                "Peers (origins) whose lease is current.",
+                "Live remote origins.",
                 &self.origins,
+            ),
+            (
+                "glued_gossip_admissions_in_progress",
+                "Admission exchanges being served now.",
+                &self.admissions_in_progress,
             ),
         ] {
             let _ = writeln!(
@@ -219,7 +266,13 @@ pub struct PeerStatus {
     pub addr: Option<String>,
     pub last_heard_ms_ago: u64,
     pub records: usize,
+    /// Admitted now (its admission has not ended).
     pub authenticated: bool,
+    /// Id of the key its admission was proven with, else of the key that
+    /// verified its last message.
+    pub key_id: Option<String>,
+    /// Protocol version used with it (admission), else of its last message.
+    pub protocol_version: Option<u8>,
 }
 
 /// Peers known to the gossip thread, read by the status thread.
@@ -324,6 +377,8 @@ enum Command {
     /// Block (or unblock) all traffic with these peers at the endpoint
     /// (tests: a simulated partition).
     Block(Vec<EndpointId>, bool),
+    /// Install a reloaded keyring (never empty).
+    SetKeyring(Keyring),
     /// Leave the topic cleanly and stop.
     Stop,
     /// Stop without leaving (tests: like `kill -9`).
@@ -360,6 +415,10 @@ impl Gossip {
         stats: Arc<GossipStats>,
         peers: Peers,
     ) -> anyhow::Result<Gossip> {
+        anyhow::ensure!(
+            !config.cluster_keys.is_empty(),
+            "gossip needs a cluster key (single host mode has none)"
+        );
         let key = load_key(&config.data_dir)?;
         anyhow::ensure!(
             key.public().to_string() == origin.id,
@@ -428,6 +487,24 @@ impl Gossip {
     /// (tests: a partition).
     pub fn block(&self, peers: Vec<EndpointId>, blocked: bool) {
         let _ = self.commands.try_send(Command::Block(peers, blocked));
+    }
+
+    /// Installs a reloaded keyring (`SIGHUP`): messages are sent and
+    /// admissions proven with its primary key, any of its keys is accepted,
+    /// and admissions proven with a key no longer in it end. An empty
+    /// keyring is refused (leaving the cluster needs a restart) and the
+    /// current one kept.
+    pub fn set_keyring(&self, keyring: Keyring) -> Result<(), String> {
+        if keyring.is_empty() {
+            return Err(
+                "the reloaded configuration has no cluster key; keeping the current \
+                        keyring (restart to run as a single host)"
+                    .into(),
+            );
+        }
+        self.commands
+            .try_send(Command::SetKeyring(keyring))
+            .map_err(|e| format!("the gossip thread did not take the keyring: {e}"))
     }
 
     /// Leaves the topic (peers see `NeighborDown`) and stops the thread.
@@ -624,9 +701,17 @@ mod tests {
     fn stats_render_every_drop_reason() {
         let s = GossipStats::default();
         s.dropped[DropReason::BadMac.index()].fetch_add(2, Ordering::Relaxed);
+        s.admission_refusals[Refusal::RateLimited.index()].fetch_add(3, Ordering::Relaxed);
         let mut out = String::new();
         s.render(&mut out);
         assert!(out.contains("glued_gossip_dropped_total{reason=\"bad_hmac\"} 2"));
         assert!(out.contains("reason=\"replay\"} 0"));
+        assert!(out.contains("glued_gossip_admission_refusals_total{reason=\"rate_limited\"} 3"));
+        // Every metric family has HELP and TYPE.
+        for line in out.lines().filter(|l| !l.starts_with('#')) {
+            let name = line.split(['{', ' ']).next().unwrap();
+            assert!(out.contains(&format!("# HELP {name} ")), "{name}");
+            assert!(out.contains(&format!("# TYPE {name} ")), "{name}");
+        }
     }
 }

@@ -8,10 +8,11 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::ops::Bound as RangeBound;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use crossbeam_channel::{Sender, TrySendError};
 use futures_lite::StreamExt;
 use iroh::address_lookup::memory::MemoryLookup;
@@ -22,9 +23,11 @@ use iroh_gossip::api::{Event, GossipReceiver, GossipSender, JoinOptions};
 use iroh_gossip::proto::TopicId;
 
 use super::auth::{AuthHandler, AuthState, Hooks, STATE_ALPN};
-use super::wire::{self, Change, DropReason, Fresh, Keys, Payload, ReplayWindow};
+use super::wire::{
+    self, Change, DropReason, Encoding, Fresh, Opened, Payload, ReplayWindow, Ring, Versions,
+};
 use super::{Bound, Command, GossipStats, PeerStatus, Peers};
-use crate::config::Config;
+use crate::config::{Config, KeyId, Keyring};
 use crate::registry::RegistryMsg;
 use crate::table::{Group, Origin, SharedTable, Source};
 
@@ -107,13 +110,19 @@ struct Published {
     /// group at a time.
     groups: BTreeMap<Source, Group>,
     ready: bool,
-    /// Sealed full state of `version`, reused until the next change.
-    cache: Option<(u64, Arc<Vec<u8>>)>,
+    /// Sealed full state of `version` at a protocol version, reused until
+    /// the next change.
+    cache: Option<(u64, u8, Arc<Vec<u8>>)>,
 }
 
 /// This node's signing identity, shared with the state server.
 struct Me {
-    keys: Keys,
+    /// The keyring (swapped on `SIGHUP`), shared with admission.
+    ring: Arc<ArcSwap<Ring>>,
+    /// Versions this node speaks.
+    versions: Versions,
+    /// Version of broadcasts: the highest every live peer speaks.
+    send_version: AtomicU8,
     key: SecretKey,
     node_name: String,
     incarnation: u64,
@@ -123,10 +132,20 @@ struct Me {
 }
 
 impl Me {
+    /// Seals at the broadcast version.
     fn seal(&self, payload: Payload) -> Vec<u8> {
+        self.seal_at(self.send_version.load(Ordering::Relaxed), payload)
+    }
+
+    /// Seals at `version` (one peer's, for a direct stream).
+    fn seal_at(&self, version: u8, payload: Payload) -> Vec<u8> {
         let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
         wire::seal_own(
-            &self.keys,
+            &self.ring.load(),
+            Encoding {
+                version,
+                speaks: self.versions.max,
+            },
             &self.key,
             &self.node_name,
             self.incarnation,
@@ -135,8 +154,13 @@ impl Me {
         )
     }
 
-    /// The sealed full state, or a not-ready heartbeat.
-    fn full_state(&self) -> Arc<Vec<u8>> {
+    /// Opens a message with the current ring, at a version this node speaks.
+    fn open(&self, bytes: &[u8], max_len: usize) -> Result<Opened, DropReason> {
+        wire::open(&self.ring.load(), self.versions, bytes, max_len)
+    }
+
+    /// The sealed full state at protocol `at`, or a not-ready heartbeat.
+    fn full_state(&self, at: u8) -> Arc<Vec<u8>> {
         let mut p = self.published.lock().expect("published lock");
         if !p.ready {
             let hb = Payload::Heartbeat {
@@ -144,10 +168,11 @@ impl Me {
                 n_groups: p.groups.len() as u64,
                 ready: false,
             };
-            return Arc::new(self.seal(hb));
+            return Arc::new(self.seal_at(at, hb));
         }
-        if let Some((v, bytes)) = &p.cache
+        if let Some((v, a, bytes)) = &p.cache
             && *v == p.version
+            && *a == at
         {
             return bytes.clone();
         }
@@ -155,8 +180,8 @@ impl Me {
             version: p.version,
             groups: p.groups.iter().map(|(s, g)| (s.into(), g.into())).collect(),
         };
-        let bytes = Arc::new(self.seal(payload));
-        p.cache = Some((p.version, bytes.clone()));
+        let bytes = Arc::new(self.seal_at(at, payload));
+        p.cache = Some((p.version, at, bytes.clone()));
         bytes
     }
 }
@@ -167,6 +192,7 @@ impl Me {
 #[derive(Clone)]
 struct StateHandler {
     me: Arc<Me>,
+    auth: Arc<AuthState>,
     direct: tokio::sync::mpsc::Sender<(EndpointId, Vec<u8>)>,
 }
 
@@ -208,7 +234,11 @@ impl ProtocolHandler for StateHandler {
             let _ = tokio::time::timeout(PUSH_TIMEOUT, conn.closed()).await;
             return Ok(());
         }
-        let bytes = self.me.full_state();
+        let at = self
+            .auth
+            .version_with(&conn.remote_id())
+            .unwrap_or(self.me.versions.min);
+        let bytes = self.me.full_state(at);
         let Ok(written) = tokio::time::timeout(PULL_TIMEOUT, send.write_all(&bytes)).await else {
             conn.close(STATE_TIMEOUT_CODE.into(), b"too slow");
             return Ok(());
@@ -224,6 +254,11 @@ impl ProtocolHandler for StateHandler {
 /// What the loop knows of one remote origin.
 struct OriginState {
     node_name: String,
+    /// Highest protocol version it speaks, version and key of its last
+    /// message.
+    speaks: u8,
+    version: u8,
+    key_id: Option<KeyId>,
     window: ReplayWindow,
     last_heard: Instant,
     /// Version of the records we hold for the current incarnation; `None`
@@ -245,6 +280,9 @@ impl OriginState {
     fn new(now: Instant) -> OriginState {
         OriginState {
             node_name: String::new(),
+            speaks: wire::PROTOCOL_VERSION,
+            version: 0,
+            key_id: None,
             window: ReplayWindow::default(),
             last_heard: now,
             known: None,
@@ -284,7 +322,7 @@ impl OriginState {
 /// Result of a state pull task.
 struct Pulled {
     id: EndpointId,
-    result: Result<wire::Header, String>,
+    result: Result<Opened, String>,
 }
 
 struct Node {
@@ -384,8 +422,9 @@ impl Node {
             stats,
             peers,
         } = setup;
-        let keys = Keys::derive(config.cluster_secret.expose());
-        let topic = TopicId::from_bytes(config.topic_id.unwrap_or(keys.topic));
+        let ring = Arc::new(ArcSwap::from_pointee(Ring::new(&config.cluster_keys)));
+        let versions = Versions::speaking(config.protocol_version);
+        let topic = TopicId::from_bytes(config.topic_id.unwrap_or(super::DEFAULT_TOPIC));
         let mut bootstrap = Vec::new();
         for p in &config.bootstrap_peers {
             match p.id.parse::<EndpointId>() {
@@ -394,7 +433,8 @@ impl Node {
             }
         }
         let auth = Arc::new(AuthState::new(
-            keys.clone(),
+            ring.clone(),
+            versions,
             incarnation,
             bootstrap.iter().map(|(id, _)| *id).collect(),
             stats.clone(),
@@ -427,8 +467,9 @@ impl Node {
         auth.set_endpoint(Some(endpoint.clone()));
         let my_id = endpoint.id();
         log::info!(
-            "Gossip endpoint created: id {my_id}, bound {:?}",
-            endpoint.bound_sockets()
+            "Gossip endpoint created: id {my_id}, bound {:?}, cluster keys {}, protocol versions {versions}",
+            endpoint.bound_sockets(),
+            config.cluster_keys.describe()
         );
         let (discovered_tx, discovered_rx) = tokio::sync::mpsc::channel(DISCOVERED_CAPACITY);
         let (direct_tx, direct_rx) = tokio::sync::mpsc::channel(DIRECT_CAPACITY);
@@ -453,7 +494,9 @@ impl Node {
             .max_message_size(wire::GOSSIP_MAX_MESSAGE_SIZE)
             .spawn(endpoint.clone());
         let me = Arc::new(Me {
-            keys,
+            ring,
+            versions,
+            send_version: AtomicU8::new(versions.max),
             key,
             node_name: config.node_name.clone(),
             incarnation,
@@ -468,6 +511,7 @@ impl Node {
                 STATE_ALPN,
                 StateHandler {
                     me: me.clone(),
+                    auth: auth.clone(),
                     direct: direct_tx,
                 },
             )
@@ -559,6 +603,7 @@ impl Node {
                     }
                     Some(Command::BroadcastRaw(bytes)) => self.broadcast(bytes).await,
                     Some(Command::Block(ids, blocked)) => self.auth.block(&ids, blocked),
+                    Some(Command::SetKeyring(keyring)) => self.set_keyring(keyring),
                 },
                 event = receiver.next() => match event {
                     Some(Ok(event)) => self.on_event(event).await,
@@ -651,7 +696,7 @@ impl Node {
             self.origins.get(id).is_some_and(|o| o.expired)
                 && now.saturating_duration_since(since) > self.lease
         };
-        let targets: Vec<EndpointId> = self
+        let targets: Vec<(EndpointId, u8)> = self
             .auth
             .admitted()
             .into_iter()
@@ -661,16 +706,20 @@ impl Node {
                     && !self.auth.is_blocked(id)
                     && !gone(id, a.since)
             })
-            .map(|(id, _)| id)
+            .map(|(id, a)| (id, a.version))
             .take(MAX_DIRECT_PEERS)
             .collect();
         if targets.is_empty() {
             return;
         }
-        let bytes = Arc::new(self.me.seal(payload));
-        for id in targets {
+        // One sealed copy per version in use (one sequence number each).
+        let mut sealed: HashMap<u8, Arc<Vec<u8>>> = HashMap::new();
+        for (id, version) in targets {
             let endpoint = self.endpoint.clone();
-            let bytes = bytes.clone();
+            let bytes = sealed
+                .entry(version)
+                .or_insert_with(|| Arc::new(self.me.seal_at(version, payload.clone())))
+                .clone();
             tokio::spawn(async move {
                 match tokio::time::timeout(PUSH_TIMEOUT, push(&endpoint, id, &bytes)).await {
                     Ok(Ok(())) => log::trace!("gossip: pushed a heartbeat to {id}"),
@@ -691,11 +740,11 @@ impl Node {
         self.stats
             .received_bytes
             .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-        match wire::open(&self.me.keys, &bytes, wire::MAX_GOSSIP_BYTES) {
-            Ok(h) if h.origin != *from.as_bytes() => {
+        match self.me.open(&bytes, wire::MAX_GOSSIP_BYTES) {
+            Ok(o) if o.header.origin != *from.as_bytes() => {
                 return self.drop_msg(DropReason::Malformed, "pushed by another node");
             }
-            Ok(h) if !matches!(h.payload, Payload::Heartbeat { .. }) => {
+            Ok(o) if !matches!(o.header.payload, Payload::Heartbeat { .. }) => {
                 return self.drop_msg(DropReason::Malformed, "pushed a non-heartbeat");
             }
             Ok(_) => {}
@@ -854,8 +903,13 @@ impl Node {
     }
 
     async fn on_message(&mut self, bytes: &[u8], now: Instant) {
-        let header = match wire::open(&self.me.keys, bytes, wire::MAX_GOSSIP_BYTES) {
-            Ok(h) => h,
+        let Opened {
+            header,
+            version,
+            speaks,
+            key_id,
+        } = match self.me.open(bytes, wire::MAX_GOSSIP_BYTES) {
+            Ok(o) => o,
             Err(reason) => return self.drop_msg(reason, ""),
         };
         let Ok(id) = EndpointId::from_bytes(&header.origin) else {
@@ -867,7 +921,7 @@ impl Node {
         if !self.origins.contains_key(&id) {
             log::info!(
                 "gossip: first message from peer {id} ({}) at {}",
-                header.node_name,
+                header.node_name.escape_debug(),
                 peer_addr(&self.auth, &self.bootstrap, &id)
             );
         }
@@ -885,9 +939,11 @@ impl Node {
             Fresh::NewIncarnation => {
                 log::info!(
                     "gossip: {id} ({}) at {} restarted; keeping its records until its full state arrives",
-                    header.node_name,
+                    header.node_name.escape_debug(),
                     peer_addr(&self.auth, &self.bootstrap, &id)
                 );
+                // Its admission was bound to the old incarnation.
+                self.auth.end_if_older(&id, header.incarnation);
                 o.known = None;
                 o.advertised = 0;
                 o.ready = false;
@@ -899,6 +955,9 @@ impl Node {
         o.last_heard = now;
         o.expired = false;
         o.node_name = header.node_name;
+        o.speaks = speaks;
+        o.version = version;
+        o.key_id = Some(key_id);
         let mut answer_hello = false;
         let mut apply = Vec::new();
         let mut stale = false;
@@ -975,7 +1034,12 @@ impl Node {
         };
         o.pulling = false;
         let header = match p.result {
-            Ok(h) => h,
+            Ok(opened) => {
+                o.speaks = opened.speaks;
+                o.version = opened.version;
+                o.key_id = Some(opened.key_id);
+                opened.header
+            }
             Err(e) => {
                 self.stats
                     .state_pull_failures
@@ -1069,7 +1133,7 @@ impl Node {
                     o.holds = false;
                     log::info!(
                         "gossip: lease of {id} ({}) at {} expired, dropping its records",
-                        o.node_name,
+                        o.node_name.escape_debug(),
                         peer_addr(&self.auth, &self.bootstrap, id)
                     );
                     send_registry(
@@ -1083,6 +1147,7 @@ impl Node {
             self.origins.values().filter(|o| !o.expired).count() as u64,
             Ordering::Relaxed,
         );
+        self.update_send_version();
         // State pulls.
         let due: Vec<EndpointId> = self
             .origins
@@ -1097,11 +1162,11 @@ impl Node {
             }
             self.n_pulls += 1;
             let endpoint = self.endpoint.clone();
-            let keys = self.me.keys.clone();
+            let me = self.me.clone();
             let tx = self.pulled_tx.clone();
             tokio::spawn(async move {
                 let result =
-                    match tokio::time::timeout(PULL_TIMEOUT, pull(&endpoint, &keys, id)).await {
+                    match tokio::time::timeout(PULL_TIMEOUT, pull(&endpoint, &me, id)).await {
                         Ok(r) => r,
                         Err(_) => Err("timed out".into()),
                     };
@@ -1131,6 +1196,55 @@ impl Node {
         if now >= self.next_peers {
             self.next_peers = now + PEERS_EVERY;
             self.refresh_peers(now);
+        }
+    }
+
+    /// Installs a reloaded keyring: sends with its primary from now on,
+    /// ends the admissions proven with a key it lost and admits those peers
+    /// again with the primary (a peer that holds only removed keys stays
+    /// out, and its records lapse with its lease).
+    fn set_keyring(&mut self, keyring: Keyring) {
+        let ring = Ring::new(&keyring);
+        let ended = self.auth.set_ring(ring);
+        self.stats.keyring_reloads.fetch_add(1, Ordering::Relaxed);
+        // The cached full state was sealed with the previous primary.
+        self.me.published.lock().expect("published lock").cache = None;
+        log::info!(
+            "Cluster keyring reloaded: keys {}; {} admissions ended by it",
+            keyring.describe(),
+            ended.len()
+        );
+        for id in ended {
+            let auth = self.auth.clone();
+            tokio::spawn(async move {
+                if let Err(e) = auth.authenticate(EndpointAddr::new(id)).await {
+                    log::debug!("admitting {id} again after the keyring reload: {e}");
+                }
+            });
+        }
+    }
+
+    /// Broadcasts go at the highest version every live peer speaks: the
+    /// lowest of what admitted peers use with us and what live origins say
+    /// they speak (a node one version behind may receive them relayed).
+    fn update_send_version(&self) {
+        let versions = self.me.versions;
+        let lowest_admitted = self.auth.admitted().values().map(|a| a.version).min();
+        let lowest_origin = self
+            .origins
+            .values()
+            .filter(|o| !o.expired)
+            .map(|o| o.speaks)
+            .min();
+        let v = [Some(versions.max), lowest_admitted, lowest_origin]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(versions.max)
+            .clamp(versions.min, versions.max);
+        let old = self.me.send_version.swap(v, Ordering::Relaxed);
+        if old != v {
+            log::info!("gossip: broadcasting at protocol version {v} (was {old})");
         }
     }
 
@@ -1203,6 +1317,13 @@ impl Node {
                         .unwrap_or_default(),
                     records: records.get(id.to_string().as_str()).copied().unwrap_or(0),
                     authenticated: a.is_some(),
+                    key_id: a
+                        .map(|a| a.key_id)
+                        .or(o.and_then(|o| o.key_id))
+                        .map(|k| k.to_string()),
+                    protocol_version: a
+                        .map(|a| a.version)
+                        .or(o.filter(|o| o.version > 0).map(|o| o.version)),
                 }
             })
             .collect();
@@ -1370,7 +1491,7 @@ fn start_mdns(endpoint: &Endpoint) -> Option<iroh_mdns_address_lookup::MdnsAddre
 }
 
 /// Fetches the full state of `id` over a direct stream.
-async fn pull(endpoint: &Endpoint, keys: &Keys, id: EndpointId) -> Result<wire::Header, String> {
+async fn pull(endpoint: &Endpoint, me: &Me, id: EndpointId) -> Result<Opened, String> {
     let conn = endpoint
         .connect(EndpointAddr::new(id), STATE_ALPN)
         .await
@@ -1385,11 +1506,13 @@ async fn pull(endpoint: &Endpoint, keys: &Keys, id: EndpointId) -> Result<wire::
         .await
         .map_err(|e| e.to_string())?;
     conn.close(0u32.into(), b"done");
-    let header = wire::open(keys, &bytes, wire::MAX_STREAM_BYTES).map_err(|r| r.to_string())?;
-    if header.origin != *id.as_bytes() {
+    let opened = me
+        .open(&bytes, wire::MAX_STREAM_BYTES)
+        .map_err(|r| r.to_string())?;
+    if opened.header.origin != *id.as_bytes() {
         return Err("state of another origin".into());
     }
-    Ok(header)
+    Ok(opened)
 }
 
 /// Pushes one sealed heartbeat to `id` over a direct stream.

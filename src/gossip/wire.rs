@@ -1,14 +1,26 @@
 //! The gossip wire format: sealed, versioned, compact messages.
 //!
-//! A message on the wire is
-//! `version (1 byte) ‖ body (postcard) ‖ HMAC-SHA256 (32) ‖ ed25519 signature (64)`.
-//! The HMAC (key derived from the cluster secret) covers `version ‖ body`; the
-//! signature (by the `signer` key named in the body) covers
-//! `version ‖ body ‖ HMAC`. The body is a [`Header`] and a [`Payload`].
+//! Two encodings live here: the current protocol version's and the
+//! previous one's (kept until the next bump, so two adjacent releases run in
+//! one cluster):
 //!
-//! Invariant: [`open`] returns a [`Header`] only for bytes that carry the
-//! current version, a valid HMAC, a valid signature by `signer`, and
-//! `origin == signer`; everything else is a [`DropReason`]. Decoding never
+//! ```text
+//! v3: 3 ‖ key id (4) ‖ postcard(Header) ‖ speaks (1) ‖ HMAC-SHA256 (32) ‖ ed25519 signature (64)
+//! v2: 2 ‖ postcard(Header) [‖ speaks (1)] ‖ HMAC-SHA256 (32) ‖ ed25519 signature (64)
+//! ```
+//!
+//! The HMAC (under the message key derived from one key of the keyring:
+//! the sender's primary) covers everything before it; the signature (by
+//! the `signer` named in the header) covers everything before it. `speaks`
+//! is the highest version the sender speaks, so peers that relay to it
+//! learn when the whole cluster can move up; a v2 decoder ignores it (it
+//! follows the postcard body). v3 names the key id so the receiver checks
+//! one key; for v2 the receiver tries every key of its ring.
+//!
+//! Invariant: [`open`] returns a header only for bytes that carry a version
+//! this node accepts, a valid HMAC under a key of its ring, a valid
+//! signature by `signer`, `origin == signer` and a node name that is a
+//! valid label; everything else is a [`DropReason`]. Decoding never
 //! panics on any input. Replay protection (per origin incarnation and
 //! sequence) is [`ReplayWindow`], a pure function of its inputs.
 
@@ -19,16 +31,21 @@ use iroh::{PublicKey, SecretKey, Signature};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
+use crate::config::{KeyId, Keyring};
 use crate::table::{Group, Source};
 
-/// Current wire version. A message with another first byte is dropped.
-pub const WIRE_VERSION: u8 = 1;
+/// Protocol version of this release (messages and admission).
+pub const PROTOCOL_VERSION: u8 = crate::config::PROTOCOL_VERSION;
+/// Oldest version this binary can encode: the previous release's.
+pub const OLDEST_VERSION: u8 = PROTOCOL_VERSION - 1;
+/// Bytes of the key id carried by a v3 message.
+pub const KEY_ID_LEN: usize = crate::config::KEY_ID_LEN;
 /// Bytes of the HMAC-SHA256 tag.
 pub const MAC_LEN: usize = 32;
 /// Bytes of an ed25519 signature.
 pub const SIG_LEN: usize = 64;
-/// Bytes added around the body: version, MAC, signature.
-pub const OVERHEAD: usize = 1 + MAC_LEN + SIG_LEN;
+/// Bytes added around the body: version, key id, speaks, MAC, signature.
+pub const OVERHEAD: usize = 1 + KEY_ID_LEN + 1 + MAC_LEN + SIG_LEN;
 /// iroh-gossip `max_message_size`, set explicitly on every node (the same
 /// on all of them: IROH.md trap 2).
 pub const GOSSIP_MAX_MESSAGE_SIZE: usize = 4096;
@@ -44,15 +61,13 @@ pub const MAX_NODE_NAME_LEN: usize = 63;
 
 type HmacSha256 = Hmac<Sha256>;
 
-/// Keys derived from the cluster secret. Never logged.
+/// Keys derived from one cluster key. Never logged.
 #[derive(Clone)]
 pub struct Keys {
     /// Key of the per-message HMAC.
     pub message: [u8; 32],
-    /// Key of the admission challenge–response.
+    /// Key of the admission proofs.
     pub auth: [u8; 32],
-    /// Topic id derived from the secret (used when no topic is configured).
-    pub topic: [u8; 32],
 }
 
 impl std::fmt::Debug for Keys {
@@ -78,9 +93,117 @@ impl Keys {
         Keys {
             message: hmac(&prk, &[b"glued/v1/gossip-mac", &[1]]),
             auth: hmac(&prk, &[b"glued/v1/auth", &[1]]),
-            topic: hmac(&prk, &[b"glued/v1/topic", &[1]]),
         }
     }
+}
+
+/// The keyring as gossip uses it: derived keys by key id, primary first.
+/// Swapped whole on `SIGHUP`.
+#[derive(Clone, Debug)]
+pub struct Ring {
+    keys: Vec<(KeyId, Keys)>,
+}
+
+impl Ring {
+    /// Derives the keys of every key of `keyring` (which must not be empty).
+    pub fn new(keyring: &Keyring) -> Ring {
+        Ring {
+            keys: keyring
+                .keys()
+                .iter()
+                .map(|k| (k.id(), Keys::derive(k.expose())))
+                .collect(),
+        }
+    }
+
+    /// A one-key ring of the test keyring [`Keyring::for_tests`]`(label)`.
+    pub fn for_tests(label: &str) -> Ring {
+        Ring::new(&Keyring::for_tests(label))
+    }
+
+    /// The key used to send and to prove admission.
+    pub fn primary(&self) -> (KeyId, &Keys) {
+        let (id, k) = self.keys.first().expect("a ring is never empty");
+        (*id, k)
+    }
+
+    pub fn get(&self, id: KeyId) -> Option<&Keys> {
+        self.keys.iter().find(|(i, _)| *i == id).map(|(_, k)| k)
+    }
+
+    pub fn contains(&self, id: KeyId) -> bool {
+        self.get(id).is_some()
+    }
+
+    pub fn ids(&self) -> impl Iterator<Item = KeyId> + '_ {
+        self.keys.iter().map(|(id, _)| *id)
+    }
+}
+
+/// The protocol versions a node speaks: its own and the one before it (not
+/// below what this binary can encode).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Versions {
+    pub min: u8,
+    pub max: u8,
+}
+
+impl Versions {
+    /// What a node whose highest version is `max` speaks.
+    pub fn speaking(max: u8) -> Versions {
+        Versions {
+            min: max.saturating_sub(1).max(OLDEST_VERSION).min(max),
+            max,
+        }
+    }
+
+    pub fn contains(self, v: u8) -> bool {
+        (self.min..=self.max).contains(&v)
+    }
+
+    /// The highest version both speak, if any.
+    pub fn highest_shared(self, other: Versions) -> Option<u8> {
+        let v = self.max.min(other.max);
+        (v >= self.min.max(other.min)).then_some(v)
+    }
+}
+
+impl std::fmt::Display for Versions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.min == self.max {
+            write!(f, "{}", self.max)
+        } else {
+            write!(f, "{} to {}", self.min, self.max)
+        }
+    }
+}
+
+/// How to seal one message: at which version, saying which version the
+/// sender speaks at most.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Encoding {
+    pub version: u8,
+    pub speaks: u8,
+}
+
+impl Encoding {
+    /// The current version, spoken by this release.
+    pub const CURRENT: Encoding = Encoding {
+        version: PROTOCOL_VERSION,
+        speaks: PROTOCOL_VERSION,
+    };
+}
+
+/// A message that passed [`open`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Opened {
+    pub header: Header,
+    /// Version it was sealed at.
+    pub version: u8,
+    /// Highest version its sender speaks.
+    pub speaks: u8,
+    /// Key whose message key verified its HMAC.
+    pub key_id: KeyId,
 }
 
 /// Where a group comes from, as carried on the wire (postcard needs an
@@ -239,11 +362,20 @@ impl std::fmt::Display for DropReason {
     }
 }
 
-/// Encodes, MACs and signs `header` with `key`. Does not check the size.
-pub fn seal(keys: &Keys, key: &SecretKey, header: &Header) -> Vec<u8> {
+/// Encodes, MACs and signs `header` with `key` at `enc.version` (current
+/// or previous encoder), under the ring's primary key. Does not check the
+/// size. A version this binary cannot encode is sealed at the oldest one
+/// it can.
+pub fn seal(ring: &Ring, enc: Encoding, key: &SecretKey, header: &Header) -> Vec<u8> {
+    let (key_id, keys) = ring.primary();
+    let version = enc.version.clamp(OLDEST_VERSION, PROTOCOL_VERSION);
     let mut out = Vec::with_capacity(256);
-    out.push(WIRE_VERSION);
+    out.push(version);
+    if version >= 3 {
+        out.extend_from_slice(&key_id.0);
+    }
     let mut out = postcard::to_extend(header, out).expect("encoding into a Vec cannot fail");
+    out.push(enc.speaks);
     let mac = hmac(&keys.message, &[&out]);
     out.extend_from_slice(&mac);
     let sig = key.sign(&out);
@@ -252,8 +384,10 @@ pub fn seal(keys: &Keys, key: &SecretKey, header: &Header) -> Vec<u8> {
 }
 
 /// Seals a message of this node (`signer == origin == key.public()`).
+#[allow(clippy::too_many_arguments)]
 pub fn seal_own(
-    keys: &Keys,
+    ring: &Ring,
+    enc: Encoding,
     key: &SecretKey,
     node_name: &str,
     incarnation: u64,
@@ -269,30 +403,58 @@ pub fn seal_own(
         seq,
         payload,
     };
-    seal(keys, key, &header)
+    seal(ring, enc, key, &header)
 }
 
-/// Checks and decodes a sealed message of at most `max_len` bytes.
-pub fn open(keys: &Keys, bytes: &[u8], max_len: usize) -> Result<Header, DropReason> {
+fn mac_ok(keys: &Keys, covered: &[u8], tag: &[u8]) -> bool {
+    let mut mac = <HmacSha256 as KeyInit>::new_from_slice(&keys.message).expect("any key length");
+    mac.update(covered);
+    mac.verify_slice(tag).is_ok()
+}
+
+/// Checks and decodes a sealed message of at most `max_len` bytes, sealed
+/// at a version in `accept` under a key of `ring`.
+pub fn open(
+    ring: &Ring,
+    accept: Versions,
+    bytes: &[u8],
+    max_len: usize,
+) -> Result<Opened, DropReason> {
     if bytes.len() > max_len {
         return Err(DropReason::TooLarge);
     }
     if bytes.len() < OVERHEAD + 1 {
         return Err(DropReason::Malformed);
     }
-    if bytes[0] != WIRE_VERSION {
+    let version = bytes[0];
+    if !accept.contains(version) || !(OLDEST_VERSION..=PROTOCOL_VERSION).contains(&version) {
         return Err(DropReason::UnknownVersion);
     }
     let sig_at = bytes.len() - SIG_LEN;
     let mac_at = sig_at - MAC_LEN;
-    let mut mac = <HmacSha256 as KeyInit>::new_from_slice(&keys.message).expect("any key length");
-    mac.update(&bytes[..mac_at]);
-    if mac.verify_slice(&bytes[mac_at..sig_at]).is_err() {
-        return Err(DropReason::BadMac);
-    }
-    let header: Header =
-        postcard::from_bytes(&bytes[1..mac_at]).map_err(|_| DropReason::Malformed)?;
-    if header.node_name.len() > MAX_NODE_NAME_LEN {
+    let (covered, tag) = (&bytes[..mac_at], &bytes[mac_at..sig_at]);
+    let (key_id, body) = if version >= 3 {
+        let id = KeyId(bytes[1..1 + KEY_ID_LEN].try_into().expect("length checked"));
+        match ring.get(id) {
+            Some(keys) if mac_ok(keys, covered, tag) => (id, &bytes[1 + KEY_ID_LEN..mac_at]),
+            _ => return Err(DropReason::BadMac),
+        }
+    } else {
+        match ring.keys.iter().find(|(_, k)| mac_ok(k, covered, tag)) {
+            Some((id, _)) => (*id, &bytes[1..mac_at]),
+            None => return Err(DropReason::BadMac),
+        }
+    };
+    let (header, rest): (Header, &[u8]) =
+        postcard::take_from_bytes(body).map_err(|_| DropReason::Malformed)?;
+    let speaks = match (version, rest) {
+        (2, []) => 2,
+        (_, [s]) if *s >= version => *s,
+        _ => return Err(DropReason::Malformed),
+    };
+    if header.node_name.len() > MAX_NODE_NAME_LEN
+        || !crate::table::is_valid_label(&header.node_name)
+    {
         return Err(DropReason::Malformed);
     }
     let signer = PublicKey::from_bytes(&header.signer).map_err(|_| DropReason::BadSignature)?;
@@ -303,7 +465,12 @@ pub fn open(keys: &Keys, bytes: &[u8], max_len: usize) -> Result<Header, DropRea
     if header.origin != header.signer {
         return Err(DropReason::NotOwner);
     }
-    Ok(header)
+    Ok(Opened {
+        header,
+        version,
+        speaks,
+        key_id,
+    })
 }
 
 /// Sliding replay window of one origin: accepts each `(incarnation, seq)`
@@ -453,6 +620,15 @@ mod tests {
     }
     use super::*;
 
+    const ACCEPT: Versions = Versions {
+        min: OLDEST_VERSION,
+        max: PROTOCOL_VERSION,
+    };
+
+    fn open1(ring: &Ring, bytes: &[u8], max: usize) -> Result<Header, DropReason> {
+        open(ring, ACCEPT, bytes, max).map(|o| o.header)
+    }
+
     fn key(n: u8) -> SecretKey {
         SecretKey::from_bytes(&[n; 32])
     }
@@ -473,9 +649,9 @@ mod tests {
 
     #[test]
     fn roundtrip() {
-        let keys = Keys::derive(b"s");
-        let bytes = seal_own(&keys, &key(1), "node-a", 7, 9, delta(3));
-        let h = open(&keys, &bytes, MAX_GOSSIP_BYTES).unwrap();
+        let ring = Ring::for_tests("s");
+        let bytes = seal_own(&ring, Encoding::CURRENT, &key(1), "node-a", 7, 9, delta(3));
+        let h = open1(&ring, &bytes, MAX_GOSSIP_BYTES).unwrap();
         assert_eq!(h.origin, *key(1).public().as_bytes());
         assert_eq!((h.incarnation, h.seq), (7, 9));
         assert_eq!(h.node_name, "node-a");
@@ -485,38 +661,49 @@ mod tests {
 
     #[test]
     fn another_secret_fails_the_hmac() {
-        let bytes = seal_own(&Keys::derive(b"s"), &key(1), "a", 1, 1, Payload::Hello);
+        let bytes = seal_own(
+            &Ring::for_tests("s"),
+            Encoding::CURRENT,
+            &key(1),
+            "a",
+            1,
+            1,
+            Payload::Hello,
+        );
         assert_eq!(
-            open(&Keys::derive(b"other"), &bytes, MAX_GOSSIP_BYTES),
+            open1(&Ring::for_tests("other"), &bytes, MAX_GOSSIP_BYTES),
             Err(DropReason::BadMac)
         );
     }
 
     #[test]
     fn tampering_fails() {
-        let keys = Keys::derive(b"s");
-        let bytes = seal_own(&keys, &key(1), "a", 1, 1, delta(1));
+        let ring = Ring::for_tests("s");
+        let bytes = seal_own(&ring, Encoding::CURRENT, &key(1), "a", 1, 1, delta(1));
         let mut v = bytes.clone();
-        v[0] = 2;
-        assert_eq!(open(&keys, &v, 4096), Err(DropReason::UnknownVersion));
+        v[0] = 1;
+        assert_eq!(open1(&ring, &v, 4096), Err(DropReason::UnknownVersion));
+        let mut v = bytes.clone();
+        v[0] = PROTOCOL_VERSION + 1;
+        assert_eq!(open1(&ring, &v, 4096), Err(DropReason::UnknownVersion));
         let mut v = bytes.clone();
         v[10] ^= 1;
-        assert_eq!(open(&keys, &v, 4096), Err(DropReason::BadMac));
+        assert_eq!(open1(&ring, &v, 4096), Err(DropReason::BadMac));
         let mut v = bytes.clone();
         let n = v.len();
         v[n - 1] ^= 1;
-        assert_eq!(open(&keys, &v, 4096), Err(DropReason::BadSignature));
-        assert_eq!(open(&keys, &bytes, 10), Err(DropReason::TooLarge));
+        assert_eq!(open1(&ring, &v, 4096), Err(DropReason::BadSignature));
+        assert_eq!(open1(&ring, &bytes, 10), Err(DropReason::TooLarge));
         assert_eq!(
-            open(&keys, &bytes[..bytes.len() - 1], 4096),
+            open1(&ring, &bytes[..bytes.len() - 1], 4096),
             Err(DropReason::BadMac)
         );
-        assert_eq!(open(&keys, &[1, 2, 3], 4096), Err(DropReason::Malformed));
+        assert_eq!(open1(&ring, &[1, 2, 3], 4096), Err(DropReason::Malformed));
     }
 
     #[test]
     fn signature_by_another_key_fails_and_origin_must_be_signer() {
-        let keys = Keys::derive(b"s");
+        let ring = Ring::for_tests("s");
         // Claims to be signed by key 1 but is signed by key 2.
         let header = Header {
             signer: *key(1).public().as_bytes(),
@@ -526,15 +713,15 @@ mod tests {
             seq: 1,
             payload: delta(1),
         };
-        let bytes = seal(&keys, &key(2), &header);
-        assert_eq!(open(&keys, &bytes, 4096), Err(DropReason::BadSignature));
+        let bytes = seal(&ring, Encoding::CURRENT, &key(2), &header);
+        assert_eq!(open1(&ring, &bytes, 4096), Err(DropReason::BadSignature));
         // Signed by key 2, honest signer, claims key 1's records.
         let header = Header {
             signer: *key(2).public().as_bytes(),
             ..header
         };
-        let bytes = seal(&keys, &key(2), &header);
-        assert_eq!(open(&keys, &bytes, 4096), Err(DropReason::NotOwner));
+        let bytes = seal(&ring, Encoding::CURRENT, &key(2), &header);
+        assert_eq!(open1(&ring, &bytes, 4096), Err(DropReason::NotOwner));
     }
 
     #[test]
@@ -576,7 +763,7 @@ mod tests {
 
     #[test]
     fn chunks_fit_the_limit() {
-        let keys = Keys::derive(b"s");
+        let ring = Ring::for_tests("s");
         let changes: Vec<Change> = (0..500)
             .map(|i| {
                 Change::Upsert(
@@ -606,7 +793,8 @@ mod tests {
         let name = "n".repeat(MAX_NODE_NAME_LEN);
         for c in chunks {
             let bytes = seal_own(
-                &keys,
+                &ring,
+                Encoding::CURRENT,
                 &key(1),
                 &name,
                 u64::MAX,
@@ -618,5 +806,98 @@ mod tests {
             );
             assert!(bytes.len() <= MAX_GOSSIP_BYTES, "{}", bytes.len());
         }
+    }
+}
+
+#[cfg(test)]
+mod version_tests {
+    use super::*;
+
+    fn key() -> SecretKey {
+        SecretKey::from_bytes(&[7; 32])
+    }
+
+    fn seal_at(ring: &Ring, version: u8, speaks: u8) -> Vec<u8> {
+        seal_own(
+            ring,
+            Encoding { version, speaks },
+            &key(),
+            "node-a",
+            1,
+            1,
+            Payload::Hello,
+        )
+    }
+
+    #[test]
+    fn both_encoders_open_and_say_what_the_sender_speaks() {
+        let ring = Ring::for_tests("s");
+        let both = Versions::speaking(PROTOCOL_VERSION);
+        for (version, speaks) in [(3, 3), (2, 3), (2, 2)] {
+            let o = open(&ring, both, &seal_at(&ring, version, speaks), 4096).unwrap();
+            assert_eq!((o.version, o.speaks), (version, speaks));
+            assert_eq!(o.key_id, ring.primary().0);
+        }
+        // The previous release's encoder wrote no trailer after the body.
+        let mut v2 = seal_at(&ring, 2, 2);
+        v2.truncate(v2.len() - SIG_LEN - MAC_LEN - 1);
+        let mac = hmac(&ring.primary().1.message, &[&v2]);
+        v2.extend_from_slice(&mac);
+        let sig = key().sign(&v2);
+        v2.extend_from_slice(&sig.to_bytes());
+        assert_eq!(open(&ring, both, &v2, 4096).unwrap().speaks, 2);
+        // A node held at the previous version drops the current encoding.
+        let previous = Versions::speaking(PROTOCOL_VERSION - 1);
+        assert_eq!(
+            open(&ring, previous, &seal_at(&ring, 3, 3), 4096),
+            Err(DropReason::UnknownVersion)
+        );
+        assert!(open(&ring, previous, &seal_at(&ring, 2, 3), 4096).is_ok());
+    }
+
+    #[test]
+    fn any_key_of_the_ring_opens_a_message_and_a_removed_one_does_not() {
+        let old = Keyring::for_tests("old");
+        let new = Keyring::for_tests("new");
+        let both = Ring::new(&Keyring::new(
+            new.keys().iter().chain(old.keys()).cloned().collect(),
+        ));
+        let accept = Versions::speaking(PROTOCOL_VERSION);
+        for version in [2, 3] {
+            let by_old = seal_at(&Ring::new(&old), version, 3);
+            let o = open(&both, accept, &by_old, 4096).unwrap();
+            assert_eq!(o.key_id, old.primary().unwrap().id());
+            assert_eq!(
+                open(&Ring::new(&new), accept, &by_old, 4096),
+                Err(DropReason::BadMac)
+            );
+        }
+    }
+
+    #[test]
+    fn adjacent_versions_share_the_highest_and_n_minus_2_shares_none() {
+        let n = Versions::speaking(3);
+        assert_eq!(n.highest_shared(Versions::speaking(3)), Some(3));
+        assert_eq!(n.highest_shared(Versions::speaking(2)), Some(2));
+        assert_eq!(n.highest_shared(Versions { min: 0, max: 1 }), None);
+        assert_eq!(n.to_string(), "2 to 3");
+    }
+
+    #[test]
+    fn a_node_name_that_is_not_a_label_is_dropped() {
+        let ring = Ring::for_tests("s");
+        let bytes = seal_own(
+            &ring,
+            Encoding::CURRENT,
+            &key(),
+            "evil\n[ERROR] forged",
+            1,
+            1,
+            Payload::Hello,
+        );
+        assert_eq!(
+            open(&ring, Versions::speaking(3), &bytes, 4096),
+            Err(DropReason::Malformed)
+        );
     }
 }

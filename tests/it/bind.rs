@@ -224,6 +224,7 @@ fn auto_bind_serves_loopback_and_follows_docker_gateways_next_to_resolved() {
         .filter(|h| h.starts_with("unix://"))
         .unwrap_or_else(|| "unix:///var/run/docker.sock".into());
     let toml = format!("[[records]]\nname = \"probe\"\nip = \"{PROBE_IP}\"\n");
+    let key = crate::support::key_b64("bind-test-secret");
     let mut glued = Glued::start(
         &["ip", "netns", "exec", &ns.name],
         &toml,
@@ -236,7 +237,7 @@ fn auto_bind_serves_loopback_and_follows_docker_gateways_next_to_resolved() {
             ("GLUED_MDNS", "false"),
             // The gateway's clients may have any address.
             ("GLUED_ALLOW_NETS", "0.0.0.0/0"),
-            ("GLUED_CLUSTER_SECRET", "bind-test-secret"),
+            ("GLUED_CLUSTER_SECRET", &key),
             ("GLUED_NODE_NAME", "bind-test"),
         ],
     );

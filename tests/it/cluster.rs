@@ -9,8 +9,8 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::bounded;
-use glued::config::{BootstrapPeer, Config, Secret};
-use glued::gossip::wire::{self, Change, Header, Keys, Payload, WireGroup, WireSource};
+use glued::config::{BootstrapPeer, Config, Keyring};
+use glued::gossip::wire::{self, Change, Encoding, Header, Payload, Ring, WireGroup, WireSource};
 use glued::gossip::{DropReason, Gossip, GossipStats, Peers, load_key};
 use glued::registry::{Registry, RegistryMsg, RegistryStats};
 use glued::table::{self, Group, Origin, SharedTable, Source};
@@ -78,7 +78,7 @@ fn start_with(o: Opts, edit: impl FnOnce(&mut Config)) -> Node {
     let mut config = support::test_config();
     config.node_name = o.name.into();
     config.topic_id = Some(o.topic);
-    config.cluster_secret = Secret::new(o.secret.into());
+    config.cluster_keys = Keyring::for_tests(o.secret);
     config.lease_secs = o.lease_secs;
     if let Some(d) = o.data_dir {
         config.data_dir = d;
@@ -333,7 +333,7 @@ fn forged_and_replayed_messages_change_nothing() {
     m.add("mine", ip(7));
     assert!(wait_until(CONVERGE, || b.resolves("real").is_some()
         && b.resolves("mine").is_some()));
-    let keys = Keys::derive(b"test-secret");
+    let ring = Ring::for_tests("test-secret");
     let m_key = load_key(&m.config.data_dir).unwrap();
     let a_id = *a.gossip().id.as_bytes();
     let m_id = *m.gossip().id.as_bytes();
@@ -366,7 +366,8 @@ fn forged_and_replayed_messages_change_nothing() {
         seq: 1,
         payload: evil("forged"),
     };
-    m.gossip().broadcast_raw(wire::seal(&keys, &m_key, &forged));
+    m.gossip()
+        .broadcast_raw(wire::seal(&ring, Encoding::CURRENT, &m_key, &forged));
     // 2. Valid HMAC, claims to be signed by A, signed by M.
     let impersonated = Header {
         signer: a_id,
@@ -374,10 +375,11 @@ fn forged_and_replayed_messages_change_nothing() {
         ..forged.clone()
     };
     m.gossip()
-        .broadcast_raw(wire::seal(&keys, &m_key, &impersonated));
+        .broadcast_raw(wire::seal(&ring, Encoding::CURRENT, &m_key, &impersonated));
     // 3. M's own message from an older incarnation (a replay of its past).
     let old = wire::seal_own(
-        &keys,
+        &ring,
+        Encoding::CURRENT,
         &m_key,
         "node-m",
         m.gossip().incarnation - 1,
@@ -388,7 +390,8 @@ fn forged_and_replayed_messages_change_nothing() {
     // 4. M's current incarnation, a fresh sequence, but an old version:
     //    undoing "mine" with a stale delta.
     let stale = wire::seal_own(
-        &keys,
+        &ring,
+        Encoding::CURRENT,
         &m_key,
         "node-m",
         m.gossip().incarnation,
@@ -576,6 +579,14 @@ fn free_port() -> u16 {
     port
 }
 
+/// The cluster key of the test processes, as `glued keygen` prints keys.
+fn process_key() -> String {
+    Keyring::for_tests("process-secret")
+        .primary()
+        .unwrap()
+        .to_base64()
+}
+
 /// One `glued run` process on loopback.
 struct Proc {
     child: std::process::Child,
@@ -626,7 +637,7 @@ fn spawn_glued_at(
         .env("GLUED_DATA_DIR", dir)
         .env("GLUED_GOSSIP_BIND", gossip.to_string())
         .env("GLUED_MDNS", "false")
-        .env("GLUED_CLUSTER_SECRET", "process-secret")
+        .env("GLUED_CLUSTER_SECRET", process_key())
         .env(
             "RUST_LOG",
             "info,iroh=warn,iroh_gossip=warn,noq=warn,noq_proto=warn",
@@ -691,7 +702,7 @@ fn kill_9_of_a_process_keeps_its_records_until_the_lease_ends() {
         a_log()
     );
     assert!(a_log().contains(&format!("Authenticated with bootstrap peer {b_id}")));
-    assert!(!a_log().contains("process-secret") && !b_log().contains("process-secret"));
+    assert!(!a_log().contains(&process_key()) && !b_log().contains(&process_key()));
     std::thread::sleep(Duration::from_millis(1100));
     let mut b = b;
     b.child.kill().unwrap(); // SIGKILL
@@ -1129,11 +1140,12 @@ fn changes_made_alone_reach_a_later_joiner_and_a_lone_change_arrives_as_a_delta(
 /// for the cluster `keys`: a hand-driven member for forging tests.
 async fn member_endpoint(
     key: iroh::SecretKey,
-    keys: Keys,
+    ring: Ring,
 ) -> (iroh::Endpoint, Arc<glued::gossip::auth::AuthState>) {
     use glued::gossip::auth::{AuthState, Hooks};
     let auth = Arc::new(AuthState::new(
-        keys,
+        Arc::new(arc_swap::ArcSwap::from_pointee(ring)),
+        glued::gossip::Versions::speaking(wire::PROTOCOL_VERSION),
         1,
         Default::default(),
         Arc::new(GossipStats::default()),
@@ -1170,7 +1182,8 @@ fn stuck_state_client(target: &Node, first: &[u8], patience: Duration) -> Option
         .build()
         .unwrap();
     rt.block_on(async move {
-        let (ep, auth) = member_endpoint(SecretKey::generate(), Keys::derive(b"test-secret")).await;
+        let (ep, auth) =
+            member_endpoint(SecretKey::generate(), Ring::for_tests("test-secret")).await;
         let conn = ep
             .connect(EndpointAddr::new(id).with_ip_addr(addr), STATE_ALPN)
             .await
@@ -1237,12 +1250,13 @@ fn a_peer_at_the_last_version_number_does_not_break_the_node() {
     use iroh::{EndpointAddr, SecretKey};
     let a = start(Opts::new("a", topic()));
     let (a_id, a_addr) = (a.gossip().id, a.gossip().addrs[0]);
-    let keys = Keys::derive(b"test-secret");
+    let ring = Ring::for_tests("test-secret");
     // A peer that knows the secret and whose records are at version
     // u64::MAX (a bug, or a hostile member).
     let m_key = SecretKey::generate();
     let full = wire::seal_own(
-        &keys,
+        &ring,
+        Encoding::CURRENT,
         &m_key,
         "node-m",
         1,
@@ -1262,7 +1276,8 @@ fn a_peer_at_the_last_version_number_does_not_break_the_node() {
     let heartbeat = |seq| {
         let mut msg = vec![REQUEST_PUSH];
         msg.extend(wire::seal_own(
-            &keys,
+            &ring,
+            Encoding::CURRENT,
             &m_key,
             "node-m",
             1,
@@ -1281,7 +1296,7 @@ fn a_peer_at_the_last_version_number_does_not_break_the_node() {
         .build()
         .unwrap();
     let (ep, router, auth) = rt.block_on(async {
-        let (ep, auth) = member_endpoint(m_key.clone(), keys.clone()).await;
+        let (ep, auth) = member_endpoint(m_key.clone(), ring.clone()).await;
         let router = Router::builder(ep.clone())
             .accept(STATE_ALPN, FixedState(Arc::new(full)))
             .spawn();

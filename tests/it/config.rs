@@ -18,7 +18,8 @@ const GLUED: &str = env!("CARGO_BIN_EXE_glued");
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 /// SPEC §8: a clean stop within a second of SIGTERM.
 const STOP_LIMIT: Duration = Duration::from_secs(1);
-const SECRET: &str = "Very-Secret-Value-4f1c9e";
+/// A valid cluster key (32 bytes, base64) that must never be printed.
+const SECRET: &str = "VmVyeS1TZWNyZXQtVmFsdWUtNGYxYzllLTAxMjM0NTY=";
 
 /// Output of one finished `glued` invocation.
 struct Out {
@@ -355,10 +356,18 @@ fn secret_never_in_check_output_or_errors() {
         let dir = dir_with(&[("glued.toml", file)]);
         let out = check_ok(dir.path(), args, env);
         assert!(!out.contains(SECRET), "secret shown: {out}");
-        assert_eq!(line(&out, "cluster_secret"), "cluster_secret = <redacted>");
+        let id = glued::config::ClusterKey::parse(SECRET).unwrap().id();
+        assert_eq!(
+            line(&out, "cluster_secret"),
+            format!("cluster_secret = <redacted> (keys primary {id})")
+        );
     }
     let out = check_ok(dir_with(&[]).path(), &[], &[]);
-    assert!(line(&out, "cluster_secret").contains("INSECURE"), "{out}");
+    assert_eq!(
+        line(&out, "cluster_secret"),
+        "cluster_secret = none (single host: gossip and mDNS off)"
+    );
+    assert_eq!(line(&out, "mdns"), "mdns = false");
     // Errors about the secret never echo it.
     let dir = dir_with(&[(
         "glued.toml",
@@ -371,7 +380,10 @@ fn secret_never_in_check_output_or_errors() {
         &["cluster_secret", "cluster_secret_file"],
     );
     assert!(!err.contains(SECRET), "{err}");
-    let dir = dir_with(&[("glued.toml", &format!("cluster_secret = [\"{SECRET}\"]\n"))]);
+    let dir = dir_with(&[(
+        "glued.toml",
+        &format!("cluster_secret = [\"{SECRET}\", \"x\"]\n"),
+    )]);
     let err = check_err(dir.path(), &[], &[], &["cluster_secret", "<redacted>"]);
     assert!(!err.contains(SECRET), "{err}");
     check_err(
@@ -553,15 +565,100 @@ fn secret_never_in_run_log() {
         "RUST_LOG=debug not applied: {log}"
     );
     assert!(!log.contains(SECRET), "secret in the log:\n{log}");
-    assert!(!log.contains("DEFAULT CLUSTER SECRET"), "{log}");
+    let id = glued::config::ClusterKey::parse(SECRET).unwrap().id();
+    assert!(
+        log.contains(&format!("cluster keys primary {id}")),
+        "key id not logged: {log}"
+    );
 }
 
 #[test]
-fn default_secret_warns_loudly() {
-    let mut glued = Running::start(&[]);
-    let line = glued.wait_for("DEFAULT CLUSTER SECRET", START_TIMEOUT);
-    assert!(line.contains("WARN"), "{line}");
-    glued.signal_and_wait(libc::SIGTERM);
+fn a_weak_or_malformed_secret_exits_2_naming_the_key_and_glued_keygen() {
+    let weak_file = dir_with(&[("keys", "# the README of old\nmy_secure_cluster_secret\n")]);
+    let weak_path = weak_file.path().join("keys");
+    let cases: [(&str, &str); 5] = [
+        ("GLUED_CLUSTER_SECRET", "my_secure_cluster_secret"),
+        ("GLUED_CLUSTER_SECRET", "a long random secret"),
+        // Base64, but only 12 bytes.
+        ("GLUED_CLUSTER_SECRET", "c2hvcnQta2V5LTEy"),
+        ("GLUED_CLUSTER_SECRET", "Zm9vYmFyYmF6cXV4cXV1eGNvcmdl,nope"),
+        ("GLUED_CLUSTER_SECRET_FILE", weak_path.to_str().unwrap()),
+    ];
+    for (key, value) in cases {
+        for command in ["check", "run"] {
+            let dir = dir_with(&[]);
+            let out = glued(
+                dir.path(),
+                &[command],
+                &[
+                    (key, value),
+                    ("GLUED_DNS_BIND", "127.0.0.1:0"),
+                    ("GLUED_HTTP_BIND", "127.0.0.1:0"),
+                    ("GLUED_GOSSIP_BIND", "127.0.0.1:0"),
+                ],
+            );
+            assert_eq!(out.code, 2, "{command} {key}={value}: {}", out.stderr);
+            let lines: Vec<&str> = out.stderr.lines().collect();
+            assert_eq!(lines.len(), 1, "not one line: {:?}", out.stderr);
+            assert!(
+                lines[0].starts_with(&format!("error: invalid {key}="))
+                    && lines[0].contains("run `glued keygen` to make a key"),
+                "{}",
+                lines[0]
+            );
+            if key == "GLUED_CLUSTER_SECRET" {
+                assert!(!lines[0].contains(value), "secret echoed: {}", lines[0]);
+            }
+        }
+    }
+}
+
+#[test]
+fn keygen_prints_a_new_key_that_the_config_accepts() {
+    let dir = dir_with(&[]);
+    let a = glued(dir.path(), &["keygen"], &[]);
+    let b = glued(dir.path(), &["keygen"], &[]);
+    assert_eq!(a.code, 0, "{}", a.stderr);
+    let key = a.stdout.trim();
+    assert_eq!(key.len(), 44, "32 bytes in base64: {key:?}");
+    assert_ne!(key, b.stdout.trim(), "two keys alike");
+    let k = glued::config::ClusterKey::parse(key).expect("a valid key");
+    assert_eq!(k.expose().len(), 32);
+    let out = check_ok(dir.path(), &[], &[("GLUED_CLUSTER_SECRET", key)]);
+    assert!(
+        line(&out, "cluster_secret").contains(&k.id().to_string()),
+        "{out}"
+    );
+    assert!(!out.contains(key));
+    assert_eq!(
+        line(&out, "mdns"),
+        "mdns = true",
+        "mDNS on by default with a key"
+    );
+}
+
+#[test]
+fn no_secret_runs_a_single_host_with_no_gossip_socket() {
+    // A port free now, named as the gossip bind: nothing may take it.
+    let probe = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let gossip = probe.local_addr().unwrap();
+    drop(probe);
+    let gossip_bind = gossip.to_string();
+    let mut glued = Running::start(&[("GLUED_GOSSIP_BIND", gossip_bind.as_str())]);
+    let line = glued.wait_for("single host", START_TIMEOUT);
+    assert!(line.contains("glued keygen"), "{line}");
+    glued.wait_for("DNS listening on udp", START_TIMEOUT);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        std::net::UdpSocket::bind(gossip).is_ok(),
+        "something bound the gossip port {gossip} in single-host mode"
+    );
+    let (code, _) = glued.signal_and_wait(libc::SIGTERM);
+    let log = glued.rest_of_log();
+    assert_eq!(code, Some(0), "{log}");
+    assert_eq!(log.matches("single host").count(), 1, "logged once: {log}");
+    assert!(!log.contains("Gossip endpoint created"), "{log}");
+    assert!(!log.contains("mDNS local discovery started"), "{log}");
 }
 
 #[test]

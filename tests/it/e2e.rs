@@ -492,7 +492,10 @@ fn image_builds_offline_runs_and_stops_on_sigterm() {
         "-e",
         "GLUED_MDNS=false",
         "-e",
-        "GLUED_CLUSTER_SECRET=stop-test",
+        &format!(
+            "GLUED_CLUSTER_SECRET={}",
+            crate::support::key_b64("stop-test")
+        ),
         &image,
     ]);
     let start = Instant::now();
@@ -531,7 +534,7 @@ fn three_hosts_resolve_each_other_and_survive_partition_and_restart() {
     ensure_busybox();
     let image = build_image(&mut cleanup);
     let tag = unique("ge2e");
-    let secret = format!("e2e-secret-{}", fastrand::u64(..));
+    let secret = glued::config::ClusterKey::generate().unwrap().to_base64();
 
     step("networks, volumes, ids");
     let backbone = format!("{tag}-backbone");

@@ -169,11 +169,15 @@ fn peers_is_json() {
         last_heard_ms_ago: 12,
         records: 3,
         authenticated: true,
+        key_id: Some("1a2b3c4d".into()),
+        protocol_version: Some(3),
     });
     let r = get(s.http.addr, "/peers");
     let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
     assert_eq!(v[0]["id"], "cd".repeat(32));
     assert_eq!(v[0]["authenticated"], true);
+    assert_eq!(v[0]["key_id"], "1a2b3c4d");
+    assert_eq!(v[0]["protocol_version"], 3);
     assert_eq!(v[0]["records"], 3);
     s.http.stop();
 }

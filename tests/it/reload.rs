@@ -33,7 +33,10 @@ fn env() -> Vec<(&'static str, String)> {
             crate::support::unique("glued-reload-net"),
         ),
         ("GLUED_NODE_NAME", "reload-test".into()),
-        ("GLUED_CLUSTER_SECRET", "reload-test-secret".into()),
+        (
+            "GLUED_CLUSTER_SECRET",
+            crate::support::key_b64("reload-test-secret"),
+        ),
         (
             "GLUED_DOCKER_HOST",
             "unix:///nonexistent/glued-reload-test.sock".into(),

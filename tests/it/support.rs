@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use glued::config::{Config, Secret};
+use glued::config::{Config, Keyring};
 
 /// A unique suffix for names of things a test creates (networks, dirs).
 pub fn unique(prefix: &str) -> String {
@@ -30,7 +30,7 @@ pub fn data_dir() -> PathBuf {
 pub fn test_config() -> Config {
     Config {
         networks: vec![unique("glued-absent-net")],
-        cluster_secret: Secret::new("test-secret".into()),
+        cluster_keys: Keyring::for_tests("test-secret"),
         ..Config::loopback(data_dir())
     }
 }
@@ -38,4 +38,9 @@ pub fn test_config() -> Config {
 /// True when tests that need something absent must fail instead of skip.
 pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// A cluster key as `glued keygen` prints it, fixed by `label`.
+pub fn key_b64(label: &str) -> String {
+    Keyring::for_tests(label).primary().unwrap().to_base64()
 }
