@@ -35,7 +35,9 @@
 //! once; the first bytes must come within [`FIRST_BYTE_DEADLINE`] and the
 //! whole exchange within [`AUTH_TIMEOUT`]; [`RESERVED_ADMISSIONS`] of the
 //! [`MAX_ADMISSIONS`] slots are kept for bootstrap and previously admitted
-//! peers (ids proven by TLS); admissions we start are capped
+//! peers (ids proven by TLS); before any TLS handshake, an address that is
+//! no admitted peer's may open at most [`HANDSHAKE_RATE_PER_ADDR`] QUIC
+//! connections a second; admissions we start are capped
 //! ([`MAX_OUTBOUND_ADMISSIONS`]) and a peer that failed (refused, I/O error
 //! or timeout) is not tried again before a back-off. Refusals are counted
 //! in `/metrics` always and logged at most [`REFUSAL_LOG_BURST`] at once,
@@ -54,9 +56,10 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use iroh::endpoint::{
-    AfterHandshakeOutcome, BeforeConnectOutcome, Connection, EndpointHooks, WeakConnectionHandle,
+    AfterHandshakeOutcome, BeforeConnectOutcome, Connection, EndpointHooks, Incoming, IncomingAddr,
+    WeakConnectionHandle,
 };
-use iroh::protocol::{AcceptError, ProtocolHandler};
+use iroh::protocol::{AcceptError, IncomingFilterOutcome, ProtocolHandler};
 use iroh::{Endpoint, EndpointAddr, EndpointId, SecretKey, TransportAddr};
 
 use super::GossipStats;
@@ -99,6 +102,12 @@ pub const ADMISSION_RATE_PER_ADDR: f64 = 5.0;
 pub const ADMISSION_BURST_PER_ADDR: f64 = 10.0;
 /// ...and run at once.
 pub const MAX_ADMISSIONS_PER_ADDR: usize = 4;
+/// New QUIC connections (any ALPN) one source address that is no admitted
+/// peer's may start per second, checked before the TLS handshake (the
+/// costly part); more are ignored...
+pub const HANDSHAKE_RATE_PER_ADDR: f64 = 20.0;
+/// ...beyond a burst of this many.
+pub const HANDSHAKE_BURST_PER_ADDR: f64 = 40.0;
 /// Most source addresses whose rate is tracked; when full, idle ones are
 /// forgotten first, then new unknown addresses are refused.
 pub const MAX_TRACKED_ADDRS: usize = 4096;
@@ -215,6 +224,7 @@ pub struct AuthState {
     reserved: Arc<tokio::sync::Semaphore>,
     outbound: Arc<tokio::sync::Semaphore>,
     addrs: Mutex<AddrLimiter>,
+    handshakes: Mutex<AddrLimiter>,
     refusal_log: Mutex<LogLimiter>,
 }
 
@@ -256,7 +266,16 @@ impl AuthState {
             )),
             reserved: Arc::new(tokio::sync::Semaphore::new(RESERVED_ADMISSIONS)),
             outbound: Arc::new(tokio::sync::Semaphore::new(MAX_OUTBOUND_ADMISSIONS)),
-            addrs: Mutex::new(AddrLimiter::default()),
+            addrs: Mutex::new(AddrLimiter::new(
+                ADMISSION_RATE_PER_ADDR,
+                ADMISSION_BURST_PER_ADDR,
+                MAX_ADMISSIONS_PER_ADDR,
+            )),
+            handshakes: Mutex::new(AddrLimiter::new(
+                HANDSHAKE_RATE_PER_ADDR,
+                HANDSHAKE_BURST_PER_ADDR,
+                usize::MAX,
+            )),
             refusal_log: Mutex::new(LogLimiter::new(Instant::now())),
         }
     }
@@ -722,6 +741,32 @@ impl AuthState {
         Ok(())
     }
 
+    /// The filter of incoming QUIC connections, before their TLS handshake:
+    /// an address that is no admitted peer's may start at most
+    /// [`HANDSHAKE_RATE_PER_ADDR`] a second; more are ignored (and counted).
+    pub fn filter_incoming(&self, incoming: &Incoming) -> IncomingFilterOutcome {
+        let IncomingAddr::Ip(sa) = incoming.remote_addr() else {
+            return IncomingFilterOutcome::Accept;
+        };
+        let admitted = self
+            .admitted
+            .lock()
+            .expect("auth lock")
+            .values()
+            .any(|a| a.addr == Some(sa));
+        if admitted
+            || self
+                .handshakes
+                .lock()
+                .expect("auth lock")
+                .try_take(addr_key(sa.ip()), Instant::now())
+        {
+            return IncomingFilterOutcome::Accept;
+        }
+        self.stats.admission_refusals[Refusal::RateLimited.index()].fetch_add(1, Ordering::Relaxed);
+        IncomingFilterOutcome::Ignore
+    }
+
     /// Takes a slot for an admission from `id` at `ip`, or says why not.
     fn slot(self: &Arc<Self>, id: &EndpointId, ip: Option<IpAddr>) -> Result<Slot, Refusal> {
         let known = self.is_known(id);
@@ -879,9 +924,12 @@ fn addr_key(ip: IpAddr) -> IpAddr {
 
 /// Token buckets and exchanges at once per source address (pure: time is
 /// passed in).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct AddrLimiter {
     map: HashMap<IpAddr, AddrState>,
+    rate: f64,
+    burst: f64,
+    max_active: usize,
 }
 
 #[derive(Debug)]
@@ -892,29 +940,46 @@ struct AddrState {
 }
 
 impl AddrLimiter {
+    fn new(rate: f64, burst: f64, max_active: usize) -> AddrLimiter {
+        AddrLimiter {
+            map: HashMap::new(),
+            rate,
+            burst,
+            max_active,
+        }
+    }
+
+    /// Takes a token only (nothing to finish).
+    fn try_take(&mut self, addr: IpAddr, now: Instant) -> bool {
+        let ok = self.try_start(addr, now);
+        if ok {
+            self.finish(addr);
+        }
+        ok
+    }
+
     /// Takes a token and an exchange for `addr`; false when over its rate,
     /// its exchanges at once, or when the table is full.
     fn try_start(&mut self, addr: IpAddr, now: Instant) -> bool {
+        let (rate, burst) = (self.rate, self.burst);
         if !self.map.contains_key(&addr) && self.map.len() >= MAX_TRACKED_ADDRS {
             self.map.retain(|_, s| {
                 s.active > 0
-                    || now.saturating_duration_since(s.last).as_secs_f64() * ADMISSION_RATE_PER_ADDR
-                        + s.tokens
-                        < ADMISSION_BURST_PER_ADDR
+                    || now.saturating_duration_since(s.last).as_secs_f64() * rate + s.tokens < burst
             });
             if self.map.len() >= MAX_TRACKED_ADDRS {
                 return false;
             }
         }
         let s = self.map.entry(addr).or_insert(AddrState {
-            tokens: ADMISSION_BURST_PER_ADDR,
+            tokens: burst,
             last: now,
             active: 0,
         });
         let elapsed = now.saturating_duration_since(s.last).as_secs_f64();
-        s.tokens = (s.tokens + elapsed * ADMISSION_RATE_PER_ADDR).min(ADMISSION_BURST_PER_ADDR);
+        s.tokens = (s.tokens + elapsed * rate).min(burst);
         s.last = now;
-        if s.tokens < 1.0 || s.active >= MAX_ADMISSIONS_PER_ADDR {
+        if s.tokens < 1.0 || s.active >= self.max_active {
             return false;
         }
         s.tokens -= 1.0;
@@ -1136,7 +1201,11 @@ mod tests {
     #[test]
     fn one_address_gets_its_burst_then_its_rate_and_few_at_once() {
         let t0 = Instant::now();
-        let mut l = AddrLimiter::default();
+        let mut l = AddrLimiter::new(
+            ADMISSION_RATE_PER_ADDR,
+            ADMISSION_BURST_PER_ADDR,
+            MAX_ADMISSIONS_PER_ADDR,
+        );
         let a: IpAddr = "192.0.2.1".parse().unwrap();
         let mut started = 0;
         for _ in 0..100 {
@@ -1180,7 +1249,11 @@ mod tests {
     #[test]
     fn the_address_table_stays_bounded() {
         let t0 = Instant::now();
-        let mut l = AddrLimiter::default();
+        let mut l = AddrLimiter::new(
+            ADMISSION_RATE_PER_ADDR,
+            ADMISSION_BURST_PER_ADDR,
+            MAX_ADMISSIONS_PER_ADDR,
+        );
         for i in 0..(MAX_TRACKED_ADDRS as u32 * 2) {
             let ip = IpAddr::from((0x0a00_0000u32 + i).to_be_bytes());
             if l.try_start(ip, t0) {

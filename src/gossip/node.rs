@@ -504,7 +504,11 @@ impl Node {
             published: Mutex::new(Published::default()),
             stats: stats.clone(),
         });
+        let filter_auth = auth.clone();
         let router = Router::builder(endpoint.clone())
+            .incoming_filter(Arc::new(move |incoming| {
+                filter_auth.filter_incoming(incoming)
+            }))
             .accept(iroh_gossip::ALPN, gossip.clone())
             .accept(super::auth::AUTH_ALPN, AuthHandler(auth.clone()))
             .accept(
@@ -943,7 +947,9 @@ impl Node {
                     peer_addr(&self.auth, &self.bootstrap, &id)
                 );
                 // Its admission was bound to the old incarnation.
-                self.auth.end_if_older(&id, header.incarnation);
+                if self.auth.end_if_older(&id, header.incarnation) {
+                    self.next_peers = now;
+                }
                 o.known = None;
                 o.advertised = 0;
                 o.ready = false;
@@ -1206,6 +1212,9 @@ impl Node {
     fn set_keyring(&mut self, keyring: Keyring) {
         let ring = Ring::new(&keyring);
         let ended = self.auth.set_ring(ring);
+        // `/peers` shows no ended admission as authenticated, not even
+        // until its next refresh.
+        self.refresh_peers(Instant::now());
         self.stats.keyring_reloads.fetch_add(1, Ordering::Relaxed);
         // The cached full state was sealed with the previous primary.
         self.me.published.lock().expect("published lock").cache = None;

@@ -428,6 +428,7 @@ fn forged_and_replayed_messages_change_nothing() {
 
 #[test]
 fn a_killed_node_keeps_its_records_until_the_lease_ends() {
+    let _serial = support::serial();
     let t = topic();
     let a = start(Opts::new("node-a", t).lease(3));
     let b = start(Opts::new("node-b", t).lease(3).boot(&a));
@@ -646,6 +647,9 @@ fn spawn_glued_at(
         .stderr(std::fs::File::create(&log).unwrap());
     for (k, v) in extra {
         cmd.env(k, v);
+        if *k == "GLUED_CLUSTER_SECRET_FILE" {
+            cmd.env_remove("GLUED_CLUSTER_SECRET");
+        }
     }
     // Debugging aid: e.g. GLUED_TEST_RUST_LOG=debug,iroh_gossip=debug.
     if let Ok(filter) = std::env::var("GLUED_TEST_RUST_LOG") {
@@ -679,6 +683,7 @@ fn dns_has(server: std::net::SocketAddr, name: &str) -> Option<bool> {
 
 #[test]
 fn kill_9_of_a_process_keeps_its_records_until_the_lease_ends() {
+    let _serial = support::serial();
     let dir_a = support::data_dir();
     let dir_b = support::data_dir();
     let lease = [("GLUED_LEASE_SECS", "3".to_string())];
@@ -734,6 +739,7 @@ fn kill_9_of_a_process_keeps_its_records_until_the_lease_ends() {
 /// Three processes bootstrap to each other, as in a real cluster.
 #[test]
 fn kill_9_and_restart_at_the_same_address_never_makes_names_vanish() {
+    let _serial = support::serial();
     const LEASE_SECS: u64 = 3;
     let names = ["proc-a", "proc-b", "proc-c"];
     let dirs: Vec<PathBuf> = names.iter().map(|_| support::data_dir()).collect();
@@ -1387,4 +1393,642 @@ fn unauthenticated_admission_attempts_at_once_are_capped() {
         ep.close().await;
     });
     a.stop();
+}
+
+// ---------------------------------------------------------------------------
+// Keys, rotation, admission abuse, protocol versions (issue 10)
+
+/// A keyring of the test keys named by `labels`, the first primary.
+fn ring_of(labels: &[&str]) -> Keyring {
+    Keyring::new(
+        labels
+            .iter()
+            .flat_map(|l| Keyring::for_tests(l).keys().to_vec())
+            .collect(),
+    )
+}
+
+fn key_id(label: &str) -> String {
+    Keyring::for_tests(label)
+        .primary()
+        .unwrap()
+        .id()
+        .to_string()
+}
+
+#[test]
+fn a_key_rotates_in_three_steps_while_new_records_keep_arriving() {
+    let t = topic();
+    let old = ring_of(&["rot-old"]);
+    let with = |n: Opts, ring: &Keyring| {
+        let ring = ring.clone();
+        start_with(n, move |c| c.cluster_keys = ring)
+    };
+    let a = with(Opts::new("node-a", t), &old);
+    let b = with(Opts::new("node-b", t).boot(&a), &old);
+    let c = with(Opts::new("node-c", t).boot(&b), &old);
+    a.add("step-0", ip(10));
+    assert!(wait_until(CONVERGE, || c.resolves("step-0").is_some()));
+    let steps = [
+        ring_of(&["rot-old", "rot-new"]),
+        ring_of(&["rot-new", "rot-old"]),
+        ring_of(&["rot-new"]),
+    ];
+    for (i, ring) in steps.iter().enumerate() {
+        for n in [&a, &b, &c] {
+            n.gossip().set_keyring(ring.clone()).unwrap();
+            let reloads = i as u64 + 1;
+            assert!(wait_until(CONVERGE, || n
+                .stats
+                .keyring_reloads
+                .load(Ordering::Relaxed)
+                == reloads));
+            // Once the reload is in, no peer shows as authenticated by a key
+            // the ring no longer holds.
+            for p in n.peers.lock().unwrap().iter() {
+                let known = ring
+                    .keys()
+                    .iter()
+                    .any(|k| Some(k.id().to_string()) == p.key_id);
+                assert!(
+                    !p.authenticated || known,
+                    "step {}: {p:?} authenticated by a removed key",
+                    i + 1
+                );
+            }
+        }
+        let name = format!("step-{}", i + 1);
+        a.add(&name, ip(11 + i as u32));
+        assert!(
+            wait_until(CONVERGE, || c.resolves(&name).is_some()),
+            "{name} did not reach C"
+        );
+        assert!(c.resolves("step-0").is_some(), "a name vanished at {name}");
+    }
+    // Every admission now rests on the new key.
+    let new_id = key_id("rot-new");
+    assert!(
+        wait_until(CONVERGE, || [&a, &b, &c].iter().all(|n| {
+            let peers = n.peers.lock().unwrap();
+            peers.len() >= 2
+                && peers
+                    .iter()
+                    .filter(|p| p.authenticated)
+                    .all(|p| p.key_id.as_deref() == Some(&new_id))
+        })),
+        "{:?}",
+        a.peers.lock().unwrap()
+    );
+    // A node that holds only the retired key is refused.
+    let mut d_opts = Opts::new("node-d", t).boot(&a);
+    d_opts.records = vec![("from-d", ip(66))];
+    let d = with(d_opts, &old);
+    assert!(
+        wait_until(CONVERGE, || a
+            .stats
+            .refusals(glued::gossip::Refusal::UnknownKey)
+            > 0
+            && d.stats.auth_refused.load(Ordering::Relaxed) > 0),
+        "the retired key was not refused"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(a.resolves("from-d").is_none() && c.resolves("from-d").is_none());
+    assert!(d.resolves("step-0").is_none());
+    assert!(!a.gossip().id.to_string().is_empty());
+    assert!(
+        !a.peers
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|p| p.id == d.origin.id && p.authenticated)
+    );
+    for n in [a, b, c, d] {
+        n.stop();
+    }
+}
+
+/// Reads the address after `HTTP status on ` in a process log.
+fn http_addr_of(log: &std::path::Path) -> Option<std::net::SocketAddr> {
+    let text = std::fs::read_to_string(log).ok()?;
+    let line = text.lines().find(|l| l.contains("HTTP status on "))?;
+    line.rsplit(' ').next()?.parse().ok()
+}
+
+/// `/peers` of a process, as JSON.
+fn peers_of(http: std::net::SocketAddr) -> serde_json::Value {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(http) else {
+        return serde_json::Value::Null;
+    };
+    let _ = s.write_all(b"GET /peers HTTP/1.0\r\nHost: x\r\n\r\n");
+    let mut body = String::new();
+    let _ = s.read_to_string(&mut body);
+    let json = body.split("\r\n\r\n").nth(1).unwrap_or("null");
+    serde_json::from_str(json).unwrap_or(serde_json::Value::Null)
+}
+
+#[test]
+fn three_processes_rotate_the_key_with_sighup_only_and_the_retired_key_is_refused() {
+    let _serial = support::serial();
+    const LEASE: &str = "3";
+    let lease_wait = Duration::from_millis(3_600);
+    let old = support::key_b64("proc-rot-old");
+    let new = support::key_b64("proc-rot-new");
+    let (old_id, new_id) = (key_id("proc-rot-old"), key_id("proc-rot-new"));
+    let names = ["proc-a", "proc-b", "proc-c"];
+    let dirs: Vec<PathBuf> = names.iter().map(|_| support::data_dir()).collect();
+    let key_files: Vec<PathBuf> = dirs.iter().map(|d| d.join("cluster.keys")).collect();
+    let write_keys = |keys: &[&str]| {
+        for f in &key_files {
+            std::fs::write(f, format!("# rotation test\n{}\n", keys.join("\n"))).unwrap();
+        }
+    };
+    write_keys(&[&old]);
+    let ids: Vec<String> = dirs
+        .iter()
+        .map(|d| glued::gossip::local_id(d).unwrap())
+        .collect();
+    let ports: Vec<u16> = names.iter().map(|_| free_port()).collect();
+    let addr = |i: usize| -> std::net::SocketAddr { ([127, 0, 0, 1], ports[i]).into() };
+    let procs: Vec<Proc> = (0..3)
+        .map(|i| {
+            let peers: Vec<String> = (0..3)
+                .filter(|j| *j != i)
+                .map(|j| format!("{}@{}", ids[j], addr(j)))
+                .collect();
+            let extra = [
+                ("GLUED_LEASE_SECS", LEASE.to_string()),
+                ("GLUED_BOOTSTRAP_PEERS", peers.join(",")),
+                (
+                    "GLUED_CLUSTER_SECRET_FILE",
+                    key_files[i].to_str().unwrap().to_string(),
+                ),
+            ];
+            // The file's keyring replaces the environment's key.
+            spawn_glued_at(
+                names[i],
+                &dirs[i],
+                &extra,
+                &format!("from-{}", &names[i][5..]),
+                addr(i),
+            )
+        })
+        .collect();
+    let log = |i: usize| std::fs::read_to_string(&procs[i].log).unwrap_or_default();
+    assert!(
+        wait_until(Duration::from_secs(20), || dns_has(procs[2].dns, "from-a")
+            == Some(true)),
+        "C never resolved A's record; C's log:\n{}",
+        log(2)
+    );
+    let sighup_all = |step: usize, primary: &str| {
+        for (i, p) in procs.iter().enumerate() {
+            let before = log(i).matches("SIGHUP: cluster keys").count();
+            // SAFETY: kill(2) of a child this test spawned and still owns.
+            unsafe { libc::kill(p.child.id() as i32, libc::SIGHUP) };
+            assert!(
+                wait_until(CONVERGE, || log(i).matches("SIGHUP: cluster keys").count()
+                    > before),
+                "step {step}: {} did not reload; log:\n{}",
+                names[i],
+                log(i)
+            );
+            assert!(
+                log(i).contains(&format!("SIGHUP: cluster keys primary {primary}")),
+                "{}",
+                log(i)
+            );
+        }
+    };
+    let steps: [(&[&str], &str); 3] = [
+        (&[&old, &new], &old_id),
+        (&[&new, &old], &new_id),
+        (&[&new], &new_id),
+    ];
+    for (step, (keys, primary)) in steps.iter().enumerate() {
+        write_keys(keys);
+        sighup_all(step + 1, primary);
+        // Longer than the lease: had A's messages stopped verifying at C,
+        // its record would have lapsed there.
+        let since = Instant::now();
+        while since.elapsed() < lease_wait {
+            assert_eq!(
+                dns_has(procs[2].dns, "from-a"),
+                Some(true),
+                "step {}: A's record vanished at C; C's log:\n{}",
+                step + 1,
+                log(2)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    assert!(
+        log(0).contains(&format!("its key {old_id} was removed from the keyring")),
+        "A ended no admission by the retired key:\n{}",
+        log(0)
+    );
+    // /peers: every peer authenticated by the new key, protocol 3.
+    let http_a = http_addr_of(&procs[0].log).expect("A's HTTP address");
+    assert!(
+        wait_until(CONVERGE, || {
+            let v = peers_of(http_a);
+            let list = v.as_array().cloned().unwrap_or_default();
+            list.len() == 2
+                && list.iter().all(|p| {
+                    p["authenticated"] == true
+                        && p["key_id"] == new_id.as_str()
+                        && p["protocol_version"] == 3
+                })
+        }),
+        "{}",
+        peers_of(http_a)
+    );
+    // D holds only the retired key.
+    let dir_d = support::data_dir();
+    let d_keys = dir_d.join("cluster.keys");
+    std::fs::write(&d_keys, format!("{old}\n")).unwrap();
+    let d_id = glued::gossip::local_id(&dir_d).unwrap();
+    let d = spawn_glued(
+        "proc-d",
+        &dir_d,
+        &[
+            ("GLUED_BOOTSTRAP_PEERS", format!("{}@{}", ids[0], addr(0))),
+            (
+                "GLUED_CLUSTER_SECRET_FILE",
+                d_keys.to_str().unwrap().to_string(),
+            ),
+        ],
+        "from-d",
+    );
+    let d_log = || std::fs::read_to_string(&d.log).unwrap_or_default();
+    assert!(
+        wait_until(CONVERGE, || log(0).contains(&format!(
+            "Refused peer {d_id}: it proved key {old_id}, which is not in this node's keyring"
+        ))),
+        "A did not refuse D; A's log:\n{}\nD's log:\n{}",
+        log(0),
+        d_log()
+    );
+    assert!(
+        d_log().contains("does not hold our primary key"),
+        "{}",
+        d_log()
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(dns_has(procs[0].dns, "from-d"), Some(false));
+    assert_eq!(dns_has(d.dns, "from-a"), Some(false));
+    for i in 0..3 {
+        assert!(
+            !log(i).contains(&old) && !log(i).contains(&new),
+            "a key in a log"
+        );
+    }
+}
+
+/// A raw client endpoint bound to `ip` (not the nodes' 127.0.0.1): an
+/// outsider with no key and no hooks.
+async fn outsider(ip: &str) -> iroh::Endpoint {
+    iroh::Endpoint::builder(iroh::endpoint::presets::Minimal)
+        .secret_key(iroh::SecretKey::generate())
+        .relay_mode(iroh::RelayMode::Disabled)
+        .clear_ip_transports()
+        .bind_addr(format!("{ip}:0").as_str())
+        .unwrap()
+        .bind()
+        .await
+        .unwrap()
+}
+
+/// Dials the admission ALPN of `target`, sends `bytes` (then nothing),
+/// and returns everything received until the node closes, and how long
+/// that took (None: still open after `patience`).
+async fn raw_admission(
+    ep: &iroh::Endpoint,
+    target: iroh::EndpointAddr,
+    bytes: &[u8],
+    patience: Duration,
+) -> (Vec<u8>, Option<Duration>) {
+    use glued::gossip::auth::AUTH_ALPN;
+    let Ok(conn) = ep.connect(target, AUTH_ALPN).await else {
+        return (Vec::new(), Some(Duration::ZERO));
+    };
+    let start = Instant::now();
+    let mut got = Vec::new();
+    let talk = async {
+        let (mut send, mut recv) = conn.open_bi().await.ok()?;
+        if !bytes.is_empty() {
+            send.write_all(bytes).await.ok()?;
+        } else {
+            // A stream exists for the node only once something is sent:
+            // open it with nothing but a zero-length write is not enough,
+            // so "nothing" is a connection with no stream at all.
+            drop(send);
+            drop(recv);
+            return Some(());
+        }
+        let mut buf = [0u8; 256];
+        while let Ok(Some(n)) = recv.read(&mut buf).await {
+            got.extend_from_slice(&buf[..n]);
+        }
+        Some(())
+    };
+    let _ = tokio::time::timeout(patience, talk).await;
+    let left = patience.saturating_sub(start.elapsed());
+    let closed = tokio::time::timeout(left, conn.closed()).await.is_ok();
+    (got, closed.then(|| start.elapsed()))
+}
+
+#[test]
+fn raw_admission_clients_get_no_proof_and_hold_no_slot_past_the_deadline() {
+    use glued::gossip::auth::{CHALLENGE_LEN, FIRST_BYTE_DEADLINE, HELLO_LEN};
+    let a = start(Opts::new("node-a", topic()));
+    let (id, addr) = (a.gossip().id, a.gossip().addrs[0]);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let patience = FIRST_BYTE_DEADLINE + Duration::from_secs(2);
+    let mut garbage = vec![3u8, 2]; // a valid-looking range, then junk
+    garbage.extend((0..HELLO_LEN + 40).map(|i| i as u8));
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("nothing", vec![]),
+        ("a few bytes", b"GET /".to_vec()),
+        ("http", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".repeat(4)),
+        ("a hello and a junk proof", garbage),
+    ];
+    rt.block_on(async {
+        let ep = outsider("127.0.0.2").await;
+        let target = iroh::EndpointAddr::new(id).with_ip_addr(addr);
+        for (what, bytes) in &cases {
+            let (got, closed) = raw_admission(&ep, target.clone(), bytes, patience).await;
+            // At most a challenge (nonce, no proof) and a refusal verdict.
+            assert!(
+                got.len() <= CHALLENGE_LEN + 1,
+                "{what}: {} bytes back",
+                got.len()
+            );
+            if got.len() == CHALLENGE_LEN + 1 {
+                assert_ne!(got[CHALLENGE_LEN], 1, "{what}: admitted");
+            }
+            assert!(closed.is_some(), "{what}: still open after {patience:?}");
+        }
+        // Connections that never open a stream at all.
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            held.push(
+                ep.connect(target.clone(), glued::gossip::auth::AUTH_ALPN)
+                    .await
+                    .unwrap(),
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        for c in &held {
+            assert!(
+                tokio::time::timeout(patience, c.closed()).await.is_ok(),
+                "a silent connection outlived the deadline"
+            );
+        }
+        ep.close().await;
+    });
+    assert_eq!(
+        a.stats
+            .admissions_in_progress
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "a slot is still held"
+    );
+    assert_eq!(a.stats.auth_ok.load(Ordering::Relaxed), 0);
+    assert!(a.stats.refusals(glued::gossip::Refusal::Timeout) >= 2);
+    a.stop();
+}
+
+#[test]
+fn a_flood_of_raw_admissions_from_one_address_does_not_keep_a_real_peer_out() {
+    let _serial = support::serial();
+    use glued::gossip::auth::AUTH_ALPN;
+    let t = topic();
+    let a = start(Opts::new("node-a", t));
+    let (id, addr) = (a.gossip().id, a.gossip().addrs[0]);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let flood = {
+        let (stop, sent) = (stop.clone(), sent.clone());
+        rt.spawn(async move {
+            let mut eps = Vec::new();
+            for _ in 0..4 {
+                eps.push(outsider("127.0.0.2").await);
+            }
+            let target = iroh::EndpointAddr::new(id).with_ip_addr(addr);
+            // 200 connections a second: every 5 ms one that says nothing,
+            // then one that sends junk.
+            let mut tick = tokio::time::interval(Duration::from_millis(5));
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                tick.tick().await;
+                n += 1;
+                sent.fetch_add(1, Ordering::Relaxed);
+                let ep = eps[(n % 4) as usize].clone();
+                let target = target.clone();
+                tokio::spawn(async move {
+                    if let Ok(Ok(conn)) =
+                        tokio::time::timeout(Duration::from_secs(2), ep.connect(target, AUTH_ALPN))
+                            .await
+                    {
+                        if n.is_multiple_of(2)
+                            && let Ok((mut send, _recv)) = conn.open_bi().await
+                        {
+                            let _ = send.write_all(b"junk junk junk").await;
+                        }
+                        let _ = tokio::time::timeout(Duration::from_secs(3), conn.closed()).await;
+                    }
+                });
+            }
+            for ep in eps {
+                ep.close().await;
+            }
+        })
+    };
+    // The flood is under way.
+    assert!(wait_until(CONVERGE, || sent.load(Ordering::Relaxed) >= 200));
+    let mut b_opts = Opts::new("node-b", t).boot(&a);
+    b_opts.records = vec![("from-b", ip(2))];
+    let b = start(b_opts);
+    let b_id = b.origin.id.clone();
+    let t0 = Instant::now();
+    let admitted = wait_until(Duration::from_secs(2), || {
+        a.peers
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|p| p.id == b_id && p.authenticated)
+            || a.stats.auth_ok.load(Ordering::Relaxed) > 0
+    });
+    let during = sent.load(Ordering::Relaxed);
+    stop.store(true, Ordering::Relaxed);
+    rt.block_on(flood).unwrap();
+    assert!(
+        admitted,
+        "B was not admitted within 2 s during the flood ({:?})",
+        t0.elapsed()
+    );
+    assert!(
+        a.stats.refusals(glued::gossip::Refusal::RateLimited) > 0,
+        "the flood ({during} connections) was not rate-limited"
+    );
+    assert!(wait_until(CONVERGE, || a.resolves("from-b").is_some()));
+    drop(rt);
+    for n in [a, b] {
+        n.stop();
+    }
+}
+
+#[test]
+fn nodes_one_protocol_version_apart_form_one_cluster() {
+    let t = topic();
+    let mut a_opts = Opts::new("node-a", t);
+    a_opts.records = vec![("from-a", ip(1))];
+    let a = start(a_opts);
+    let mut b_opts = Opts::new("node-b", t).boot(&a);
+    b_opts.records = vec![("from-b", ip(2))];
+    let previous = wire::PROTOCOL_VERSION - 1;
+    let b = start_with(b_opts, |c| c.protocol_version = previous);
+    let mut c_opts = Opts::new("node-c", t).boot(&b);
+    c_opts.records = vec![("from-c", ip(3))];
+    let c = start(c_opts);
+    assert!(
+        wait_until(CONVERGE, || [&a, &b, &c].iter().all(|n| {
+            ["from-a", "from-b", "from-c"]
+                .iter()
+                .all(|r| n.resolves(r).is_some())
+        })),
+        "the mixed cluster did not converge"
+    );
+    // Changes still flow both ways.
+    a.add("later-a", ip(4));
+    b.add("later-b", ip(5));
+    assert!(wait_until(CONVERGE, || b.resolves("later-a").is_some()
+        && a.resolves("later-b").is_some()
+        && c.resolves("later-b").is_some()));
+    let b_at_a = a
+        .peers
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|p| p.id == b.origin.id)
+        .cloned()
+        .unwrap();
+    assert_eq!(b_at_a.protocol_version, Some(previous), "{b_at_a:?}");
+    for n in [a, b, c] {
+        n.stop();
+    }
+}
+
+/// Serves the admission ALPN as a node two versions behind would: it
+/// answers every hello with its range and "no version in common".
+#[derive(Debug, Clone)]
+struct AncientNode;
+
+impl iroh::protocol::ProtocolHandler for AncientNode {
+    async fn accept(
+        &self,
+        conn: iroh::endpoint::Connection,
+    ) -> Result<(), iroh::protocol::AcceptError> {
+        use glued::gossip::auth::{CHALLENGE_LEN, HELLO_LEN};
+        use iroh::protocol::AcceptError;
+        let (mut send, mut recv) = conn.accept_bi().await?;
+        let mut hello = [0u8; HELLO_LEN];
+        recv.read_exact(&mut hello)
+            .await
+            .map_err(AcceptError::from_err)?;
+        let mut challenge = [0u8; CHALLENGE_LEN];
+        challenge[..3].copy_from_slice(&[1, ANCIENT.min, ANCIENT.max]);
+        send.write_all(&challenge)
+            .await
+            .map_err(AcceptError::from_err)?;
+        send.finish()?;
+        let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+        Ok(())
+    }
+}
+
+/// What a node two protocol versions behind speaks.
+const ANCIENT: glued::gossip::Versions = glued::gossip::Versions {
+    min: wire::PROTOCOL_VERSION - 3,
+    max: wire::PROTOCOL_VERSION - 2,
+};
+
+#[test]
+fn nodes_two_protocol_versions_apart_refuse_each_other_naming_both_versions() {
+    use glued::gossip::auth::{AUTH_ALPN, CHALLENGE_LEN, hello};
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    // The ancient node serves its side of the exchange.
+    let (ancient, router) = rt.block_on(async {
+        let ep = outsider("127.0.0.1").await;
+        let router = iroh::protocol::Router::builder(ep.clone())
+            .accept(AUTH_ALPN, AncientNode)
+            .spawn();
+        (ep, router)
+    });
+    let ancient_addr = ancient.bound_sockets()[0];
+    let dir = support::data_dir();
+    let a = spawn_glued(
+        "proc-a",
+        &dir,
+        &[(
+            "GLUED_BOOTSTRAP_PEERS",
+            format!("{}@{ancient_addr}", ancient.id()),
+        )],
+        "from-a",
+    );
+    let log = || std::fs::read_to_string(&a.log).unwrap_or_default();
+    let ours = glued::gossip::Versions::speaking(wire::PROTOCOL_VERSION);
+    let line = format!(
+        "no protocol version in common: it speaks version {ANCIENT}, this node speaks {ours}"
+    );
+    // A dials the ancient node (its bootstrap peer) and refuses it.
+    assert!(
+        wait_until(Duration::from_secs(20), || log().contains(&format!(
+            "Refused bootstrap peer {}: {line}",
+            ancient.id()
+        ))),
+        "{}",
+        log()
+    );
+    // The ancient node dials A: A answers with its range, and no proof.
+    let a_id = glued::gossip::local_id(&dir).unwrap();
+    let (got, client_id) = rt.block_on(async {
+        let ep = outsider("127.0.0.1").await;
+        let target = iroh::EndpointAddr::new(a_id.parse().unwrap()).with_ip_addr(a.gossip);
+        let conn = ep.connect(target, AUTH_ALPN).await.unwrap();
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        send.write_all(&hello(ANCIENT, &[7; 32], 1)).await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), recv.read_to_end(1024))
+            .await
+            .unwrap()
+            .unwrap_or_default();
+        let id = ep.id();
+        ep.close().await;
+        (got, id)
+    });
+    assert_eq!(got.len(), CHALLENGE_LEN, "{got:?}");
+    assert_eq!(&got[..3], &[1, ours.min, ours.max]);
+    assert!(
+        wait_until(CONVERGE, || log()
+            .contains(&format!("Refused peer {client_id}: {line}"))),
+        "A did not log the refusal of the ancient client: {}",
+        log()
+    );
+    rt.block_on(async {
+        let _ = router.shutdown().await;
+    });
 }

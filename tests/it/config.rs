@@ -645,7 +645,7 @@ fn no_secret_runs_a_single_host_with_no_gossip_socket() {
     drop(probe);
     let gossip_bind = gossip.to_string();
     let mut glued = Running::start(&[("GLUED_GOSSIP_BIND", gossip_bind.as_str())]);
-    let line = glued.wait_for("single host", START_TIMEOUT);
+    let line = glued.wait_for("running as a single host", START_TIMEOUT);
     assert!(line.contains("glued keygen"), "{line}");
     glued.wait_for("DNS listening on udp", START_TIMEOUT);
     std::thread::sleep(Duration::from_millis(500));
@@ -656,7 +656,11 @@ fn no_secret_runs_a_single_host_with_no_gossip_socket() {
     let (code, _) = glued.signal_and_wait(libc::SIGTERM);
     let log = glued.rest_of_log();
     assert_eq!(code, Some(0), "{log}");
-    assert_eq!(log.matches("single host").count(), 1, "logged once: {log}");
+    assert_eq!(
+        log.matches("running as a single host").count(),
+        1,
+        "logged once: {log}"
+    );
     assert!(!log.contains("Gossip endpoint created"), "{log}");
     assert!(!log.contains("mDNS local discovery started"), "{log}");
 }

@@ -44,3 +44,10 @@ pub fn in_ci() -> bool {
 pub fn key_b64(label: &str) -> String {
     Keyring::for_tests(label).primary().unwrap().to_base64()
 }
+
+/// Held by tests that load the machine (connection floods) and by tests
+/// that time leases of a few seconds, so that those never overlap.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
