@@ -109,7 +109,7 @@ fn spawn(name: &str, record: &str, extra: &[(&str, String)]) -> Glued {
         .env("GLUED_DATA_DIR", &dir)
         .env("GLUED_GOSSIP_BIND", gossip.to_string())
         .env("GLUED_MDNS", "false")
-        .env("GLUED_CLUSTER_SECRET", "ops-test-secret")
+        .env("GLUED_CLUSTER_SECRET", support::key_b64("ops-test-secret"))
         .env("RUST_LOG", "info,iroh=warn,iroh_gossip=warn")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap());
