@@ -512,6 +512,7 @@ impl Running {
         let data = dir.path().join("data");
         let upstreams = upstream.addr.to_string();
         let network = support::unique("glued-cache-net");
+        let key = support::key_b64("cache-test-secret");
         let mut child = Command::new(env!("CARGO_BIN_EXE_glued"))
             .arg("run")
             .env_clear()
@@ -523,7 +524,7 @@ impl Running {
                 ("GLUED_UPSTREAMS", upstreams.as_str()),
                 ("GLUED_DATA_DIR", data.to_str().unwrap()),
                 ("GLUED_NETWORK_NAME", network.as_str()),
-                ("GLUED_CLUSTER_SECRET", "cache-test-secret"),
+                ("GLUED_CLUSTER_SECRET", key.as_str()),
                 ("RUST_LOG", "info"),
             ])
             .current_dir(dir.path())
