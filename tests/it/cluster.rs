@@ -1583,18 +1583,20 @@ fn three_processes_rotate_the_key_with_sighup_only_and_the_retired_key_is_refuse
     );
     let sighup_all = |step: usize, primary: &str| {
         for (i, p) in procs.iter().enumerate() {
-            let before = log(i).matches("SIGHUP: cluster keys").count();
+            let before = log(i).matches("Cluster keyring reloaded: keys").count();
             // SAFETY: kill(2) of a child this test spawned and still owns.
             unsafe { libc::kill(p.child.id() as i32, libc::SIGHUP) };
             assert!(
-                wait_until(CONVERGE, || log(i).matches("SIGHUP: cluster keys").count()
+                wait_until(CONVERGE, || log(i)
+                    .matches("Cluster keyring reloaded: keys")
+                    .count()
                     > before),
                 "step {step}: {} did not reload; log:\n{}",
                 names[i],
                 log(i)
             );
             assert!(
-                log(i).contains(&format!("SIGHUP: cluster keys primary {primary}")),
+                log(i).contains(&format!("Cluster keyring reloaded: keys primary {primary}")),
                 "{}",
                 log(i)
             );
