@@ -276,6 +276,7 @@ fn auto_bind_serves_loopback_and_follows_docker_gateways_next_to_resolved() {
 fn an_explicit_address_list_is_served_as_given() {
     let toml = format!("[[records]]\nname = \"probe\"\nip = \"{PROBE_IP}\"\n");
     let network = unique("glued-bind-absent");
+    let key = crate::support::key_b64("bind-test-secret");
     let mut glued = Glued::start(
         &[],
         &toml,
@@ -290,7 +291,7 @@ fn an_explicit_address_list_is_served_as_given() {
                 "GLUED_DOCKER_HOST",
                 "unix:///nonexistent/glued-bind-test.sock",
             ),
-            ("GLUED_CLUSTER_SECRET", "bind-test-secret"),
+            ("GLUED_CLUSTER_SECRET", &key),
         ],
     );
     glued.wait_for("DNS listening on udp ", START_TIMEOUT);
