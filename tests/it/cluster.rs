@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::bounded;
 use glued::config::{BootstrapPeer, Config, Keyring};
 use glued::gossip::wire::{self, Change, Encoding, Header, Payload, Ring, WireGroup, WireSource};
-use glued::gossip::{DropReason, Gossip, GossipStats, Peers, load_key};
+use glued::gossip::{DropReason, Gossip, GossipStats, Peers, Refusal, load_key};
 use glued::registry::{Registry, RegistryMsg, RegistryStats};
 use glued::table::{self, Group, Origin, SharedTable, Source};
 
@@ -210,6 +210,9 @@ fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
 }
 
 const CONVERGE: Duration = Duration::from_secs(10);
+/// For tests with many steps on a loaded machine: how long a step may take
+/// to converge (a bound, not a speed: success returns at once).
+const SLOW_CONVERGE: Duration = Duration::from_secs(30);
 
 fn ip(n: u32) -> Ipv4Addr {
     Ipv4Addr::from(0x0a00_0000 + n)
@@ -1428,7 +1431,7 @@ fn a_key_rotates_in_three_steps_while_new_records_keep_arriving() {
     let b = with(Opts::new("node-b", t).boot(&a), &old);
     let c = with(Opts::new("node-c", t).boot(&b), &old);
     a.add("step-0", ip(10));
-    assert!(wait_until(CONVERGE, || c.resolves("step-0").is_some()));
+    assert!(wait_until(SLOW_CONVERGE, || c.resolves("step-0").is_some()));
     let steps = [
         ring_of(&["rot-old", "rot-new"]),
         ring_of(&["rot-new", "rot-old"]),
@@ -1438,7 +1441,7 @@ fn a_key_rotates_in_three_steps_while_new_records_keep_arriving() {
         for n in [&a, &b, &c] {
             n.gossip().set_keyring(ring.clone()).unwrap();
             let reloads = i as u64 + 1;
-            assert!(wait_until(CONVERGE, || n
+            assert!(wait_until(SLOW_CONVERGE, || n
                 .stats
                 .keyring_reloads
                 .load(Ordering::Relaxed)
@@ -1460,7 +1463,7 @@ fn a_key_rotates_in_three_steps_while_new_records_keep_arriving() {
         let name = format!("step-{}", i + 1);
         a.add(&name, ip(11 + i as u32));
         assert!(
-            wait_until(CONVERGE, || c.resolves(&name).is_some()),
+            wait_until(SLOW_CONVERGE, || c.resolves(&name).is_some()),
             "{name} did not reach C"
         );
         assert!(c.resolves("step-0").is_some(), "a name vanished at {name}");
@@ -1468,7 +1471,7 @@ fn a_key_rotates_in_three_steps_while_new_records_keep_arriving() {
     // Every admission now rests on the new key.
     let new_id = key_id("rot-new");
     assert!(
-        wait_until(CONVERGE, || [&a, &b, &c].iter().all(|n| {
+        wait_until(SLOW_CONVERGE, || [&a, &b, &c].iter().all(|n| {
             let peers = n.peers.lock().unwrap();
             peers.len() >= 2
                 && peers
@@ -1484,7 +1487,7 @@ fn a_key_rotates_in_three_steps_while_new_records_keep_arriving() {
     d_opts.records = vec![("from-d", ip(66))];
     let d = with(d_opts, &old);
     assert!(
-        wait_until(CONVERGE, || a
+        wait_until(SLOW_CONVERGE, || a
             .stats
             .refusals(glued::gossip::Refusal::UnknownKey)
             > 0
@@ -1871,13 +1874,23 @@ fn a_flood_of_raw_admissions_from_one_address_does_not_keep_a_real_peer_out() {
             .any(|p| p.id == b_id && p.authenticated)
             || a.stats.auth_ok.load(Ordering::Relaxed) > 0
     });
+    let took = t0.elapsed();
+    if std::env::var("GLUED_TEST_DIAG").is_ok() {
+        let more = wait_until(Duration::from_secs(30), || {
+            a.stats.auth_ok.load(Ordering::Relaxed) > 0
+        });
+        eprintln!(
+            "DIAG admitted={admitted} more={more} at {:?}; refused {:?}",
+            t0.elapsed(),
+            Refusal::ALL.map(|r| (r.label(), a.stats.refusals(r)))
+        );
+    }
     let during = sent.load(Ordering::Relaxed);
     stop.store(true, Ordering::Relaxed);
     rt.block_on(flood).unwrap();
     assert!(
         admitted,
-        "B was not admitted within 2 s during the flood ({:?})",
-        t0.elapsed()
+        "B was not admitted within 2 s during the flood ({took:?})"
     );
     assert!(
         a.stats.refusals(glued::gossip::Refusal::RateLimited) > 0,
