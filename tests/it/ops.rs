@@ -423,6 +423,16 @@ fn glued_peers_and_records_show_a_two_node_cluster_as_tables_and_json() {
     // Aligned: every column starts at the same offset as its header.
     let node_col = lines[0].find("NODE").unwrap();
     assert_eq!(row.find("node-b"), Some(node_col), "{table}");
+    // Key id and protocol version come from the admission.
+    let key_col = lines[0].find("KEY ID").unwrap();
+    let version_col = lines[0].find("VERSION").unwrap();
+    let key_id = peer["key_id"].as_str().unwrap();
+    assert_eq!(row.find(key_id), Some(key_col), "{table}");
+    assert_eq!(
+        row[version_col..].trim(),
+        peer["protocol_version"].to_string(),
+        "{table}"
+    );
 
     let out = client(&["records", "--json"], http);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
