@@ -1128,8 +1128,14 @@ mod tests {
         );
         sim.changes += 1;
         sim.start(i, vec![0]);
-        let t = sim.run_until(STEP_LIMIT, CHECK_EVERY, |s| s.converged());
+        let mut blinked = false;
+        let t = sim.run_until(STEP_LIMIT, CHECK_EVERY, |s| {
+            blinked |= (0..N).any(|j| j != i && !s.holds(j, i));
+            s.converged()
+        });
         assert!(t.is_some(), "{} pairs missing", sim.missing());
+        assert!(!blinked, "a peer dropped the restarted node's records");
+        assert_eq!(sim.core_stats().deaths, 0);
         assert!(sim.registries_match());
     }
 
