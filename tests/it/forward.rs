@@ -1021,8 +1021,11 @@ fn submit_never_blocks_and_stop_is_quick() {
         accepted += usize::from(fwd.submit(&q, client.reply(512)));
         slowest = slowest.max(t.elapsed());
     }
+    // A blocking submit would wait for the forwarder to drain a full inbox
+    // (seconds against a silent upstream); 500 ms leaves room for the
+    // scheduler of a busy 2-core machine without hiding that.
     assert!(
-        slowest < Duration::from_millis(20),
+        slowest < Duration::from_millis(500),
         "submit blocked for {slowest:?}"
     );
     assert!(
