@@ -400,8 +400,21 @@ pub struct Gossip {
     pub addrs: Vec<SocketAddr>,
     pub incarnation: u64,
     commands: tokio::sync::mpsc::Sender<Command>,
+    /// How the thread must end: set by `stop`/`kill`, never lost to a full
+    /// command queue and acted on even while a handler awaits the network.
+    halt: tokio::sync::watch::Sender<Halt>,
     thread: Option<JoinHandle<()>>,
     bridge: Option<JoinHandle<()>>,
+}
+
+/// The gossip thread's run state, outside the bounded command queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Halt {
+    Run,
+    /// Leave the topic (bounded by [`STOP_TIMEOUT`]) and end.
+    Stop,
+    /// End at once without telling anyone.
+    Kill,
 }
 
 impl Gossip {
@@ -427,6 +440,7 @@ impl Gossip {
         );
         let incarnation = next_incarnation(&config.data_dir);
         let (commands, inbox) = tokio::sync::mpsc::channel(COMMAND_CAPACITY);
+        let (halt, halt_rx) = tokio::sync::watch::channel(Halt::Run);
         let (bound_tx, bound_rx) = std::sync::mpsc::channel::<anyhow::Result<Bound>>();
         let heartbeat = stats.heartbeat.clone();
         let setup = node::Setup {
@@ -443,7 +457,7 @@ impl Gossip {
             .name("gossip".into())
             .spawn(move || {
                 let alive = heartbeat.enter();
-                node::run_thread(setup, inbox, bound_tx);
+                node::run_thread(setup, inbox, halt_rx, bound_tx);
                 alive.retire();
             })
             .context("spawning the gossip thread")?;
@@ -465,6 +479,7 @@ impl Gossip {
             addrs: bound.addrs,
             incarnation: bound.incarnation,
             commands,
+            halt,
             thread: Some(thread),
             bridge: Some(bridge),
         })
@@ -519,6 +534,12 @@ impl Gossip {
     }
 
     fn finish(&mut self, how: Command) {
+        let halt = match how {
+            Command::Kill => Halt::Kill,
+            _ => Halt::Stop,
+        };
+        // The watch always takes the value; the command is only the fast path.
+        self.halt.send_replace(halt);
         let _ = self.commands.try_send(how);
         if let Some(t) = self.thread.take() {
             let _ = t.join();

@@ -369,6 +369,7 @@ struct Node {
 pub(super) fn run_thread(
     setup: Setup,
     mut inbox: tokio::sync::mpsc::Receiver<Command>,
+    mut halt: tokio::sync::watch::Receiver<super::Halt>,
     bound: std::sync::mpsc::Sender<anyhow::Result<Bound>>,
 ) {
     let rt = match tokio::runtime::Builder::new_multi_thread()
@@ -396,7 +397,19 @@ pub(super) fn run_thread(
             addrs: node.endpoint.bound_sockets(),
             incarnation: node.me.incarnation,
         }));
-        let killed = node.run(receiver, &mut inbox, &mut pulled_rx).await;
+        // A handler that awaits the network forever (a stuck broadcast or
+        // subscribe) must not hold a stop: the halt signal ends the loop
+        // whatever it is doing.
+        let killed = tokio::select! {
+            killed = node.run(receiver, &mut inbox, &mut pulled_rx) => killed,
+            how = halt.wait_for(|h| *h != super::Halt::Run) => {
+                let kill = how.map(|h| *h == super::Halt::Kill).unwrap_or(false);
+                if !kill {
+                    let _ = tokio::time::timeout(super::STOP_TIMEOUT, node.router.shutdown()).await;
+                }
+                kill
+            }
+        };
         // Break the endpoint → hooks → auth state → endpoint cycle.
         node.auth.set_endpoint(None);
         killed
