@@ -369,24 +369,25 @@ impl AuthState {
         } else {
             "peer"
         };
+        let at = addr.map(|a| format!(" at {a}")).unwrap_or_default();
         match previous {
             None => {
                 log::info!(
-                    "Authenticated with {what} {id} (key {key_id}, protocol version {version})"
+                    "Authenticated with {what} {id}{at} (key {key_id}, protocol version {version})"
                 );
                 false
             }
             Some(p) if p.incarnation != incarnation => {
                 let n = self.close_all(&id, RESTARTED_CODE, b"restarted");
                 log::info!(
-                    "Authenticated with {what} {id} again (key {key_id}, protocol version {version}): \
+                    "Authenticated with {what} {id}{at} again (key {key_id}, protocol version {version}): \
                      it restarted; closed {n} connections to its previous incarnation"
                 );
                 true
             }
             Some(p) => {
                 if p.key_id != key_id {
-                    log::info!("Authenticated with {what} {id} again, now with key {key_id}");
+                    log::info!("Authenticated with {what} {id}{at} again, now with key {key_id}");
                 }
                 false
             }

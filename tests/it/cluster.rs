@@ -709,7 +709,15 @@ fn kill_9_of_a_process_keeps_its_records_until_the_lease_ends() {
         "A never answered for B's record; A's log:\n{}",
         a_log()
     );
-    assert!(a_log().contains(&format!("Authenticated with bootstrap peer {b_id}")));
+    // The peer line names the address the admission went over.
+    assert!(
+        a_log().contains(&format!(
+            "Authenticated with bootstrap peer {b_id} at {}",
+            b_addr.ip()
+        )),
+        "{}",
+        a_log()
+    );
     assert!(!a_log().contains(&process_key()) && !b_log().contains(&process_key()));
     std::thread::sleep(Duration::from_millis(1100));
     let mut b = b;
