@@ -365,6 +365,10 @@ struct Node {
     discovered: HashSet<EndpointId>,
 }
 
+/// How long a stopping gossip loop has to leave on its own before the
+/// halt signal ends it (longer than its own bounded leave, `STOP_TIMEOUT`).
+const STOP_GRACE: Duration = Duration::from_millis(700);
+
 /// Entry point of the gossip thread.
 pub(super) fn run_thread(
     setup: Setup,
@@ -398,13 +402,25 @@ pub(super) fn run_thread(
             incarnation: node.me.incarnation,
         }));
         // A handler that awaits the network forever (a stuck broadcast or
-        // subscribe) must not hold a stop: the halt signal ends the loop
-        // whatever it is doing.
+        // subscribe) must not hold a stop. The loop normally takes the stop
+        // from its inbox and leaves cleanly; the halt signal ends it only
+        // when it has not done so within `STOP_GRACE` (or at once for a
+        // kill), so a healthy loop's shutdown is never cut short.
         let killed = tokio::select! {
+            biased;
             killed = node.run(receiver, &mut inbox, &mut pulled_rx) => killed,
-            how = halt.wait_for(|h| *h != super::Halt::Run) => {
-                let kill = how.map(|h| *h == super::Halt::Kill).unwrap_or(false);
+            kill = async {
+                let kill = match halt.wait_for(|h| *h != super::Halt::Run).await {
+                    Ok(h) => *h == super::Halt::Kill,
+                    Err(_) => std::future::pending().await,
+                };
                 if !kill {
+                    tokio::time::sleep(STOP_GRACE).await;
+                }
+                kill
+            } => {
+                if !kill {
+                    log::warn!("the gossip loop did not stop within {STOP_GRACE:?}; leaving anyway");
                     let _ = tokio::time::timeout(super::STOP_TIMEOUT, node.router.shutdown()).await;
                 }
                 kill
