@@ -820,7 +820,7 @@ impl Forwarding {
             .is_some_and(|c| c.cache().has_stale(&job.query, now));
         if self.n_waiting >= MAX_IN_FLIGHT {
             log::debug!("{MAX_IN_FLIGHT} clients waiting: SERVFAIL");
-            self.servfail(&job.query, std::slice::from_ref(&waiter));
+            self.servfail(&job.query, std::slice::from_ref(&waiter), None);
             return;
         }
         let key = wire::merge_key(&job.query);
@@ -841,7 +841,7 @@ impl Forwarding {
         }
         if self.pending.len() >= MAX_IN_FLIGHT {
             log::debug!("{MAX_IN_FLIGHT} queries in flight: SERVFAIL");
-            self.servfail(&job.query, std::slice::from_ref(&waiter));
+            self.servfail(&job.query, std::slice::from_ref(&waiter), None);
             return;
         }
         let id = self.fresh_id();
@@ -1258,17 +1258,19 @@ impl Forwarding {
         if self.answer_stale(&p.query, &p.waiters, now) {
             return;
         }
-        self.servfail(&p.query, &p.waiters);
-        if let Some(cache) = &mut self.cache {
-            cache.insert(&p.query, &self.scratch, now);
-        }
+        self.servfail(&p.query, &p.waiters, Some(now));
     }
 
     /// Sends SERVFAIL for `query` (any id) to each waiting client with its
-    /// own id.
-    fn servfail(&mut self, query: &[u8], waiters: &[Waiter]) {
+    /// own id. With `cache_at`, the failure is cached (a few seconds) before
+    /// any client sees it, so a client that asks again at once is answered
+    /// from the cache instead of sending the query upstream again.
+    fn servfail(&mut self, query: &[u8], waiters: &[Waiter], cache_at: Option<Instant>) {
         let mut out = std::mem::take(&mut self.scratch);
         if wire::servfail(query, &mut out) {
+            if let (Some(now), Some(cache)) = (cache_at, &mut self.cache) {
+                cache.insert(query, &out, now);
+            }
             let mut unused = Vec::new();
             for w in waiters {
                 wire::set_id(&mut out, w.original_id);
@@ -1291,7 +1293,7 @@ impl Forwarding {
                 reply,
                 received: job.received,
             };
-            self.servfail(&job.query, std::slice::from_ref(&waiter));
+            self.servfail(&job.query, std::slice::from_ref(&waiter), None);
         }
         let ids: Vec<u16> = self.pending.keys().copied().collect();
         for id in ids {
