@@ -529,7 +529,7 @@ pub const KEYS: &[KeySpec] = &[
     KeySpec {
         key: Key::ClusterSecret,
         file: "cluster_secret",
-        env: &["GLUED_CLUSTER_SECRET"],
+        env: &["GLUED_CLUSTER_SECRET", "GLUED_CLUSTER_KEYS"],
         flag: "--cluster-secret",
         value: "KEYS",
         default: "none: single host, no gossip",
@@ -2396,6 +2396,15 @@ mod tests {
         assert!(!format!("{c:?}").contains(KEY_B));
         let c = load("mdns = false", &[("GLUED_CLUSTER_SECRET", KEY_A)], &[]).unwrap();
         assert!(!c.mdns);
+        // SPEC §7's name for the keyring is an alias of GLUED_CLUSTER_SECRET.
+        let c = load(
+            "",
+            &[("GLUED_CLUSTER_KEYS", &format!("{KEY_B},{KEY_A}"))],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.cluster_keys.primary(), Some(&b));
+        assert_eq!(c.cluster_keys.keys().len(), 2);
     }
 
     #[test]

@@ -34,7 +34,7 @@ struct Opts<'a> {
     topic: [u8; 32],
     secret: &'a str,
     lease_secs: u64,
-    bootstrap: Option<&'a Node>,
+    bootstrap: Vec<&'a Node>,
     data_dir: Option<PathBuf>,
     records: Vec<(&'a str, Ipv4Addr)>,
 }
@@ -46,13 +46,13 @@ impl<'a> Opts<'a> {
             topic,
             secret: "test-secret",
             lease_secs: 15,
-            bootstrap: None,
+            bootstrap: Vec::new(),
             data_dir: None,
             records: vec![],
         }
     }
     fn boot(mut self, n: &'a Node) -> Self {
-        self.bootstrap = Some(n);
+        self.bootstrap.push(n);
         self
     }
     fn lease(mut self, secs: u64) -> Self {
@@ -83,13 +83,17 @@ fn start_with(o: Opts, edit: impl FnOnce(&mut Config)) -> Node {
     if let Some(d) = o.data_dir {
         config.data_dir = d;
     }
-    if let Some(b) = o.bootstrap {
-        let g = b.gossip.as_ref().unwrap();
-        config.bootstrap_peers = vec![BootstrapPeer {
-            id: g.id.to_string(),
-            addr: Some(g.addrs[0].to_string()),
-        }];
-    }
+    config.bootstrap_peers = o
+        .bootstrap
+        .iter()
+        .map(|b| {
+            let g = b.gossip.as_ref().unwrap();
+            BootstrapPeer {
+                id: g.id.to_string(),
+                addr: Some(g.addrs[0].to_string()),
+            }
+        })
+        .collect();
     edit(&mut config);
     let origin = Origin {
         id: glued::gossip::local_id(&config.data_dir).unwrap(),
@@ -1437,7 +1441,9 @@ fn a_key_rotates_in_three_steps_while_new_records_keep_arriving() {
     };
     let a = with(Opts::new("node-a", t), &old);
     let b = with(Opts::new("node-b", t).boot(&a), &old);
-    let c = with(Opts::new("node-c", t).boot(&b), &old);
+    // C dials both (the v3 protocol pulls a state from its owner only:
+    // see nodes_one_protocol_version_apart_form_one_cluster).
+    let c = with(Opts::new("node-c", t).boot(&b).boot(&a), &old);
     a.add("step-0", ip(10));
     assert!(wait_until(SLOW_CONVERGE, || c.resolves("step-0").is_some()));
     let steps = [
@@ -1921,7 +1927,11 @@ fn nodes_one_protocol_version_apart_form_one_cluster() {
     b_opts.records = vec![("from-b", ip(2))];
     let previous = wire::PROTOCOL_VERSION - 1;
     let b = start_with(b_opts, |c| c.protocol_version = previous);
-    let mut c_opts = Opts::new("node-c", t).boot(&b);
+    // C knows both, so every pair has dialled each other once: the v3
+    // protocol pulls an origin's state from its owner only, and a node that
+    // saw C only through B's relay may have no address to dial it (issue 9;
+    // that is the fleet tests' subject, not this one's).
+    let mut c_opts = Opts::new("node-c", t).boot(&b).boot(&a);
     c_opts.records = vec![("from-c", ip(3))];
     let c = start(c_opts);
     assert!(
