@@ -17,9 +17,27 @@ pub fn unique(prefix: &str) -> String {
     )
 }
 
-/// A fresh, empty data directory under the system temp dir.
+/// This test process's parent of every [`data_dir`]:
+/// `<tmp>/glued-test-<pid>`, removed when the process exits.
+fn data_root() -> PathBuf {
+    static ROOT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    ROOT.get_or_init(|| {
+        extern "C" fn remove_root() {
+            let root = std::env::temp_dir().join(format!("glued-test-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(root);
+        }
+        // The test harness leaves through `exit`, which runs this.
+        // SAFETY: registers a plain `extern "C" fn` without arguments.
+        unsafe { libc::atexit(remove_root) };
+        std::env::temp_dir().join(format!("glued-test-{}", std::process::id()))
+    })
+    .clone()
+}
+
+/// A fresh, empty data directory (node keys, incarnations) under this
+/// process's [`data_root`], so that no run leaves keys behind in `/tmp`.
 pub fn data_dir() -> PathBuf {
-    let dir = std::env::temp_dir().join(unique("glued-test"));
+    let dir = data_root().join(unique("d"));
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
