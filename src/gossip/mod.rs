@@ -34,6 +34,7 @@ pub mod core;
 pub mod membership;
 pub mod node;
 pub mod origins;
+pub mod persist;
 pub mod sim;
 pub mod transfer;
 pub mod wire;
