@@ -93,6 +93,7 @@ fn group(i: u32, generation: u32) -> Group {
         names: vec![format!("host{i}")],
         v4: vec![Ipv4Addr::from(0x0a00_0000 + (generation << 12) + i)],
         v6: vec![],
+        ..Default::default()
     }
 }
 

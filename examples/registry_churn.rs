@@ -48,6 +48,7 @@ fn container(origin: &Origin, i: u32, round: u32) -> RegistryMsg {
             names: vec![format!("web-{i}"), "web".into()],
             v4: vec![Ipv4Addr::new(172, 18, (round % 200) as u8, i as u8 + 2)],
             v6: vec![],
+            ..Default::default()
         },
     }
 }
@@ -77,6 +78,7 @@ fn main() {
                 names: vec![name.clone()],
                 v4: vec![Ipv4Addr::new(10, 1, (i / 250) as u8, (i % 250 + 1) as u8)],
                 v6: vec![],
+                ..Default::default()
             };
             (Source::Static { name }, group)
         })

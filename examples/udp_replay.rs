@@ -48,6 +48,7 @@ fn table() -> Table {
                 names: vec![name],
                 v4: vec![Ipv4Addr::new(10, 1, (i / 250) as u8, (i % 250 + 1) as u8)],
                 v6: vec![],
+                ..Default::default()
             },
         );
     }

@@ -94,7 +94,7 @@ pub use crate::table::MAX_LABEL_LEN;
 pub const MAX_DOMAIN_LEN: usize = 253;
 /// Cluster protocol version of this release; a node also speaks the one
 /// before it (see `gossip::auth`).
-pub const PROTOCOL_VERSION: u8 = 3;
+pub const PROTOCOL_VERSION: u8 = 4;
 /// Shown instead of the cluster secret.
 pub const REDACTED: &str = "<redacted>";
 

@@ -404,6 +404,15 @@ struct RecordJson<'a> {
     source: &'a Source,
     names: &'a [String],
     addresses: Vec<String>,
+    /// Compose project and service, when the container has them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    scope: Option<&'a crate::table::Scope>,
+    health: crate::table::Health,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    srv: &'a [crate::table::SrvPort],
+    /// Names of this group that are conflicts (SPEC §3).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    conflicts: Vec<&'a str>,
 }
 
 /// Every record group of the table as a JSON array.
@@ -422,6 +431,15 @@ fn records_json(state: &State) -> serde_json::Result<String> {
                 .iter()
                 .map(|ip| ip.to_string())
                 .chain(group.v6.iter().map(|ip| ip.to_string()))
+                .collect(),
+            scope: group.scope.as_ref(),
+            health: group.health,
+            srv: &group.srv,
+            conflicts: group
+                .names
+                .iter()
+                .filter(|n| table.conflicts.contains(*n))
+                .map(String::as_str)
                 .collect(),
         })
         .collect();

@@ -62,9 +62,12 @@ impl Metrics {
             "# HELP glued_records Addresses in the name table (every origin).\n\
              # TYPE glued_records gauge\nglued_records {}\n\
              # HELP glued_names Names in the name table (every origin).\n\
-             # TYPE glued_names gauge\nglued_names {}",
+             # TYPE glued_names gauge\nglued_names {}\n\
+             # HELP glued_name_conflicts Names published by containers of different Compose projects, or by static records and containers.\n\
+             # TYPE glued_name_conflicts gauge\nglued_name_conflicts {}",
             table.n_records(),
-            table.n_names()
+            table.n_names(),
+            table.conflicts.len()
         );
         let _ = writeln!(
             out,

@@ -24,7 +24,9 @@
 //! no addresses is the same as no group.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
+#[cfg(test)]
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::ops::Bound;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,7 +36,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError, bounded};
 
 use crate::table::{
-    Group, Origin, SharedTable, Source, SourceKind, Table, write_key, write_target,
+    EntryBuilder, Group, Origin, SharedTable, Source, SourceKind, Table, is_conflict, write_target,
 };
 
 /// Capacity of the registry inbox. Senders block when it is full, which
@@ -172,7 +174,7 @@ fn run(
     local_id: String,
     local_changed: Option<Sender<()>>,
 ) {
-    let mut state = State::default();
+    let mut state = State::for_local(&local_id);
     let mut writer = Writer::new(table);
     loop {
         stats.heartbeat.beat();
@@ -243,8 +245,7 @@ struct Writer {
 /// Buffers reused for every recomputed entry.
 #[derive(Default)]
 struct Scratch {
-    v4: Vec<Ipv4Addr>,
-    v6: Vec<Ipv6Addr>,
+    entry: EntryBuilder,
     target: Vec<u8>,
 }
 
@@ -287,6 +288,7 @@ impl Writer {
     fn publish(&mut self, state: &mut State, stats: &RegistryStats) {
         let mut behind = std::mem::take(&mut self.spare_behind);
         self.serial = self.serial.wrapping_add(1);
+        state.note_conflicts();
         let next = match self.spare.take().and_then(wait_until_unshared) {
             Some(mut next) => {
                 let t = Arc::get_mut(&mut next).expect("unshared spare");
@@ -343,20 +345,20 @@ fn apply_changes(table: &mut Table, state: &State, changes: &Changes, scratch: &
     for key in &changes.names {
         let Some(holders) = state.index.by_name.get(key) else {
             table.remove_name(key);
+            table.set_conflict(key, false);
             continue;
         };
-        scratch.v4.clear();
-        scratch.v6.clear();
-        for &id in holders {
-            let group = &state.slot(id).group;
-            scratch.v4.extend_from_slice(&group.v4);
-            scratch.v6.extend_from_slice(&group.v6);
+        let slots = holders.iter().map(|&id| state.slot(id));
+        let entry = scratch.entry.build(
+            key,
+            slots.clone().map(|s| (&s.key.0, &s.group)),
+            &state.local,
+            &table.domain_wire,
+        );
+        table.set_name(key, entry);
+        if !key.contains(&b'.') {
+            table.set_conflict(key, is_conflict(key, slots.map(|s| (&s.key.1, &s.group))));
         }
-        scratch.v4.sort_unstable();
-        scratch.v4.dedup();
-        scratch.v6.sort_unstable();
-        scratch.v6.dedup();
-        table.set_name(key, &scratch.v4, &scratch.v6);
     }
     for ip in &changes.addrs {
         // The PTR target is the primary name of the first holder in key
@@ -407,6 +409,11 @@ impl Changes {
 /// addresses, whatever the size of the table.
 #[derive(Default)]
 pub struct State {
+    /// Endpoint id of this node: its holders are answered first.
+    local: String,
+    /// Names in conflict at the last publish (for the log line when one
+    /// appears).
+    conflicts: FastSet<Box<[u8]>>,
     ids: BTreeMap<Arc<GroupKey>, u32>,
     slots: Vec<Option<Slot>>,
     /// Empty slots, reused before `slots` grows.
@@ -430,6 +437,59 @@ struct Index {
 }
 
 impl State {
+    /// An empty state of the node with endpoint id `local`.
+    pub fn for_local(local: &str) -> State {
+        State {
+            local: local.to_owned(),
+            ..State::default()
+        }
+    }
+
+    /// Logs one info line for each name of the burst that became a
+    /// conflict (SPEC §3), and forgets those that are no longer one.
+    fn note_conflicts(&mut self) {
+        for key in &self.index.changes.names {
+            if key.contains(&b'.') {
+                continue;
+            }
+            let holders = self
+                .index
+                .by_name
+                .get(key)
+                .map(Vec::as_slice)
+                .unwrap_or_default();
+            let all = &self.slots;
+            let slots = holders
+                .iter()
+                .map(|&id| all[id as usize].as_ref().expect("indexed slot"));
+            if is_conflict(key, slots.clone().map(|s| (&s.key.1, &s.group))) {
+                if self.conflicts.insert(key.clone()) {
+                    let mut who: Vec<String> = slots
+                        .map(|s| {
+                            let what = match (&s.key.1, &s.group.scope) {
+                                (Source::Static { .. }, _) => "static record".to_string(),
+                                (Source::Container { .. }, Some(scope)) => {
+                                    format!("project {}", scope.project)
+                                }
+                                (Source::Container { .. }, None) => "container".to_string(),
+                            };
+                            format!("{what} on {}", s.key.0.node_name)
+                        })
+                        .collect();
+                    who.sort();
+                    who.dedup();
+                    log::info!(
+                        "Name conflict: {} is published by {}",
+                        String::from_utf8_lossy(key),
+                        who.join(", ")
+                    );
+                }
+            } else {
+                self.conflicts.remove(key);
+            }
+        }
+    }
+
     /// Applies one message; returns the id of the origin whose records
     /// changed, or `None` when nothing changed.
     pub fn apply(&mut self, msg: RegistryMsg) -> Option<String> {
@@ -509,7 +569,13 @@ impl State {
     /// A table built from scratch from every group.
     pub fn build(&self, domain: &str, ttl_secs: u32, serial: u32) -> Table {
         let groups = self.groups().map(|(k, g)| (k.clone(), g.clone()));
-        Table::build(domain, ttl_secs, serial, Arc::new(groups.collect()))
+        Table::build_for(
+            domain,
+            ttl_secs,
+            serial,
+            Arc::new(groups.collect()),
+            &self.local,
+        )
     }
 
     fn slot(&self, id: u32) -> &Slot {
@@ -591,18 +657,17 @@ impl State {
 impl Index {
     /// Adds `group`'s names and addresses to the indexes, marking them changed.
     fn add(&mut self, id: u32, node: &str, group: &Group) {
-        for name in &group.names {
-            for node in [None, Some(node)] {
-                write_key(&mut self.key, name, node);
-                match self.by_name.get_mut(&self.key[..]) {
-                    Some(holders) => insert_once(holders, id),
-                    None => {
-                        self.by_name.insert(Box::from(&self.key[..]), vec![id]);
-                    }
+        let mut key = std::mem::take(&mut self.key);
+        group.for_each_key(node, &mut key, |key, _| {
+            match self.by_name.get_mut(key) {
+                Some(holders) => insert_once(holders, id),
+                None => {
+                    self.by_name.insert(Box::from(key), vec![id]);
                 }
-                mark_name(&mut self.changes, &self.key);
             }
-        }
+            mark_name(&mut self.changes, key);
+        });
+        self.key = key;
         for ip in addrs(group) {
             insert_once(self.by_addr.entry(ip).or_default(), id);
             self.changes.addrs.insert(ip);
@@ -612,17 +677,16 @@ impl Index {
     /// Takes `group`'s names and addresses out of the indexes, marking them
     /// changed.
     fn remove(&mut self, id: u32, node: &str, group: &Group) {
-        for name in &group.names {
-            for node in [None, Some(node)] {
-                write_key(&mut self.key, name, node);
-                if let Some(holders) = self.by_name.get_mut(&self.key[..])
-                    && remove_once(holders, id)
-                {
-                    self.by_name.remove(&self.key[..]);
-                }
-                mark_name(&mut self.changes, &self.key);
+        let mut key = std::mem::take(&mut self.key);
+        group.for_each_key(node, &mut key, |key, _| {
+            if let Some(holders) = self.by_name.get_mut(key)
+                && remove_once(holders, id)
+            {
+                self.by_name.remove(key);
             }
-        }
+            mark_name(&mut self.changes, key);
+        });
+        self.key = key;
         for ip in addrs(group) {
             if let Some(holders) = self.by_addr.get_mut(&ip)
                 && remove_once(holders, id)
@@ -680,6 +744,7 @@ mod tests {
             names: vec![name.into()],
             v4: vec![ip.parse().unwrap()],
             v6: vec![],
+            ..Default::default()
         }
     }
 
@@ -765,6 +830,7 @@ mod tests {
             assert!(fresh.reverse(ip).is_some(), "stale PTR of {ip}");
         }
         assert_eq!(*published.groups, *fresh.groups);
+        assert_eq!(published.conflicts, fresh.conflicts);
         assert_eq!(published.n_records(), fresh.n_records());
     }
 
@@ -796,8 +862,10 @@ mod tests {
     }
 
     fn random_group(rng: &mut fastrand::Rng) -> Group {
-        // `api.node-b` collides with the pinned key of `api` on node-b.
-        const NAMES: [&str; 7] = ["api", "API", "web", "db", "x", "api.node-b", "Web"];
+        use crate::table::{Health, Proto, Scope, SrvPort};
+        // `api.node-b` collides with the pinned key of `api` on node-b;
+        // `db.p1` with the scoped key of service `db` of project `p1`.
+        const NAMES: [&str; 8] = ["api", "API", "web", "db", "x", "api.node-b", "Web", "db.p1"];
         Group {
             names: (0..rng.usize(..3))
                 .map(|_| NAMES[rng.usize(..NAMES.len())].into())
@@ -807,6 +875,26 @@ mod tests {
                 .collect(),
             v6: (0..rng.usize(..2))
                 .map(|_| Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, rng.u16(1..4)))
+                .collect(),
+            scope: match rng.u8(..3) {
+                0 => None,
+                p => Some(Scope {
+                    project: format!("p{p}"),
+                    service: ["db", "web"][rng.usize(..2)].into(),
+                }),
+            },
+            health: [
+                Health::None,
+                Health::Starting,
+                Health::Healthy,
+                Health::Unhealthy,
+            ][rng.usize(..4)],
+            srv: (0..rng.usize(..3))
+                .map(|_| SrvPort {
+                    service: ["http", "db"][rng.usize(..2)].into(),
+                    proto: [Proto::Tcp, Proto::Udp][rng.usize(..2)],
+                    port: [80, 8080][rng.usize(..2)],
+                })
                 .collect(),
         }
     }
@@ -843,10 +931,12 @@ mod tests {
         const HOLD_EVERY: usize = 400;
         let table = crate::table::shared("Glued.Internal.", 5);
         let stats = RegistryStats::default();
-        let mut state = State::default();
+        // Origin "b" is this node: its holders come first.
+        let mut state = State::for_local("b");
         let mut writer = Writer::new(table.clone());
         let mut rng = fastrand::Rng::with_seed(0x91ed);
         let (mut n_messages, mut n_publishes, mut n_held) = (0, 0, 0);
+        let (mut n_conflicts, mut n_srv, mut n_local) = (0, 0, 0);
         let mut held: Option<(Arc<Table>, usize)> = None;
         let mut serial = table.load().serial;
         for burst in 0..BURSTS {
@@ -858,6 +948,7 @@ mod tests {
             if burst == BURSTS / 2 {
                 // A table stored by someone else is never written to.
                 table.store(Arc::new(state.build("glued.internal", 5, 0)));
+                assert!(state.build("glued.internal", 5, 0).local_id.as_ref() == "b");
                 changed = true;
             }
             if !changed {
@@ -869,6 +960,13 @@ mod tests {
             let published = table.load();
             assert_eq!(published.serial, serial);
             assert_same_as_build(&published, &state);
+            n_conflicts += usize::from(!published.conflicts.is_empty());
+            n_srv += usize::from(published.names().any(|(_, e)| !e.srv.is_empty()));
+            n_local += usize::from(
+                published
+                    .names()
+                    .any(|(_, e)| e.v4_local > 0 && e.v4.len() > e.v4_local as usize),
+            );
             if let Some((_, left)) = &mut held {
                 *left -= 1;
                 if *left == 0 {
@@ -880,6 +978,11 @@ mod tests {
             }
         }
         assert!(n_messages > 10_000 && n_publishes > 2000, "{n_publishes}");
+        // Conflicts, SRV names and local-first entries were all exercised.
+        assert!(
+            n_conflicts > 100 && n_srv > 100 && n_local > 100,
+            "{n_conflicts} {n_srv} {n_local}"
+        );
         // The first publish, each held spare and the foreign table.
         assert_eq!(
             stats.full_builds.load(Ordering::Relaxed),

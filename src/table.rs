@@ -66,30 +66,297 @@ pub enum SourceKind {
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Group {
     /// Names relative to the domain, lowercase, single labels. The first one
-    /// is the primary name, the target of PTR answers.
+    /// is the primary name, the target of PTR and SRV answers.
     pub names: Vec<String>,
     pub v4: Vec<Ipv4Addr>,
     pub v6: Vec<Ipv6Addr>,
+    /// Compose project and service (both valid labels, or neither): the
+    /// group also answers `service.project` (SPEC §3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<Scope>,
+    /// Docker's health status of the container.
+    #[serde(default)]
+    pub health: Health,
+    /// Ports published as SRV records (label `glued.srv`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub srv: Vec<SrvPort>,
 }
 
-/// Addresses answered for one name: sorted, without duplicates.
+/// A Compose project and service: `service.project.<domain>.`.
+#[derive(
+    Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+pub struct Scope {
+    pub project: String,
+    pub service: String,
+}
+
+/// Docker's health status of a container (`none`: no health check).
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Health {
+    #[default]
+    None,
+    Starting,
+    Healthy,
+    Unhealthy,
+}
+
+impl Health {
+    /// Answered while any holder of the name is: healthy or without a check.
+    pub fn is_good(self) -> bool {
+        matches!(self, Health::None | Health::Healthy)
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Health::None => "none",
+            Health::Starting => "starting",
+            Health::Healthy => "healthy",
+            Health::Unhealthy => "unhealthy",
+        }
+    }
+}
+
+/// Transport of an SRV record.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Proto {
+    #[default]
+    Tcp,
+    Udp,
+}
+
+impl Proto {
+    /// The SRV label, `_tcp` or `_udp`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Proto::Tcp => "_tcp",
+            Proto::Udp => "_udp",
+        }
+    }
+}
+
+/// One `<service>=<port>[/tcp|/udp]` of the `glued.srv` label:
+/// `_<service>._<proto>.<name>.<domain>. SRV 0 0 <port> <primary>.<node>.<domain>.`
+#[derive(
+    Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+pub struct SrvPort {
+    /// Service label without the underscore, a valid label.
+    pub service: String,
+    pub proto: Proto,
+    pub port: u16,
+}
+
+/// Most SRV ports one group publishes (the rest of the label is ignored).
+pub const MAX_SRV_PORTS: usize = 16;
+
+/// Which records a key of a group answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyKind {
+    /// The group's addresses (A/AAAA).
+    Addr,
+    /// The SRV record of `srv[i]`.
+    Srv(usize),
+}
+
+impl Group {
+    /// Calls `f` with every lookup key of this group (owned by node
+    /// `node`) and what the key answers: each name and `name.node`;
+    /// `service.project` and `service.project.node`; for each SRV port,
+    /// `_service._proto.` before each of those. `key` is scratch space.
+    pub fn for_each_key(&self, node: &str, key: &mut Vec<u8>, mut f: impl FnMut(&[u8], KeyKind)) {
+        let scoped = self
+            .scope
+            .as_ref()
+            .map(|s| (s.service.as_str(), s.project.as_str()));
+        let bases = self
+            .names
+            .iter()
+            .map(|n| (n.as_str(), None))
+            .chain(scoped.map(|(s, p)| (s, Some(p))));
+        for (name, project) in bases {
+            for pinned in [None, Some(node)] {
+                for kind in
+                    std::iter::once(KeyKind::Addr).chain((0..self.srv.len()).map(KeyKind::Srv))
+                {
+                    key.clear();
+                    if let KeyKind::Srv(i) = kind {
+                        let srv = &self.srv[i];
+                        key.push(b'_');
+                        key.extend(srv.service.bytes().map(|b| b.to_ascii_lowercase()));
+                        key.push(b'.');
+                        key.extend_from_slice(srv.proto.label().as_bytes());
+                        key.push(b'.');
+                    }
+                    key.extend(name.bytes().map(|b| b.to_ascii_lowercase()));
+                    for label in project.into_iter().chain(pinned) {
+                        key.push(b'.');
+                        key.extend(label.bytes().map(|b| b.to_ascii_lowercase()));
+                    }
+                    f(key, kind);
+                }
+            }
+        }
+    }
+}
+
+/// Builds the [`Entry`] of one key from its holders: the health filter
+/// (fail open), this host's addresses first. Keeps its buffers between
+/// keys.
+#[derive(Default)]
+pub(crate) struct EntryBuilder {
+    v4: Vec<Ipv4Addr>,
+    v6: Vec<Ipv6Addr>,
+    v4_local: Vec<Ipv4Addr>,
+    v6_local: Vec<Ipv6Addr>,
+    srv: Vec<Srv>,
+    key: Vec<u8>,
+    target: Vec<u8>,
+}
+
+impl EntryBuilder {
+    /// The entry of `key` from every group that has it among its keys
+    /// (`holders`: owner, group). Holders that are `starting` or
+    /// `unhealthy` are left out while one holder is healthy or has no
+    /// health check.
+    pub(crate) fn build<'a>(
+        &mut self,
+        key: &[u8],
+        holders: impl Iterator<Item = (&'a Origin, &'a Group)> + Clone,
+        local_id: &str,
+        domain_wire: &[u8],
+    ) -> Entry {
+        self.v4.clear();
+        self.v6.clear();
+        self.v4_local.clear();
+        self.v6_local.clear();
+        self.srv.clear();
+        let any_good = holders.clone().any(|(_, g)| g.health.is_good());
+        for (origin, group) in holders {
+            if any_good && !group.health.is_good() {
+                continue;
+            }
+            let local = !local_id.is_empty() && origin.id == local_id;
+            let (mut addr, mut ports) = (false, 0u64);
+            let mut scratch = std::mem::take(&mut self.key);
+            group.for_each_key(&origin.node_name, &mut scratch, |k, kind| {
+                if k == key {
+                    match kind {
+                        KeyKind::Addr => addr = true,
+                        KeyKind::Srv(i) => ports |= 1 << i.min(63),
+                    }
+                }
+            });
+            self.key = scratch;
+            if addr {
+                if local {
+                    self.v4_local.extend_from_slice(&group.v4);
+                    self.v6_local.extend_from_slice(&group.v6);
+                } else {
+                    self.v4.extend_from_slice(&group.v4);
+                    self.v6.extend_from_slice(&group.v6);
+                }
+            }
+            if ports != 0
+                && let Some(primary) = group.names.first()
+            {
+                write_key(&mut self.key, primary, Some(&origin.node_name));
+                write_target(
+                    &mut self.target,
+                    std::str::from_utf8(&self.key).unwrap_or_default(),
+                    domain_wire,
+                );
+                for (i, p) in group.srv.iter().enumerate().take(64) {
+                    if ports & (1 << i) != 0 {
+                        self.srv.push(Srv {
+                            port: p.port,
+                            target: Box::from(&self.target[..]),
+                            target_key: Box::from(&self.key[..]),
+                        });
+                    }
+                }
+            }
+        }
+        let (v4, v4_local) = local_first(&mut self.v4_local, &mut self.v4);
+        let (v6, v6_local) = local_first(&mut self.v6_local, &mut self.v6);
+        self.srv.sort_unstable();
+        self.srv.dedup();
+        Entry {
+            v4,
+            v6,
+            v4_local,
+            v6_local,
+            srv: self.srv.drain(..).collect(),
+        }
+    }
+}
+
+/// `local` sorted and deduped, then the addresses of `rest` not in it
+/// (sorted, deduped), and the length of the local part.
+fn local_first<T: Copy + Ord>(local: &mut Vec<T>, rest: &mut Vec<T>) -> (Box<[T]>, u32) {
+    local.sort_unstable();
+    local.dedup();
+    rest.sort_unstable();
+    rest.dedup();
+    rest.retain(|a| local.binary_search(a).is_err());
+    let n = local.len() as u32;
+    local.extend_from_slice(rest);
+    (local.as_slice().into(), n)
+}
+
+/// One SRV record of a name: `SRV 0 0 port target`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Srv {
+    pub port: u16,
+    /// `<primary>.<node>.<domain>.` in wire format, lowercase.
+    pub target: Box<[u8]>,
+    /// The key of the target (`primary.node`), for the additional section.
+    pub target_key: Box<[u8]>,
+}
+
+/// What one name answers: its addresses, this host's first (sorted among
+/// themselves, then the others sorted, no duplicates), after the health
+/// filter; and its SRV records.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Entry {
     pub v4: Box<[Ipv4Addr]>,
     pub v6: Box<[Ipv6Addr]>,
+    /// How many of `v4` (`v6`), from the start, are this host's.
+    pub v4_local: u32,
+    pub v6_local: u32,
+    pub srv: Box<[Srv]>,
 }
 
 impl Entry {
-    /// Sorts and dedups the union of addresses collected for one name.
-    fn from_union(mut v4: Vec<Ipv4Addr>, mut v6: Vec<Ipv6Addr>) -> Entry {
-        v4.sort_unstable();
-        v4.dedup();
-        v6.sort_unstable();
-        v6.dedup();
-        Entry {
-            v4: v4.into_boxed_slice(),
-            v6: v6.into_boxed_slice(),
-        }
+    /// Whether the entry holds no record at all.
+    pub fn is_empty(&self) -> bool {
+        self.v4.is_empty() && self.v6.is_empty() && self.srv.is_empty()
     }
 }
 
@@ -107,9 +374,15 @@ pub struct Table {
     /// Bumped on every publish; used as the SOA serial.
     pub serial: u32,
     names: FastMap<Box<[u8]>, Entry>,
-    /// Node label → number of pinned keys (`name.node`) under it: the
-    /// empty non-terminals `<node>.<domain>.`.
+    /// Proper suffix of a key (`node` of `name.node`, `project` of
+    /// `service.project`, `_tcp.name` of `_http._tcp.name`) → number of
+    /// keys below it: the empty non-terminals.
     nodes: FastMap<Box<[u8]>, u32>,
+    /// Endpoint id of this node: its holders are answered first.
+    pub local_id: Box<str>,
+    /// Single-label names published by containers of different Compose
+    /// projects, or by static records and containers (SPEC §3).
+    pub conflicts: Arc<std::collections::BTreeSet<String>>,
     /// Address → primary name under the domain, wire format.
     reverse: FastMap<IpAddr, Box<[u8]>>,
     /// The keys of `reverse`, sorted: which reverse names lie above an
@@ -126,45 +399,57 @@ impl Table {
         Table::build(domain, ttl_secs, 0, Arc::new(BTreeMap::new()))
     }
 
-    /// Builds the lookup maps from every group. `serial` should grow with
-    /// every rebuild.
-    ///
-    /// A name `n` of a group owned by node `node` answers under two keys,
-    /// `n` and `n.node` (both lowercase); replicas of a key are merged
-    /// (sorted union). An address points back (PTR) to the primary name of
-    /// the first group holding it, in `groups` order.
+    /// Builds the lookup maps from every group, with no node as this host.
     pub fn build(
         domain: &str,
         ttl_secs: u32,
         serial: u32,
         groups: Arc<BTreeMap<(Origin, Source), Group>>,
     ) -> Table {
+        Table::build_for(domain, ttl_secs, serial, groups, "")
+    }
+
+    /// Builds the lookup maps from every group. `serial` should grow with
+    /// every rebuild; `local_id` is this node's endpoint id.
+    ///
+    /// Every key of a group ([`Group::for_each_key`]: `n` and `n.node` for
+    /// each name `n` of a group owned by node `node`, the Compose scope and
+    /// the SRV names) answers the records of its holders merged by
+    /// [`EntryBuilder`]. An address points back (PTR) to the primary name of
+    /// the first group holding it, in `groups` order.
+    pub fn build_for(
+        domain: &str,
+        ttl_secs: u32,
+        serial: u32,
+        groups: Arc<BTreeMap<(Origin, Source), Group>>,
+        local_id: &str,
+    ) -> Table {
         let domain = domain.trim_end_matches('.').to_ascii_lowercase();
         let domain_wire = name_to_wire(&domain);
         let n_keys: usize = groups.values().map(|g| 2 * g.names.len()).sum();
         let n_addrs: usize = groups.values().map(|g| g.v4.len() + g.v6.len()).sum();
-        // Name key → union of the addresses of every group answering it.
-        type Union = FastMap<Box<[u8]>, (Vec<Ipv4Addr>, Vec<Ipv6Addr>)>;
-        let mut union = Union::with_capacity_and_hasher(n_keys, Default::default());
+        // Name key → every group answering it.
+        type Holders<'a> = FastMap<Box<[u8]>, Vec<(&'a (Origin, Source), &'a Group)>>;
+        let mut holders = Holders::with_capacity_and_hasher(n_keys, Default::default());
         let mut reverse: FastMap<IpAddr, Box<[u8]>> =
             FastMap::with_capacity_and_hasher(n_addrs, Default::default());
         let mut key = Vec::with_capacity(MAX_NAME_WIRE_LEN);
         let mut target = Vec::with_capacity(MAX_NAME_WIRE_LEN);
-        for ((origin, _source), group) in groups.iter() {
-            for name in &group.names {
-                for node in [None, Some(origin.node_name.as_str())] {
-                    write_key(&mut key, name, node);
-                    match union.get_mut(&key[..]) {
-                        Some((v4, v6)) => {
-                            v4.extend_from_slice(&group.v4);
-                            v6.extend_from_slice(&group.v6);
-                        }
-                        None => {
-                            union.insert(Box::from(&key[..]), (group.v4.clone(), group.v6.clone()));
+        for (owner, group) in groups.iter() {
+            let origin = &owner.0;
+            group.for_each_key(&origin.node_name, &mut key, |key, _| {
+                match holders.get_mut(key) {
+                    // A group's keys come together: a repeat is its last holder.
+                    Some(list) => {
+                        if !list.last().is_some_and(|(o, _)| std::ptr::eq(*o, owner)) {
+                            list.push((owner, group));
                         }
                     }
+                    None => {
+                        holders.insert(Box::from(key), vec![(owner, group)]);
+                    }
                 }
-            }
+            });
             if let Some(primary) = group.names.first() {
                 write_target(&mut target, primary, &domain_wire);
                 let ips = group.v4.iter().map(|ip| IpAddr::V4(*ip));
@@ -173,15 +458,27 @@ impl Table {
                 }
             }
         }
-        let names: FastMap<Box<[u8]>, Entry> = union
-            .into_iter()
-            .map(|(key, (v4, v6))| (key, Entry::from_union(v4, v6)))
-            .collect();
+        let mut builder = EntryBuilder::default();
+        let mut conflicts = std::collections::BTreeSet::new();
+        let mut names: FastMap<Box<[u8]>, Entry> =
+            FastMap::with_capacity_and_hasher(holders.len(), Default::default());
+        for (key, list) in holders {
+            let entry = builder.build(
+                &key,
+                list.iter().map(|&(o, g)| (&o.0, g)),
+                local_id,
+                &domain_wire,
+            );
+            if is_conflict(&key, list.iter().map(|&(o, g)| (&o.1, g))) {
+                conflicts.insert(String::from_utf8_lossy(&key).into_owned());
+            }
+            names.insert(key, entry);
+        }
         let mut nodes = FastMap::default();
         for key in names.keys() {
-            if let Some(node) = node_of(key) {
-                *nodes.entry(Box::from(node)).or_insert(0) += 1;
-            }
+            for_each_suffix(key, |suffix| {
+                *nodes.entry(Box::from(suffix)).or_insert(0) += 1
+            });
         }
         let (mut reverse_v4, mut reverse_v6) = (Vec::new(), Vec::new());
         for ip in reverse.keys() {
@@ -199,6 +496,8 @@ impl Table {
             serial,
             names,
             nodes,
+            local_id: local_id.into(),
+            conflicts: Arc::new(conflicts),
             reverse,
             reverse_v4,
             reverse_v6,
@@ -219,8 +518,9 @@ impl Table {
         self.reverse.get(ip).map(|b| &**b)
     }
 
-    /// Whether `label` (lowercase) is a node with pinned names: the empty
-    /// non-terminal `<node>.<domain>.`. Never allocates.
+    /// Whether `key` (lowercase, relative to the domain) is an empty
+    /// non-terminal: a node with pinned names (`<node>.<domain>.`), a
+    /// Compose project, the `_tcp.name` of an SRV name. Never allocates.
     #[inline]
     pub fn is_node(&self, label: &[u8]) -> bool {
         self.nodes.contains_key(label)
@@ -276,42 +576,57 @@ impl Table {
         self.reverse.iter().map(|(ip, t)| (ip, &**t))
     }
 
-    /// Sets the addresses of one name key (`v4`, `v6` sorted and deduped by
-    /// the caller). Reuses the entry's storage when the counts are unchanged.
-    pub(crate) fn set_name(&mut self, key: &[u8], v4: &[Ipv4Addr], v6: &[Ipv6Addr]) {
+    /// Sets the records of one name key. Reuses the entry's storage when
+    /// the counts are unchanged.
+    pub(crate) fn set_name(&mut self, key: &[u8], entry: Entry) {
         match self.names.get_mut(key) {
-            Some(entry) => {
-                copy_into(&mut entry.v4, v4);
-                copy_into(&mut entry.v6, v6);
+            Some(old) => {
+                copy_into(&mut old.v4, &entry.v4);
+                copy_into(&mut old.v6, &entry.v6);
+                old.v4_local = entry.v4_local;
+                old.v6_local = entry.v6_local;
+                if old.srv != entry.srv {
+                    old.srv = entry.srv;
+                }
             }
             None => {
-                let entry = Entry {
-                    v4: Box::from(v4),
-                    v6: Box::from(v6),
-                };
                 self.names.insert(Box::from(key), entry);
-                if let Some(node) = node_of(key) {
-                    match self.nodes.get_mut(node) {
-                        Some(n) => *n += 1,
-                        None => {
-                            self.nodes.insert(Box::from(node), 1);
-                        }
+                let nodes = &mut self.nodes;
+                for_each_suffix(key, |suffix| match nodes.get_mut(suffix) {
+                    Some(n) => *n += 1,
+                    None => {
+                        nodes.insert(Box::from(suffix), 1);
                     }
-                }
+                });
+            }
+        }
+    }
+
+    /// Marks (or clears) `name` as a conflict.
+    pub(crate) fn set_conflict(&mut self, name: &[u8], conflict: bool) {
+        let name = String::from_utf8_lossy(name);
+        if conflict != self.conflicts.contains(&*name) {
+            let set = Arc::make_mut(&mut self.conflicts);
+            if conflict {
+                set.insert(name.into_owned());
+            } else {
+                set.remove(&*name);
             }
         }
     }
 
     /// Forgets one name key.
     pub(crate) fn remove_name(&mut self, key: &[u8]) {
-        if self.names.remove(key).is_some()
-            && let Some(node) = node_of(key)
-            && let Some(n) = self.nodes.get_mut(node)
-        {
-            *n -= 1;
-            if *n == 0 {
-                self.nodes.remove(node);
-            }
+        if self.names.remove(key).is_some() {
+            let nodes = &mut self.nodes;
+            for_each_suffix(key, |suffix| {
+                if let Some(n) = nodes.get_mut(suffix) {
+                    *n -= 1;
+                    if *n == 0 {
+                        nodes.remove(suffix);
+                    }
+                }
+            });
         }
     }
 
@@ -356,10 +671,41 @@ impl Table {
     }
 }
 
-/// The node of a pinned key (`node` of `name.node`).
-fn node_of(key: &[u8]) -> Option<&[u8]> {
-    let dot = key.iter().position(|&b| b == b'.')?;
-    Some(&key[dot + 1..])
+/// Calls `f` with every proper suffix of `key` after a dot (`b.c` and `c`
+/// of `a.b.c`): the empty non-terminals above it.
+fn for_each_suffix(key: &[u8], mut f: impl FnMut(&[u8])) {
+    for (at, _) in key.iter().enumerate().filter(|(_, b)| **b == b'.') {
+        f(&key[at + 1..]);
+    }
+}
+
+/// Whether the holders of `key` make it a conflict: a single label
+/// published by containers of different Compose projects (no project
+/// counts as one), or by static records and containers.
+pub fn is_conflict<'a>(key: &[u8], holders: impl Iterator<Item = (&'a Source, &'a Group)>) -> bool {
+    if key.contains(&b'.') {
+        return false;
+    }
+    let (mut statics, mut containers) = (false, false);
+    let mut project: Option<Option<&str>> = None;
+    for (source, group) in holders {
+        match source {
+            Source::Static { .. } => statics = true,
+            Source::Container { .. } => {
+                containers = true;
+                let p = group.scope.as_ref().map(|s| s.project.as_str());
+                match project {
+                    None => project = Some(p),
+                    Some(first) if first != p => return true,
+                    Some(_) => {}
+                }
+            }
+        }
+        if statics && containers {
+            return true;
+        }
+    }
+    false
 }
 
 fn sorted_insert<T: Ord>(sorted: &mut Vec<T>, value: T) {
@@ -462,6 +808,32 @@ pub fn record_name(name: &str) -> Option<String> {
     label(name).filter(|n| !RESERVED_NAMES.contains(&n.as_str()))
 }
 
+/// One `<service>=<port>[/tcp|/udp]` of the `glued.srv` label (tcp when no
+/// protocol is given); the service is a label without leading underscore.
+pub fn parse_srv(item: &str) -> Option<SrvPort> {
+    let (service, rest) = item.split_once('=')?;
+    let service = service.trim().trim_start_matches('_').to_ascii_lowercase();
+    let (port, proto) = match rest.trim().split_once('/') {
+        Some((port, proto)) => (port, proto.trim().to_ascii_lowercase()),
+        None => (rest, "tcp".to_string()),
+    };
+    let proto = match proto.as_str() {
+        "tcp" => Proto::Tcp,
+        "udp" => Proto::Udp,
+        _ => return None,
+    };
+    let port: u16 = port.trim().parse().ok().filter(|p| *p > 0)?;
+    // `_service` must stay a label of at most 63 bytes.
+    if !is_valid_label(&service) || service.len() >= MAX_LABEL_LEN {
+        return None;
+    }
+    Some(SrvPort {
+        service,
+        proto,
+        port,
+    })
+}
+
 /// The table shared between the registry (writer) and the DNS threads.
 pub type SharedTable = Arc<ArcSwap<Table>>;
 
@@ -490,6 +862,7 @@ mod tests {
                 names: vec!["API".into()],
                 v4: vec!["10.0.0.1".parse().unwrap()],
                 v6: vec![],
+                ..Default::default()
             },
         );
         groups.insert(
@@ -498,6 +871,7 @@ mod tests {
                 names: vec!["api".into()],
                 v4: vec!["10.0.0.2".parse().unwrap()],
                 v6: vec!["fd00::2".parse().unwrap()],
+                ..Default::default()
             },
         );
         let table = Table::build("Glued.Internal.", 5, 1, Arc::new(groups));
@@ -527,6 +901,7 @@ mod tests {
                     names: vec![(*name).into()],
                     v4: vec![ip.parse().unwrap()],
                     v6: vec![],
+                    ..Default::default()
                 },
             );
         }
@@ -567,7 +942,7 @@ mod tests {
         assert!(!t.has_address_in(ip("fd00::"), 8));
         t.remove_name(b"web.host-b");
         assert!(!t.is_node(b"host-b"));
-        t.set_name(b"db.host-c", &[], &[]);
+        t.set_name(b"db.host-c", Entry::default());
         assert!(t.is_node(b"host-c"));
         t.remove_reverse(&ip("10.0.1.2"));
         assert!(!t.has_address_in(ip("10.0.1.0"), 24));

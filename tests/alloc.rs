@@ -78,6 +78,7 @@ fn table() -> Table {
                 names: vec![name.into()],
                 v4: v4.iter().map(|a| a.parse().unwrap()).collect(),
                 v6: v6.iter().map(|a| a.parse().unwrap()).collect(),
+                ..Default::default()
             },
         );
     }

@@ -27,7 +27,7 @@ use super::wire::{
     FLAG_RD, FLAG_TC, HEADER_LEN, Header, MAX_NAME_LEN, Name, OPCODE_QUERY, RCODE_BADVERS,
     RCODE_FORMERR, RCODE_NOERROR, RCODE_NOTAUTH, RCODE_NOTIMP, RCODE_NXDOMAIN, RCODE_REFUSED,
     TSIG_BADKEY, TYPE_A, TYPE_AAAA, TYPE_ANY, TYPE_AXFR, TYPE_IXFR, TYPE_NS, TYPE_OPT, TYPE_PTR,
-    TYPE_SOA, TYPE_TSIG, Tsig,
+    TYPE_SOA, TYPE_SRV, TYPE_TSIG, Tsig,
 };
 
 /// Largest DNS message (TCP length prefix, RFC 1035 §4.2.2).
@@ -229,9 +229,10 @@ pub fn answer(query: &[u8], table: &Table, ctx: &Context, out: &mut Vec<u8>) -> 
         }
         if let Some(entry) = table.lookup(key) {
             w.addresses(entry, qtype, ctx.rotation);
+            w.srv(entry, table, qtype);
             return w.nodata_if_empty(table, domain_at, qtype);
         }
-        if k == 1 && table.is_node(key) {
+        if table.is_node(key) {
             // An empty non-terminal (RFC 8020): it exists, with no data.
             return w.nodata_if_empty(table, domain_at, qtype);
         }
@@ -407,7 +408,20 @@ struct Writer<'a> {
     ra: bool,
     ancount: u16,
     nscount: u16,
+    /// Additional records besides the OPT.
+    arcount: u16,
     truncated: bool,
+}
+
+/// `list` with its first `n_local` items (this host's) first, rotated by
+/// `rotation` among themselves, then the rest rotated by `rotation`.
+fn nearest_first<T>(list: &[T], n_local: u32, rotation: usize) -> impl Iterator<Item = &T> {
+    fn rotated<T>(part: &[T], rotation: usize) -> impl Iterator<Item = &T> {
+        let (tail, head) = part.split_at(rotation.checked_rem(part.len()).unwrap_or(0));
+        head.iter().chain(tail)
+    }
+    let (local, rest) = list.split_at((n_local as usize).min(list.len()));
+    rotated(local, rotation).chain(rotated(rest, rotation))
 }
 
 /// Type, class, TTL and RDLENGTH of a record: everything between its owner
@@ -445,6 +459,7 @@ impl<'a> Writer<'a> {
             ra,
             ancount: 0,
             nscount: 0,
+            arcount: 0,
             truncated: false,
         }
     }
@@ -472,25 +487,82 @@ impl<'a> Writer<'a> {
         true
     }
 
-    /// The A and AAAA records of `entry` that `qtype` asks for, each list
+    /// The A and AAAA records of `entry` that `qtype` asks for: in each
+    /// list this host's addresses first, then the others, each part
     /// starting at `rotation`; stops at the first that does not fit.
     fn addresses(&mut self, entry: &Entry, qtype: u16, rotation: usize) {
-        if matches!(qtype, TYPE_A | TYPE_ANY) && !entry.v4.is_empty() {
-            let (tail, head) = entry.v4.split_at(rotation % entry.v4.len());
-            for ip in head.iter().chain(tail) {
+        if matches!(qtype, TYPE_A | TYPE_ANY) {
+            for ip in nearest_first(&entry.v4, entry.v4_local, rotation) {
                 if !self.rr_qname(TYPE_A, &ip.octets()) {
                     return;
                 }
             }
         }
-        if matches!(qtype, TYPE_AAAA | TYPE_ANY) && !entry.v6.is_empty() {
-            let (tail, head) = entry.v6.split_at(rotation % entry.v6.len());
-            for ip in head.iter().chain(tail) {
+        if matches!(qtype, TYPE_AAAA | TYPE_ANY) {
+            for ip in nearest_first(&entry.v6, entry.v6_local, rotation) {
                 if !self.rr_qname(TYPE_AAAA, &ip.octets()) {
                     return;
                 }
             }
         }
+    }
+
+    /// The SRV records of `entry` when `qtype` asks for them, then the
+    /// targets' A and AAAA records in the additional section, as many as
+    /// fit (RFC 2782; additional data may be left out without TC).
+    fn srv(&mut self, entry: &Entry, table: &Table, qtype: u16) {
+        if !matches!(qtype, TYPE_SRV | TYPE_ANY) || entry.srv.is_empty() {
+            return;
+        }
+        for srv in entry.srv.iter() {
+            let [p0, p1] = srv.port.to_be_bytes();
+            let rdlen = 6 + srv.target.len();
+            if !self.fits(QNAME_PTR.len() + 10 + rdlen) {
+                return;
+            }
+            self.out.extend_from_slice(&QNAME_PTR);
+            self.out
+                .extend_from_slice(&rr_fields(TYPE_SRV, self.ttl, rdlen));
+            // Priority 0, weight 0, port; the target is never compressed.
+            self.out.extend_from_slice(&[0, 0, 0, 0, p0, p1]);
+            self.out.extend_from_slice(&srv.target);
+            self.ancount += 1;
+        }
+        for (i, srv) in entry.srv.iter().enumerate() {
+            if entry.srv[..i]
+                .iter()
+                .any(|s| s.target_key == srv.target_key)
+            {
+                continue;
+            }
+            let Some(target) = table.lookup(&srv.target_key) else {
+                continue;
+            };
+            for ip in target.v4.iter() {
+                if !self.additional(&srv.target, TYPE_A, &ip.octets()) {
+                    return;
+                }
+            }
+            for ip in target.v6.iter() {
+                if !self.additional(&srv.target, TYPE_AAAA, &ip.octets()) {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// One record in the additional section, owned by `owner` (wire
+    /// format); false, and nothing written, when it does not fit.
+    fn additional(&mut self, owner: &[u8], rtype: u16, rdata: &[u8]) -> bool {
+        if self.truncated || self.out.len() + owner.len() + 10 + rdata.len() > self.room {
+            return false;
+        }
+        self.out.extend_from_slice(owner);
+        self.out
+            .extend_from_slice(&rr_fields(rtype, self.ttl, rdata.len()));
+        self.out.extend_from_slice(rdata);
+        self.arcount += 1;
+        true
     }
 
     /// Finishes an authoritative NOERROR answer; with no record written,
@@ -591,6 +663,7 @@ impl<'a> Writer<'a> {
             self.out.truncate(self.qend);
             self.ancount = 0;
             self.nscount = 0;
+            self.arcount = 0;
         }
         let q = self.query_flags;
         let mut flags = FLAG_QR | (q & (0x7800 | FLAG_RD | FLAG_CD)) | (rcode & 0xF);
@@ -606,9 +679,9 @@ impl<'a> Writer<'a> {
         let [f0, f1] = flags.to_be_bytes();
         let [a0, a1] = self.ancount.to_be_bytes();
         let [n0, n1] = self.nscount.to_be_bytes();
-        let arcount = u8::from(self.opt.is_some());
+        let [r0, r1] = (self.arcount + u16::from(self.opt.is_some())).to_be_bytes();
         // Everything after the id: flags, QDCOUNT = 1 and the counts.
-        self.out[2..HEADER_LEN].copy_from_slice(&[f0, f1, 0, 1, a0, a1, n0, n1, 0, arcount]);
+        self.out[2..HEADER_LEN].copy_from_slice(&[f0, f1, 0, 1, a0, a1, n0, n1, r0, r1]);
         if let Some(dnssec_ok) = self.opt {
             push_opt(self.out, rcode, dnssec_ok);
         }
@@ -668,7 +741,7 @@ mod tests {
     use hickory_proto::rr::{Name as HName, RData, RecordType};
 
     use super::*;
-    use crate::table::{Group, Origin, Source};
+    use crate::table::{Group, Health, Origin, Scope, Source};
 
     fn table() -> Table {
         let mut groups = BTreeMap::new();
@@ -685,6 +758,7 @@ mod tests {
                     names: vec![name.into()],
                     v4: v4.iter().map(|a| a.parse().unwrap()).collect(),
                     v6: v6.iter().map(|a| a.parse().unwrap()).collect(),
+                    ..Default::default()
                 },
             );
         };
@@ -735,6 +809,241 @@ mod tests {
                 other => format!("{other:?}"),
             })
             .collect()
+    }
+
+    /// Containers of two Compose projects on two nodes; node `a` is this
+    /// host. (node, project, service, health, address, srv label)
+    fn scoped_table(containers: &[(&str, &str, &str, Health, &str, &str)]) -> Table {
+        let mut groups = BTreeMap::new();
+        for (i, (node, project, service, health, ip, srv)) in containers.iter().enumerate() {
+            let scope = (!project.is_empty()).then(|| Scope {
+                project: (*project).into(),
+                service: (*service).into(),
+            });
+            let name = if project.is_empty() {
+                (*service).to_string()
+            } else {
+                format!("{project}-{service}-{i}")
+            };
+            groups.insert(
+                (
+                    Origin {
+                        id: (*node).into(),
+                        node_name: format!("node-{node}"),
+                    },
+                    Source::Container {
+                        id: format!("c{i}"),
+                        network: "net".into(),
+                    },
+                ),
+                Group {
+                    names: vec![name, (*service).into()],
+                    v4: vec![ip.parse().unwrap()],
+                    scope,
+                    health: *health,
+                    srv: srv.split(',').filter_map(crate::table::parse_srv).collect(),
+                    ..Default::default()
+                },
+            );
+        }
+        Table::build_for("glued.internal", 5, 7, Arc::new(groups), "a")
+    }
+
+    fn a_of(t: &Table, name: &str, rotation: usize) -> Vec<String> {
+        let (_, out) = outcome(&query(name, RecordType::A, None), t, &udp(rotation));
+        addrs(&Message::from_vec(&out).unwrap())
+    }
+
+    #[test]
+    fn compose_scopes_answer_their_own_project_and_the_project_is_an_ent() {
+        use Health::None as N;
+        let t = scoped_table(&[
+            ("a", "p1", "db", N, "10.0.1.1", ""),
+            ("b", "p2", "db", N, "10.0.2.1", ""),
+        ]);
+        assert_eq!(a_of(&t, "db.p1.glued.internal.", 0), ["10.0.1.1"]);
+        assert_eq!(a_of(&t, "DB.P2.glued.internal.", 0), ["10.0.2.1"]);
+        assert_eq!(a_of(&t, "db.p2.node-b.glued.internal.", 0), ["10.0.2.1"]);
+        let mut both = a_of(&t, "db.", 0);
+        both.sort();
+        assert_eq!(both, ["10.0.1.1", "10.0.2.1"]);
+        assert_eq!(a_of(&t, "db.glued.internal.", 0).len(), 2);
+        for ent in ["p1.glued.internal.", "p2.node-b.glued.internal."] {
+            let (o, m) = check(&query(ent, RecordType::A, None), &t);
+            assert!(matches!(o, Outcome::Answered { rcode: 0, .. }), "{ent}");
+            assert!(m.answers.is_empty() && m.authorities.len() == 1, "{ent}");
+        }
+        for nx in ["db.p3.glued.internal.", "db.p2.node-a.glued.internal."] {
+            let (o, _) = check(&query(nx, RecordType::A, None), &t);
+            assert!(matches!(o, Outcome::Answered { rcode: 3, .. }), "{nx}");
+        }
+        // `db` is published by two projects: a conflict; the scoped names
+        // are not.
+        assert_eq!(t.conflicts.iter().collect::<Vec<_>>(), ["db"]);
+    }
+
+    #[test]
+    fn static_and_container_holders_of_a_name_conflict() {
+        let mut groups =
+            (*scoped_table(&[("a", "", "db", Health::None, "10.0.1.1", "")]).groups).clone();
+        assert!(
+            Table::build("d", 5, 1, Arc::new(groups.clone()))
+                .conflicts
+                .is_empty()
+        );
+        groups.insert(
+            (
+                Origin {
+                    id: "b".into(),
+                    node_name: "node-b".into(),
+                },
+                Source::Static { name: "db".into() },
+            ),
+            Group {
+                names: vec!["db".into()],
+                v4: vec!["10.0.9.9".parse().unwrap()],
+                ..Default::default()
+            },
+        );
+        let t = Table::build("d", 5, 1, Arc::new(groups));
+        assert_eq!(t.conflicts.iter().collect::<Vec<_>>(), ["db"]);
+    }
+
+    #[test]
+    fn unhealthy_and_starting_holders_are_left_out_unless_none_is_good() {
+        use Health::{Healthy, Starting, Unhealthy};
+        let t = scoped_table(&[
+            ("a", "p", "web", Unhealthy, "10.0.0.1", ""),
+            ("b", "p", "web", Healthy, "10.0.0.2", ""),
+            ("b", "p", "web", Starting, "10.0.0.3", ""),
+        ]);
+        for rotation in 0..3 {
+            assert_eq!(a_of(&t, "web.glued.internal.", rotation), ["10.0.0.2"]);
+            assert_eq!(a_of(&t, "web.p.glued.internal.", rotation), ["10.0.0.2"]);
+        }
+        // Pinned to node a: its only holder is unhealthy, answered anyway.
+        assert_eq!(a_of(&t, "web.node-a.glued.internal.", 0), ["10.0.0.1"]);
+        // A holder without a health check counts as good.
+        let t = scoped_table(&[
+            ("a", "p", "web", Unhealthy, "10.0.0.1", ""),
+            ("b", "p", "web", Health::None, "10.0.0.2", ""),
+        ]);
+        assert_eq!(a_of(&t, "web.", 0), ["10.0.0.2"]);
+        // Fail open: no good holder, every holder answered.
+        let t = scoped_table(&[
+            ("a", "p", "web", Unhealthy, "10.0.0.1", ""),
+            ("b", "p", "web", Starting, "10.0.0.2", ""),
+        ]);
+        let mut all = a_of(&t, "web.", 0);
+        all.sort();
+        assert_eq!(all, ["10.0.0.1", "10.0.0.2"]);
+    }
+
+    #[test]
+    fn this_hosts_holders_come_first_each_part_rotated() {
+        use Health::None as N;
+        let t = scoped_table(&[
+            ("a", "", "web", N, "10.0.0.1", ""),
+            ("b", "", "web", N, "10.0.0.2", ""),
+            ("a", "", "web", N, "10.0.0.3", ""),
+            ("c", "", "web", N, "10.0.0.4", ""),
+            ("b", "", "web", N, "10.0.0.5", ""),
+        ]);
+        let mut firsts = std::collections::BTreeSet::new();
+        let mut thirds = std::collections::BTreeSet::new();
+        for rotation in 0..12 {
+            let got = a_of(&t, "web.glued.internal.", rotation);
+            assert_eq!(got.len(), 5);
+            let mut local = got[..2].to_vec();
+            local.sort();
+            assert_eq!(local, ["10.0.0.1", "10.0.0.3"], "rotation {rotation}");
+            firsts.insert(got[0].clone());
+            thirds.insert(got[2].clone());
+        }
+        assert_eq!(firsts.len(), 2, "local part rotates");
+        assert_eq!(thirds.len(), 3, "remote part rotates");
+        // Without a local holder, plain rotation.
+        let t = Table::build("glued.internal", 5, 7, t.groups.clone());
+        let firsts: std::collections::BTreeSet<_> =
+            (0..10).map(|r| a_of(&t, "web.", r)[0].clone()).collect();
+        assert_eq!(firsts.len(), 5);
+    }
+
+    #[test]
+    fn srv_names_answer_srv_with_the_targets_addresses_and_nodata_otherwise() {
+        use Health::{Healthy, Unhealthy};
+        let t = scoped_table(&[
+            ("a", "p", "web", Healthy, "10.0.0.1", "http=8080,dns=53/udp"),
+            ("b", "p", "web", Unhealthy, "10.0.0.2", "http=8080"),
+            ("b", "p", "api", Health::None, "10.0.0.3", "http=9000"),
+        ]);
+        let q = query(
+            "_http._tcp.web.glued.internal.",
+            RecordType::SRV,
+            Some(1232),
+        );
+        let (o, out) = outcome(&q, &t, &udp(0));
+        assert!(matches!(
+            o,
+            Outcome::Answered {
+                rcode: 0,
+                truncated: false,
+                ..
+            }
+        ));
+        let m = Message::from_vec(&out).unwrap();
+        let srv: Vec<String> = m
+            .answers
+            .iter()
+            .map(|r| match &r.data {
+                RData::SRV(s) => format!("{} {} {} {}", s.priority, s.weight, s.port, s.target),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        // The unhealthy holder is left out, like in A answers.
+        assert_eq!(srv, ["0 0 8080 p-web-0.node-a.glued.internal."]);
+        let extra: Vec<String> = m
+            .additionals
+            .iter()
+            .map(|r| format!("{} {:?}", r.name, r.data))
+            .collect();
+        assert_eq!(extra.len(), 1, "{extra:?}");
+        assert!(
+            extra[0].starts_with("p-web-0.node-a.glued.internal. A(A(10.0.0.1))"),
+            "{extra:?}"
+        );
+        assert!(m.edns.is_some());
+        // Pinned, scoped and udp names.
+        for (name, want) in [
+            ("_http._tcp.api.node-b.glued.internal.", 1),
+            ("_http._tcp.web.p.glued.internal.", 1),
+            ("_dns._udp.web.glued.internal.", 1),
+            ("_dns._tcp.web.glued.internal.", 0),
+        ] {
+            let (o, m) = check(&query(name, RecordType::SRV, None), &t);
+            let rcode = if want == 0 { 3 } else { 0 };
+            assert!(
+                matches!(o, Outcome::Answered { rcode: r, .. } if r == rcode),
+                "{name}: {o:?}"
+            );
+            assert_eq!(m.answers.len(), want, "{name}");
+        }
+        // Other types at an SRV name: NODATA; `_tcp.web` is an ENT.
+        for (name, rtype) in [
+            ("_http._tcp.web.glued.internal.", RecordType::A),
+            ("_http._tcp.web.glued.internal.", RecordType::TXT),
+            ("_tcp.web.glued.internal.", RecordType::SRV),
+        ] {
+            let (o, m) = check(&query(name, rtype, None), &t);
+            assert!(
+                matches!(o, Outcome::Answered { rcode: 0, .. }),
+                "{name} {rtype}"
+            );
+            assert!(
+                m.answers.is_empty() && m.authorities.len() == 1,
+                "{name} {rtype}"
+            );
+        }
     }
 
     #[test]
@@ -850,6 +1159,7 @@ mod tests {
                     .map(|i| std::net::Ipv4Addr::new(10, 1, 0, i))
                     .collect(),
                 v6: vec![],
+                ..Default::default()
             },
         );
         let t = Table::build("glued.internal", 5, 1, Arc::new(groups));
@@ -962,6 +1272,7 @@ mod tests {
                 v6: (0..100)
                     .map(|i| Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, i))
                     .collect(),
+                ..Default::default()
             },
         );
         t = Table::build("glued.internal", 5, 9, Arc::new(groups));

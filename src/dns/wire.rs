@@ -20,6 +20,7 @@ pub const TYPE_NS: u16 = 2;
 pub const TYPE_SOA: u16 = 6;
 pub const TYPE_PTR: u16 = 12;
 pub const TYPE_AAAA: u16 = 28;
+pub const TYPE_SRV: u16 = 33;
 pub const TYPE_TXT: u16 = 16;
 pub const TYPE_OPT: u16 = 41;
 pub const TYPE_TSIG: u16 = 250;

@@ -52,8 +52,9 @@ pub const STOP_POLL: Duration = Duration::from_millis(50);
 pub const EVENTS_REPLAY_SECS: u64 = 2;
 
 /// Events counted for `/metrics`, as (type, action).
-pub const COUNTED_EVENTS: [(&str, &str); 11] = [
+pub const COUNTED_EVENTS: [(&str, &str); 12] = [
     ("container", "create"),
+    ("container", "health_status"),
     ("container", "start"),
     ("container", "die"),
     ("container", "destroy"),

@@ -10,7 +10,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 use bollard::models::{ContainerInspectResponse, EndpointSettings};
 
-use crate::table::Group;
+use crate::table::{Group, Health, MAX_SRV_PORTS, Scope, SrvPort};
 
 /// Label holding extra names, comma-separated.
 pub const LABEL_NAMES: &str = "glued.names";
@@ -18,6 +18,10 @@ pub const LABEL_NAMES: &str = "glued.names";
 pub const LABEL_ENABLE: &str = "glued.enable";
 /// Label Compose sets to the service name.
 pub const LABEL_COMPOSE_SERVICE: &str = "com.docker.compose.service";
+/// Label Compose sets to the project name.
+pub const LABEL_COMPOSE_PROJECT: &str = "com.docker.compose.project";
+/// Label publishing SRV records: `<service>=<port>[/tcp|/udp],…`.
+pub const LABEL_SRV: &str = "glued.srv";
 /// Hex digits of the short container id.
 pub const SHORT_ID_LEN: usize = 12;
 
@@ -29,6 +33,8 @@ pub struct ContainerInfo {
     /// Name without the leading `/`.
     pub name: String,
     pub running: bool,
+    /// Docker's health status (`none` without a health check).
+    pub health: Health,
     pub labels: HashMap<String, String>,
     /// Network name → the container's endpoint on it.
     pub networks: HashMap<String, Endpoint>,
@@ -51,7 +57,21 @@ impl ContainerInfo {
             .unwrap_or_default()
             .trim_start_matches('/')
             .to_owned();
-        let running = c.state.and_then(|s| s.running).unwrap_or(false);
+        let running = c.state.as_ref().and_then(|s| s.running).unwrap_or(false);
+        let health = c
+            .state
+            .and_then(|s| s.health)
+            .and_then(|h| h.status)
+            .map(|status| {
+                use bollard::models::HealthStatusEnum as H;
+                match status {
+                    H::STARTING => Health::Starting,
+                    H::HEALTHY => Health::Healthy,
+                    H::UNHEALTHY => Health::Unhealthy,
+                    H::EMPTY | H::NONE => Health::None,
+                }
+            })
+            .unwrap_or_default();
         let labels = c.config.and_then(|c| c.labels).unwrap_or_default();
         let networks = c
             .network_settings
@@ -64,6 +84,7 @@ impl ContainerInfo {
             id,
             name,
             running,
+            health,
             labels,
             networks,
         })
@@ -105,10 +126,54 @@ impl ContainerInfo {
                 names: self.names(ep),
                 v4: ep.v4.into_iter().collect(),
                 v6: ep.v6.into_iter().collect(),
+                scope: self.scope(),
+                health: self.health,
+                srv: self.srv_ports(),
             };
             let has_addr = !group.v4.is_empty() || !group.v6.is_empty();
             if !group.names.is_empty() && has_addr {
                 out.insert(net.clone(), group);
+            }
+        }
+        out
+    }
+
+    /// The Compose project and service, when both labels are valid labels.
+    fn scope(&self) -> Option<Scope> {
+        let label = |key: &str| {
+            let v = self.labels.get(key)?.trim().to_ascii_lowercase();
+            crate::table::is_valid_name(&v).then_some(v)
+        };
+        Some(Scope {
+            project: label(LABEL_COMPOSE_PROJECT)?,
+            service: label(LABEL_COMPOSE_SERVICE)?,
+        })
+    }
+
+    /// The ports of the `glued.srv` label; items that do not parse are
+    /// skipped with a warning.
+    fn srv_ports(&self) -> Vec<SrvPort> {
+        let Some(value) = self.labels.get(LABEL_SRV) else {
+            return Vec::new();
+        };
+        let mut out: Vec<SrvPort> = Vec::new();
+        for item in value.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            match parse_srv(item) {
+                Some(p) if out.len() < MAX_SRV_PORTS => {
+                    if !out.contains(&p) {
+                        out.push(p);
+                    }
+                }
+                Some(_) => {
+                    log::warn!(
+                        "container {}: more than {MAX_SRV_PORTS} {LABEL_SRV} ports; {item:?} ignored",
+                        self.short_id()
+                    );
+                }
+                None => log::warn!(
+                    "container {}: {LABEL_SRV} item {item:?} is not <service>=<port>[/tcp|/udp]; ignored",
+                    self.short_id()
+                ),
             }
         }
         out
@@ -160,6 +225,8 @@ impl Endpoint {
 
 pub use crate::table::is_valid_label;
 
+pub use crate::table::parse_srv;
+
 /// The log lines of one container's change, one per name added, removed or
 /// given other addresses, from its groups (by network) before and after.
 pub fn change_lines(
@@ -204,12 +271,24 @@ pub fn change_lines(
             lines.push(format!("Removed {name} ({}) {at}", addresses(before)));
         }
     }
+    // Health is the container's: one line, whatever its networks.
+    if let (Some(before), Some(after)) = (old.values().next(), new.values().next())
+        && before.health != after.health
+        && let Some(name) = after.names.first()
+    {
+        lines.push(format!(
+            "Health of {name}: {} → {} (container {short})",
+            before.health.label(),
+            after.health.label()
+        ));
+    }
     lines
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::table::Proto;
 
     const ID: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 
@@ -218,7 +297,7 @@ mod tests {
         let group = |names: &[&str], v4: &str| Group {
             names: names.iter().map(|n| n.to_string()).collect(),
             v4: vec![v4.parse().unwrap()],
-            v6: vec![],
+            ..Group::default()
         };
         let old = BTreeMap::from([
             (
@@ -277,6 +356,7 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             networks,
+            ..Default::default()
         }
     }
 
@@ -340,11 +420,65 @@ mod tests {
     }
 
     #[test]
+    fn compose_labels_give_the_scope_and_glued_srv_the_ports() {
+        let c = info(&[
+            (LABEL_COMPOSE_SERVICE, "DB"),
+            (LABEL_COMPOSE_PROJECT, "shop"),
+            (
+                LABEL_SRV,
+                "http=8080, _dns=53/UDP,x=0,y=70000,z=1/sctp,http=8080,-bad=1,api=9000/tcp",
+            ),
+        ]);
+        let g = &c.groups(&["glued_net".into()])["glued_net"];
+        assert_eq!(
+            g.scope,
+            Some(Scope {
+                project: "shop".into(),
+                service: "db".into()
+            })
+        );
+        let ports: Vec<(&str, Proto, u16)> = g
+            .srv
+            .iter()
+            .map(|p| (p.service.as_str(), p.proto, p.port))
+            .collect();
+        assert_eq!(
+            ports,
+            [
+                ("http", Proto::Tcp, 8080),
+                ("dns", Proto::Udp, 53),
+                ("api", Proto::Tcp, 9000)
+            ]
+        );
+        // A service without a project (or the reverse) has no scope.
+        let c = info(&[(LABEL_COMPOSE_SERVICE, "db")]);
+        assert_eq!(c.groups(&["glued_net".into()])["glued_net"].scope, None);
+        let c = info(&[
+            (LABEL_COMPOSE_PROJECT, "shop"),
+            (LABEL_COMPOSE_SERVICE, "a.b"),
+        ]);
+        assert_eq!(c.groups(&["glued_net".into()])["glued_net"].scope, None);
+    }
+
+    #[test]
+    fn a_health_change_logs_one_line() {
+        let mut c = info(&[]);
+        c.health = Health::Healthy;
+        let old = c.groups(&["glued_net".into(), "other".into()]);
+        c.health = Health::Unhealthy;
+        let new = c.groups(&["glued_net".into(), "other".into()]);
+        assert_eq!(
+            change_lines(ID, &old, &new),
+            ["Health of my_app: healthy → unhealthy (container 0123456789ab)"]
+        );
+    }
+
+    #[test]
     fn from_inspect_reads_the_engine_json() {
         let json = serde_json::json!({
             "Id": ID,
             "Name": "/db",
-            "State": {"Running": true},
+            "State": {"Running": true, "Health": {"Status": "unhealthy", "FailingStreak": 3}},
             "Config": {"Labels": {"glued.names": "postgres"}},
             "NetworkSettings": {"Networks": {"glued_net": {
                 "Aliases": ["database"],
@@ -356,6 +490,7 @@ mod tests {
         let c = ContainerInfo::from_inspect(c).unwrap();
         let g = &c.groups(&["glued_net".into()])["glued_net"];
         assert_eq!(g.names, ["db", "database", "0123456789ab", "postgres"]);
+        assert_eq!(g.health, Health::Unhealthy);
         assert_eq!(g.v4, ["10.1.0.2".parse::<Ipv4Addr>().unwrap()]);
         assert!(g.v6.is_empty());
     }

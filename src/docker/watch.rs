@@ -151,6 +151,7 @@ impl Watcher {
                     "destroy",
                     "rename",
                     "kill",
+                    "health_status",
                     "connect",
                     "disconnect",
                     "create",
@@ -336,10 +337,19 @@ impl Watcher {
         let attributes = actor.attributes.unwrap_or_default();
         match ev.typ {
             Some(EventMessageTypeEnum::CONTAINER) => {
+                // `health_status: healthy` and the like: the status follows
+                // the colon, and is read again by the inspect.
+                let action = match action.split_once(':') {
+                    Some((verb, _)) => verb.trim().to_owned(),
+                    None => action,
+                };
                 self.stats.count_event("container", &action);
                 let Some(id) = actor.id else { return Ok(()) };
                 match action.as_str() {
                     "start" => self.refresh(docker, &id).await,
+                    "health_status" if self.sent.contains_key(&id) => {
+                        self.refresh(docker, &id).await
+                    }
                     // Only a container with records can lose or change them.
                     "die" | "destroy" | "rename" if self.sent.contains_key(&id) => {
                         self.refresh(docker, &id).await

@@ -1657,6 +1657,7 @@ mod tests {
             names: vec!["x".into()],
             v4: vec![ip.parse().unwrap()],
             v6: vec![],
+            ..Default::default()
         }
     }
 

@@ -319,6 +319,7 @@ impl Sim {
                             g as u8,
                         )],
                         v6: vec![],
+                        ..Default::default()
                     },
                 )
             })

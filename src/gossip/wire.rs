@@ -5,17 +5,21 @@
 //! one cluster):
 //!
 //! ```text
+//! v4: 4 ‖ key id (4) ‖ postcard(Header) ‖ postcard(Vec<Facts>) ‖ speaks (1) ‖ HMAC-SHA256 (32) ‖ ed25519 signature (64)
 //! v3: 3 ‖ key id (4) ‖ postcard(Header) ‖ speaks (1) ‖ HMAC-SHA256 (32) ‖ ed25519 signature (64)
-//! v2: 2 ‖ postcard(Header) [‖ speaks (1)] ‖ HMAC-SHA256 (32) ‖ ed25519 signature (64)
 //! ```
+//!
+//! The header's layout is the same in both; v4 adds, after it, the
+//! [`Facts`] of every group the payload carries (Compose scope, health,
+//! SRV ports), in payload order. A v3 peer gets groups without them; a
+//! group read from a v3 message has the default facts.
 //!
 //! The HMAC (under the message key derived from one key of the keyring:
 //! the sender's primary) covers everything before it; the signature (by
 //! the `signer` named in the header) covers everything before it. `speaks`
 //! is the highest version the sender speaks, so peers that relay to it
-//! learn when the whole cluster can move up; a v2 decoder ignores it (it
-//! follows the postcard body). v3 names the key id so the receiver checks
-//! one key; for v2 the receiver tries every key of its ring.
+//! learn when the whole cluster can move up. The key id names the key the
+//! receiver checks.
 //!
 //! Invariant: [`open`] returns a header only for bytes that carry a version
 //! this node accepts, a valid HMAC under a key of its ring, a valid
@@ -32,13 +36,15 @@ use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
 use crate::config::{KeyId, Keyring};
-use crate::table::{Group, Source};
+use crate::table::{Group, Health, MAX_SRV_PORTS, Scope, Source, SrvPort};
 
 /// Protocol version of this release (messages and admission).
 pub const PROTOCOL_VERSION: u8 = crate::config::PROTOCOL_VERSION;
 /// Oldest version this binary can encode: the previous release's.
 pub const OLDEST_VERSION: u8 = PROTOCOL_VERSION - 1;
-/// Bytes of the key id carried by a v3 message.
+/// First version whose messages carry the groups' [`Facts`].
+pub const FACTS_VERSION: u8 = 4;
+/// Bytes of the key id carried by a message.
 pub const KEY_ID_LEN: usize = crate::config::KEY_ID_LEN;
 /// Bytes of the HMAC-SHA256 tag.
 pub const MAC_LEN: usize = 32;
@@ -235,12 +241,24 @@ impl From<WireSource> for Source {
     }
 }
 
-/// One group as carried on the wire.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// One group as carried on the wire. `facts` travel after the header (v4
+/// and later): they are not part of the header's postcard layout, which
+/// stays the v3 one.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WireGroup {
     pub names: Vec<String>,
     pub v4: Vec<Ipv4Addr>,
     pub v6: Vec<Ipv6Addr>,
+    #[serde(skip)]
+    pub facts: Facts,
+}
+
+/// What a v4 message says of a group besides its names and addresses.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Facts {
+    pub scope: Option<Scope>,
+    pub health: Health,
+    pub srv: Vec<SrvPort>,
 }
 
 impl From<&Group> for WireGroup {
@@ -249,15 +267,39 @@ impl From<&Group> for WireGroup {
             names: g.names.clone(),
             v4: g.v4.clone(),
             v6: g.v6.clone(),
+            facts: Facts {
+                scope: g.scope.clone(),
+                health: g.health,
+                srv: g.srv.clone(),
+            },
         }
     }
 }
 
 /// A peer's group as the registry takes it: names that are not valid
 /// labels ([`crate::table::label`]) are left out, the others lowercased, so a
-/// member cannot publish a name no DNS query could ask for.
+/// member cannot publish a name no DNS query could ask for; a scope whose
+/// labels are not valid names is dropped, and so are SRV ports whose
+/// service is not a label (at most [`MAX_SRV_PORTS`] are kept).
 impl From<WireGroup> for Group {
     fn from(g: WireGroup) -> Group {
+        let scope = g.facts.scope.and_then(|s| {
+            Some(Scope {
+                project: crate::table::record_name(&s.project)?,
+                service: crate::table::record_name(&s.service)?,
+            })
+        });
+        let srv = g
+            .facts
+            .srv
+            .into_iter()
+            .filter_map(|p| {
+                let service = crate::table::label(&p.service)?;
+                (p.port > 0 && service.len() < crate::table::MAX_LABEL_LEN)
+                    .then_some(SrvPort { service, ..p })
+            })
+            .take(MAX_SRV_PORTS)
+            .collect();
         Group {
             names: g
                 .names
@@ -266,6 +308,40 @@ impl From<WireGroup> for Group {
                 .collect(),
             v4: g.v4,
             v6: g.v6,
+            scope,
+            health: g.facts.health,
+            srv,
+        }
+    }
+}
+
+impl Payload {
+    /// Every group the payload carries, in order.
+    fn groups(&self) -> Vec<&WireGroup> {
+        match self {
+            Payload::Delta { changes, .. } => changes
+                .iter()
+                .filter_map(|c| match c {
+                    Change::Upsert(_, g) => Some(g),
+                    Change::Remove(_) => None,
+                })
+                .collect(),
+            Payload::FullState { groups, .. } => groups.iter().map(|(_, g)| g).collect(),
+            Payload::Hello | Payload::Heartbeat { .. } => Vec::new(),
+        }
+    }
+
+    fn groups_mut(&mut self) -> Vec<&mut WireGroup> {
+        match self {
+            Payload::Delta { changes, .. } => changes
+                .iter_mut()
+                .filter_map(|c| match c {
+                    Change::Upsert(_, g) => Some(g),
+                    Change::Remove(_) => None,
+                })
+                .collect(),
+            Payload::FullState { groups, .. } => groups.iter_mut().map(|(_, g)| g).collect(),
+            Payload::Hello | Payload::Heartbeat { .. } => Vec::new(),
         }
     }
 }
@@ -375,6 +451,15 @@ pub fn seal(ring: &Ring, enc: Encoding, key: &SecretKey, header: &Header) -> Vec
         out.extend_from_slice(&key_id.0);
     }
     let mut out = postcard::to_extend(header, out).expect("encoding into a Vec cannot fail");
+    if version >= FACTS_VERSION {
+        let facts: Vec<&Facts> = header
+            .payload
+            .groups()
+            .into_iter()
+            .map(|g| &g.facts)
+            .collect();
+        out = postcard::to_extend(&facts, out).expect("encoding into a Vec cannot fail");
+    }
     out.push(enc.speaks);
     let mac = hmac(&keys.message, &[&out]);
     out.extend_from_slice(&mac);
@@ -445,10 +530,21 @@ pub fn open(
             None => return Err(DropReason::BadMac),
         }
     };
-    let (header, rest): (Header, &[u8]) =
+    let (mut header, mut rest): (Header, &[u8]) =
         postcard::take_from_bytes(body).map_err(|_| DropReason::Malformed)?;
+    if version >= FACTS_VERSION {
+        let (facts, after): (Vec<Facts>, &[u8]) =
+            postcard::take_from_bytes(rest).map_err(|_| DropReason::Malformed)?;
+        let groups = header.payload.groups_mut();
+        if facts.len() != groups.len() {
+            return Err(DropReason::Malformed);
+        }
+        for (g, f) in groups.into_iter().zip(facts) {
+            g.facts = f;
+        }
+        rest = after;
+    }
     let speaks = match (version, rest) {
-        (2, []) => 2,
         (_, [s]) if *s >= version => *s,
         _ => return Err(DropReason::Malformed),
     };
@@ -577,7 +673,14 @@ pub fn chunk_changes(
     let mut size = 0;
     let mut skipped = 0;
     for c in changes {
-        let n = postcard::experimental::serialized_size(&c).unwrap_or(usize::MAX);
+        // The change in the header, and its group's facts after it (v4).
+        let facts = match &c {
+            Change::Upsert(_, g) => postcard::experimental::serialized_size(&g.facts),
+            Change::Remove(_) => Ok(0),
+        };
+        let n = postcard::experimental::serialized_size(&c)
+            .and_then(|n| Ok(n + facts?))
+            .unwrap_or(usize::MAX);
         if n > budget {
             skipped += 1;
             continue;
@@ -597,7 +700,8 @@ pub fn chunk_changes(
 
 /// Bytes a header with an empty payload list can take, plus varint slack:
 /// used as the budget reserved for the header when chunking.
-pub const HEADER_BUDGET: usize = 32 + 32 + 1 + MAX_NODE_NAME_LEN + 10 + 10 + 1 + 10 + 5;
+/// (The last 5: the length of the facts list of a v4 message.)
+pub const HEADER_BUDGET: usize = 32 + 32 + 1 + MAX_NODE_NAME_LEN + 10 + 10 + 1 + 10 + 5 + 5;
 
 #[cfg(test)]
 mod tests {
@@ -614,6 +718,7 @@ mod tests {
             ],
             v4: vec!["10.0.0.1".parse().unwrap()],
             v6: vec![],
+            ..Default::default()
         }
         .into();
         assert_eq!(g.names, ["api", "db_1"]);
@@ -642,6 +747,7 @@ mod tests {
                     names: vec!["db".into()],
                     v4: vec![Ipv4Addr::new(10, 0, 0, 1)],
                     v6: vec![],
+                    ..Default::default()
                 },
             )],
         }
@@ -775,6 +881,7 @@ mod tests {
                         names: vec![format!("c{i}")],
                         v4: vec![Ipv4Addr::new(10, 0, 1, (i % 250) as u8)],
                         v6: vec![],
+                        ..Default::default()
                     },
                 )
             })
@@ -784,6 +891,7 @@ mod tests {
                     names: (0..400).map(|i| format!("name-{i}")).collect(),
                     v4: vec![],
                     v6: vec![],
+                    ..Default::default()
                 },
             )])
             .collect();
@@ -833,26 +941,162 @@ mod version_tests {
     fn both_encoders_open_and_say_what_the_sender_speaks() {
         let ring = Ring::for_tests("s");
         let both = Versions::speaking(PROTOCOL_VERSION);
-        for (version, speaks) in [(3, 3), (2, 3), (2, 2)] {
+        let (current, previous_v) = (PROTOCOL_VERSION, PROTOCOL_VERSION - 1);
+        for (version, speaks) in [
+            (current, current),
+            (previous_v, current),
+            (previous_v, previous_v),
+        ] {
             let o = open(&ring, both, &seal_at(&ring, version, speaks), 4096).unwrap();
             assert_eq!((o.version, o.speaks), (version, speaks));
             assert_eq!(o.key_id, ring.primary().0);
         }
-        // The previous release's encoder wrote no trailer after the body.
-        let mut v2 = seal_at(&ring, 2, 2);
-        v2.truncate(v2.len() - SIG_LEN - MAC_LEN - 1);
-        let mac = hmac(&ring.primary().1.message, &[&v2]);
-        v2.extend_from_slice(&mac);
-        let sig = key().sign(&v2);
-        v2.extend_from_slice(&sig.to_bytes());
-        assert_eq!(open(&ring, both, &v2, 4096).unwrap().speaks, 2);
         // A node held at the previous version drops the current encoding.
-        let previous = Versions::speaking(PROTOCOL_VERSION - 1);
+        let previous = Versions::speaking(previous_v);
         assert_eq!(
-            open(&ring, previous, &seal_at(&ring, 3, 3), 4096),
+            open(&ring, previous, &seal_at(&ring, current, current), 4096),
             Err(DropReason::UnknownVersion)
         );
-        assert!(open(&ring, previous, &seal_at(&ring, 2, 3), 4096).is_ok());
+        assert!(open(&ring, previous, &seal_at(&ring, previous_v, current), 4096).is_ok());
+    }
+
+    fn delta_of(groups: Vec<WireGroup>) -> Payload {
+        Payload::Delta {
+            version: 9,
+            changes: groups
+                .into_iter()
+                .enumerate()
+                .flat_map(|(i, g)| {
+                    [
+                        Change::Remove(WireSource::Static(format!("gone-{i}"))),
+                        Change::Upsert(WireSource::Static(format!("s{i}")), g),
+                    ]
+                })
+                .collect(),
+        }
+    }
+
+    /// v4 carries the groups' facts after the header; v3 keeps the v3
+    /// layout (a v3 peer reads it) and a v4 node reading it gets defaults.
+    #[test]
+    fn facts_travel_at_v4_and_default_at_v3() {
+        use crate::table::Proto;
+        let ring = Ring::for_tests("s");
+        let facts = Facts {
+            scope: Some(Scope {
+                project: "shop".into(),
+                service: "db".into(),
+            }),
+            health: Health::Unhealthy,
+            srv: vec![SrvPort {
+                service: "http".into(),
+                proto: Proto::Udp,
+                port: 8080,
+            }],
+        };
+        let with = WireGroup {
+            names: vec!["db".into()],
+            v4: vec!["10.0.0.1".parse().unwrap()],
+            facts: facts.clone(),
+            ..WireGroup::default()
+        };
+        let plain = WireGroup {
+            names: vec!["web".into()],
+            ..WireGroup::default()
+        };
+        let payload = delta_of(vec![with.clone(), plain.clone()]);
+        let accept = Versions::speaking(PROTOCOL_VERSION);
+        let seal = |version: u8, payload: Payload| {
+            seal_own(
+                &ring,
+                Encoding {
+                    version,
+                    speaks: version,
+                },
+                &key(),
+                "node-a",
+                1,
+                1,
+                payload,
+            )
+        };
+        let v4 = open(&ring, accept, &seal(FACTS_VERSION, payload.clone()), 4096).unwrap();
+        assert_eq!(v4.header.payload, payload);
+        let Payload::Delta { changes, .. } = &v4.header.payload else {
+            panic!()
+        };
+        let Change::Upsert(_, g) = &changes[1] else {
+            panic!()
+        };
+        let group = Group::from(g.clone());
+        assert_eq!(
+            (group.scope, group.health, group.srv),
+            (facts.scope.clone(), facts.health, facts.srv.clone())
+        );
+        // v3: the same bytes as a header without facts, read with defaults.
+        let v3_bytes = seal(FACTS_VERSION - 1, payload.clone());
+        let v3 = open(&ring, accept, &v3_bytes, 4096).unwrap();
+        assert_eq!(
+            v3.header.payload,
+            delta_of(vec![
+                WireGroup {
+                    facts: Facts::default(),
+                    ..with
+                },
+                plain
+            ])
+        );
+        let body = &v3_bytes[1 + KEY_ID_LEN..v3_bytes.len() - SIG_LEN - MAC_LEN - 1];
+        let header: Header = postcard::from_bytes(body).unwrap();
+        assert_eq!(header, v3.header);
+        // A v4 message whose facts do not match its groups is malformed.
+        let mut short = seal(FACTS_VERSION, payload.clone());
+        let facts_at = 1 + KEY_ID_LEN + postcard::to_allocvec(&v4.header).unwrap().len();
+        short[facts_at] = 1;
+        short.truncate(short.len() - SIG_LEN - MAC_LEN);
+        let covered = short.clone();
+        short.extend_from_slice(&hmac(&ring.primary().1.message, &[&covered]));
+        let sig = key().sign(&short);
+        short.extend_from_slice(&sig.to_bytes());
+        assert!(open(&ring, accept, &short, 4096).is_err());
+    }
+
+    #[test]
+    fn invalid_facts_from_a_peer_are_dropped() {
+        use crate::table::Proto;
+        let g: Group = WireGroup {
+            names: vec!["db".into()],
+            facts: Facts {
+                scope: Some(Scope {
+                    project: "a.b".into(),
+                    service: "db".into(),
+                }),
+                health: Health::Healthy,
+                srv: (0..40)
+                    .map(|i| SrvPort {
+                        service: if i % 2 == 0 {
+                            "Web".into()
+                        } else {
+                            "bad label".into()
+                        },
+                        proto: Proto::Tcp,
+                        port: i,
+                    })
+                    .collect(),
+            },
+            ..WireGroup::default()
+        }
+        .into();
+        assert_eq!(g.scope, None);
+        assert_eq!(g.health, Health::Healthy);
+        // Even ports only (odd ones have a bad service), port 0 left out,
+        // at most MAX_SRV_PORTS.
+        assert_eq!(g.srv.len(), MAX_SRV_PORTS);
+        assert!(
+            g.srv
+                .iter()
+                .all(|p| p.service == "web" && p.port > 0 && p.port % 2 == 0)
+        );
     }
 
     #[test]
@@ -863,8 +1107,8 @@ mod version_tests {
             new.keys().iter().chain(old.keys()).cloned().collect(),
         ));
         let accept = Versions::speaking(PROTOCOL_VERSION);
-        for version in [2, 3] {
-            let by_old = seal_at(&Ring::new(&old), version, 3);
+        for version in [PROTOCOL_VERSION - 1, PROTOCOL_VERSION] {
+            let by_old = seal_at(&Ring::new(&old), version, PROTOCOL_VERSION);
             let o = open(&both, accept, &by_old, 4096).unwrap();
             assert_eq!(o.key_id, old.primary().unwrap().id());
             assert_eq!(
@@ -876,11 +1120,18 @@ mod version_tests {
 
     #[test]
     fn adjacent_versions_share_the_highest_and_n_minus_2_shares_none() {
-        let n = Versions::speaking(3);
-        assert_eq!(n.highest_shared(Versions::speaking(3)), Some(3));
-        assert_eq!(n.highest_shared(Versions::speaking(2)), Some(2));
-        assert_eq!(n.highest_shared(Versions { min: 0, max: 1 }), None);
-        assert_eq!(n.to_string(), "2 to 3");
+        let p = PROTOCOL_VERSION;
+        let n = Versions::speaking(p);
+        assert_eq!(n.highest_shared(Versions::speaking(p)), Some(p));
+        assert_eq!(n.highest_shared(Versions::speaking(p - 1)), Some(p - 1));
+        assert_eq!(
+            n.highest_shared(Versions {
+                min: p - 3,
+                max: p - 2
+            }),
+            None
+        );
+        assert_eq!(n.to_string(), format!("{} to {p}", p - 1));
     }
 
     #[test]
@@ -896,7 +1147,7 @@ mod version_tests {
             Payload::Hello,
         );
         assert_eq!(
-            open(&ring, Versions::speaking(3), &bytes, 4096),
+            open(&ring, Versions::speaking(PROTOCOL_VERSION), &bytes, 4096),
             Err(DropReason::Malformed)
         );
     }

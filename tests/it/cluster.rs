@@ -139,6 +139,7 @@ fn group(name: &str, ip: Ipv4Addr) -> Group {
         names: vec![name.into()],
         v4: vec![ip],
         v6: vec![],
+        ..Default::default()
     }
 }
 
@@ -353,6 +354,7 @@ fn forged_and_replayed_messages_change_nothing() {
                     names: vec![name.into()],
                     v4: vec![ip(66)],
                     v6: vec![],
+                    ..Default::default()
                 },
             ),
             Change::Remove(WireSource::Static("real".into())),
@@ -1046,6 +1048,7 @@ fn a_group_too_large_for_one_message_arrives_through_the_full_state() {
                 names,
                 v4: vec![ip(2)],
                 v6: vec![],
+                ..Default::default()
             },
         })
         .unwrap();
@@ -1290,6 +1293,7 @@ fn a_peer_at_the_last_version_number_does_not_break_the_node() {
                     names: vec!["edge".into()],
                     v4: vec![ip(9)],
                     v6: vec![],
+                    ..Default::default()
                 },
             )],
         },
@@ -1646,7 +1650,7 @@ fn three_processes_rotate_the_key_with_sighup_only_and_the_retired_key_is_refuse
         "A ended no admission by the retired key:\n{}",
         log(0)
     );
-    // /peers: every peer authenticated by the new key, protocol 3.
+    // /peers: every peer authenticated by the new key, the current protocol.
     let http_a = http_addr_of(&procs[0].log).expect("A's HTTP address");
     assert!(
         wait_until(CONVERGE, || {
@@ -1656,7 +1660,7 @@ fn three_processes_rotate_the_key_with_sighup_only_and_the_retired_key_is_refuse
                 && list.iter().all(|p| {
                     p["authenticated"] == true
                         && p["key_id"] == new_id.as_str()
-                        && p["protocol_version"] == 3
+                        && p["protocol_version"] == wire::PROTOCOL_VERSION
                 })
         }),
         "{}",

@@ -34,7 +34,7 @@ const CONVERGE: Duration = Duration::from_secs(10);
 
 /// True when the engine and the test image are usable; otherwise prints why
 /// (or panics in CI).
-fn docker_ready() -> bool {
+pub(crate) fn docker_ready() -> bool {
     static WHY: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
     let why = WHY.get_or_init(|| {
         match Command::new("docker")
@@ -76,7 +76,7 @@ fn docker_ready() -> bool {
 }
 
 /// Runs `docker args…`, panics on failure, returns trimmed stdout.
-fn docker(args: &[&str]) -> String {
+pub(crate) fn docker(args: &[&str]) -> String {
     let out = Command::new("docker")
         .args(args)
         .output()
@@ -90,7 +90,7 @@ fn docker(args: &[&str]) -> String {
 }
 
 /// Runs `docker args…` ignoring the outcome (cleanup).
-fn docker_quiet(args: &[&str]) {
+pub(crate) fn docker_quiet(args: &[&str]) {
     let _ = Command::new("docker")
         .args(args)
         .stdout(Stdio::null())
@@ -99,12 +99,12 @@ fn docker_quiet(args: &[&str]) {
 }
 
 /// A network removed on drop (declare it before its containers).
-struct Net {
-    name: String,
+pub(crate) struct Net {
+    pub(crate) name: String,
 }
 
 impl Net {
-    fn create(extra: &[&str]) -> Net {
+    pub(crate) fn create(extra: &[&str]) -> Net {
         let name = unique("gt-net");
         let mut args = vec!["network", "create"];
         args.extend_from_slice(extra);
@@ -158,14 +158,14 @@ impl Drop for Net {
 }
 
 /// A container removed on drop.
-struct Ctr {
-    name: String,
-    id: String,
+pub(crate) struct Ctr {
+    pub(crate) name: String,
+    pub(crate) id: String,
 }
 
 impl Ctr {
     /// `docker run -d --name NAME extra… IMAGE sleep 3600`.
-    fn run(prefix: &str, extra: &[&str]) -> Ctr {
+    pub(crate) fn run(prefix: &str, extra: &[&str]) -> Ctr {
         let name = unique(prefix);
         let mut args = vec!["run", "-d", "--name", &name];
         args.extend_from_slice(extra);
@@ -179,7 +179,7 @@ impl Ctr {
     }
 
     /// The addresses `docker inspect` reports on `net`.
-    fn addrs(&self, net: &Net) -> (Vec<Ipv4Addr>, Vec<Ipv6Addr>) {
+    pub(crate) fn addrs(&self, net: &Net) -> (Vec<Ipv4Addr>, Vec<Ipv6Addr>) {
         let f = format!(
             "{{{{with index .NetworkSettings.Networks \"{}\"}}}}{{{{.IPAddress}}}} {{{{.GlobalIPv6Address}}}}{{{{end}}}}",
             net.name
@@ -253,7 +253,7 @@ impl Drop for Proxy {
 }
 
 /// Polls `f` until it holds or `timeout` passes.
-fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+pub(crate) fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let t0 = Instant::now();
     loop {
         if f() {

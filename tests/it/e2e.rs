@@ -446,7 +446,11 @@ fn compose_files_are_accepted_by_docker_compose() {
         println!("skipped: {reason}");
         return;
     }
-    for file in ["docker-compose.yml", "docker/compose.host.yml"] {
+    for file in [
+        "docker-compose.yml",
+        "docker/compose.host.yml",
+        "docker/compose.projects.yml",
+    ] {
         let out = Command::new("docker-compose")
             .args(["-f", &repo().join(file).to_string_lossy(), "config", "-q"])
             .output()

@@ -108,6 +108,7 @@ fn records_lists_every_group_as_json() {
             names: vec!["db".into()],
             v4: vec!["10.0.0.5".parse().unwrap()],
             v6: vec!["fd00::5".parse().unwrap()],
+            ..Default::default()
         },
     );
     groups.insert(
@@ -122,6 +123,7 @@ fn records_lists_every_group_as_json() {
             names: vec!["api".into(), "web".into()],
             v4: vec!["172.18.0.2".parse().unwrap()],
             v6: vec![],
+            ..Default::default()
         },
     );
     s.table.store(Arc::new(Table::build(
@@ -327,6 +329,7 @@ fn a_client_reading_a_large_answer_slowly_does_not_hold_the_server() {
             names: vec!["big".into()],
             v4: vec![],
             v6,
+            ..Default::default()
         },
     );
     s.table.store(Arc::new(Table::build(

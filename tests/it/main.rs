@@ -16,3 +16,4 @@ mod forward;
 mod http;
 mod ops;
 mod reload;
+mod scopes;

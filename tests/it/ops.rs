@@ -619,6 +619,7 @@ fn promtool_accepts_the_live_metrics_and_the_dashboard_uses_only_them() {
         "glued_forward_latency_seconds_bucket",
         "glued_upstream_up",
         "glued_records",
+        "glued_name_conflicts",
         "glued_gossip_origins",
         "glued_gossip_dropped_total",
     ] {
