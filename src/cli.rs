@@ -287,7 +287,7 @@ fn peers_table(peers: &[serde_json::Value]) -> Vec<Vec<String>> {
 /// Rows of `glued records`: the header, then one row per record group.
 fn records_table(groups: &[serde_json::Value]) -> Vec<Vec<String>> {
     let mut rows = vec![
-        ["NAME", "ADDRESSES", "ORIGIN", "SOURCE"]
+        ["NAME", "ADDRESSES", "ORIGIN", "SOURCE", "NOTES"]
             .map(String::from)
             .to_vec(),
     ];
@@ -327,9 +327,53 @@ fn records_table(groups: &[serde_json::Value]) -> Vec<Vec<String>> {
                 prefix(&field(g, "origin"))
             ),
             source,
+            notes(g),
         ]);
     }
     rows
+}
+
+/// The NOTES cell of `glued records`: Compose scope, health (when
+/// checked), SRV ports, conflicts; `-` when there is nothing to say.
+fn notes(g: &serde_json::Value) -> String {
+    let mut notes = Vec::new();
+    if let Some(scope) = g.get("scope") {
+        notes.push(format!(
+            "{}.{}",
+            field(scope, "service"),
+            field(scope, "project")
+        ));
+    }
+    let health = field(g, "health");
+    if !health.is_empty() && health != "none" {
+        notes.push(health);
+    }
+    for p in g
+        .get("srv")
+        .and_then(|l| l.as_array())
+        .into_iter()
+        .flatten()
+    {
+        notes.push(format!(
+            "srv {}={}/{}",
+            field(p, "service"),
+            p.get("port").and_then(|v| v.as_u64()).unwrap_or_default(),
+            field(p, "proto")
+        ));
+    }
+    for name in g
+        .get("conflicts")
+        .and_then(|l| l.as_array())
+        .into_iter()
+        .flatten()
+    {
+        notes.push(format!("conflict {}", name.as_str().unwrap_or_default()));
+    }
+    if notes.is_empty() {
+        "-".into()
+    } else {
+        notes.join(", ")
+    }
 }
 
 /// Rows as text: columns padded to their widest cell, two spaces apart,
@@ -563,7 +607,20 @@ mod tests {
         let text = super::aligned(&super::records_table(&records));
         assert_eq!(
             text.lines().nth(1).unwrap(),
-            "api,api-1  172.18.0.2,fd00::2  web-1 (abcdef012345)  container c0ffee012345 on glued_net"
+            "api,api-1  172.18.0.2,fd00::2  web-1 (abcdef012345)  container c0ffee012345 on glued_net  -"
+        );
+        let records = [json!({"origin": "abcdef0123456789", "node_name": "web-1",
+            "source": {"kind": "container", "id": "c0ffee0123456789", "network": "glued_net"},
+            "names": ["db"], "addresses": ["172.18.0.3"], "health": "unhealthy",
+            "scope": {"project": "shop", "service": "db"},
+            "srv": [{"service": "redis", "proto": "tcp", "port": 6379}], "conflicts": ["db"]})];
+        let text = super::aligned(&super::records_table(&records));
+        assert!(
+            text.lines()
+                .nth(1)
+                .unwrap()
+                .ends_with("  db.shop, unhealthy, srv redis=6379/tcp, conflict db"),
+            "{text}"
         );
     }
 

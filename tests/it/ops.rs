@@ -455,7 +455,7 @@ fn glued_peers_and_records_show_a_two_node_cluster_as_tables_and_json() {
     let header = table.lines().next().unwrap();
     assert_eq!(
         header.split_whitespace().collect::<Vec<_>>(),
-        ["NAME", "ADDRESSES", "ORIGIN", "SOURCE"]
+        ["NAME", "ADDRESSES", "ORIGIN", "SOURCE", "NOTES"]
     );
     let row_b = table
         .lines()
@@ -466,7 +466,11 @@ fn glued_peers_and_records_show_a_two_node_cluster_as_tables_and_json() {
         row_b.contains(&format!("node-b ({})", &b_id[..12])),
         "{row_b}"
     );
-    assert!(row_b.trim_end().ends_with("static"), "{row_b}");
+    assert_eq!(
+        row_b.split_whitespace().rev().take(2).collect::<Vec<_>>(),
+        ["-", "static"],
+        "{row_b}"
+    );
     assert_eq!(row_b.find("10.9.9.9"), header.find("ADDRESSES"), "{table}");
 
     // A reader that went away (`glued records | head -0`) is not an error.
