@@ -1966,6 +1966,69 @@ fn nodes_one_protocol_version_apart_form_one_cluster() {
     }
 }
 
+/// A v3 peer of a v4 node gets its groups without the v4 facts (Compose
+/// scope, health, SRV ports): the plain names answer, the scoped and SRV
+/// names do not, and nothing is dropped.
+#[test]
+fn a_peer_one_version_behind_gets_groups_without_the_new_facts() {
+    use glued::table::{Health, Proto, Scope, SrvPort};
+    let t = topic();
+    let a = start(Opts::new("node-a", t));
+    let previous = wire::PROTOCOL_VERSION - 1;
+    let c = start_with(Opts::new("node-c", t).boot(&a), |c| {
+        c.protocol_version = previous
+    });
+    let source = Source::Container {
+        id: "c0ffee".into(),
+        network: "net".into(),
+    };
+    let full = Group {
+        names: vec!["shop-db-1".into(), "db".into()],
+        v4: vec![ip(7)],
+        scope: Some(Scope {
+            project: "shop".into(),
+            service: "db".into(),
+        }),
+        health: Health::Healthy,
+        srv: vec![SrvPort {
+            service: "redis".into(),
+            proto: Proto::Tcp,
+            port: 6379,
+        }],
+        ..Default::default()
+    };
+    a.tx()
+        .send(RegistryMsg::Upsert {
+            origin: a.origin.clone(),
+            source: source.clone(),
+            group: full.clone(),
+        })
+        .unwrap();
+    assert!(
+        wait_until(SLOW_CONVERGE, || c.resolves("db").is_some()),
+        "the v3 peer never got the group"
+    );
+    let plain = Group {
+        names: full.names.clone(),
+        v4: full.v4.clone(),
+        ..Default::default()
+    };
+    assert_eq!(c.groups_of(&a.origin.id).get(&source), Some(&plain));
+    assert_eq!(c.resolves("db.shop"), None);
+    assert_eq!(c.resolves("_redis._tcp.db"), None);
+    // The owner answers them.
+    assert_eq!(a.resolves("db.shop"), Some(vec![ip(7)]));
+    assert!(
+        a.table
+            .load()
+            .lookup(b"_redis._tcp.db")
+            .is_some_and(|e| e.srv.len() == 1)
+    );
+    for n in [a, c] {
+        n.stop();
+    }
+}
+
 /// Serves the admission ALPN as a node two versions behind would: it
 /// answers every hello with its range and "no version in common".
 #[derive(Debug, Clone)]
