@@ -1814,12 +1814,15 @@ fn raw_admission_clients_get_no_proof_and_hold_no_slot_past_the_deadline() {
         }
         ep.close().await;
     });
-    assert_eq!(
-        a.stats
+    // The server's task frees its slot just after it closes the
+    // connection, which the client may see first on a loaded machine.
+    assert!(
+        wait_until(Duration::from_secs(2), || a
+            .stats
             .admissions_in_progress
-            .load(std::sync::atomic::Ordering::Relaxed),
-        0,
-        "a slot is still held"
+            .load(Ordering::Relaxed)
+            == 0),
+        "a slot is still held 2 s after the last connection closed"
     );
     assert_eq!(a.stats.auth_ok.load(Ordering::Relaxed), 0);
     assert!(a.stats.refusals(glued::gossip::Refusal::Timeout) >= 2);
