@@ -236,6 +236,7 @@ pub(crate) struct EntryBuilder {
     v4_local: Vec<Ipv4Addr>,
     v6_local: Vec<Ipv6Addr>,
     srv: Vec<Srv>,
+    srv_local: Vec<Srv>,
     key: Vec<u8>,
     target: Vec<u8>,
 }
@@ -257,6 +258,7 @@ impl EntryBuilder {
         self.v4_local.clear();
         self.v6_local.clear();
         self.srv.clear();
+        self.srv_local.clear();
         let any_good = holders.clone().any(|(_, g)| g.health.is_good());
         for (origin, group) in holders {
             if any_good && !group.health.is_good() {
@@ -292,9 +294,14 @@ impl EntryBuilder {
                     std::str::from_utf8(&self.key).unwrap_or_default(),
                     domain_wire,
                 );
+                let list = if local {
+                    &mut self.srv_local
+                } else {
+                    &mut self.srv
+                };
                 for (i, p) in group.srv.iter().enumerate().take(64) {
                     if ports & (1 << i) != 0 {
-                        self.srv.push(Srv {
+                        list.push(Srv {
                             port: p.port,
                             target: Box::from(&self.target[..]),
                             target_key: Box::from(&self.key[..]),
@@ -305,14 +312,14 @@ impl EntryBuilder {
         }
         let (v4, v4_local) = local_first(&mut self.v4_local, &mut self.v4);
         let (v6, v6_local) = local_first(&mut self.v6_local, &mut self.v6);
-        self.srv.sort_unstable();
-        self.srv.dedup();
+        let (srv, srv_local) = local_first_owned(&mut self.srv_local, &mut self.srv);
         Entry {
             v4,
             v6,
             v4_local,
             v6_local,
-            srv: self.srv.drain(..).collect(),
+            srv,
+            srv_local,
         }
     }
 }
@@ -330,6 +337,17 @@ fn local_first<T: Copy + Ord>(local: &mut Vec<T>, rest: &mut Vec<T>) -> (Box<[T]
     (local.as_slice().into(), n)
 }
 
+/// [`local_first`] for records that are not `Copy` (moved out of both).
+fn local_first_owned<T: Ord>(local: &mut Vec<T>, rest: &mut Vec<T>) -> (Box<[T]>, u32) {
+    local.sort_unstable();
+    local.dedup();
+    rest.sort_unstable();
+    rest.dedup();
+    rest.retain(|a| local.binary_search(a).is_err());
+    let n = local.len() as u32;
+    (local.drain(..).chain(rest.drain(..)).collect(), n)
+}
+
 /// One SRV record of a name: `SRV 0 0 port target`.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Srv {
@@ -342,7 +360,7 @@ pub struct Srv {
 
 /// What one name answers: its addresses, this host's first (sorted among
 /// themselves, then the others sorted, no duplicates), after the health
-/// filter; and its SRV records.
+/// filter; and its SRV records, in the same order (this host's first).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Entry {
     pub v4: Box<[Ipv4Addr]>,
@@ -351,6 +369,8 @@ pub struct Entry {
     pub v4_local: u32,
     pub v6_local: u32,
     pub srv: Box<[Srv]>,
+    /// How many of `srv`, from the start, are this host's.
+    pub srv_local: u32,
 }
 
 impl Entry {
@@ -588,6 +608,7 @@ impl Table {
                 if old.srv != entry.srv {
                     old.srv = entry.srv;
                 }
+                old.srv_local = entry.srv_local;
             }
             None => {
                 self.names.insert(Box::from(key), entry);

@@ -21,7 +21,7 @@ use glued::dns::cache::{Cache, CacheConfig, Lookup};
 use glued::dns::forward::{ForwardStats, Forwarder};
 use glued::dns::stats::DnsStats;
 use glued::dns::udp::{self, UdpWorker};
-use glued::table::{Group, Origin, Source, Table};
+use glued::table::{Group, Health, Origin, Source, Table, parse_srv};
 
 struct Counting;
 
@@ -61,28 +61,76 @@ static GLOBAL: Counting = Counting;
 
 fn table() -> Table {
     let mut groups = BTreeMap::new();
-    for (node, name, v4, v6) in [
-        ("node-a", "api", vec!["10.0.0.1"], vec!["fd00::1"]),
-        ("node-b", "api", vec!["10.0.0.2"], vec![]),
-        ("node-a", "web", vec!["10.0.0.3"], vec![]),
+    // `db`: held on this host (node-a, unhealthy: left out) and on two
+    // peers (healthy, no check), with SRV ports: a health-filtered,
+    // nearest-first name with SRV records and additional addresses.
+    for (node, name, v4, v6, health, srv) in [
+        (
+            "node-a",
+            "api",
+            vec!["10.0.0.1"],
+            vec!["fd00::1"],
+            Health::None,
+            "",
+        ),
+        ("node-b", "api", vec!["10.0.0.2"], vec![], Health::None, ""),
+        ("node-a", "web", vec!["10.0.0.3"], vec![], Health::None, ""),
+        (
+            "node-a",
+            "db",
+            vec!["10.0.1.1"],
+            vec![],
+            Health::Unhealthy,
+            "pg=5432",
+        ),
+        (
+            "node-a",
+            "db",
+            vec!["10.0.1.2"],
+            vec!["fd00::12"],
+            Health::Healthy,
+            "pg=5432",
+        ),
+        (
+            "node-b",
+            "db",
+            vec!["10.0.1.3"],
+            vec![],
+            Health::Healthy,
+            "pg=5432",
+        ),
+        (
+            "node-c",
+            "db",
+            vec!["10.0.1.4"],
+            vec![],
+            Health::None,
+            "pg=5432",
+        ),
     ] {
+        let n = groups.len();
         groups.insert(
             (
                 Origin {
                     id: node.into(),
                     node_name: node.into(),
                 },
-                Source::Static { name: name.into() },
+                Source::Container {
+                    id: format!("c{n}"),
+                    network: "net".into(),
+                },
             ),
             Group {
-                names: vec![name.into()],
+                names: vec![format!("{name}-{n}"), name.into()],
                 v4: v4.iter().map(|a| a.parse().unwrap()).collect(),
                 v6: v6.iter().map(|a| a.parse().unwrap()).collect(),
+                health,
+                srv: srv.split(',').filter_map(parse_srv).collect(),
                 ..Default::default()
             },
         );
     }
-    Table::build("glued.internal", 5, 1, Arc::new(groups))
+    Table::build_for("glued.internal", 5, 1, Arc::new(groups), "node-a")
 }
 
 /// Local queries of every kind, with the rcode each must get.
@@ -119,6 +167,23 @@ fn queries() -> Vec<(Vec<u8>, ResponseCode)> {
             ResponseCode::NoError,
         ),
         ("glued.internal.", RecordType::SOA, ResponseCode::NoError),
+        ("DB.glued.internal.", RecordType::A, ResponseCode::NoError),
+        ("db.", RecordType::ANY, ResponseCode::NoError),
+        (
+            "_PG._tcp.db.glued.internal.",
+            RecordType::SRV,
+            ResponseCode::NoError,
+        ),
+        (
+            "_pg._tcp.db.node-b.glued.internal.",
+            RecordType::SRV,
+            ResponseCode::NoError,
+        ),
+        (
+            "_tcp.db.glued.internal.",
+            RecordType::SRV,
+            ResponseCode::NoError,
+        ),
     ]
     .into_iter()
     .map(|(name, rtype, rcode)| {
@@ -146,10 +211,22 @@ fn the_answer_function_allocates_nothing_per_local_answer() {
     for (q, rcode) in &queries {
         let o = answer::answer(q, &table, &context(0), &mut out);
         assert!(matches!(o, Outcome::Answered { .. }), "{o:?}");
-        assert_eq!(
-            Message::from_vec(&out).unwrap().metadata.response_code,
-            *rcode
-        );
+        let m = Message::from_vec(&out).unwrap();
+        assert_eq!(m.metadata.response_code, *rcode);
+        if m.queries[0].query_type() == RecordType::SRV && !m.answers.is_empty() {
+            // SRV answers carry their targets' addresses.
+            assert!(!m.additionals.is_empty(), "{m:?}");
+        }
+    }
+    // The health filter and this host first: node-a's healthy holder
+    // leads, its unhealthy one is left out.
+    let (db_a, _) = &queries[queries.len() - 5];
+    for rotation in 0..3 {
+        answer::answer(db_a, &table, &context(rotation), &mut out);
+        let m = Message::from_vec(&out).unwrap();
+        let got: Vec<String> = m.answers.iter().map(|r| r.data.to_string()).collect();
+        assert_eq!(got.len(), 3, "{got:?}");
+        assert_eq!(got[0], "10.0.1.2", "{got:?}");
     }
     let before = allocations();
     for round in 0..1000 {

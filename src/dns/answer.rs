@@ -229,7 +229,7 @@ pub fn answer(query: &[u8], table: &Table, ctx: &Context, out: &mut Vec<u8>) -> 
         }
         if let Some(entry) = table.lookup(key) {
             w.addresses(entry, qtype, ctx.rotation);
-            w.srv(entry, table, qtype);
+            w.srv(entry, table, qtype, ctx.rotation);
             return w.nodata_if_empty(table, domain_at, qtype);
         }
         if table.is_node(key) {
@@ -507,14 +507,18 @@ impl<'a> Writer<'a> {
         }
     }
 
-    /// The SRV records of `entry` when `qtype` asks for them, then the
-    /// targets' A and AAAA records in the additional section, as many as
-    /// fit (RFC 2782; additional data may be left out without TC).
-    fn srv(&mut self, entry: &Entry, table: &Table, qtype: u16) {
+    /// The SRV records of `entry` when `qtype` asks for them, this host's
+    /// first, each part starting at `rotation` like addresses (clients
+    /// take the first of equal-weight records: RFC 2782 with weight 0),
+    /// then the targets' A and AAAA records in the additional section, in
+    /// the same order, as many as fit (additional data may be left out
+    /// without TC).
+    fn srv(&mut self, entry: &Entry, table: &Table, qtype: u16, rotation: usize) {
         if !matches!(qtype, TYPE_SRV | TYPE_ANY) || entry.srv.is_empty() {
             return;
         }
-        for srv in entry.srv.iter() {
+        let order = || nearest_first(&entry.srv, entry.srv_local, rotation);
+        for srv in order() {
             let [p0, p1] = srv.port.to_be_bytes();
             let rdlen = 6 + srv.target.len();
             if !self.fits(QNAME_PTR.len() + 10 + rdlen) {
@@ -528,11 +532,8 @@ impl<'a> Writer<'a> {
             self.out.extend_from_slice(&srv.target);
             self.ancount += 1;
         }
-        for (i, srv) in entry.srv.iter().enumerate() {
-            if entry.srv[..i]
-                .iter()
-                .any(|s| s.target_key == srv.target_key)
-            {
+        for (i, srv) in order().enumerate() {
+            if order().take(i).any(|s| s.target_key == srv.target_key) {
                 continue;
             }
             let Some(target) = table.lookup(&srv.target_key) else {
@@ -734,7 +735,7 @@ fn append_tsig_error(out: &mut Vec<u8>, query: &[u8], tsig: Tsig, limit: usize) 
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
+    use std::collections::{BTreeMap, BTreeSet};
     use std::sync::Arc;
 
     use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
@@ -967,6 +968,63 @@ mod tests {
         let firsts: std::collections::BTreeSet<_> =
             (0..10).map(|r| a_of(&t, "web.", r)[0].clone()).collect();
         assert_eq!(firsts.len(), 5);
+    }
+
+    /// SRV targets of `name` in answer order, and the owner of the first
+    /// additional record.
+    fn srv_of(t: &Table, name: &str, rotation: usize) -> (Vec<String>, String) {
+        let q = query(name, RecordType::SRV, Some(1232));
+        let (_, out) = outcome(&q, t, &udp(rotation));
+        let m = Message::from_vec(&out).unwrap();
+        let targets = m
+            .answers
+            .iter()
+            .map(|r| match &r.data {
+                RData::SRV(s) => s.target.to_string(),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        let first_extra = m.additionals.first().map(|r| r.name.to_string());
+        (targets, first_extra.unwrap_or_default())
+    }
+
+    /// Clients take the first of equal-weight SRV records (RFC 2782 with
+    /// weight 0; Go's resolver does not even shuffle them): a fixed order
+    /// sent every client to one holder. SRV records are ordered like
+    /// addresses: this host's first, each part rotated.
+    #[test]
+    fn srv_records_come_this_hosts_first_each_part_rotated() {
+        use Health::None as N;
+        let t = scoped_table(&[
+            ("a", "p", "web", N, "10.0.0.1", "http=8080"),
+            ("b", "p", "web", N, "10.0.0.2", "http=8080"),
+            ("c", "p", "web", N, "10.0.0.3", "http=8080"),
+            ("a", "p", "web", N, "10.0.0.4", "http=8080"),
+        ]);
+        let local = [
+            "p-web-0.node-a.glued.internal.",
+            "p-web-3.node-a.glued.internal.",
+        ];
+        let (mut firsts, mut thirds) = (BTreeSet::new(), BTreeSet::new());
+        for rotation in 0..12 {
+            let (got, extra) = srv_of(&t, "_http._tcp.web.glued.internal.", rotation);
+            assert_eq!(got.len(), 4, "rotation {rotation}");
+            let mut head = got[..2].to_vec();
+            head.sort();
+            assert_eq!(head, local, "rotation {rotation}");
+            // The first target's address leads the additional section.
+            assert_eq!(extra, got[0], "rotation {rotation}");
+            firsts.insert(got[0].clone());
+            thirds.insert(got[2].clone());
+        }
+        assert_eq!(firsts.len(), 2, "local part rotates");
+        assert_eq!(thirds.len(), 2, "remote part rotates");
+        // Without a local holder, plain rotation over every target.
+        let t = Table::build("glued.internal", 5, 7, t.groups.clone());
+        let firsts: BTreeSet<_> = (0..12)
+            .map(|r| srv_of(&t, "_http._tcp.web.glued.internal.", r).0[0].clone())
+            .collect();
+        assert_eq!(firsts.len(), 4);
     }
 
     #[test]
