@@ -36,7 +36,8 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError, bounded};
 
 use crate::table::{
-    EntryBuilder, Group, Origin, SharedTable, Source, SourceKind, Table, is_conflict, write_target,
+    EntryBuilder, Group, Holds, Origin, SharedTable, Source, SourceKind, Table, is_conflict,
+    write_target,
 };
 
 /// Capacity of the registry inbox. Senders block when it is full, which
@@ -348,16 +349,16 @@ fn apply_changes(table: &mut Table, state: &State, changes: &Changes, scratch: &
             table.set_conflict(key, false);
             continue;
         };
-        let slots = holders.iter().map(|&id| state.slot(id));
+        let slots = holders.iter().map(|&(id, holds)| (state.slot(id), holds));
         let entry = scratch.entry.build(
-            key,
-            slots.clone().map(|s| (&s.key.0, &s.group)),
+            slots.clone().map(|(s, holds)| (&s.key.0, &s.group, holds)),
             &state.local,
             &table.domain_wire,
         );
         table.set_name(key, entry);
         if !key.contains(&b'.') {
-            table.set_conflict(key, is_conflict(key, slots.map(|s| (&s.key.1, &s.group))));
+            let groups = slots.map(|(s, _)| (&s.key.1, &s.group));
+            table.set_conflict(key, is_conflict(key, groups));
         }
     }
     for ip in &changes.addrs {
@@ -429,7 +430,7 @@ struct Slot {
 /// The indexes of [`State`] and the changes recorded since the last publish.
 #[derive(Default)]
 struct Index {
-    by_name: FastMap<Box<[u8]>, Vec<u32>>,
+    by_name: FastMap<Box<[u8]>, Vec<(u32, Holds)>>,
     by_addr: FastMap<IpAddr, Vec<u32>>,
     changes: Changes,
     /// Scratch buffer for one name key.
@@ -461,7 +462,7 @@ impl State {
             let all = &self.slots;
             let slots = holders
                 .iter()
-                .map(|&id| all[id as usize].as_ref().expect("indexed slot"));
+                .map(|&(id, _)| all[id as usize].as_ref().expect("indexed slot"));
             if is_conflict(key, slots.clone().map(|s| (&s.key.1, &s.group))) {
                 if self.conflicts.insert(key.clone()) {
                     let mut who: Vec<String> = slots
@@ -658,11 +659,14 @@ impl Index {
     /// Adds `group`'s names and addresses to the indexes, marking them changed.
     fn add(&mut self, id: u32, node: &str, group: &Group) {
         let mut key = std::mem::take(&mut self.key);
-        group.for_each_key(node, &mut key, |key, _| {
+        group.for_each_key(node, &mut key, |key, kind| {
             match self.by_name.get_mut(key) {
-                Some(holders) => insert_once(holders, id),
+                Some(holders) => match holders.iter_mut().find(|(h, _)| *h == id) {
+                    Some((_, holds)) => *holds |= kind.bit(),
+                    None => holders.push((id, kind.bit())),
+                },
                 None => {
-                    self.by_name.insert(Box::from(key), vec![id]);
+                    self.by_name.insert(Box::from(key), vec![(id, kind.bit())]);
                 }
             }
             mark_name(&mut self.changes, key);
@@ -679,10 +683,13 @@ impl Index {
     fn remove(&mut self, id: u32, node: &str, group: &Group) {
         let mut key = std::mem::take(&mut self.key);
         group.for_each_key(node, &mut key, |key, _| {
-            if let Some(holders) = self.by_name.get_mut(key)
-                && remove_once(holders, id)
-            {
-                self.by_name.remove(key);
+            if let Some(holders) = self.by_name.get_mut(key) {
+                if let Some(at) = holders.iter().position(|(h, _)| *h == id) {
+                    holders.swap_remove(at);
+                }
+                if holders.is_empty() {
+                    self.by_name.remove(key);
+                }
             }
             mark_name(&mut self.changes, key);
         });
@@ -809,6 +816,47 @@ mod tests {
         );
         assert_eq!(s.n_groups(), 1);
         assert_eq!(s.apply(RegistryMsg::DropOrigin { id: "a".into() }), None);
+    }
+
+    /// Patching the table after a change rebuilds the changed keys from
+    /// what the index recorded of their holders: the work is the changed
+    /// group's keys (removed, added), not holders × keys per group for
+    /// each of them.
+    #[test]
+    fn a_change_of_one_replica_writes_its_keys_and_no_other() {
+        use crate::table::tests::{REPLICA_KEYS, replicas};
+        use crate::table::{Health, KEYS_WRITTEN};
+        let table = crate::table::shared("glued.internal", 5);
+        let stats = RegistryStats::default();
+        let mut state = State::for_local("a");
+        let mut writer = Writer::new(table.clone());
+        let mut all = replicas(20);
+        KEYS_WRITTEN.with(|n| n.set(0));
+        for ((origin, source), group) in all.clone() {
+            state.apply(RegistryMsg::Upsert {
+                origin,
+                source,
+                group,
+            });
+        }
+        writer.publish(&mut state, &stats);
+        let ((origin, source), group) = &mut all[0];
+        group.health = Health::Unhealthy;
+        state.apply(RegistryMsg::Upsert {
+            origin: origin.clone(),
+            source: source.clone(),
+            group: group.clone(),
+        });
+        writer.publish(&mut state, &stats);
+        // The first publish is a full build, the second a patch of every
+        // key of both bursts.
+        assert_eq!(stats.full_builds.load(Ordering::Relaxed), 1);
+        // Index: 20 groups added, then one removed and added again; the
+        // full build: 20 groups; the patch: none.
+        assert_eq!(KEYS_WRITTEN.with(|n| n.get()), (20 + 2 + 20) * REPLICA_KEYS);
+        let published = table.load();
+        assert_eq!(published.lookup(b"name-3").unwrap().v4.len(), 19);
+        assert_same_as_build(&published, &state);
     }
 
     /// Asserts that `published` answers exactly what a table built from

@@ -185,6 +185,31 @@ pub enum KeyKind {
     Srv(usize),
 }
 
+impl KeyKind {
+    /// The kind as one bit of a [`Holds`] set.
+    pub fn bit(self) -> Holds {
+        match self {
+            KeyKind::Addr => 1,
+            KeyKind::Srv(i) => 1 << (i + 1).min(63),
+        }
+    }
+}
+
+/// The kinds under which a group holds one key, as a set of
+/// [`KeyKind::bit`]s: bit 0 its addresses, bit `1 + i` its SRV port `i`.
+/// Recorded with each holder when its keys are enumerated, so an entry is
+/// built from its holders without enumerating their keys again.
+pub type Holds = u64;
+
+/// SRV ports of a group that get keys: the bits of a [`Holds`] set.
+const MAX_KEYED_SRV_PORTS: usize = 63;
+
+#[cfg(test)]
+thread_local! {
+    /// Keys written by [`Group::for_each_key`] on this thread.
+    pub(crate) static KEYS_WRITTEN: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
 impl Group {
     /// Calls `f` with every lookup key of this group (owned by node
     /// `node`) and what the key answers: each name and `name.node`;
@@ -202,9 +227,8 @@ impl Group {
             .chain(scoped.map(|(s, p)| (s, Some(p))));
         for (name, project) in bases {
             for pinned in [None, Some(node)] {
-                for kind in
-                    std::iter::once(KeyKind::Addr).chain((0..self.srv.len()).map(KeyKind::Srv))
-                {
+                let ports = self.srv.len().min(MAX_KEYED_SRV_PORTS);
+                for kind in std::iter::once(KeyKind::Addr).chain((0..ports).map(KeyKind::Srv)) {
                     key.clear();
                     if let KeyKind::Srv(i) = kind {
                         let srv = &self.srv[i];
@@ -219,6 +243,8 @@ impl Group {
                         key.push(b'.');
                         key.extend(label.bytes().map(|b| b.to_ascii_lowercase()));
                     }
+                    #[cfg(test)]
+                    KEYS_WRITTEN.with(|n| n.set(n.get() + 1));
                     f(key, kind);
                 }
             }
@@ -242,14 +268,13 @@ pub(crate) struct EntryBuilder {
 }
 
 impl EntryBuilder {
-    /// The entry of `key` from every group that has it among its keys
-    /// (`holders`: owner, group). Holders that are `starting` or
-    /// `unhealthy` are left out while one holder is healthy or has no
-    /// health check.
+    /// The entry of one key from every group that has it among its keys
+    /// (`holders`: owner, group, and how the group holds the key). Holders
+    /// that are `starting` or `unhealthy` are left out while one holder is
+    /// healthy or has no health check. Work in the number of holders only.
     pub(crate) fn build<'a>(
         &mut self,
-        key: &[u8],
-        holders: impl Iterator<Item = (&'a Origin, &'a Group)> + Clone,
+        holders: impl Iterator<Item = (&'a Origin, &'a Group, Holds)> + Clone,
         local_id: &str,
         domain_wire: &[u8],
     ) -> Entry {
@@ -259,24 +284,13 @@ impl EntryBuilder {
         self.v6_local.clear();
         self.srv.clear();
         self.srv_local.clear();
-        let any_good = holders.clone().any(|(_, g)| g.health.is_good());
-        for (origin, group) in holders {
+        let any_good = holders.clone().any(|(_, g, _)| g.health.is_good());
+        for (origin, group, holds) in holders {
             if any_good && !group.health.is_good() {
                 continue;
             }
             let local = !local_id.is_empty() && origin.id == local_id;
-            let (mut addr, mut ports) = (false, 0u64);
-            let mut scratch = std::mem::take(&mut self.key);
-            group.for_each_key(&origin.node_name, &mut scratch, |k, kind| {
-                if k == key {
-                    match kind {
-                        KeyKind::Addr => addr = true,
-                        KeyKind::Srv(i) => ports |= 1 << i.min(63),
-                    }
-                }
-            });
-            self.key = scratch;
-            if addr {
+            if holds & KeyKind::Addr.bit() != 0 {
                 if local {
                     self.v4_local.extend_from_slice(&group.v4);
                     self.v6_local.extend_from_slice(&group.v6);
@@ -285,7 +299,7 @@ impl EntryBuilder {
                     self.v6.extend_from_slice(&group.v6);
                 }
             }
-            if ports != 0
+            if holds & !KeyKind::Addr.bit() != 0
                 && let Some(primary) = group.names.first()
             {
                 write_key(&mut self.key, primary, Some(&origin.node_name));
@@ -299,8 +313,8 @@ impl EntryBuilder {
                 } else {
                     &mut self.srv
                 };
-                for (i, p) in group.srv.iter().enumerate().take(64) {
-                    if ports & (1 << i) != 0 {
+                for (i, p) in group.srv.iter().enumerate().take(MAX_KEYED_SRV_PORTS) {
+                    if holds & KeyKind::Srv(i).bit() != 0 {
                         list.push(Srv {
                             port: p.port,
                             target: Box::from(&self.target[..]),
@@ -449,7 +463,7 @@ impl Table {
         let n_keys: usize = groups.values().map(|g| 2 * g.names.len()).sum();
         let n_addrs: usize = groups.values().map(|g| g.v4.len() + g.v6.len()).sum();
         // Name key → every group answering it.
-        type Holders<'a> = FastMap<Box<[u8]>, Vec<(&'a (Origin, Source), &'a Group)>>;
+        type Holders<'a> = FastMap<Box<[u8]>, Vec<(&'a (Origin, Source), &'a Group, Holds)>>;
         let mut holders = Holders::with_capacity_and_hasher(n_keys, Default::default());
         let mut reverse: FastMap<IpAddr, Box<[u8]>> =
             FastMap::with_capacity_and_hasher(n_addrs, Default::default());
@@ -457,16 +471,15 @@ impl Table {
         let mut target = Vec::with_capacity(MAX_NAME_WIRE_LEN);
         for (owner, group) in groups.iter() {
             let origin = &owner.0;
-            group.for_each_key(&origin.node_name, &mut key, |key, _| {
+            group.for_each_key(&origin.node_name, &mut key, |key, kind| {
                 match holders.get_mut(key) {
                     // A group's keys come together: a repeat is its last holder.
-                    Some(list) => {
-                        if !list.last().is_some_and(|(o, _)| std::ptr::eq(*o, owner)) {
-                            list.push((owner, group));
-                        }
-                    }
+                    Some(list) => match list.last_mut() {
+                        Some((o, _, holds)) if std::ptr::eq(*o, owner) => *holds |= kind.bit(),
+                        _ => list.push((owner, group, kind.bit())),
+                    },
                     None => {
-                        holders.insert(Box::from(key), vec![(owner, group)]);
+                        holders.insert(Box::from(key), vec![(owner, group, kind.bit())]);
                     }
                 }
             });
@@ -484,12 +497,11 @@ impl Table {
             FastMap::with_capacity_and_hasher(holders.len(), Default::default());
         for (key, list) in holders {
             let entry = builder.build(
-                &key,
-                list.iter().map(|&(o, g)| (&o.0, g)),
+                list.iter().map(|&(o, g, holds)| (&o.0, g, holds)),
                 local_id,
                 &domain_wire,
             );
-            if is_conflict(&key, list.iter().map(|&(o, g)| (&o.1, g))) {
+            if is_conflict(&key, list.iter().map(|&(o, g, _)| (&o.1, g))) {
                 conflicts.insert(String::from_utf8_lossy(&key).into_owned());
             }
             names.insert(key, entry);
@@ -864,8 +876,75 @@ pub fn shared(domain: &str, ttl_secs: u32) -> SharedTable {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// `n` replicas on node-a sharing 49 names, a Compose scope and 4 SRV
+    /// ports, each with its own primary name: (50 names + the scope) ×
+    /// (unpinned, pinned) × (addresses + 4 ports) = 510 keys each.
+    pub(crate) fn replicas(n: u8) -> Vec<((Origin, Source), Group)> {
+        (0..n)
+            .map(|i| {
+                let owner = (
+                    Origin {
+                        id: "a".into(),
+                        node_name: "node-a".into(),
+                    },
+                    Source::Container {
+                        id: format!("c{i}"),
+                        network: "net".into(),
+                    },
+                );
+                let group = Group {
+                    names: std::iter::once(format!("c{i}"))
+                        .chain((0..49).map(|n| format!("name-{n}")))
+                        .collect(),
+                    v4: vec![Ipv4Addr::new(10, 0, 0, i)],
+                    scope: Some(Scope {
+                        project: "p".into(),
+                        service: "svc".into(),
+                    }),
+                    srv: (1..=4)
+                        .map(|port| SrvPort {
+                            service: format!("s{port}"),
+                            proto: Proto::Tcp,
+                            port,
+                        })
+                        .collect(),
+                    ..Default::default()
+                };
+                (owner, group)
+            })
+            .collect()
+    }
+
+    pub(crate) const REPLICA_KEYS: u64 = 510;
+
+    /// An entry is built from what its holders' keys recorded, not by
+    /// enumerating every key of every holder again: a build writes each
+    /// key of each group once. (It wrote holders × keys per group for each
+    /// key: 5 million keys for these 20 replicas, a stalled registry for a
+    /// few hundred.)
+    #[test]
+    fn a_build_writes_each_key_of_each_group_once() {
+        KEYS_WRITTEN.with(|n| n.set(0));
+        let t = Table::build_for(
+            "glued.internal",
+            5,
+            1,
+            Arc::new(replicas(20).into_iter().collect()),
+            "a",
+        );
+        assert_eq!(KEYS_WRITTEN.with(|n| n.get()), 20 * REPLICA_KEYS);
+        let e = t.lookup(b"_s3._tcp.name-7.node-a").unwrap();
+        assert_eq!((e.srv.len(), e.srv_local), (20, 20));
+        assert!(e.srv.iter().all(|s| s.port == 3) && e.v4.is_empty());
+        let e = t.lookup(b"svc.p").unwrap();
+        assert_eq!((e.v4.len(), e.v4_local), (20, 20));
+        assert!(e.srv.is_empty());
+        assert_eq!(t.lookup(b"_s1._tcp.c3").unwrap().srv.len(), 1);
+        assert!(t.is_node(b"_tcp.svc.p.node-a"));
+    }
 
     fn origin(id: &str, node: &str) -> Origin {
         Origin {
