@@ -70,6 +70,8 @@ use crate::config::{KEY_ID_LEN, KeyId};
 pub const AUTH_ALPN: &[u8] = b"glued/auth/2";
 /// ALPN of the direct full-state stream.
 pub const STATE_ALPN: &[u8] = b"glued/state/1";
+/// ALPN of the replication core's direct messages and transfers (v4).
+pub const CORE_ALPN: &[u8] = b"glued/core/1";
 /// Longest a whole admission exchange may take.
 pub const AUTH_TIMEOUT: Duration = Duration::from_secs(3);
 /// A client that dialed the admission ALPN must have sent its whole hello
@@ -1100,7 +1102,7 @@ pub struct Hooks {
 
 impl Hooks {
     fn gated(&self, alpn: &[u8]) -> bool {
-        alpn == self.gossip_alpn || alpn == STATE_ALPN
+        alpn == self.gossip_alpn || alpn == STATE_ALPN || alpn == CORE_ALPN
     }
 }
 

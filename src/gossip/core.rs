@@ -60,6 +60,8 @@ pub const RECONNECT_EVERY: Duration = Duration::from_secs(10);
 pub const GAP_GRACE: Duration = Duration::from_millis(300);
 /// Period of the sweep over every origin (leases, gaps, forgetting).
 pub const SWEEP_EVERY: Duration = Duration::from_millis(250);
+/// Shortest time a node this node suspects itself has to refute.
+pub const SUSPECT_MIN: Duration = Duration::from_millis(500);
 /// Dead or left origins are forgotten after this many leases.
 pub const FORGET_LEASES: u32 = 4;
 /// Peers silent for this many leases are no longer dialled.
@@ -223,6 +225,8 @@ pub struct CoreStats {
     pub deaths: u64,
     pub duplicate_keys: u64,
     pub duplicate_names: u64,
+    /// Changes too large for one gossip message (sent as a version jump).
+    pub oversize_changes: u64,
 }
 
 /// The replication state machine of one node.
@@ -346,8 +350,16 @@ impl<S: Seal> Core<S> {
             }
             Input::Direct { from, msg } => self.on_direct(now, from, msg),
             Input::NeighborUp(id) => {
+                let first = self.members.neighbors.is_empty();
                 self.members.neighbors.insert(id);
                 self.members.heard(id, None, now);
+                if first && self.ready {
+                    // What was announced with no neighbour reached nobody
+                    // (a restart that nobody dialled yet): once more, in
+                    // new bytes (iroh-gossip drops repeated ones).
+                    self.beat += 1;
+                    self.broadcast_alive();
+                }
                 if !self.transfers.bulk_done && !self.transfers.busy(&id) {
                     self.pull_all(id, now);
                 }
@@ -375,6 +387,24 @@ impl<S: Seal> Core<S> {
                     self.broadcast(raw);
                 }
             }
+        }
+    }
+
+    /// Seals this node's own messages again (the keyring's primary key
+    /// changed: peers may drop the old key). Moves the version on by one
+    /// so that every holder fetches the state sealed under the new key.
+    pub fn reseal(&mut self) {
+        self.own_alive = None;
+        self.own_full = None;
+        if !self.ready {
+            return;
+        }
+        self.version += 1;
+        self.beat += 1;
+        self.broadcast_alive();
+        let full = self.own_full();
+        if full.len() <= wire::MAX_GOSSIP_BYTES {
+            self.broadcast(full);
         }
     }
 
@@ -480,6 +510,7 @@ impl<S: Seal> Core<S> {
         }
         if skipped > 0 {
             // Peers see the version jump and pull the full state.
+            self.stats.oversize_changes += skipped as u64;
             self.version += 1;
             self.broadcast_alive();
         }
@@ -962,8 +993,11 @@ impl<S: Seal> Core<S> {
         self.transfers.expire(now);
         let origins = &self.origins;
         let me = self.me;
+        let neighbors = &self.members.neighbors;
+        // A neighbour is up, whatever we last heard of its origin (a
+        // restarted node that left in its previous life).
         let due = self.transfers.due(now, |p| {
-            *p != me && origins.get(p).is_none_or(|o| o.status.is_live())
+            *p != me && (neighbors.contains(p) || origins.get(p).is_none_or(|o| o.status.is_live()))
         });
         for (from, ids) in due {
             self.stats.pulls += 1;
@@ -981,7 +1015,12 @@ impl<S: Seal> Core<S> {
         if o.status != Status::Alive {
             return;
         }
-        o.status = Status::Suspect { since: now };
+        // The lease runs from the last word heard (SPEC §7), leaving the
+        // suspect at least `SUSPECT_MIN` to refute.
+        let since = (now + SUSPECT_MIN)
+            .checked_sub(self.params.lease)
+            .map_or(now, |t| t.max(o.last_heard).min(now));
+        o.status = Status::Suspect { since };
         self.stats.suspects += 1;
         let body = Body::Suspect {
             target,

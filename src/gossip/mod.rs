@@ -31,6 +31,7 @@
 
 pub mod auth;
 pub mod core;
+pub mod driver;
 pub mod membership;
 pub mod node;
 pub mod origins;

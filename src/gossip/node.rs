@@ -22,7 +22,9 @@ use iroh::{Endpoint, EndpointAddr, EndpointId, RelayMode, SecretKey};
 use iroh_gossip::api::{Event, GossipReceiver, GossipSender, JoinOptions};
 use iroh_gossip::proto::TopicId;
 
-use super::auth::{AuthHandler, AuthState, Hooks, STATE_ALPN};
+use super::auth::{AuthHandler, AuthState, CORE_ALPN, Hooks, STATE_ALPN};
+use super::core::{Body, Core, Direct, Input, Output, Params, Seal, Signed};
+use super::driver::{self, CoreHandler, ServeRequest};
 use super::wire::{
     self, Change, DropReason, Encoding, Fresh, Opened, Payload, ReplayWindow, Ring, Versions,
 };
@@ -185,6 +187,21 @@ impl Me {
         bytes
     }
 }
+
+/// Seals the replication core's messages at the current version (v4)
+/// with this node's key, under the keyring's primary key.
+struct CoreSeal(Arc<Me>);
+
+impl Seal for CoreSeal {
+    fn seal(&mut self, body: &Body) -> Arc<[u8]> {
+        self.0
+            .seal_at(wire::PROTOCOL_VERSION, Payload::Core(body.clone()))
+            .into()
+    }
+}
+
+/// Result of a core transfer task: the verified messages, or `None`.
+type Transferred = (EndpointId, Option<Vec<Signed>>);
 
 /// Serves this node's full state on [`STATE_ALPN`], and takes heartbeats
 /// pushed there by peers that are not our gossip neighbours (admitted peers
@@ -363,7 +380,33 @@ struct Node {
     direct_rx: tokio::sync::mpsc::Receiver<(EndpointId, Vec<u8>)>,
     /// Peers found by mDNS.
     discovered: HashSet<EndpointId>,
+    /// The replication core (protocol v4). `None` on a node held at v3
+    /// (`protocol_version = 3`), which runs the v3 protocol alone.
+    core: Option<Core<CoreSeal>>,
+    core_direct_rx: tokio::sync::mpsc::Receiver<(EndpointId, Direct)>,
+    serve_rx: tokio::sync::mpsc::Receiver<ServeRequest>,
+    transfer_tx: tokio::sync::mpsc::Sender<Transferred>,
+    transfer_rx: tokio::sync::mpsc::Receiver<Transferred>,
+    /// Bounds the core's direct messages in flight.
+    sends: Arc<tokio::sync::Semaphore>,
+    next_addrs: Instant,
+    /// Known peers pinged by the healing timer, joined when they ack.
+    heal_pings: HashSet<EndpointId>,
 }
+
+/// Nonce of the healing timer's pings (the core's probes count from 1 and
+/// ignore an ack that is not their probe's).
+pub const HEAL_PING_NONCE: u64 = 0;
+
+/// Time given to the gossip actor to send the signed leave before the
+/// router shuts down (well within `STOP_GRACE`).
+pub const LEAVE_LINGER: Duration = Duration::from_millis(150);
+/// Period of the check of this node's own direct addresses (carried in
+/// its signed `Alive`, so peers can dial it after their caches expired).
+pub const ADDRS_EVERY: Duration = Duration::from_secs(2);
+/// Room in the channel of finished core transfers (more than the core's
+/// pulls in flight, `transfer::MAX_PULLS`).
+pub const TRANSFER_CAPACITY: usize = 16;
 
 /// How long a stopping gossip loop has to leave on its own before the
 /// halt signal ends it (longer than its own bounded leave, `STOP_TIMEOUT`).
@@ -534,7 +577,10 @@ impl Node {
             stats: stats.clone(),
         });
         let filter_auth = auth.clone();
-        let router = Router::builder(endpoint.clone())
+        let core_on = versions.max >= wire::PROTOCOL_VERSION;
+        let (core_direct_tx, core_direct_rx) = tokio::sync::mpsc::channel(driver::DIRECT_INBOX);
+        let (serve_tx, serve_rx) = tokio::sync::mpsc::channel(driver::SERVE_INBOX);
+        let mut router = Router::builder(endpoint.clone())
             .incoming_filter(Arc::new(move |incoming| {
                 filter_auth.filter_incoming(incoming)
             }))
@@ -547,8 +593,17 @@ impl Node {
                     auth: auth.clone(),
                     direct: direct_tx,
                 },
-            )
-            .spawn();
+            );
+        if core_on {
+            router = router.accept(
+                CORE_ALPN,
+                CoreHandler {
+                    direct: core_direct_tx,
+                    serve: serve_tx,
+                },
+            );
+        }
+        let router = router.spawn();
         let unresolved = resolve_bootstrap(&memory, &bootstrap, true).await;
         let topic_handle = gossip
             .subscribe_with_opts(
@@ -569,6 +624,25 @@ impl Node {
         let lease = Duration::from_secs(config.lease_secs.max(1));
         let now = Instant::now();
         let (pulled_tx, pulled_rx) = tokio::sync::mpsc::channel(MAX_PULLS * 2);
+        let (transfer_tx, transfer_rx) = tokio::sync::mpsc::channel(TRANSFER_CAPACITY);
+        let core = core_on.then(|| {
+            let mut core = Core::new(
+                *my_id.as_bytes(),
+                &config.node_name,
+                incarnation,
+                Params::new(lease),
+                CoreSeal(me.clone()),
+                fastrand::u64(..),
+                now,
+            );
+            core.handle(
+                now,
+                Input::Start {
+                    bootstrap: bootstrap.iter().map(|(id, _)| *id.as_bytes()).collect(),
+                },
+            );
+            core
+        });
         let local_lo = (
             Origin {
                 id: origin.id.clone(),
@@ -610,6 +684,14 @@ impl Node {
             discovered_rx,
             direct_rx,
             discovered: HashSet::new(),
+            core,
+            core_direct_rx,
+            serve_rx,
+            transfer_tx,
+            transfer_rx,
+            sends: Arc::new(tokio::sync::Semaphore::new(driver::MAX_SENDS)),
+            next_addrs: now,
+            heal_pings: HashSet::new(),
         };
         Ok((node, receiver, pulled_rx))
     }
@@ -623,12 +705,23 @@ impl Node {
     ) -> bool {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        self.run_outputs().await;
         loop {
             // TICK (100 ms) keeps an idle loop beating.
             self.stats.heartbeat.beat();
             tokio::select! {
                 cmd = inbox.recv() => match cmd {
-                    None | Some(Command::Stop) => break,
+                    None | Some(Command::Stop) => {
+                        // The signed leave, within the stop's grace: the
+                        // gossip actor needs a moment to send it before the
+                        // router shuts down.
+                        let leaving = self.core.as_ref().is_some_and(|c| c.is_ready());
+                        self.core_input(Input::Stop).await;
+                        if leaving {
+                            tokio::time::sleep(LEAVE_LINGER).await;
+                        }
+                        break;
+                    }
                     Some(Command::Kill) => return true,
                     Some(Command::LocalChanged) => {
                         self.last_local_change = Instant::now();
@@ -649,6 +742,28 @@ impl Node {
                 Some(p) = pulled_rx.recv() => self.on_pulled(p),
                 Some(id) = self.discovered_rx.recv() => self.on_discovered(id).await,
                 Some((from, bytes)) = self.direct_rx.recv() => self.on_direct(from, bytes).await,
+                Some((from, msg)) = self.core_direct_rx.recv() => {
+                    if matches!(msg, Direct::Ack { .. })
+                        && self.heal_pings.remove(&from)
+                        && !self.neighbors.contains(&from)
+                    {
+                        log::debug!("gossip: re-joining {from}");
+                        let _ = self.sender.join_peers(vec![from]).await;
+                    }
+                    if !self.auth.is_blocked(&from) {
+                        let from = *from.as_bytes();
+                        self.core_input(Input::Direct { from, msg }).await;
+                    }
+                }
+                Some((want, answer)) = self.serve_rx.recv() => {
+                    if let Some(core) = self.core.as_mut() {
+                        let _ = answer.send(core.serve(&want));
+                    }
+                }
+                Some((from, msgs)) = self.transfer_rx.recv() => {
+                    let from = *from.as_bytes();
+                    self.core_input(Input::Transfer { from, msgs }).await;
+                }
                 _ = tick.tick() => self.on_tick().await,
             }
         }
@@ -678,6 +793,146 @@ impl Node {
         }
     }
 
+    /// True while the v3 protocol must run beside the core: on a node held
+    /// at v3, and on a v4 node while a live peer speaks only v3 (the
+    /// broadcast version is then 3).
+    fn legacy(&self) -> bool {
+        self.core.is_none() || self.me.send_version.load(Ordering::Relaxed) < wire::PROTOCOL_VERSION
+    }
+
+    /// Hands one input to the core and carries out what it decided.
+    async fn core_input(&mut self, input: Input) {
+        let Some(core) = self.core.as_mut() else {
+            return;
+        };
+        let oversize = core.stats.oversize_changes;
+        core.handle(Instant::now(), input);
+        let more = core.stats.oversize_changes - oversize;
+        if more > 0 {
+            self.stats
+                .oversize_changes
+                .fetch_add(more, Ordering::Relaxed);
+        }
+        self.run_outputs().await;
+    }
+
+    /// Carries out the core's outputs.
+    async fn run_outputs(&mut self) {
+        let Some(core) = self.core.as_mut() else {
+            return;
+        };
+        let outputs: Vec<Output> = core.drain().collect();
+        for output in outputs {
+            match output {
+                Output::Broadcast(raw) => self.broadcast(raw.to_vec()).await,
+                Output::Send(to, msg) => self.send_core(to, msg),
+                Output::Pull { from, want } => self.pull_core(from, want),
+                Output::Join(ids) => {
+                    let ids: Vec<EndpointId> = ids
+                        .iter()
+                        .filter_map(|id| EndpointId::from_bytes(id).ok())
+                        .filter(|id| *id != self.my_id && !self.auth.is_blocked(id))
+                        .collect();
+                    if !ids.is_empty() {
+                        log::debug!("gossip: joining {} peers", ids.len());
+                        let _ = self.sender.join_peers(ids).await;
+                    }
+                }
+                Output::Registry(op) => {
+                    driver::registry_msgs(op, |m| send_registry(&self.registry, m));
+                }
+                Output::Addrs(id, addrs) => {
+                    if let Ok(id) = EndpointId::from_bytes(&id) {
+                        let mut ea = EndpointAddr::new(id);
+                        for sa in addrs {
+                            ea = ea.with_ip_addr(sa);
+                        }
+                        self.memory.add_endpoint_info(ea);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends one of the core's direct messages (dropped when
+    /// [`driver::MAX_SENDS`] are in flight: the core retries on its timers).
+    fn send_core(&self, to: [u8; 32], msg: Direct) {
+        let Ok(id) = EndpointId::from_bytes(&to) else {
+            return;
+        };
+        if self.auth.is_blocked(&id) {
+            return;
+        }
+        let Ok(permit) = self.sends.clone().try_acquire_owned() else {
+            log::debug!("gossip: too many direct messages in flight, one to {id} dropped");
+            return;
+        };
+        let endpoint = self.endpoint.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            match tokio::time::timeout(
+                driver::SEND_TIMEOUT,
+                driver::send_direct(&endpoint, id, &msg),
+            )
+            .await
+            {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => log::debug!("gossip: direct message to {id}: {e}"),
+                Err(_) => log::debug!("gossip: direct message to {id}: timed out"),
+            }
+        });
+    }
+
+    /// Starts one of the core's pulls; the verified messages come back on
+    /// `transfer_rx` (always, failed or not: the core waits for it).
+    fn pull_core(&self, from: [u8; 32], want: super::transfer::Want) {
+        let endpoint = self.endpoint.clone();
+        let me = self.me.clone();
+        let tx = self.transfer_tx.clone();
+        let stats = self.stats.clone();
+        let Ok(id) = EndpointId::from_bytes(&from) else {
+            return;
+        };
+        tokio::spawn(async move {
+            let result =
+                tokio::time::timeout(driver::TRANSFER_TIMEOUT, driver::pull(&endpoint, id, &want))
+                    .await;
+            let bytes = match result {
+                Ok(Ok(bytes)) => Some(bytes),
+                Ok(Err(e)) => {
+                    log::debug!("gossip: transfer from {id} failed: {e}");
+                    None
+                }
+                Err(_) => {
+                    log::debug!("gossip: transfer from {id} timed out");
+                    None
+                }
+            };
+            let msgs = bytes.and_then(|bytes| {
+                let frames = driver::unframe(&bytes)?;
+                let mut msgs = Vec::with_capacity(frames.len());
+                for f in frames {
+                    match me.open(f, wire::MAX_STREAM_BYTES) {
+                        Ok(o) if o.version >= wire::PROTOCOL_VERSION => {
+                            msgs.extend(driver::signed(o, f));
+                        }
+                        Ok(_) => {}
+                        Err(reason) => {
+                            stats.dropped[reason.index()].fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                Some(msgs)
+            });
+            if msgs.is_some() {
+                stats.state_pulls.fetch_add(1, Ordering::Relaxed);
+            } else {
+                stats.state_pull_failures.fetch_add(1, Ordering::Relaxed);
+            }
+            let _ = tx.send((id, msgs)).await;
+        });
+    }
+
     async fn broadcast(&mut self, bytes: Vec<u8>) {
         if bytes.len() > wire::MAX_GOSSIP_BYTES {
             // Never sent: an oversize message silently breaks links.
@@ -697,6 +952,9 @@ impl Node {
     }
 
     async fn send_heartbeat(&mut self) {
+        if !self.legacy() {
+            return;
+        }
         let payload = {
             let p = self.me.published.lock().expect("published lock");
             Payload::Heartbeat {
@@ -783,7 +1041,7 @@ impl Node {
             Ok(_) => {}
             Err(reason) => return self.drop_msg(reason, "pushed"),
         }
-        self.on_message(&bytes, Instant::now()).await;
+        self.on_message(&bytes, Instant::now(), None).await;
     }
 
     /// Brings `me.published.groups` up to date with the table, cloning only
@@ -830,38 +1088,45 @@ impl Node {
     /// the full state.
     async fn publish(&mut self) {
         let me = self.me.clone();
-        let wire = !self.neighbors.is_empty();
+        let core_on = self.core.is_some();
+        let wire = !self.neighbors.is_empty() && self.legacy();
         let mut messages = Vec::new();
         let mut oversize = false;
+        let mut for_core = None;
         {
             let mut p = me.published.lock().expect("published lock");
             let ready = p.ready;
-            let (changes, changed) = self.sync_published(&mut p, ready && wire);
-            if !ready || !changed {
-                return;
+            let (changes, changed) = self.sync_published(&mut p, core_on || (ready && wire));
+            if core_on && changed {
+                for_core = Some(changes.clone());
             }
-            p.cache = None;
-            if !wire {
-                p.version += 1;
-                return;
+            if ready && changed {
+                p.cache = None;
+                if !wire {
+                    p.version += 1;
+                } else {
+                    let (chunks, skipped) =
+                        wire::chunk_changes(changes, wire::MAX_GOSSIP_BYTES, wire::HEADER_BUDGET);
+                    for changes in chunks {
+                        p.version += 1;
+                        messages.push(Payload::Delta {
+                            version: p.version,
+                            changes,
+                        });
+                    }
+                    if skipped > 0 {
+                        // Peers see the version jump and pull the full state.
+                        self.stats
+                            .oversize_changes
+                            .fetch_add(skipped as u64, Ordering::Relaxed);
+                        p.version += 1;
+                        oversize = true;
+                    }
+                }
             }
-            let (chunks, skipped) =
-                wire::chunk_changes(changes, wire::MAX_GOSSIP_BYTES, wire::HEADER_BUDGET);
-            for changes in chunks {
-                p.version += 1;
-                messages.push(Payload::Delta {
-                    version: p.version,
-                    changes,
-                });
-            }
-            if skipped > 0 {
-                // Peers see the version jump and pull the full state.
-                self.stats
-                    .oversize_changes
-                    .fetch_add(skipped as u64, Ordering::Relaxed);
-                p.version += 1;
-                oversize = true;
-            }
+        }
+        if let Some(changes) = for_core {
+            self.core_input(Input::Local(changes)).await;
         }
         for payload in messages {
             let bytes = self.me.seal(payload);
@@ -885,6 +1150,11 @@ impl Node {
             p.cache = None;
         }
         log::debug!("gossip: local records settled, serving full state");
+        if let Some(core) = self.core.as_mut() {
+            // The core holds the same groups (fed by `publish`).
+            core.handle(Instant::now(), Input::Ready);
+            self.run_outputs().await;
+        }
         self.send_heartbeat().await;
     }
 
@@ -898,13 +1168,15 @@ impl Node {
                 if self.auth.is_blocked(&msg.delivered_from) {
                     return;
                 }
-                self.on_message(&msg.content, Instant::now()).await;
+                self.on_message(&msg.content, Instant::now(), Some(msg.delivered_from))
+                    .await;
             }
             Event::NeighborUp(id) => {
                 log::debug!("gossip neighbour up: {id}");
                 let first = self.neighbors.is_empty();
                 self.neighbors.insert(id);
-                if first {
+                self.core_input(Input::NeighborUp(*id.as_bytes())).await;
+                if first && self.legacy() {
                     // Joined (or re-joined after a partition): ask every
                     // holder to announce itself.
                     let hello = self.me.seal(Payload::Hello);
@@ -915,9 +1187,11 @@ impl Node {
             Event::NeighborDown(id) => {
                 log::debug!("gossip neighbour down: {id}");
                 self.neighbors.remove(&id);
+                self.core_input(Input::NeighborDown(*id.as_bytes())).await;
             }
             Event::Lagged => {
                 self.stats.lagged.fetch_add(1, Ordering::Relaxed);
+                self.core_input(Input::Lagged).await;
                 log::debug!("gossip: lagged, resynchronising every origin");
                 for o in self.origins.values_mut() {
                     o.known = None;
@@ -935,19 +1209,65 @@ impl Node {
         log::debug!("gossip: dropped a message: {reason} {detail}");
     }
 
-    async fn on_message(&mut self, bytes: &[u8], now: Instant) {
+    /// A sealed message relayed by gossip neighbour `from` (or pushed, with
+    /// `from` `None`): core messages go to the core, v3 ones to the v3
+    /// protocol (on a v4 node, only those of origins that speak v3 alone).
+    async fn on_message(&mut self, bytes: &[u8], now: Instant, from: Option<EndpointId>) {
+        let opened = match self.me.open(bytes, wire::MAX_GOSSIP_BYTES) {
+            Ok(o) => o,
+            Err(reason) => return self.drop_msg(reason, ""),
+        };
+        let Ok(id) = EndpointId::from_bytes(&opened.header.origin) else {
+            return self.drop_msg(DropReason::Malformed, "origin key");
+        };
+        if let Payload::Core(_) = &opened.header.payload {
+            let (Some(from), true, true) = (
+                from,
+                self.core.is_some(),
+                opened.version >= wire::PROTOCOL_VERSION,
+            ) else {
+                return self.drop_msg(DropReason::Malformed, "core message out of place");
+            };
+            if id != self.my_id {
+                // The core holds this origin now (it may have been a v3
+                // origin before its upgrade: its records stay until the
+                // core replaces them).
+                self.origins.remove(&id);
+                if self.auth.end_if_older(&id, opened.header.incarnation) {
+                    self.next_peers = now;
+                }
+            }
+            if let Some(o) = self
+                .core
+                .as_ref()
+                .and_then(|c| c.origin(&opened.header.origin))
+            {
+                // What the core would ignore as old news, counted as such.
+                let stale = opened.header.incarnation < o.incarnation
+                    || (opened.header.incarnation == o.incarnation
+                        && matches!(&opened.header.payload,
+                            Payload::Core(Body::Delta { version, .. })
+                                if o.known.is_some_and(|k| *version <= k)));
+                if stale {
+                    return self.drop_msg(DropReason::Replay, &format!("old news from {id}"));
+                }
+            }
+            if let Some(msg) = driver::signed(opened, bytes) {
+                let from = *from.as_bytes();
+                self.core_input(Input::Gossip { from, msg }).await;
+            }
+            return;
+        }
+        if self.core.is_some() && opened.speaks >= wire::PROTOCOL_VERSION {
+            // A v4 node's v3 messages are for v3 peers; the core holds it.
+            return;
+        }
         let Opened {
             header,
             version,
             speaks,
             key_id,
-        } = match self.me.open(bytes, wire::MAX_GOSSIP_BYTES) {
-            Ok(o) => o,
-            Err(reason) => return self.drop_msg(reason, ""),
-        };
-        let Ok(id) = EndpointId::from_bytes(&header.origin) else {
-            return self.drop_msg(DropReason::Malformed, "origin key");
-        };
+        } = opened;
         if id == self.my_id {
             return;
         }
@@ -1032,7 +1352,7 @@ impl Node {
                     }
                 }
             }
-            Payload::FullState { .. } => {
+            Payload::FullState { .. } | Payload::Core(_) => {
                 return self.drop_msg(DropReason::Malformed, "full state over gossip");
             }
         }
@@ -1144,6 +1464,14 @@ impl Node {
 
     async fn on_tick(&mut self) {
         let now = Instant::now();
+        if self.core.is_some() {
+            if now >= self.next_addrs {
+                self.next_addrs = now + ADDRS_EVERY;
+                let addrs = own_addrs(&self.endpoint);
+                self.core_input(Input::Addrs(addrs)).await;
+            }
+            self.core_input(Input::Tick).await;
+        }
         let ready = self.me.published.lock().expect("published lock").ready;
         if !ready {
             let since_start = now.duration_since(self.started);
@@ -1178,8 +1506,9 @@ impl Node {
                 }
             }
         }
+        let core_live = self.core.as_ref().map_or(0, |c| c.live_origins().count());
         self.stats.origins.store(
-            self.origins.values().filter(|o| !o.expired).count() as u64,
+            (self.origins.values().filter(|o| !o.expired).count() + core_live) as u64,
             Ordering::Relaxed,
         );
         self.update_send_version();
@@ -1222,7 +1551,23 @@ impl Node {
                             && !unresolved.contains(id)
                     })
                     .collect();
-                if !want.is_empty() {
+                if !want.is_empty() && self.core.is_some() {
+                    // Ping first, join on the ack: a peer that restarted is
+                    // admitted again on the ping's connection, so the
+                    // gossip connection is never the one that re-admission
+                    // closes (which leaves iroh-gossip's link to the peer
+                    // dead for good).
+                    self.heal_pings.clear();
+                    for id in want {
+                        self.heal_pings.insert(id);
+                        self.send_core(
+                            *id.as_bytes(),
+                            Direct::Ping {
+                                nonce: HEAL_PING_NONCE,
+                            },
+                        );
+                    }
+                } else if !want.is_empty() {
                     log::debug!("gossip: re-joining {} known peers", want.len());
                     let _ = self.sender.join_peers(want).await;
                 }
@@ -1247,6 +1592,9 @@ impl Node {
         self.stats.keyring_reloads.fetch_add(1, Ordering::Relaxed);
         // The cached full state was sealed with the previous primary.
         self.me.published.lock().expect("published lock").cache = None;
+        if let Some(core) = self.core.as_mut() {
+            core.reseal();
+        }
         log::info!(
             "Cluster keyring reloaded: keys {}; {} admissions ended by it",
             keyring.describe(),
@@ -1334,14 +1682,32 @@ impl Node {
                 .filter(|(_, o)| now.duration_since(o.last_heard) < forget)
                 .map(|(id, _)| *id),
         );
+        // Origins the core holds (v4 peers).
+        let core_origin = |id: &EndpointId| {
+            self.core
+                .as_ref()
+                .and_then(|c| c.origin(id.as_bytes()))
+                .filter(|o| o.status.is_live())
+        };
+        if let Some(core) = self.core.as_ref() {
+            ids.extend(
+                core.live_origins()
+                    .filter(|(_, o)| now.saturating_duration_since(o.last_heard) < forget)
+                    .filter_map(|(id, _)| EndpointId::from_bytes(id).ok()),
+            );
+        }
         let mut list: Vec<PeerStatus> = ids
             .into_iter()
             .map(|id| {
                 let o = self.origins.get(&id);
+                let c = core_origin(&id);
                 let a = admitted.get(&id);
                 PeerStatus {
                     id: id.to_string(),
-                    node_name: o.map(|o| o.node_name.clone()).unwrap_or_default(),
+                    node_name: o
+                        .map(|o| o.node_name.clone())
+                        .or(c.map(|c| c.node_name.to_string()))
+                        .unwrap_or_default(),
                     addr: a.and_then(|a| a.addr).map(|s| s.to_string()).or_else(|| {
                         self.bootstrap
                             .iter()
@@ -1350,6 +1716,7 @@ impl Node {
                     }),
                     last_heard_ms_ago: o
                         .map(|o| o.last_heard)
+                        .or(c.map(|c| c.last_heard))
                         .or(a.map(|a| a.since))
                         .map(|t| now.duration_since(t).as_millis() as u64)
                         .unwrap_or_default(),
@@ -1372,6 +1739,20 @@ impl Node {
 
 /// A peer's address for log lines: where it was admitted from, else its
 /// bootstrap address, else `an unknown address` (heard through others).
+/// This node's direct addresses as peers may dial them: the endpoint's
+/// IP addresses less those of Docker bridges.
+fn own_addrs(endpoint: &Endpoint) -> Vec<SocketAddr> {
+    let hidden = super::bridge_ips();
+    let mut addrs: Vec<SocketAddr> = endpoint
+        .addr()
+        .ip_addrs()
+        .copied()
+        .filter(|sa| !hidden.contains(&sa.ip()))
+        .collect();
+    addrs.sort_unstable();
+    addrs
+}
+
 fn peer_addr(
     auth: &AuthState,
     bootstrap: &[(EndpointId, Option<String>)],

@@ -24,7 +24,7 @@ pub const MAX_PENDING: usize = 256;
 /// pulls a fresh full state from the owner.
 pub const MAX_TAIL: usize = 256;
 /// Most groups accepted from one origin (a full state with more is refused).
-pub const MAX_GROUPS_PER_ORIGIN: usize = 4096;
+pub const MAX_GROUPS_PER_ORIGIN: usize = 16_384;
 
 /// Where an origin stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

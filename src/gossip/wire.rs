@@ -14,6 +14,10 @@
 //! SRV ports), in payload order. A v3 peer gets groups without them; a
 //! group read from a v3 message has the default facts.
 //!
+//! v4 also carries [`Payload::Core`], the replication core's signed
+//! messages (`core::Body`, whose groups' facts travel after the header like
+//! any payload's); a v3 node drops v4 bytes (unknown version) unread.
+//!
 //! The HMAC (under the message key derived from one key of the keyring:
 //! the sender's primary) covers everything before it; the signature (by
 //! the `signer` named in the header) covers everything before it. `speaks`
@@ -318,30 +322,43 @@ impl From<WireGroup> for Group {
 impl Payload {
     /// Every group the payload carries, in order.
     fn groups(&self) -> Vec<&WireGroup> {
-        match self {
-            Payload::Delta { changes, .. } => changes
-                .iter()
-                .filter_map(|c| match c {
-                    Change::Upsert(_, g) => Some(g),
-                    Change::Remove(_) => None,
-                })
-                .collect(),
-            Payload::FullState { groups, .. } => groups.iter().map(|(_, g)| g).collect(),
-            Payload::Hello | Payload::Heartbeat { .. } => Vec::new(),
+        use super::core::Body;
+        let (changes, full) = match self {
+            Payload::Delta { changes, .. } | Payload::Core(Body::Delta { changes, .. }) => {
+                (Some(changes), None)
+            }
+            Payload::FullState { groups, .. } | Payload::Core(Body::FullState { groups, .. }) => {
+                (None, Some(groups))
+            }
+            _ => (None, None),
+        };
+        let mut out = Vec::new();
+        if let Some(changes) = changes {
+            out.extend(changes.iter().filter_map(|c| match c {
+                Change::Upsert(_, g) => Some(g),
+                Change::Remove(_) => None,
+            }));
         }
+        if let Some(groups) = full {
+            out.extend(groups.iter().map(|(_, g)| g));
+        }
+        out
     }
 
     fn groups_mut(&mut self) -> Vec<&mut WireGroup> {
+        use super::core::Body;
         match self {
-            Payload::Delta { changes, .. } => changes
+            Payload::Delta { changes, .. } | Payload::Core(Body::Delta { changes, .. }) => changes
                 .iter_mut()
                 .filter_map(|c| match c {
                     Change::Upsert(_, g) => Some(g),
                     Change::Remove(_) => None,
                 })
                 .collect(),
-            Payload::FullState { groups, .. } => groups.iter_mut().map(|(_, g)| g).collect(),
-            Payload::Hello | Payload::Heartbeat { .. } => Vec::new(),
+            Payload::FullState { groups, .. } | Payload::Core(Body::FullState { groups, .. }) => {
+                groups.iter_mut().map(|(_, g)| g).collect()
+            }
+            _ => Vec::new(),
         }
     }
 }
@@ -374,6 +391,8 @@ pub enum Payload {
         version: u64,
         groups: Vec<(WireSource, WireGroup)>,
     },
+    /// A message of the replication core (v4 only).
+    Core(super::core::Body),
 }
 
 /// Who sent a message, in which life, in which order.
@@ -1097,6 +1116,49 @@ mod version_tests {
                 .iter()
                 .all(|p| p.service == "web" && p.port > 0 && p.port % 2 == 0)
         );
+    }
+
+    #[test]
+    fn a_core_message_travels_in_v4() {
+        let ring = Ring::for_tests("s");
+        let body = crate::gossip::core::Body::Alive {
+            beat: 3,
+            version: 7,
+            addrs: vec!["10.0.0.1:9254".parse().unwrap()],
+        };
+        let bytes = seal_own(
+            &ring,
+            Encoding::CURRENT,
+            &key(),
+            "node-a",
+            1,
+            1,
+            Payload::Core(body.clone()),
+        );
+        let o = open(&ring, Versions::speaking(PROTOCOL_VERSION), &bytes, 4096).unwrap();
+        assert_eq!(o.header.payload, Payload::Core(body));
+        assert_eq!(o.version, 4);
+        // A core full state keeps its groups' facts.
+        let mut g = WireGroup {
+            names: vec!["web".into()],
+            ..Default::default()
+        };
+        g.facts.health = crate::table::Health::Unhealthy;
+        let body = crate::gossip::core::Body::FullState {
+            version: 2,
+            groups: vec![(WireSource::Static("web".into()), g)],
+        };
+        let bytes = seal_own(
+            &ring,
+            Encoding::CURRENT,
+            &key(),
+            "node-a",
+            1,
+            2,
+            Payload::Core(body.clone()),
+        );
+        let o = open(&ring, Versions::speaking(PROTOCOL_VERSION), &bytes, 4096).unwrap();
+        assert_eq!(o.header.payload, Payload::Core(body));
     }
 
     #[test]

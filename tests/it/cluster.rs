@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::bounded;
 use glued::config::{BootstrapPeer, Config, Keyring};
+use glued::gossip::core::Body;
 use glued::gossip::wire::{self, Change, Encoding, Header, Payload, Ring, WireGroup, WireSource};
 use glued::gossip::{DropReason, Gossip, GossipStats, Peers, Refusal, load_key};
 use glued::registry::{Registry, RegistryMsg, RegistryStats};
@@ -345,20 +346,22 @@ fn forged_and_replayed_messages_change_nothing() {
     let m_key = load_key(&m.config.data_dir).unwrap();
     let a_id = *a.gossip().id.as_bytes();
     let m_id = *m.gossip().id.as_bytes();
-    let evil = |name: &str| Payload::Delta {
-        version: 1_000,
-        changes: vec![
-            Change::Upsert(
-                WireSource::Static(name.into()),
-                WireGroup {
-                    names: vec![name.into()],
-                    v4: vec![ip(66)],
-                    v6: vec![],
-                    ..Default::default()
-                },
-            ),
-            Change::Remove(WireSource::Static("real".into())),
-        ],
+    let evil = |name: &str| {
+        Payload::Core(Body::Delta {
+            version: 1_000,
+            changes: vec![
+                Change::Upsert(
+                    WireSource::Static(name.into()),
+                    WireGroup {
+                        names: vec![name.into()],
+                        v4: vec![ip(66)],
+                        v6: vec![],
+                        ..Default::default()
+                    },
+                ),
+                Change::Remove(WireSource::Static("real".into())),
+            ],
+        })
     };
     let before = |r| b.stats.dropped(r);
     let (not_owner, bad_sig, replay) = (
@@ -405,10 +408,10 @@ fn forged_and_replayed_messages_change_nothing() {
         "node-m",
         m.gossip().incarnation,
         u64::MAX / 2,
-        Payload::Delta {
+        Payload::Core(Body::Delta {
             version: 1,
             changes: vec![Change::Remove(WireSource::Static("mine".into()))],
-        },
+        }),
     );
     m.gossip().broadcast_raw(stale);
     assert!(
@@ -434,6 +437,13 @@ fn forged_and_replayed_messages_change_nothing() {
         n.stop();
     }
 }
+
+/// How a peer one protocol version behind seals: the crafted messages of
+/// these tests exercise the v3 protocol a v4 node still runs for such peers.
+const V3_PEER: Encoding = Encoding {
+    version: wire::PROTOCOL_VERSION - 1,
+    speaks: wire::PROTOCOL_VERSION - 1,
+};
 
 #[test]
 fn a_killed_node_keeps_its_records_until_the_lease_ends() {
@@ -468,7 +478,26 @@ fn a_killed_node_keeps_its_records_until_the_lease_ends() {
 }
 
 #[test]
-fn a_graceful_restart_never_makes_names_vanish() {
+fn a_graceful_stop_drops_the_nodes_names_at_once() {
+    let t = topic();
+    let a = start(Opts::new("node-a", t).lease(60));
+    let mut b_opts = Opts::new("node-b", t).lease(60).boot(&a);
+    b_opts.records = vec![("leaving", ip(5))];
+    let b = start(b_opts);
+    assert!(wait_until(CONVERGE, || a.resolves("leaving").is_some()));
+    let stopped = Instant::now();
+    b.stop();
+    // Far sooner than the lease (60 s): B's signed leave dropped them.
+    assert!(
+        wait_until(Duration::from_secs(20), || a.resolves("leaving").is_none()),
+        "B's names outlived its graceful stop"
+    );
+    eprintln!("names dropped {:?} after the stop", stopped.elapsed());
+    a.stop();
+}
+
+#[test]
+fn a_restart_never_makes_names_vanish() {
     let t = topic();
     let a = start(Opts::new("node-a", t).lease(3));
     let dir = support::data_dir();
@@ -479,7 +508,8 @@ fn a_graceful_restart_never_makes_names_vanish() {
     assert!(wait_until(CONVERGE, || a.resolves("stable").is_some()
         && a.resolves("old-only").is_some()));
     let b_id = b.origin.id.clone();
-    b.stop();
+    // Killed, not stopped: a graceful stop sends a leave (the next test).
+    b.kill();
     let mut b_opts = Opts::new("node-b", t).lease(3).boot(&a);
     b_opts.data_dir = Some(dir);
     b_opts.records = vec![("stable", ip(5)), ("new-only", ip(7))];
@@ -1280,7 +1310,7 @@ fn a_peer_at_the_last_version_number_does_not_break_the_node() {
     let m_key = SecretKey::generate();
     let full = wire::seal_own(
         &ring,
-        Encoding::CURRENT,
+        V3_PEER,
         &m_key,
         "node-m",
         1,
@@ -1302,7 +1332,7 @@ fn a_peer_at_the_last_version_number_does_not_break_the_node() {
         let mut msg = vec![REQUEST_PUSH];
         msg.extend(wire::seal_own(
             &ring,
-            Encoding::CURRENT,
+            V3_PEER,
             &m_key,
             "node-m",
             1,
