@@ -54,6 +54,8 @@ pub const PROBE_EVERY: Duration = Duration::from_secs(1);
 pub const PROBE_TIMEOUT: Duration = Duration::from_millis(800);
 /// Mean period of the digest exchange with a random member (jittered).
 pub const DIGEST_EVERY: Duration = Duration::from_secs(2);
+/// Period of the digest exchange while exchanges still bring news.
+pub const DIGEST_FAST: Duration = Duration::from_millis(250);
 /// Mean period of the reconnect to a random known non-neighbour (jittered).
 pub const RECONNECT_EVERY: Duration = Duration::from_secs(10);
 /// How long a version gap may last before a pull.
@@ -94,6 +96,19 @@ pub enum Body {
     },
     /// The origin stops (gracefully): drop its records now.
     Leave,
+}
+
+impl Body {
+    /// The variant's name, for log lines.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Body::Alive { .. } => "alive",
+            Body::Delta { .. } => "delta",
+            Body::FullState { .. } => "full state",
+            Body::Suspect { .. } => "suspect",
+            Body::Leave => "leave",
+        }
+    }
 }
 
 /// A message whose signature and origin the driver verified.
@@ -199,6 +214,7 @@ pub struct Params {
     pub probe_every: Duration,
     pub probe_timeout: Duration,
     pub digest_every: Duration,
+    pub digest_fast: Duration,
     pub reconnect_every: Duration,
 }
 
@@ -209,6 +225,7 @@ impl Params {
             probe_every: PROBE_EVERY,
             probe_timeout: PROBE_TIMEOUT,
             digest_every: DIGEST_EVERY,
+            digest_fast: DIGEST_FAST,
             reconnect_every: RECONNECT_EVERY,
         }
     }
@@ -355,10 +372,16 @@ impl<S: Seal> Core<S> {
                 self.members.heard(id, None, now);
                 if first && self.ready {
                     // What was announced with no neighbour reached nobody
-                    // (a restart that nobody dialled yet): once more, in
-                    // new bytes (iroh-gossip drops repeated ones).
+                    // (a start or restart that nobody dialled yet): once
+                    // more, in new bytes (iroh-gossip drops repeated ones),
+                    // the full state too so that peers need no pull.
                     self.beat += 1;
                     self.broadcast_alive();
+                    self.own_full = None;
+                    let full = self.own_full();
+                    if full.len() <= wire::MAX_GOSSIP_BYTES {
+                        self.broadcast(full);
+                    }
                 }
                 if !self.transfers.bulk_done && !self.transfers.busy(&id) {
                     self.pull_all(id, now);
@@ -859,6 +882,7 @@ impl<S: Seal> Core<S> {
 
     fn on_digest(&mut self, now: Instant, from: NodeId, entries: Vec<Entry>, answer: bool) {
         let mut theirs: HashMap<NodeId, Entry> = HashMap::with_capacity(entries.len());
+        let mut learned = false;
         for e in entries {
             if e.origin == self.me {
                 if e.incarnation > self.incarnation
@@ -896,10 +920,16 @@ impl<S: Seal> Core<S> {
                     }
                 };
                 if want {
+                    learned = true;
                     self.transfers.want(e.origin, Some(from), now);
                 }
             }
             theirs.insert(e.origin, e);
+        }
+        if learned {
+            // Still converging (a cold start, a heal): the next exchange
+            // comes soon, so news spreads in rounds of DIGEST_FAST.
+            self.next_digest = self.next_digest.min(now + self.params.digest_fast);
         }
         if !answer {
             return;
@@ -1016,8 +1046,10 @@ impl<S: Seal> Core<S> {
             return;
         }
         // The lease runs from the last word heard (SPEC §7), leaving the
-        // suspect at least `SUSPECT_MIN` to refute.
-        let since = (now + SUSPECT_MIN)
+        // suspect at least a third of the lease (`SUSPECT_MIN` or more) to
+        // refute.
+        let window = SUSPECT_MIN.max(self.params.lease / 3);
+        let since = (now + window)
             .checked_sub(self.params.lease)
             .map_or(now, |t| t.max(o.last_heard).min(now));
         o.status = Status::Suspect { since };

@@ -5,9 +5,10 @@
 //! [`CORE_ALPN`] streams between admitted peers (the endpoint hooks gate
 //! the ALPN on admission, like gossip's).
 //!
-//! One connection per request: a kind byte, the postcard body, the end of
-//! the stream; a direct message is answered by a one-byte receipt, a pull by
-//! frames (`u32` big-endian length ‖ sealed message) up to
+//! One bidirectional stream per request, on a connection kept per peer
+//! ([`Conns`], closed by QUIC's idle timeout or by an admission's end): a
+//! kind byte, the postcard body, the end of the stream; a direct message is
+//! answered by a one-byte receipt, a pull by frames (`u32` big-endian length ‖ sealed message) up to
 //! [`wire::MAX_STREAM_BYTES`]. Nothing received here reaches the core
 //! before the loop verified it: a direct message is taken as said by the
 //! connection's authenticated peer; every frame of a transfer is opened
@@ -55,6 +56,39 @@ pub const BAD_REQUEST_CODE: u32 = 400;
 /// QUIC close code of a pull the loop could not serve in time.
 pub const BUSY_CODE: u32 = 503;
 
+/// Most requests served at once on one connection.
+pub const MAX_STREAMS_PER_CONN: usize = 8;
+
+/// Open connections to peers on [`CORE_ALPN`], reused by every request.
+#[derive(Clone, Default)]
+pub struct Conns(Arc<std::sync::Mutex<std::collections::HashMap<EndpointId, Connection>>>);
+
+impl Conns {
+    /// A live connection to `to`, dialled when there is none.
+    pub async fn get(&self, endpoint: &Endpoint, to: EndpointId) -> Result<Connection, String> {
+        if let Some(c) = self.0.lock().expect("conns lock").get(&to)
+            && c.close_reason().is_none()
+        {
+            return Ok(c.clone());
+        }
+        let conn = endpoint
+            .connect(EndpointAddr::new(to), CORE_ALPN)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut map = self.0.lock().expect("conns lock");
+        map.retain(|_, c| c.close_reason().is_none());
+        map.insert(to, conn.clone());
+        Ok(conn)
+    }
+
+    /// Forgets a connection that failed.
+    pub fn failed(&self, to: &EndpointId) {
+        if let Some(c) = self.0.lock().expect("conns lock").remove(to) {
+            c.close(0u32.into(), b"failed");
+        }
+    }
+}
+
 /// A pull to serve: what is wanted, and where the loop puts the answer.
 pub type ServeRequest = (Want, tokio::sync::oneshot::Sender<Vec<Arc<[u8]>>>);
 
@@ -73,66 +107,82 @@ impl std::fmt::Debug for CoreHandler {
 
 impl ProtocolHandler for CoreHandler {
     async fn accept(&self, conn: Connection) -> Result<(), AcceptError> {
+        // One request per stream, several at once, until the peer closes
+        // the connection or QUIC's idle timeout does.
+        let limit = Arc::new(tokio::sync::Semaphore::new(MAX_STREAMS_PER_CONN));
+        while let Ok((send, recv)) = conn.accept_bi().await {
+            let Ok(permit) = limit.clone().acquire_owned().await else {
+                break;
+            };
+            let this = self.clone();
+            let from = conn.remote_id();
+            tokio::spawn(async move {
+                let _permit = permit;
+                this.serve_stream(from, send, recv).await;
+            });
+        }
+        Ok(())
+    }
+}
+
+impl CoreHandler {
+    async fn serve_stream(
+        &self,
+        from: EndpointId,
+        mut send: iroh::endpoint::SendStream,
+        mut recv: iroh::endpoint::RecvStream,
+    ) {
         let request = async {
-            let (send, mut recv) = conn.accept_bi().await?;
             let mut kind = [0u8; 1];
-            recv.read_exact(&mut kind)
-                .await
-                .map_err(AcceptError::from_err)?;
+            recv.read_exact(&mut kind).await.ok()?;
             let limit = if kind[0] == KIND_PULL {
                 MAX_WANT_BYTES
             } else {
                 MAX_DIRECT_BYTES
             };
-            let body = recv
-                .read_to_end(limit)
-                .await
-                .map_err(AcceptError::from_err)?;
-            Ok::<_, AcceptError>((send, kind[0], body))
+            let body = recv.read_to_end(limit).await.ok()?;
+            Some((kind[0], body))
         };
-        let Ok(request) = tokio::time::timeout(REQUEST_TIMEOUT, request).await else {
-            conn.close(BAD_REQUEST_CODE.into(), b"too slow");
-            return Ok(());
+        let Ok(Some((kind, body))) = tokio::time::timeout(REQUEST_TIMEOUT, request).await else {
+            let _ = send.reset(BAD_REQUEST_CODE.into());
+            return;
         };
-        let (mut send, kind, body) = request?;
-        let from = conn.remote_id();
         match kind {
             KIND_DIRECT => {
                 if let Ok(msg) = postcard::from_bytes::<Direct>(&body) {
                     let _ = self.direct.try_send((from, msg));
                 }
-                send.write_all(&[1]).await.map_err(AcceptError::from_err)?;
-                send.finish()?;
-                let _ = tokio::time::timeout(SEND_TIMEOUT, conn.closed()).await;
+                let _ = tokio::time::timeout(SEND_TIMEOUT, send.write_all(&[1])).await;
+                let _ = send.finish();
             }
             KIND_PULL => {
                 let Ok(want) = postcard::from_bytes::<Want>(&body) else {
-                    conn.close(BAD_REQUEST_CODE.into(), b"malformed");
-                    return Ok(());
+                    let _ = send.reset(BAD_REQUEST_CODE.into());
+                    return;
                 };
                 let (tx, rx) = tokio::sync::oneshot::channel();
                 if self.serve.try_send((want, tx)).is_err() {
-                    conn.close(BUSY_CODE.into(), b"busy");
-                    return Ok(());
+                    let _ = send.reset(BUSY_CODE.into());
+                    return;
                 }
                 let Ok(Ok(msgs)) = tokio::time::timeout(SERVE_TIMEOUT, rx).await else {
-                    conn.close(BUSY_CODE.into(), b"busy");
-                    return Ok(());
+                    let _ = send.reset(BUSY_CODE.into());
+                    return;
                 };
                 let bytes = frame(&msgs, wire::MAX_STREAM_BYTES);
-                let Ok(written) =
-                    tokio::time::timeout(TRANSFER_TIMEOUT, send.write_all(&bytes)).await
-                else {
-                    conn.close(BAD_REQUEST_CODE.into(), b"too slow");
-                    return Ok(());
-                };
-                written.map_err(AcceptError::from_err)?;
-                send.finish()?;
-                let _ = tokio::time::timeout(TRANSFER_TIMEOUT, conn.closed()).await;
+                match tokio::time::timeout(TRANSFER_TIMEOUT, send.write_all(&bytes)).await {
+                    Ok(Ok(())) => {
+                        let _ = send.finish();
+                    }
+                    _ => {
+                        let _ = send.reset(BAD_REQUEST_CODE.into());
+                    }
+                }
             }
-            _ => conn.close(BAD_REQUEST_CODE.into(), b"unknown request"),
+            _ => {
+                let _ = send.reset(BAD_REQUEST_CODE.into());
+            }
         }
-        Ok(())
     }
 }
 
@@ -161,47 +211,63 @@ pub fn unframe(mut bytes: &[u8]) -> Option<Vec<&[u8]>> {
     Some(out)
 }
 
-/// Sends one direct message to `to` and waits for its receipt.
-pub async fn send_direct(endpoint: &Endpoint, to: EndpointId, msg: &Direct) -> Result<(), String> {
-    let bytes = postcard::to_allocvec(msg).map_err(|e| e.to_string())?;
-    let conn = endpoint
-        .connect(EndpointAddr::new(to), CORE_ALPN)
-        .await
-        .map_err(|e| e.to_string())?;
-    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-    send.write_all(&[KIND_DIRECT])
-        .await
-        .map_err(|e| e.to_string())?;
-    send.write_all(&bytes).await.map_err(|e| e.to_string())?;
-    let _ = send.finish();
-    let mut receipt = [0u8; 1];
-    let result = recv
-        .read_exact(&mut receipt)
-        .await
-        .map_err(|e| e.to_string());
-    conn.close(0u32.into(), b"done");
+/// One request on a stream of a kept connection; the whole answer.
+async fn request(
+    conns: &Conns,
+    endpoint: &Endpoint,
+    to: EndpointId,
+    kind: u8,
+    body: &[u8],
+    max_answer: usize,
+) -> Result<Vec<u8>, String> {
+    let conn = conns.get(endpoint, to).await?;
+    let go = async {
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        send.write_all(&[kind]).await.map_err(|e| e.to_string())?;
+        send.write_all(body).await.map_err(|e| e.to_string())?;
+        let _ = send.finish();
+        recv.read_to_end(max_answer)
+            .await
+            .map_err(|e| e.to_string())
+    };
+    let result = go.await;
+    if result.is_err() {
+        conns.failed(&to);
+    }
     result
 }
 
+/// Sends one direct message to `to` and waits for its receipt.
+pub async fn send_direct(
+    conns: &Conns,
+    endpoint: &Endpoint,
+    to: EndpointId,
+    msg: &Direct,
+) -> Result<(), String> {
+    let bytes = postcard::to_allocvec(msg).map_err(|e| e.to_string())?;
+    match request(conns, endpoint, to, KIND_DIRECT, &bytes, 1).await?[..] {
+        [1] => Ok(()),
+        _ => Err("no receipt".into()),
+    }
+}
+
 /// Asks `from` for what `want` names; returns the raw transfer.
-pub async fn pull(endpoint: &Endpoint, from: EndpointId, want: &Want) -> Result<Vec<u8>, String> {
+pub async fn pull(
+    conns: &Conns,
+    endpoint: &Endpoint,
+    from: EndpointId,
+    want: &Want,
+) -> Result<Vec<u8>, String> {
     let bytes = postcard::to_allocvec(want).map_err(|e| e.to_string())?;
-    let conn = endpoint
-        .connect(EndpointAddr::new(from), CORE_ALPN)
-        .await
-        .map_err(|e| e.to_string())?;
-    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-    send.write_all(&[KIND_PULL])
-        .await
-        .map_err(|e| e.to_string())?;
-    send.write_all(&bytes).await.map_err(|e| e.to_string())?;
-    let _ = send.finish();
-    let result = recv
-        .read_to_end(wire::MAX_STREAM_BYTES)
-        .await
-        .map_err(|e| e.to_string());
-    conn.close(0u32.into(), b"done");
-    result
+    request(
+        conns,
+        endpoint,
+        from,
+        KIND_PULL,
+        &bytes,
+        wire::MAX_STREAM_BYTES,
+    )
+    .await
 }
 
 /// A verified v4 message as the core takes it; `None` for anything that is

@@ -392,6 +392,8 @@ struct Node {
     next_addrs: Instant,
     /// Known peers pinged by the healing timer, joined when they ack.
     heal_pings: HashSet<EndpointId>,
+    /// Connections kept for the core's requests.
+    conns: driver::Conns,
 }
 
 /// Nonce of the healing timer's pings (the core's probes count from 1 and
@@ -692,6 +694,7 @@ impl Node {
             sends: Arc::new(tokio::sync::Semaphore::new(driver::MAX_SENDS)),
             next_addrs: now,
             heal_pings: HashSet::new(),
+            conns: driver::Conns::default(),
         };
         Ok((node, receiver, pulled_rx))
     }
@@ -825,8 +828,21 @@ impl Node {
         for output in outputs {
             match output {
                 Output::Broadcast(raw) => self.broadcast(raw.to_vec()).await,
-                Output::Send(to, msg) => self.send_core(to, msg),
-                Output::Pull { from, want } => self.pull_core(from, want),
+                Output::Send(to, msg) => {
+                    log::trace!("gossip: sending {msg:?} to {}", driver::origin_id(&to));
+                    self.send_core(to, msg)
+                }
+                Output::Pull { from, want } => {
+                    log::debug!(
+                        "gossip: pulling {} from {}",
+                        match &want {
+                            super::transfer::Want::All => "everything".to_string(),
+                            super::transfer::Want::Some(ids) => format!("{} origins", ids.len()),
+                        },
+                        driver::origin_id(&from)
+                    );
+                    self.pull_core(from, want)
+                }
                 Output::Join(ids) => {
                     let ids: Vec<EndpointId> = ids
                         .iter()
@@ -839,6 +855,7 @@ impl Node {
                     }
                 }
                 Output::Registry(op) => {
+                    log::trace!("gossip: registry {op:?}");
                     driver::registry_msgs(op, |m| send_registry(&self.registry, m));
                 }
                 Output::Addrs(id, addrs) => {
@@ -868,11 +885,12 @@ impl Node {
             return;
         };
         let endpoint = self.endpoint.clone();
+        let conns = self.conns.clone();
         tokio::spawn(async move {
             let _permit = permit;
             match tokio::time::timeout(
                 driver::SEND_TIMEOUT,
-                driver::send_direct(&endpoint, id, &msg),
+                driver::send_direct(&conns, &endpoint, id, &msg),
             )
             .await
             {
@@ -890,13 +908,16 @@ impl Node {
         let me = self.me.clone();
         let tx = self.transfer_tx.clone();
         let stats = self.stats.clone();
+        let conns = self.conns.clone();
         let Ok(id) = EndpointId::from_bytes(&from) else {
             return;
         };
         tokio::spawn(async move {
-            let result =
-                tokio::time::timeout(driver::TRANSFER_TIMEOUT, driver::pull(&endpoint, id, &want))
-                    .await;
+            let result = tokio::time::timeout(
+                driver::TRANSFER_TIMEOUT,
+                driver::pull(&conns, &endpoint, id, &want),
+            )
+            .await;
             let bytes = match result {
                 Ok(Ok(bytes)) => Some(bytes),
                 Ok(Err(e)) => {
@@ -924,7 +945,8 @@ impl Node {
                 }
                 Some(msgs)
             });
-            if msgs.is_some() {
+            if let Some(msgs) = &msgs {
+                log::debug!("gossip: transfer from {id}: {} messages", msgs.len());
                 stats.state_pulls.fetch_add(1, Ordering::Relaxed);
             } else {
                 stats.state_pull_failures.fetch_add(1, Ordering::Relaxed);
@@ -1253,6 +1275,11 @@ impl Node {
                 }
             }
             if let Some(msg) = driver::signed(opened, bytes) {
+                log::trace!(
+                    "gossip: {} from {id} ({}) relayed by {from}",
+                    msg.body.kind(),
+                    msg.node_name.escape_debug()
+                );
                 let from = *from.as_bytes();
                 self.core_input(Input::Gossip { from, msg }).await;
             }
