@@ -1250,6 +1250,18 @@ impl Node {
             ) else {
                 return self.drop_msg(DropReason::Malformed, "core message out of place");
             };
+            if id != self.my_id
+                && self
+                    .core
+                    .as_ref()
+                    .is_some_and(|c| c.origin(&opened.header.origin).is_none())
+            {
+                log::info!(
+                    "gossip: first message from peer {id} ({}) at {}",
+                    opened.header.node_name.escape_debug(),
+                    peer_addr(&self.auth, &self.bootstrap, &id)
+                );
+            }
             if id != self.my_id {
                 // The core holds this origin now (it may have been a v3
                 // origin before its upgrade: its records stay until the
