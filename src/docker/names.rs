@@ -118,17 +118,23 @@ impl ContainerInfo {
         if !self.running || !self.enabled() {
             return out;
         }
+        // The container's own facts: read, and their bad labels logged,
+        // once whatever the number of networks.
+        let mut facts: Option<(Option<Scope>, Vec<SrvPort>)> = None;
         for net in watched {
             let Some(ep) = self.networks.get(net) else {
                 continue;
             };
+            let (scope, srv) = facts
+                .get_or_insert_with(|| (self.scope(), self.srv_ports()))
+                .clone();
             let group = Group {
                 names: self.names(ep),
                 v4: ep.v4.into_iter().collect(),
                 v6: ep.v6.into_iter().collect(),
-                scope: self.scope(),
+                scope,
                 health: self.health,
-                srv: self.srv_ports(),
+                srv,
             };
             let has_addr = !group.v4.is_empty() || !group.v6.is_empty();
             if !group.names.is_empty() && has_addr {
@@ -138,43 +144,53 @@ impl ContainerInfo {
         out
     }
 
-    /// The Compose project and service, when both labels are valid labels.
+    /// The Compose project and service, when both labels are valid names;
+    /// one warning when both are set and one is not.
     fn scope(&self) -> Option<Scope> {
-        let label = |key: &str| {
-            let v = self.labels.get(key)?.trim().to_ascii_lowercase();
-            crate::table::is_valid_name(&v).then_some(v)
-        };
-        Some(Scope {
-            project: label(LABEL_COMPOSE_PROJECT)?,
-            service: label(LABEL_COMPOSE_SERVICE)?,
-        })
+        let project = self.labels.get(LABEL_COMPOSE_PROJECT)?;
+        let service = self.labels.get(LABEL_COMPOSE_SERVICE)?;
+        let name = |v: &str| crate::table::record_name(v.trim());
+        match (name(project), name(service)) {
+            (Some(project), Some(service)) => Some(Scope { project, service }),
+            _ => {
+                log::warn!(
+                    "container {}: Compose project {:?} or service {:?} is not a DNS label; \
+                     no <service>.<project> name",
+                    self.short_id(),
+                    shown(project),
+                    shown(service)
+                );
+                None
+            }
+        }
     }
 
-    /// The ports of the `glued.srv` label; items that do not parse are
-    /// skipped with a warning.
+    /// The ports of the `glued.srv` label (at most [`MAX_SRV_PORTS`],
+    /// without duplicates); one warning for every item left out.
     fn srv_ports(&self) -> Vec<SrvPort> {
         let Some(value) = self.labels.get(LABEL_SRV) else {
             return Vec::new();
         };
         let mut out: Vec<SrvPort> = Vec::new();
+        let (mut bad, mut over, mut first_bad) = (0usize, 0usize, None);
         for item in value.split(',').map(str::trim).filter(|i| !i.is_empty()) {
             match parse_srv(item) {
-                Some(p) if out.len() < MAX_SRV_PORTS => {
-                    if !out.contains(&p) {
-                        out.push(p);
-                    }
+                Some(p) if out.contains(&p) => {}
+                Some(p) if out.len() < MAX_SRV_PORTS => out.push(p),
+                Some(_) => over += 1,
+                None => {
+                    bad += 1;
+                    first_bad.get_or_insert(item);
                 }
-                Some(_) => {
-                    log::warn!(
-                        "container {}: more than {MAX_SRV_PORTS} {LABEL_SRV} ports; {item:?} ignored",
-                        self.short_id()
-                    );
-                }
-                None => log::warn!(
-                    "container {}: {LABEL_SRV} item {item:?} is not <service>=<port>[/tcp|/udp]; ignored",
-                    self.short_id()
-                ),
             }
+        }
+        if bad + over > 0 {
+            log::warn!(
+                "container {}: {LABEL_SRV}: {bad} item(s) not <service>=<port>[/tcp|/udp] \
+                 (first: {:?}), {over} over {MAX_SRV_PORTS} ports; ignored",
+                self.short_id(),
+                shown(first_bad.unwrap_or_default())
+            );
         }
         out
     }
@@ -224,6 +240,19 @@ impl Endpoint {
 }
 
 pub use crate::table::is_valid_label;
+
+/// Longest part of a label value a log line shows.
+const SHOWN_LEN: usize = 64;
+
+/// `value` as a log line shows it: at most [`SHOWN_LEN`] bytes (the line
+/// escapes it with `{:?}`).
+fn shown(value: &str) -> &str {
+    let mut end = value.len().min(SHOWN_LEN);
+    while !value.is_char_boundary(end) {
+        end -= 1;
+    }
+    &value[..end]
+}
 
 pub use crate::table::parse_srv;
 
@@ -458,6 +487,73 @@ mod tests {
             (LABEL_COMPOSE_SERVICE, "a.b"),
         ]);
         assert_eq!(c.groups(&["glued_net".into()])["glued_net"].scope, None);
+    }
+
+    /// Warnings of the process, captured by a logger this test binary
+    /// installs once.
+    struct Warnings(std::sync::Mutex<Vec<String>>);
+
+    impl log::Log for Warnings {
+        fn enabled(&self, metadata: &log::Metadata) -> bool {
+            metadata.level() <= log::Level::Warn
+        }
+        fn log(&self, record: &log::Record) {
+            if self.enabled(record.metadata()) {
+                let mut lines = self.0.lock().unwrap_or_else(|e| e.into_inner());
+                lines.push(record.args().to_string());
+            }
+        }
+        fn flush(&self) {}
+    }
+
+    static WARNINGS: Warnings = Warnings(std::sync::Mutex::new(Vec::new()));
+
+    /// The warnings logged so far that contain `needle`.
+    fn warnings_with(needle: &str) -> Vec<String> {
+        static INSTALLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let installed = *INSTALLED.get_or_init(|| {
+            let ok = log::set_logger(&WARNINGS).is_ok();
+            log::set_max_level(log::max_level().max(log::LevelFilter::Warn));
+            ok
+        });
+        assert!(installed, "another logger is installed in this test binary");
+        let lines = WARNINGS.0.lock().unwrap_or_else(|e| e.into_inner());
+        lines
+            .iter()
+            .filter(|l| l.contains(needle))
+            .cloned()
+            .collect()
+    }
+
+    /// Bad Compose and `glued.srv` labels are ignored with one line each
+    /// per inspect, however many items are bad and however many watched
+    /// networks the container is on (it was one line per bad item per
+    /// network, and none for a bad Compose scope).
+    #[test]
+    fn bad_compose_and_srv_labels_are_ignored_with_one_line_each() {
+        let srv: Vec<String> = (0..40)
+            .map(|i| format!("bad {i}"))
+            .chain((1..=20).map(|p| format!("p{p}={p}")))
+            .collect();
+        let mut c = info(&[
+            (LABEL_COMPOSE_PROJECT, "shop.eu"),
+            (LABEL_COMPOSE_SERVICE, "db"),
+            (LABEL_SRV, &srv.join(",")),
+        ]);
+        c.id = format!("5ca1ab1e0042{}", &ID[12..]);
+        warnings_with("");
+        let groups = c.groups(&["glued_net".into(), "other".into()]);
+        assert_eq!(groups.len(), 2);
+        for g in groups.values() {
+            assert_eq!((&g.scope, g.srv.len()), (&None, MAX_SRV_PORTS));
+        }
+        let lines = warnings_with("5ca1ab1e0042");
+        assert_eq!(lines.len(), 2, "{lines:#?}");
+        assert!(lines[0].contains("\"shop.eu\""), "{lines:#?}");
+        assert!(
+            lines[1].contains("40 item(s)") && lines[1].contains("4 over 16"),
+            "{lines:#?}"
+        );
     }
 
     #[test]
