@@ -308,6 +308,11 @@ impl EntryBuilder {
                     std::str::from_utf8(&self.key).unwrap_or_default(),
                     domain_wire,
                 );
+                // A target longer than a DNS name (long names under a long
+                // domain) cannot be answered: no SRV record for it.
+                if self.target.len() > MAX_NAME_WIRE_LEN {
+                    continue;
+                }
                 let list = if local {
                     &mut self.srv_local
                 } else {

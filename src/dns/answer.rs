@@ -1027,6 +1027,148 @@ mod tests {
         assert_eq!(firsts.len(), 4);
     }
 
+    /// Many SRV holders: over UDP without EDNS the answer does not fit
+    /// (TC, nothing but the question); with EDNS the SRV records fit and
+    /// the additional addresses stop where the room ends, without TC, the
+    /// OPT last and counted; over TCP everything.
+    #[test]
+    fn many_srv_records_truncate_or_drop_additional_data_as_they_must() {
+        let holders: Vec<(String, String)> = (0..15)
+            .map(|i| (["a", "b", "c"][i % 3].to_string(), format!("10.0.2.{i}")))
+            .collect();
+        let containers: Vec<_> = holders
+            .iter()
+            .map(|(node, ip)| {
+                (
+                    node.as_str(),
+                    "p",
+                    "web",
+                    Health::None,
+                    ip.as_str(),
+                    "http=80",
+                )
+            })
+            .collect();
+        let t = scoped_table(&containers);
+        let name = "_HTTP._tcp.web.glued.internal.";
+        let (o, out) = outcome(&query(name, RecordType::SRV, None), &t, &udp(3));
+        assert!(
+            matches!(
+                o,
+                Outcome::Answered {
+                    truncated: true,
+                    ..
+                }
+            ),
+            "{o:?}"
+        );
+        let m = Message::from_vec(&out).unwrap();
+        assert!(m.metadata.truncation && m.answers.is_empty() && m.additionals.is_empty());
+        assert!(out.len() <= 512);
+
+        let (o, out) = outcome(&query(name, RecordType::SRV, Some(1232)), &t, &udp(3));
+        assert!(
+            matches!(
+                o,
+                Outcome::Answered {
+                    truncated: false,
+                    rcode: 0,
+                    ..
+                }
+            ),
+            "{o:?}"
+        );
+        assert!(out.len() <= 1232, "{}", out.len());
+        let m = Message::from_vec(&out).unwrap();
+        assert!(!m.metadata.truncation);
+        assert_eq!(m.answers.len(), 15);
+        assert!(m.answers.iter().all(|r| r.name.to_string() == name));
+        assert!(
+            !m.additionals.is_empty() && m.additionals.len() < 15,
+            "{}",
+            m.additionals.len()
+        );
+        assert!(m.edns.is_some());
+        // The OPT is the last record, counted in ARCOUNT.
+        let arcount = u16::from_be_bytes([out[10], out[11]]) as usize;
+        assert_eq!(arcount, m.additionals.len() + 1);
+        assert_eq!(&out[out.len() - 11..out.len() - 8], &[0, 0, 41]);
+        // Every additional record is the address of an answered target.
+        let targets: BTreeSet<String> = m
+            .answers
+            .iter()
+            .map(|r| match &r.data {
+                RData::SRV(s) => s.target.to_string(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert!(
+            m.additionals
+                .iter()
+                .all(|r| targets.contains(&r.name.to_string()))
+        );
+
+        let tcp = Context {
+            transport: Transport::Tcp,
+            ..udp(3)
+        };
+        let (_, out) = outcome(&query(name, RecordType::SRV, None), &t, &tcp);
+        let m = Message::from_vec(&out).unwrap();
+        assert_eq!((m.answers.len(), m.additionals.len()), (15, 15));
+    }
+
+    /// Under a long domain, a long container name on a long node name
+    /// makes an SRV target longer than 255 bytes: that record is left out
+    /// (the answer stays a valid message), the others are answered.
+    #[test]
+    fn srv_targets_longer_than_a_dns_name_are_left_out() {
+        let domain = format!("{}.{}.{}", "d".repeat(63), "e".repeat(63), "f".repeat(40));
+        let long = "n".repeat(60);
+        let mut groups = BTreeMap::new();
+        for (node, name, ip) in [
+            (long.as_str(), long.as_str(), "10.0.3.1"),
+            ("b", "short", "10.0.3.2"),
+        ] {
+            groups.insert(
+                (
+                    Origin {
+                        id: node.to_string(),
+                        node_name: node.to_string(),
+                    },
+                    Source::Container {
+                        id: name.to_string(),
+                        network: "net".into(),
+                    },
+                ),
+                Group {
+                    names: vec![name.to_string(), "web".into()],
+                    v4: vec![ip.parse().unwrap()],
+                    srv: crate::table::parse_srv("http=80").into_iter().collect(),
+                    ..Default::default()
+                },
+            );
+        }
+        let t = Table::build_for(&domain, 5, 1, Arc::new(groups), "b");
+        let name = format!("_http._tcp.web.{domain}.");
+        let (o, out) = outcome(&query(&name, RecordType::SRV, Some(1232)), &t, &udp(0));
+        assert!(matches!(o, Outcome::Answered { rcode: 0, .. }), "{o:?}");
+        let m = Message::from_vec(&out).expect("a valid message");
+        let targets: Vec<String> = m
+            .answers
+            .iter()
+            .map(|r| match &r.data {
+                RData::SRV(s) => s.target.to_string(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(targets, [format!("short.b.{domain}.")]);
+        // Alone, the long one's SRV name is NODATA.
+        let name = format!("_http._tcp.web.{long}.{domain}.");
+        let (o, out) = outcome(&query(&name, RecordType::SRV, None), &t, &udp(0));
+        assert!(matches!(o, Outcome::Answered { rcode: 0, .. }), "{o:?}");
+        assert!(Message::from_vec(&out).unwrap().answers.is_empty());
+    }
+
     #[test]
     fn srv_names_answer_srv_with_the_targets_addresses_and_nodata_otherwise() {
         use Health::{Healthy, Unhealthy};
