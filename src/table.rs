@@ -175,6 +175,14 @@ pub struct SrvPort {
 
 /// Most SRV ports one group publishes (the rest of the label is ignored).
 pub const MAX_SRV_PORTS: usize = 16;
+/// Most names one group holds (a container's name, aliases, service, short
+/// id and `glued.names`; a peer's group): every name is several keys of the
+/// table, up to 1 + [`MAX_SRV_PORTS`] per scope, so one member must not be
+/// able to make every node hold an unbounded number of them.
+pub const MAX_NAMES_PER_GROUP: usize = 64;
+/// Most addresses of each family a peer's group brings (more than any DNS
+/// answer carries over UDP).
+pub const MAX_ADDRS_PER_GROUP: usize = 256;
 
 /// Which records a key of a group answers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -10,7 +10,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 use bollard::models::{ContainerInspectResponse, EndpointSettings};
 
-use crate::table::{Group, Health, MAX_SRV_PORTS, Scope, SrvPort};
+use crate::table::{Group, Health, MAX_NAMES_PER_GROUP, MAX_SRV_PORTS, Scope, SrvPort};
 
 /// Label holding extra names, comma-separated.
 pub const LABEL_NAMES: &str = "glued.names";
@@ -220,6 +220,13 @@ impl ContainerInfo {
                     self.short_id()
                 );
                 continue;
+            }
+            if names.len() == MAX_NAMES_PER_GROUP {
+                log::warn!(
+                    "container {}: more than {MAX_NAMES_PER_GROUP} names; {name:?} and the rest ignored",
+                    self.short_id()
+                );
+                break;
             }
             if !names.contains(&name) {
                 names.push(name);
@@ -554,6 +561,15 @@ mod tests {
             lines[1].contains("40 item(s)") && lines[1].contains("4 over 16"),
             "{lines:#?}"
         );
+    }
+
+    #[test]
+    fn a_container_holds_at_most_the_capped_names() {
+        let many: Vec<String> = (0..200).map(|i| format!("x{i}")).collect();
+        let c = info(&[("glued.names", &many.join(","))]);
+        let g = &c.groups(&["glued_net".into()])["glued_net"];
+        assert_eq!(g.names.len(), MAX_NAMES_PER_GROUP);
+        assert_eq!(g.names[0], "my_app");
     }
 
     #[test]

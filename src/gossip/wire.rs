@@ -40,7 +40,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
 use crate::config::{KeyId, Keyring};
-use crate::table::{Group, Health, MAX_SRV_PORTS, Scope, Source, SrvPort};
+use crate::table::{Group, Health, MAX_ADDRS_PER_GROUP, MAX_SRV_PORTS, Scope, Source, SrvPort};
 
 /// Protocol version of this release (messages and admission).
 pub const PROTOCOL_VERSION: u8 = crate::config::PROTOCOL_VERSION;
@@ -309,9 +309,10 @@ impl From<WireGroup> for Group {
                 .names
                 .iter()
                 .filter_map(|n| crate::table::record_name(n))
+                .take(crate::table::MAX_NAMES_PER_GROUP)
                 .collect(),
-            v4: g.v4,
-            v6: g.v6,
+            v4: g.v4.into_iter().take(MAX_ADDRS_PER_GROUP).collect(),
+            v6: g.v6.into_iter().take(MAX_ADDRS_PER_GROUP).collect(),
             scope,
             health: g.facts.health,
             srv,
@@ -1211,6 +1212,30 @@ mod version_tests {
         assert_eq!(
             open(&ring, Versions::speaking(PROTOCOL_VERSION), &bytes, 4096),
             Err(DropReason::Malformed)
+        );
+    }
+
+    #[test]
+    fn a_peer_group_keeps_at_most_the_capped_names_and_addresses() {
+        use crate::table::MAX_NAMES_PER_GROUP;
+        let wire = WireGroup {
+            names: (0..3 * MAX_NAMES_PER_GROUP)
+                .map(|i| format!("n{i}"))
+                .collect(),
+            v4: (0..2 * MAX_ADDRS_PER_GROUP as u32)
+                .map(Ipv4Addr::from)
+                .collect(),
+            v6: (0..2 * MAX_ADDRS_PER_GROUP as u128)
+                .map(Ipv6Addr::from)
+                .collect(),
+            ..Default::default()
+        };
+        let g = Group::from(wire);
+        assert_eq!(g.names.len(), MAX_NAMES_PER_GROUP);
+        assert_eq!(g.names[0], "n0");
+        assert_eq!(
+            (g.v4.len(), g.v6.len()),
+            (MAX_ADDRS_PER_GROUP, MAX_ADDRS_PER_GROUP)
         );
     }
 }
