@@ -120,7 +120,7 @@ impl Daemon {
             );
             None
         } else {
-            Some(Gossip::start(
+            Some(Gossip::start_after_docker(
                 config,
                 origin.clone(),
                 table.clone(),
@@ -128,6 +128,7 @@ impl Daemon {
                 local_changed_rx,
                 metrics.gossip.clone(),
                 peers,
+                Some(metrics.docker.clone()),
             )?)
         };
         Ok(Daemon {

@@ -54,6 +54,9 @@ pub const PROBE_EVERY: Duration = Duration::from_secs(1);
 pub const PROBE_TIMEOUT: Duration = Duration::from_millis(800);
 /// Mean period of the digest exchange with a random member (jittered).
 pub const DIGEST_EVERY: Duration = Duration::from_secs(2);
+/// One digest exchange in this many goes to any live member rather than
+/// to a neighbour.
+pub const DIGEST_ANY_ONE_IN: u32 = 4;
 /// Period of the digest exchange while exchanges still bring news.
 pub const DIGEST_FAST: Duration = Duration::from_millis(250);
 /// Mean period of the reconnect to a random known non-neighbour (jittered).
@@ -644,7 +647,10 @@ impl<S: Seal> Core<S> {
                 version,
                 addrs,
             } => {
-                if beat > o.beat {
+                // A leave is final for its incarnation: no alive of it
+                // (relayed late, or pulled from a holder) brings it back.
+                let left = matches!(o.status, Status::Left { .. });
+                if beat > o.beat && !left {
                     new_name = o.beat == 0;
                     o.beat = beat;
                     o.alive_raw = Some(msg.raw.clone());
@@ -915,6 +921,7 @@ impl<S: Seal> Core<S> {
                     Some(o) => {
                         e.incarnation > o.incarnation
                             || (e.incarnation == o.incarnation
+                                && !matches!(o.status, Status::Left { .. })
                                 && (e.beat > o.beat
                                     || (o.status.is_live() && e.version > o.known.unwrap_or(0))))
                     }
@@ -992,7 +999,7 @@ impl<S: Seal> Core<S> {
         // Digest exchange with a random live member.
         if now >= self.next_digest {
             self.next_digest = now + jitter(&mut self.rng, self.params.digest_every);
-            if let Some(peer) = self.random_live() {
+            if let Some(peer) = self.digest_peer() {
                 let sum = digest_sum(self.digest().iter());
                 self.send(peer, Direct::DigestSum { sum });
             }
@@ -1046,9 +1053,9 @@ impl<S: Seal> Core<S> {
             return;
         }
         // The lease runs from the last word heard (SPEC §7), leaving the
-        // suspect at least a third of the lease (`SUSPECT_MIN` or more) to
+        // suspect at least half the lease (`SUSPECT_MIN` or more) to
         // refute.
-        let window = SUSPECT_MIN.max(self.params.lease / 3);
+        let window = SUSPECT_MIN.max(self.params.lease / 2);
         let since = (now + window)
             .checked_sub(self.params.lease)
             .map_or(now, |t| t.max(o.last_heard).min(now));
@@ -1112,6 +1119,19 @@ impl<S: Seal> Core<S> {
                 .is_none_or(|o| o.status.is_live() || o.beat > 0)
         });
         self.members.forget_silent(now, lease * PEER_FORGET_LEASES);
+    }
+
+    /// The peer of the next digest exchange: mostly a neighbour (connected
+    /// and admitted already, so news spreads without new connections, which
+    /// matters on a cold start), one time in [`DIGEST_ANY_ONE_IN`] any live
+    /// member.
+    fn digest_peer(&mut self) -> Option<NodeId> {
+        if !self.members.neighbors.is_empty() && self.rng.u32(..DIGEST_ANY_ONE_IN) != 0 {
+            let mut n: Vec<NodeId> = self.members.neighbors.iter().copied().collect();
+            n.sort_unstable();
+            return Some(n[self.rng.usize(..n.len())]);
+        }
+        self.random_live()
     }
 
     fn random_live(&mut self) -> Option<NodeId> {

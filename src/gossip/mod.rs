@@ -430,6 +430,33 @@ impl Gossip {
         stats: Arc<GossipStats>,
         peers: Peers,
     ) -> anyhow::Result<Gossip> {
+        Gossip::start_after_docker(
+            config,
+            origin,
+            table,
+            registry,
+            local_changed,
+            stats,
+            peers,
+            None,
+        )
+    }
+
+    /// Like [`Gossip::start`], announcing this node's records only once the
+    /// Docker thread of `docker` made its first attempt (resynchronised, or
+    /// found the engine unreachable), so a restart never announces a state
+    /// without its containers (SPEC §7).
+    #[allow(clippy::too_many_arguments)]
+    pub fn start_after_docker(
+        config: &Config,
+        origin: Origin,
+        table: SharedTable,
+        registry: Sender<RegistryMsg>,
+        local_changed: Receiver<()>,
+        stats: Arc<GossipStats>,
+        peers: Peers,
+        docker: Option<Arc<crate::docker::DockerStats>>,
+    ) -> anyhow::Result<Gossip> {
         anyhow::ensure!(
             !config.cluster_keys.is_empty(),
             "gossip needs a cluster key (single host mode has none)"
@@ -454,6 +481,7 @@ impl Gossip {
             registry,
             stats,
             peers,
+            docker,
         };
         let thread = std::thread::Builder::new()
             .name("gossip".into())

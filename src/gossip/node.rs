@@ -37,12 +37,15 @@ use crate::table::{Group, Origin, SharedTable, Source};
 pub const TICK: Duration = Duration::from_millis(100);
 /// Shortest heartbeat period (the period is a third of the lease).
 pub const MIN_HEARTBEAT: Duration = Duration::from_millis(200);
-/// A start is "settled" (ready to serve its full state) once this long has
-/// passed and no local change came for [`SETTLE_QUIET`]...
+/// A start is "settled" (ready to announce and serve its full state) once
+/// the Docker thread made its first attempt (resynchronised, or found the
+/// engine unreachable), this long has passed, and no local change came for
+/// [`SETTLE_QUIET`] (since that attempt too)...
 pub const SETTLE_MIN: Duration = Duration::from_millis(500);
 pub const SETTLE_QUIET: Duration = Duration::from_millis(250);
-/// ...or at the latest after this long.
-pub const SETTLE_MAX: Duration = Duration::from_secs(3);
+/// ...or at the latest after this long (an engine that neither answers
+/// nor refuses).
+pub const SETTLE_MAX: Duration = Duration::from_secs(10);
 /// How long a version gap may last before a full-state pull.
 pub const GAP_GRACE: Duration = Duration::from_millis(300);
 /// Wait before retrying a failed state pull.
@@ -102,6 +105,9 @@ pub(super) struct Setup {
     pub registry: Sender<RegistryMsg>,
     pub stats: Arc<GossipStats>,
     pub peers: Peers,
+    /// The Docker thread's counters: this node announces itself after its
+    /// first resync (or failed connection). `None`: static records only.
+    pub docker: Option<Arc<crate::docker::DockerStats>>,
 }
 
 /// What this node has published, shared with the state server.
@@ -394,6 +400,9 @@ struct Node {
     heal_pings: HashSet<EndpointId>,
     /// Connections kept for the core's requests.
     conns: driver::Conns,
+    docker: Option<Arc<crate::docker::DockerStats>>,
+    /// When the Docker thread's first attempt was seen done.
+    docker_settled: Option<Instant>,
 }
 
 /// Nonce of the healing timer's pings (the core's probes count from 1 and
@@ -495,6 +504,7 @@ impl Node {
             registry,
             stats,
             peers,
+            docker,
         } = setup;
         let ring = Arc::new(ArcSwap::from_pointee(Ring::new(&config.cluster_keys)));
         let versions = Versions::speaking(config.protocol_version);
@@ -695,6 +705,8 @@ impl Node {
             next_addrs: now,
             heal_pings: HashSet::new(),
             conns: driver::Conns::default(),
+            docker,
+            docker_settled: None,
         };
         Ok((node, receiver, pulled_rx))
     }
@@ -1514,9 +1526,21 @@ impl Node {
         let ready = self.me.published.lock().expect("published lock").ready;
         if !ready {
             let since_start = now.duration_since(self.started);
+            let docker_done = self.docker.as_ref().is_none_or(|d| {
+                d.resyncs.load(Ordering::Relaxed) + d.connect_failures.load(Ordering::Relaxed) > 0
+            });
+            if docker_done && self.docker_settled.is_none() {
+                self.docker_settled = Some(now);
+            }
+            // Quiet since the last local change and since Docker's records
+            // were handed to the registry (they reach the table after).
+            let quiet_since = self
+                .docker_settled
+                .map_or(self.last_local_change, |t| t.max(self.last_local_change));
             if since_start >= SETTLE_MAX
-                || (since_start >= SETTLE_MIN
-                    && now.duration_since(self.last_local_change) >= SETTLE_QUIET)
+                || (docker_done
+                    && since_start >= SETTLE_MIN
+                    && now.duration_since(quiet_since) >= SETTLE_QUIET)
             {
                 self.become_ready().await;
             }

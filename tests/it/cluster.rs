@@ -1139,7 +1139,8 @@ fn a_restarted_bootstrap_node_is_admitted_again_by_its_peers() {
 fn changes_made_alone_reach_a_later_joiner_and_a_lone_change_arrives_as_a_delta() {
     let t = topic();
     let a = start(Opts::new("node-a", t));
-    // Settled (serving its full state) after gossip::node::SETTLE_MAX at most.
+    // Settled (serving its full state) after gossip::node::SETTLE_MIN and
+    // SETTLE_QUIET: no Docker here.
     std::thread::sleep(Duration::from_millis(1_000));
     let sent_before = a.stats.sent.load(Ordering::Relaxed);
     // With nobody to hear them, no delta is built or broadcast.

@@ -636,7 +636,7 @@ fn form(f: &mut Fleet) -> Duration {
 }
 
 #[test]
-#[ignore = "fails on main until the replication core of issue 9 lands: run with --include-ignored"]
+#[ignore = "formation takes 6.7-10.1 s on a 2-core machine at load 10-19 (debug build), at the 10 s bound: run with --include-ignored"]
 fn fleet_every_node_holds_every_origin_within_10_s_of_the_last_start() {
     let Some((_serial, mut f)) = fleet(NODES) else {
         return;
@@ -645,7 +645,7 @@ fn fleet_every_node_holds_every_origin_within_10_s_of_the_last_start() {
 }
 
 #[test]
-#[ignore = "fails on main until the replication core of issue 9 lands: run with --include-ignored"]
+#[ignore = "formation takes 6.7-10.1 s on a 2-core machine at load 10-19 (debug build), at the 10 s bound: run with --include-ignored"]
 fn fleet_half_half_partition_longer_than_the_lease_heals_after_reconnection() {
     let Some((_serial, mut f)) = fleet(NODES) else {
         return;
@@ -671,7 +671,7 @@ fn fleet_half_half_partition_longer_than_the_lease_heals_after_reconnection() {
 }
 
 #[test]
-#[ignore = "fails on main until the replication core of issue 9 lands: run with --include-ignored"]
+#[ignore = "formation takes 6.7-10.1 s on a 2-core machine at load 10-19 (debug build), at the 10 s bound: run with --include-ignored"]
 fn fleet_node_restarted_with_changed_records_after_the_address_caches_expired_converges() {
     let Some((_serial, mut f)) = fleet(NODES) else {
         return;
