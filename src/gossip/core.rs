@@ -542,6 +542,16 @@ impl<S: Seal> Core<S> {
         }
     }
 
+    /// The signed messages this node holds of remote origins (what is kept
+    /// in the data dir across a restart).
+    pub fn held(&self) -> Vec<Arc<[u8]>> {
+        let mut ids: Vec<&NodeId> = self.origins.keys().collect();
+        ids.sort_unstable();
+        ids.into_iter()
+            .flat_map(|id| self.origins[id].proof())
+            .collect()
+    }
+
     /// Everything `want` names that this node can prove: its own state and
     /// the signed states it holds of others.
     pub fn serve(&mut self, want: &Want) -> Vec<Arc<[u8]>> {
@@ -833,6 +843,12 @@ impl<S: Seal> Core<S> {
 
     fn on_direct(&mut self, now: Instant, from: NodeId, msg: Direct) {
         self.members.heard(from, None, now);
+        // Any direct message proves its (authenticated) sender alive.
+        if let Some(o) = self.origins.get_mut(&from)
+            && o.status == Status::Alive
+        {
+            o.last_heard = now;
+        }
         match msg {
             Direct::Ping { nonce } => self.send(from, Direct::Ack { nonce }),
             Direct::Ack { nonce } => {

@@ -396,6 +396,8 @@ struct Node {
     /// Bounds the core's direct messages in flight.
     sends: Arc<tokio::sync::Semaphore>,
     next_addrs: Instant,
+    next_save: Instant,
+    data_dir: std::path::PathBuf,
     /// Known peers pinged by the healing timer, joined when they ack.
     heal_pings: HashSet<EndpointId>,
     /// Connections kept for the core's requests.
@@ -412,6 +414,8 @@ pub const HEAL_PING_NONCE: u64 = 0;
 /// Time given to the gossip actor to send the signed leave before the
 /// router shuts down (well within `STOP_GRACE`).
 pub const LEAVE_LINGER: Duration = Duration::from_millis(150);
+/// Longest a stop waits for the remote states to be written.
+pub const SAVE_WAIT: Duration = Duration::from_millis(200);
 /// Period of the check of this node's own direct addresses (carried in
 /// its signed `Alive`, so peers can dial it after their caches expired).
 pub const ADDRS_EVERY: Duration = Duration::from_secs(2);
@@ -653,6 +657,29 @@ impl Node {
                     bootstrap: bootstrap.iter().map(|(id, _)| *id.as_bytes()).collect(),
                 },
             );
+            // The remote states held before the restart, verified like
+            // messages from the network: served until fresher ones arrive.
+            let held: Vec<Signed> = super::persist::load(&config.data_dir)
+                .into_iter()
+                .filter_map(|raw| {
+                    let o = me.open(&raw, wire::MAX_STREAM_BYTES).ok()?;
+                    (o.version >= wire::PROTOCOL_VERSION && o.header.origin != *my_id.as_bytes())
+                        .then(|| driver::signed(o, &raw))?
+                })
+                .collect();
+            if !held.is_empty() {
+                log::info!(
+                    "gossip: serving {} verified messages of remote origins kept from before the restart",
+                    held.len()
+                );
+                core.handle(
+                    now,
+                    Input::Transfer {
+                        from: *my_id.as_bytes(),
+                        msgs: Some(held),
+                    },
+                );
+            }
             core
         });
         let local_lo = (
@@ -703,6 +730,8 @@ impl Node {
             transfer_rx,
             sends: Arc::new(tokio::sync::Semaphore::new(driver::MAX_SENDS)),
             next_addrs: now,
+            next_save: now + super::persist::SAVE_EVERY,
+            data_dir: config.data_dir.clone(),
             heal_pings: HashSet::new(),
             conns: driver::Conns::default(),
             docker,
@@ -732,6 +761,7 @@ impl Node {
                         // router shuts down.
                         let leaving = self.core.as_ref().is_some_and(|c| c.is_ready());
                         self.core_input(Input::Stop).await;
+                        self.save_states(true).await;
                         if leaving {
                             tokio::time::sleep(LEAVE_LINGER).await;
                         }
@@ -813,6 +843,24 @@ impl Node {
     /// broadcast version is then 3).
     fn legacy(&self) -> bool {
         self.core.is_none() || self.me.send_version.load(Ordering::Relaxed) < wire::PROTOCOL_VERSION
+    }
+
+    /// Writes the signed states this node holds of remote origins to the
+    /// data dir (off the loop's thread; waited for at a stop).
+    async fn save_states(&mut self, wait: bool) {
+        let Some(core) = self.core.as_mut() else {
+            return;
+        };
+        let msgs = core.held();
+        let dir = self.data_dir.clone();
+        let task = tokio::task::spawn_blocking(move || {
+            if let Err(e) = super::persist::save(&dir, msgs.iter().map(|m| &m[..])) {
+                log::warn!("gossip: keeping remote states in {}: {e}", dir.display());
+            }
+        });
+        if wait {
+            let _ = tokio::time::timeout(SAVE_WAIT, task).await;
+        }
     }
 
     /// Hands one input to the core and carries out what it decided.
@@ -1522,6 +1570,10 @@ impl Node {
                 self.core_input(Input::Addrs(addrs)).await;
             }
             self.core_input(Input::Tick).await;
+            if now >= self.next_save {
+                self.next_save = now + super::persist::SAVE_EVERY;
+                self.save_states(false).await;
+            }
         }
         let ready = self.me.published.lock().expect("published lock").ready;
         if !ready {

@@ -497,6 +497,42 @@ fn a_graceful_stop_drops_the_nodes_names_at_once() {
 }
 
 #[test]
+fn a_restarted_node_serves_the_remote_records_it_held_before_any_peer_answers() {
+    let t = topic();
+    let dir = support::data_dir();
+    let mut a_opts = Opts::new("node-a", t).lease(60);
+    a_opts.data_dir = Some(dir.clone());
+    let a = start(a_opts);
+    let mut b_opts = Opts::new("node-b", t).lease(60).boot(&a);
+    b_opts.records = vec![("from-b", ip(2))];
+    let b = start(b_opts);
+    assert!(wait_until(CONVERGE, || a.resolves("from-b").is_some()));
+    // A keeps B's signed state in its data dir when it stops; then B is
+    // gone, so nobody can tell the restarted A about B.
+    a.stop();
+    assert!(glued::gossip::persist::path(&dir).exists());
+    b.kill();
+    let mut a_opts = Opts::new("node-a", t).lease(60);
+    a_opts.data_dir = Some(dir.clone());
+    let a2 = start(a_opts);
+    assert!(
+        wait_until(Duration::from_secs(2), || a2.resolves("from-b")
+            == Some(vec![ip(2)])),
+        "the restarted node did not serve the records it held"
+    );
+    a2.stop();
+    // A file sealed under a key the ring no longer holds yields nothing.
+    let mut c_opts = Opts::new("node-a", t).lease(60);
+    c_opts.data_dir = Some(dir);
+    let c = start_with(c_opts, |c| {
+        c.cluster_keys = glued::config::Keyring::for_tests("another-secret")
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(c.resolves("from-b").is_none());
+    c.stop();
+}
+
+#[test]
 fn a_restart_never_makes_names_vanish() {
     let t = topic();
     let a = start(Opts::new("node-a", t).lease(3));
