@@ -52,6 +52,14 @@ pub const MAX_BATCH: usize = 4096;
 pub const SPARE_WAIT: Duration = Duration::from_millis(2);
 /// Busy-wait rounds between two `yield_now` while waiting for the spare.
 const SPIN_ROUNDS: u32 = 64;
+/// Entries a cleared change set keeps room for; a bigger one (a peer's full
+/// state of thousands of groups) gives its memory back.
+const CHANGES_KEEP: usize = 1024;
+/// A burst that changed at least this many name keys, and at least half of
+/// the table's, is not kept for the spare: the spare is dropped with it and
+/// the next publish builds from scratch (about what patching that many keys
+/// costs), instead of holding a copy of every changed key until then.
+const BIG_BURST: usize = 4096;
 
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::FixedState>;
 type FastSet<K> = HashSet<K, foldhash::fast::FixedState>;
@@ -308,10 +316,16 @@ impl Writer {
         behind.clear();
         let burst = std::mem::replace(&mut state.index.changes, behind);
         let next_id = (Arc::as_ptr(&next) as usize, self.serial);
+        let big = burst.names.len() >= BIG_BURST.max(next.n_names() / 2);
         let old = self.table.swap(next);
         // A table of another TTL is no spare: patching it would bring the
         // old TTL back.
-        if self.published == Some((Arc::as_ptr(&old) as usize, old.serial))
+        if big {
+            self.spare = None;
+            self.spare_behind = Changes::default();
+            drop((old, burst));
+            give_back_free_memory();
+        } else if self.published == Some((Arc::as_ptr(&old) as usize, old.serial))
             && old.ttl_secs == self.ttl_secs
         {
             self.spare = Some(old);
@@ -321,6 +335,19 @@ impl Writer {
             self.spare = None;
         }
         self.published = Some(next_id);
+    }
+}
+
+/// Returns the allocator's free pages to the system after a big burst:
+/// the peer's full state, its decoded copies and the table build's scratch
+/// maps are freed by then, but glibc keeps freed memory inside its heaps
+/// (resident) unless asked. Walks every arena: milliseconds, once per big
+/// burst.
+fn give_back_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free memory of the allocator.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
@@ -378,6 +405,17 @@ fn apply_changes(table: &mut Table, state: &State, changes: &Changes, scratch: &
             None => table.remove_reverse(ip),
         }
     }
+    // Many changed groups: the map is rebuilt in one pass (full B-tree
+    // nodes; inserting them one by one in key order leaves nodes half full).
+    if changes.groups.len() >= BIG_BURST.max(state.n_groups() / 2) {
+        table.groups = Arc::new(
+            state
+                .groups()
+                .map(|(k, g)| (k.clone(), g.clone()))
+                .collect(),
+        );
+        return;
+    }
     for key in &changes.groups {
         table.set_group(key, state.get(key));
     }
@@ -399,6 +437,9 @@ impl Changes {
         self.names.clear();
         self.addrs.clear();
         self.groups.clear();
+        self.names.shrink_to(CHANGES_KEEP);
+        self.addrs.shrink_to(CHANGES_KEEP);
+        self.groups.shrink_to(CHANGES_KEEP);
     }
 }
 
@@ -523,6 +564,12 @@ impl State {
                     .filter(|(k, _)| kind.is_none_or(|kind| k.1.kind() == kind))
                     .map(|(k, slot)| (k.clone(), slot))
                     .collect();
+                // A peer's first full state is most of the slots: room for
+                // exactly that many (doubling would leave up to half unused).
+                let grow = fresh.len().saturating_sub(self.free.len());
+                if grow >= self.slots.len() {
+                    self.slots.reserve_exact(grow);
+                }
                 let mut changed = false;
                 for (key, slot) in before {
                     let kept = if key.0 == origin {
