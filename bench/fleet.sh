@@ -21,7 +21,7 @@
 #        GLUED=path/to/glued (use that binary, no build)
 # Without Docker (NO_DOCKER=1) the change phase is skipped.
 #
-# The same harness in CI: tests/it/fleet.rs (12 nodes; its restart test
+# The same harness in CI: tests/fleet/main.rs (12 nodes; its restart test
 # waits GLUED_FLEET_QUIET_SECS, 65 s by default).
 
 source "$(dirname "${BASH_SOURCE[0]}")/docker-lib.sh"

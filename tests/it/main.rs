@@ -11,7 +11,6 @@ mod config;
 mod dns;
 mod docker;
 mod e2e;
-mod fleet;
 mod forward;
 mod http;
 mod ops;

@@ -15,7 +15,9 @@
 //! each node's HTTP status on the node's loopback from a thread that entered
 //! the node's namespace (`setns`).
 //!
-//! Tests run one at a time (a lock) so that their timing bounds are not
+//! A test binary of its own: cargo runs test binaries one at a time, so
+//! the fleet's timing bounds are not shared with 150 other tests. Tests run one
+//! at a time (a lock) so that their timing bounds are not
 //! eaten by each other on a 2-core machine. Needs root and `ip` (iproute2);
 //! without them the tests print why and pass, or fail with `CI=true`.
 //!
@@ -35,7 +37,8 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::support;
+#[path = "../it/support.rs"]
+mod support;
 
 /// Nodes of every fleet test (half on each side of the trunk).
 const NODES: usize = 12;
@@ -636,7 +639,6 @@ fn form(f: &mut Fleet) -> Duration {
 }
 
 #[test]
-#[ignore = "formation takes 6.7-10.1 s on a 2-core machine at load 10-19 (debug build), at the 10 s bound: run with --include-ignored"]
 fn fleet_every_node_holds_every_origin_within_10_s_of_the_last_start() {
     let Some((_serial, mut f)) = fleet(NODES) else {
         return;
@@ -645,7 +647,6 @@ fn fleet_every_node_holds_every_origin_within_10_s_of_the_last_start() {
 }
 
 #[test]
-#[ignore = "formation takes 6.7-10.1 s on a 2-core machine at load 10-19 (debug build), at the 10 s bound: run with --include-ignored"]
 fn fleet_half_half_partition_longer_than_the_lease_heals_after_reconnection() {
     let Some((_serial, mut f)) = fleet(NODES) else {
         return;
@@ -671,7 +672,6 @@ fn fleet_half_half_partition_longer_than_the_lease_heals_after_reconnection() {
 }
 
 #[test]
-#[ignore = "formation takes 6.7-10.1 s on a 2-core machine at load 10-19 (debug build), at the 10 s bound: run with --include-ignored"]
 fn fleet_node_restarted_with_changed_records_after_the_address_caches_expired_converges() {
     let Some((_serial, mut f)) = fleet(NODES) else {
         return;
