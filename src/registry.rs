@@ -298,6 +298,7 @@ impl Writer {
         let mut behind = std::mem::take(&mut self.spare_behind);
         self.serial = self.serial.wrapping_add(1);
         state.note_conflicts();
+        let mut trim = false;
         let next = match self.spare.take().and_then(wait_until_unshared) {
             Some(mut next) => {
                 let t = Arc::get_mut(&mut next).expect("unshared spare");
@@ -308,7 +309,11 @@ impl Writer {
             }
             None => {
                 stats.full_builds.fetch_add(1, Ordering::Relaxed);
-                Arc::new(state.build(&self.domain, self.ttl_secs, self.serial))
+                let table = state.build(&self.domain, self.ttl_secs, self.serial);
+                // Its scratch maps (every key with its holders) are freed:
+                // given back once the table is out.
+                trim = table.n_names() >= BIG_BURST;
+                Arc::new(table)
             }
         };
         // The burst's change set is what the old table will miss; the one
@@ -324,7 +329,7 @@ impl Writer {
             self.spare = None;
             self.spare_behind = Changes::default();
             drop((old, burst));
-            give_back_free_memory();
+            trim = true;
         } else if self.published == Some((Arc::as_ptr(&old) as usize, old.serial))
             && old.ttl_secs == self.ttl_secs
         {
@@ -335,14 +340,17 @@ impl Writer {
             self.spare = None;
         }
         self.published = Some(next_id);
+        if trim {
+            give_back_free_memory();
+        }
     }
 }
 
-/// Returns the allocator's free pages to the system after a big burst:
-/// the peer's full state, its decoded copies and the table build's scratch
-/// maps are freed by then, but glibc keeps freed memory inside its heaps
-/// (resident) unless asked. Walks every arena: milliseconds, once per big
-/// burst.
+/// Returns the allocator's free pages to the system after a big burst or a
+/// full build of a big table: the peer's full state, its decoded copies and
+/// the build's scratch maps are freed by then, but glibc keeps freed memory
+/// inside its heaps (resident) unless asked. Walks every arena:
+/// milliseconds, as rare as full builds.
 fn give_back_free_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only releases free memory of the allocator.
