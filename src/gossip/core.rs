@@ -567,13 +567,7 @@ impl<S: Seal> Core<S> {
             out.push(self.own_full());
         }
         match want {
-            Want::All => {
-                let mut ids: Vec<&NodeId> = self.origins.keys().collect();
-                ids.sort_unstable();
-                for id in ids {
-                    out.extend(self.origins[id].proof());
-                }
-            }
+            Want::All => out.extend(self.held()),
             Want::Some(ids) => {
                 for id in ids {
                     if let Some(o) = self.origins.get(id) {

@@ -398,6 +398,9 @@ struct Node {
     next_addrs: Instant,
     next_save: Instant,
     data_dir: std::path::PathBuf,
+    /// What the last save wrote (the same `Arc`s: nothing new to write);
+    /// `None` until the first save, which always writes.
+    saved: Option<Vec<Arc<[u8]>>>,
     /// Known peers pinged by the healing timer, joined when they ack.
     heal_pings: HashSet<EndpointId>,
     /// Connections kept for the core's requests.
@@ -732,6 +735,7 @@ impl Node {
             next_addrs: now,
             next_save: now + super::persist::SAVE_EVERY,
             data_dir: config.data_dir.clone(),
+            saved: None,
             heal_pings: HashSet::new(),
             conns: driver::Conns::default(),
             docker,
@@ -852,6 +856,13 @@ impl Node {
             return;
         };
         let msgs = core.held();
+        let unchanged = self.saved.as_ref().is_some_and(|saved| {
+            saved.len() == msgs.len() && saved.iter().zip(&msgs).all(|(a, b)| Arc::ptr_eq(a, b))
+        });
+        if unchanged {
+            return;
+        }
+        self.saved = Some(msgs.clone());
         let dir = self.data_dir.clone();
         let task = tokio::task::spawn_blocking(move || {
             if let Err(e) = super::persist::save(&dir, msgs.iter().map(|m| &m[..])) {
