@@ -204,7 +204,7 @@ impl Node {
     }
 }
 
-fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+pub(crate) fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let end = Instant::now() + timeout;
     while Instant::now() < end {
         if f() {
@@ -645,7 +645,7 @@ fn a_burst_of_2000_changes_converges_everywhere() {
 }
 
 /// A free loopback port (bound then released).
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let port = udp.local_addr().unwrap().port();
     // The same port must be free for TCP too (DNS binds both).
@@ -664,11 +664,11 @@ fn process_key() -> String {
 }
 
 /// One `glued run` process on loopback.
-struct Proc {
-    child: std::process::Child,
-    dns: std::net::SocketAddr,
+pub(crate) struct Proc {
+    pub(crate) child: std::process::Child,
+    pub(crate) dns: std::net::SocketAddr,
     gossip: std::net::SocketAddr,
-    log: PathBuf,
+    pub(crate) log: PathBuf,
 }
 
 impl Drop for Proc {
@@ -684,7 +684,7 @@ fn spawn_glued(name: &str, dir: &std::path::Path, extra: &[(&str, String)], reco
 }
 
 /// Like [`spawn_glued`], with the gossip endpoint bound to `gossip`.
-fn spawn_glued_at(
+pub(crate) fn spawn_glued_at(
     name: &str,
     dir: &std::path::Path,
     extra: &[(&str, String)],
@@ -740,7 +740,7 @@ fn spawn_glued_at(
 
 /// Asks `server` for the A record of `name.glued.internal`: Some(true) when
 /// answered, Some(false) on NXDOMAIN/empty, None on no answer.
-fn dns_has(server: std::net::SocketAddr, name: &str) -> Option<bool> {
+pub(crate) fn dns_has(server: std::net::SocketAddr, name: &str) -> Option<bool> {
     let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     sock.set_read_timeout(Some(Duration::from_millis(300)))
         .unwrap();

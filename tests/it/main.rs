@@ -14,5 +14,6 @@ mod e2e;
 mod forward;
 mod http;
 mod ops;
+mod readiness;
 mod reload;
 mod scopes;
