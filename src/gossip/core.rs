@@ -1166,3 +1166,7 @@ impl<S: Seal> Core<S> {
 pub fn hex(id: &NodeId) -> String {
     id.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+#[cfg(test)]
+#[path = "core_tests.rs"]
+mod tests;
