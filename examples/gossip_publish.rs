@@ -103,8 +103,8 @@ fn main() -> anyhow::Result<()> {
     let rate: u32 = args.next().and_then(|a| a.parse().ok()).unwrap_or(500);
     let config = config();
     let origin = Origin {
-        id: glued::gossip::local_id(&config.data_dir)?,
-        node_name: config.node_name.clone(),
+        id: glued::gossip::local_id(&config.data_dir)?.into(),
+        node_name: config.node_name.as_str().into(),
     };
     let table = table::shared(&config.domain, config.ttl_secs);
     let (changed_tx, changed_rx) = bounded(1);

@@ -59,7 +59,7 @@ fn main() {
     let n_static: u32 = args.next().map_or(1_000, |a| a.parse().expect("names"));
     let n_readers: u32 = args.next().map_or(0, |a| a.parse().expect("readers"));
     let origin = Origin {
-        id: "a".repeat(64),
+        id: "a".repeat(64).into(),
         node_name: "bench".into(),
     };
     let table = table::shared("glued.internal", 5);

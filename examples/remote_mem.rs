@@ -58,8 +58,8 @@ fn live() -> isize {
 
 fn origin(i: u32) -> Origin {
     Origin {
-        id: format!("{i:064x}"),
-        node_name: format!("node-{i}"),
+        id: format!("{i:064x}").into(),
+        node_name: format!("node-{i}").into(),
     }
 }
 

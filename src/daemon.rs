@@ -50,8 +50,8 @@ impl Daemon {
     /// Starts every component. Errors name what could not start.
     pub fn start(config: &Config) -> anyhow::Result<Daemon> {
         let origin = Origin {
-            id: crate::gossip::local_id(&config.data_dir)?,
-            node_name: config.node_name.clone(),
+            id: crate::gossip::local_id(&config.data_dir)?.into(),
+            node_name: config.node_name.as_str().into(),
         };
         let table = table::shared(&config.domain, config.ttl_secs);
         let metrics = Arc::new(Metrics {

@@ -27,7 +27,6 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 #[cfg(test)]
 use std::net::{Ipv4Addr, Ipv6Addr};
-use std::ops::Bound;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
@@ -36,8 +35,8 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError, bounded};
 
 use crate::table::{
-    EntryBuilder, Group, Holds, Origin, SharedTable, Source, SourceKind, Table, is_conflict,
-    write_target,
+    EntryBuilder, Group, GroupKey, Groups, Held, Holds, Origin, SharedTable, Source, SourceKind,
+    Table, is_conflict, write_target,
 };
 
 /// Capacity of the registry inbox. Senders block when it is full, which
@@ -63,8 +62,6 @@ const BIG_BURST: usize = 4096;
 
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::FixedState>;
 type FastSet<K> = HashSet<K, foldhash::fast::FixedState>;
-/// A group's owner and producer: the key of every group.
-type GroupKey = (Origin, Source);
 
 /// One change to the record set.
 #[derive(Debug)]
@@ -149,9 +146,10 @@ impl Registry {
     pub fn spawn(
         table: SharedTable,
         stats: Arc<RegistryStats>,
-        local_id: String,
+        local_id: impl AsRef<str>,
         local_changed: Option<Sender<()>>,
     ) -> Registry {
+        let local_id = local_id.as_ref().to_owned();
         let (tx, rx) = bounded(INBOX_CAPACITY);
         let thread = std::thread::Builder::new()
             .name("registry".into())
@@ -376,7 +374,8 @@ fn wait_until_unshared(mut table: Arc<Table>) -> Option<Arc<Table>> {
     }
 }
 
-/// Recomputes, from `state`, every entry `changes` names into `table`.
+/// Recomputes, from `state`, every entry `changes` names into `table`,
+/// and hands it the registry's groups (shared, not copied).
 fn apply_changes(table: &mut Table, state: &State, changes: &Changes, scratch: &mut Scratch) {
     for key in &changes.names {
         let Some(holders) = state.index.by_name.get(key) else {
@@ -384,28 +383,28 @@ fn apply_changes(table: &mut Table, state: &State, changes: &Changes, scratch: &
             table.set_conflict(key, false);
             continue;
         };
-        let slots = holders.iter().map(|&(id, holds)| (state.slot(id), holds));
         let entry = scratch.entry.build(
-            slots.clone().map(|(s, holds)| (&s.key.0, &s.group, holds)),
+            holders
+                .iter()
+                .map(|(h, holds)| (&h.key.0, &h.group, *holds)),
             &state.local,
             &table.domain_wire,
         );
         table.set_name(key, entry);
         if !key.contains(&b'.') {
-            let groups = slots.map(|(s, _)| (&s.key.1, &s.group));
+            let groups = holders.iter().map(|(h, _)| (&h.key.1, &h.group));
             table.set_conflict(key, is_conflict(key, groups));
         }
     }
     for ip in &changes.addrs {
         // The PTR target is the primary name of the first holder in key
         // order, as `Table::build` finds it.
-        let first = state.index.by_addr.get(ip).and_then(|holders| {
-            holders
-                .iter()
-                .map(|&id| state.slot(id))
-                .min_by(|a, b| a.key.cmp(&b.key))
-        });
-        match first.and_then(|slot| slot.group.names.first()) {
+        let first = state
+            .index
+            .by_addr
+            .get(ip)
+            .and_then(|holders| holders.iter().min_by(|a, b| a.key.cmp(&b.key)));
+        match first.and_then(|h| h.group.names.first()) {
             Some(primary) => {
                 write_target(&mut scratch.target, primary, &table.domain_wire);
                 table.set_reverse(*ip, &scratch.target);
@@ -413,20 +412,7 @@ fn apply_changes(table: &mut Table, state: &State, changes: &Changes, scratch: &
             None => table.remove_reverse(ip),
         }
     }
-    // Many changed groups: the map is rebuilt in one pass (full B-tree
-    // nodes; inserting them one by one in key order leaves nodes half full).
-    if changes.groups.len() >= BIG_BURST.max(state.n_groups() / 2) {
-        table.groups = Arc::new(
-            state
-                .groups()
-                .map(|(k, g)| (k.clone(), g.clone()))
-                .collect(),
-        );
-        return;
-    }
-    for key in &changes.groups {
-        table.set_group(key, state.get(key));
-    }
+    table.groups = state.groups.clone();
 }
 
 /// What changed since the last publish: the table entries to recompute.
@@ -436,27 +422,24 @@ struct Changes {
     names: FastSet<Box<[u8]>>,
     /// Addresses whose PTR answer may have changed.
     addrs: FastSet<IpAddr>,
-    /// Groups inserted, changed or removed.
-    groups: Vec<Arc<GroupKey>>,
 }
 
 impl Changes {
     fn clear(&mut self) {
         self.names.clear();
         self.addrs.clear();
-        self.groups.clear();
         self.names.shrink_to(CHANGES_KEEP);
         self.addrs.shrink_to(CHANGES_KEEP);
-        self.groups.shrink_to(CHANGES_KEEP);
     }
 }
 
 /// The registry's own record set: pure, so it is tested without threads.
 ///
-/// Each group lives in a numbered slot; besides the ordered map key → slot
-/// it keeps two indexes, name key → slots answering it and address → slots
-/// holding it, so that one changed group recomputes only its own names and
-/// addresses, whatever the size of the table.
+/// Each group is one shared [`Held`] in [`Groups`] (the map every table
+/// shares); besides it the state keeps two indexes, name key → groups
+/// answering it and address → groups holding it, so that one changed group
+/// recomputes only its own names and addresses, whatever the size of the
+/// table.
 #[derive(Default)]
 pub struct State {
     /// Endpoint id of this node: its holders are answered first.
@@ -464,23 +447,19 @@ pub struct State {
     /// Names in conflict at the last publish (for the log line when one
     /// appears).
     conflicts: FastSet<Box<[u8]>>,
-    ids: BTreeMap<Arc<GroupKey>, u32>,
-    slots: Vec<Option<Slot>>,
-    /// Empty slots, reused before `slots` grows.
-    free: Vec<u32>,
+    groups: Groups,
     index: Index,
 }
 
-struct Slot {
-    key: Arc<GroupKey>,
-    group: Group,
-}
+/// The groups answering one name key, and how each holds it.
+type NameHolders = Vec<(Arc<Held>, Holds)>;
 
 /// The indexes of [`State`] and the changes recorded since the last publish.
+/// A holder is the group's [`Held`] (compared by address).
 #[derive(Default)]
 struct Index {
-    by_name: FastMap<Box<[u8]>, Vec<(u32, Holds)>>,
-    by_addr: FastMap<IpAddr, Vec<u32>>,
+    by_name: FastMap<Box<[u8]>, NameHolders>,
+    by_addr: FastMap<IpAddr, Vec<Arc<Held>>>,
     changes: Changes,
     /// Scratch buffer for one name key.
     key: Vec<u8>,
@@ -508,22 +487,19 @@ impl State {
                 .get(key)
                 .map(Vec::as_slice)
                 .unwrap_or_default();
-            let all = &self.slots;
-            let slots = holders
-                .iter()
-                .map(|&(id, _)| all[id as usize].as_ref().expect("indexed slot"));
-            if is_conflict(key, slots.clone().map(|s| (&s.key.1, &s.group))) {
+            let held = holders.iter().map(|(h, _)| h);
+            if is_conflict(key, held.clone().map(|h| (&h.key.1, &h.group))) {
                 if self.conflicts.insert(key.clone()) {
-                    let mut who: Vec<String> = slots
-                        .map(|s| {
-                            let what = match (&s.key.1, &s.group.scope) {
+                    let mut who: Vec<String> = held
+                        .map(|h| {
+                            let what = match (&h.key.1, &h.group.scope) {
                                 (Source::Static { .. }, _) => "static record".to_string(),
                                 (Source::Container { .. }, Some(scope)) => {
                                     format!("project {}", scope.project)
                                 }
                                 (Source::Container { .. }, None) => "container".to_string(),
                             };
-                            format!("{what} on {}", s.key.0.node_name)
+                            format!("{what} on {}", h.key.0.node_name)
                         })
                         .collect();
                     who.sort();
@@ -549,11 +525,11 @@ impl State {
                 source,
                 group,
             } => {
-                let id = origin.id.clone();
+                let id = origin.id.to_string();
                 self.put((origin, source), group).then_some(id)
             }
             RegistryMsg::Remove { origin, source } => {
-                let id = origin.id.clone();
+                let id = origin.id.to_string();
                 self.delete(&(origin, source)).then_some(id)
             }
             RegistryMsg::Replace {
@@ -561,33 +537,27 @@ impl State {
                 kind,
                 groups,
             } => {
-                let id = origin.id.clone();
+                let id = origin.id.to_string();
                 // Later duplicates of a source win, as in a map.
                 let mut fresh: BTreeMap<Source, Group> = groups
                     .into_iter()
                     .filter(|(s, g)| !is_empty(g) && kind.is_none_or(|k| s.kind() == k))
                     .collect();
-                let before: Vec<(Arc<GroupKey>, u32)> = self
-                    .slots_of(&id)
-                    .filter(|(k, _)| kind.is_none_or(|kind| k.1.kind() == kind))
-                    .map(|(k, slot)| (k.clone(), slot))
+                let before: Vec<Arc<Held>> = self
+                    .held_of(&id)
+                    .filter(|h| kind.is_none_or(|kind| h.key.1.kind() == kind))
+                    .cloned()
                     .collect();
-                // A peer's first full state is most of the slots: room for
-                // exactly that many (doubling would leave up to half unused).
-                let grow = fresh.len().saturating_sub(self.free.len());
-                if grow >= self.slots.len() {
-                    self.slots.reserve_exact(grow);
-                }
                 let mut changed = false;
-                for (key, slot) in before {
-                    let kept = if key.0 == origin {
-                        fresh.remove(&key.1)
+                for held in before {
+                    let kept = if held.key.0 == origin {
+                        fresh.remove(&held.key.1)
                     } else {
                         None
                     };
                     changed |= match kept {
-                        Some(group) => self.put_slot(slot, group),
-                        None => self.delete(&key),
+                        Some(group) => self.replace(&held, group),
+                        None => self.delete(&held.key),
                     };
                 }
                 for (source, group) in fresh {
@@ -596,10 +566,10 @@ impl State {
                 changed.then_some(id)
             }
             RegistryMsg::DropOrigin { id } => {
-                let gone: Vec<Arc<GroupKey>> = self.slots_of(&id).map(|(k, _)| k.clone()).collect();
+                let gone: Vec<Arc<Held>> = self.held_of(&id).cloned().collect();
                 let mut changed = false;
-                for key in gone {
-                    changed |= self.delete(&key);
+                for held in gone {
+                    changed |= self.delete(&held.key);
                 }
                 changed.then_some(id)
             }
@@ -609,151 +579,155 @@ impl State {
 
     /// Number of groups held.
     pub fn n_groups(&self) -> usize {
-        self.ids.len()
+        self.groups.len()
     }
 
     /// Every group, in key order.
     pub fn groups(&self) -> impl Iterator<Item = (&GroupKey, &Group)> {
-        self.ids.iter().map(|(k, &id)| (&**k, &self.slot(id).group))
+        self.groups.iter()
     }
 
     /// The group of one key.
     pub fn get(&self, key: &GroupKey) -> Option<&Group> {
-        self.ids.get(key).map(|&id| &self.slot(id).group)
+        self.groups.get(key)
     }
 
     /// A table built from scratch from every group.
     pub fn build(&self, domain: &str, ttl_secs: u32, serial: u32) -> Table {
-        let groups = self.groups().map(|(k, g)| (k.clone(), g.clone()));
-        Table::build_for(
-            domain,
-            ttl_secs,
-            serial,
-            Arc::new(groups.collect()),
-            &self.local,
-        )
+        Table::build_for(domain, ttl_secs, serial, self.groups.clone(), &self.local)
     }
 
-    fn slot(&self, id: u32) -> &Slot {
-        self.slots[id as usize].as_ref().expect("indexed slot")
-    }
-
-    /// The keys and slots of every group of the origin with this id, in order.
-    fn slots_of<'a>(&'a self, id: &'a str) -> impl Iterator<Item = (&'a Arc<GroupKey>, u32)> + 'a {
+    /// Every group of the origin with this id, in key order.
+    fn held_of<'a>(&'a self, id: &'a str) -> impl Iterator<Item = &'a Arc<Held>> + 'a {
         let first: GroupKey = (
             Origin {
-                id: id.to_owned(),
-                node_name: String::new(),
+                id: id.into(),
+                node_name: "".into(),
             },
             Source::Static {
                 name: String::new(),
             },
         );
-        self.ids
-            .range::<GroupKey, _>((Bound::Included(&first), Bound::Unbounded))
-            .map(|(k, &slot)| (k, slot))
-            .take_while(move |(k, _)| k.0.id == id)
+        self.groups
+            .held_from(&first)
+            .take_while(move |h| &*h.key.0.id == id)
+    }
+
+    /// `origin` with the strings of the origin's first group held, where
+    /// they are equal, so that every group of an origin shares them.
+    fn interned(&self, origin: Origin) -> Origin {
+        let first = self.held_of(&origin.id).next().map(|h| h.key.0.clone());
+        match first {
+            Some(h) => Origin {
+                id: h.id,
+                node_name: if h.node_name == origin.node_name {
+                    h.node_name
+                } else {
+                    origin.node_name
+                },
+            },
+            None => origin,
+        }
     }
 
     /// Creates or replaces one group; `false` when nothing changed.
     fn put(&mut self, key: GroupKey, group: Group) -> bool {
-        match self.ids.get(&key) {
-            Some(&id) => self.put_slot(id, group),
-            None if is_empty(&group) => false,
-            None => {
-                let key = Arc::new(key);
-                let id = match self.free.pop() {
-                    Some(id) => id,
-                    None => {
-                        self.slots.push(None);
-                        (self.slots.len() - 1) as u32
-                    }
-                };
-                self.index.add(id, &key.0.node_name, &group);
-                self.index.changes.groups.push(key.clone());
-                self.ids.insert(key.clone(), id);
-                self.slots[id as usize] = Some(Slot { key, group });
-                true
-            }
+        if let Some(held) = self.groups.held(&key) {
+            let held = held.clone();
+            return self.replace(&held, group);
         }
+        if is_empty(&group) {
+            return false;
+        }
+        let (origin, source) = key;
+        let key = (self.interned(origin), source);
+        let held = Arc::new(Held { key, group });
+        self.index.add(&held);
+        self.groups.insert(held);
+        true
     }
 
-    /// Replaces the group of a slot in use.
-    fn put_slot(&mut self, id: u32, group: Group) -> bool {
-        let Some(slot) = self.slots[id as usize].as_mut() else {
-            return false;
-        };
+    /// Replaces the group of `held`, which is in use.
+    fn replace(&mut self, held: &Arc<Held>, group: Group) -> bool {
         if is_empty(&group) {
-            let key = slot.key.clone();
-            return self.delete(&key);
+            return self.delete(&held.key);
         }
-        if slot.group == group {
+        if held.group == group {
             return false;
         }
-        let old = std::mem::replace(&mut slot.group, group);
-        self.index.remove(id, &slot.key.0.node_name, &old);
-        self.index.add(id, &slot.key.0.node_name, &slot.group);
-        self.index.changes.groups.push(slot.key.clone());
+        let new = Arc::new(Held {
+            key: held.key.clone(),
+            group,
+        });
+        self.index.remove(held);
+        self.index.add(&new);
+        self.groups.insert(new);
         true
     }
 
     /// Removes one group; `false` when there was none.
     fn delete(&mut self, key: &GroupKey) -> bool {
-        let Some(id) = self.ids.remove(key) else {
+        let Some(held) = self.groups.remove(key) else {
             return false;
         };
-        let slot = self.slots[id as usize].take().expect("slot in use");
-        self.free.push(id);
-        self.index.remove(id, &slot.key.0.node_name, &slot.group);
-        self.index.changes.groups.push(slot.key);
+        self.index.remove(&held);
         true
     }
 }
 
 impl Index {
-    /// Adds `group`'s names and addresses to the indexes, marking them changed.
-    fn add(&mut self, id: u32, node: &str, group: &Group) {
+    /// Adds `held`'s names and addresses to the indexes, marking them changed.
+    fn add(&mut self, held: &Arc<Held>) {
         let mut key = std::mem::take(&mut self.key);
-        group.for_each_key(node, &mut key, |key, kind| {
-            match self.by_name.get_mut(key) {
-                Some(holders) => match holders.iter_mut().find(|(h, _)| *h == id) {
-                    Some((_, holds)) => *holds |= kind.bit(),
-                    None => holders.push((id, kind.bit())),
-                },
-                None => {
-                    self.by_name.insert(Box::from(key), vec![(id, kind.bit())]);
+        held.group
+            .for_each_key(&held.key.0.node_name, &mut key, |key, kind| {
+                match self.by_name.get_mut(key) {
+                    Some(holders) => match holders.iter_mut().find(|(h, _)| Arc::ptr_eq(h, held)) {
+                        Some((_, holds)) => *holds |= kind.bit(),
+                        None => holders.push((held.clone(), kind.bit())),
+                    },
+                    None => {
+                        self.by_name
+                            .insert(Box::from(key), vec![(held.clone(), kind.bit())]);
+                    }
                 }
-            }
-            mark_name(&mut self.changes, key);
-        });
+                mark_name(&mut self.changes, key);
+            });
         self.key = key;
-        for ip in addrs(group) {
-            insert_once(self.by_addr.entry(ip).or_default(), id);
+        for ip in addrs(&held.group) {
+            let holders = self.by_addr.entry(ip).or_default();
+            if !holders.iter().any(|h| Arc::ptr_eq(h, held)) {
+                holders.push(held.clone());
+            }
             self.changes.addrs.insert(ip);
         }
     }
 
-    /// Takes `group`'s names and addresses out of the indexes, marking them
+    /// Takes `held`'s names and addresses out of the indexes, marking them
     /// changed.
-    fn remove(&mut self, id: u32, node: &str, group: &Group) {
+    fn remove(&mut self, held: &Arc<Held>) {
         let mut key = std::mem::take(&mut self.key);
-        group.for_each_key(node, &mut key, |key, _| {
-            if let Some(holders) = self.by_name.get_mut(key) {
-                if let Some(at) = holders.iter().position(|(h, _)| *h == id) {
+        held.group
+            .for_each_key(&held.key.0.node_name, &mut key, |key, _| {
+                if let Some(holders) = self.by_name.get_mut(key) {
+                    if let Some(at) = holders.iter().position(|(h, _)| Arc::ptr_eq(h, held)) {
+                        holders.swap_remove(at);
+                    }
+                    if holders.is_empty() {
+                        self.by_name.remove(key);
+                    }
+                }
+                mark_name(&mut self.changes, key);
+            });
+        self.key = key;
+        for ip in addrs(&held.group) {
+            if let Some(holders) = self.by_addr.get_mut(&ip) {
+                if let Some(at) = holders.iter().position(|h| Arc::ptr_eq(h, held)) {
                     holders.swap_remove(at);
                 }
                 if holders.is_empty() {
-                    self.by_name.remove(key);
+                    self.by_addr.remove(&ip);
                 }
-            }
-            mark_name(&mut self.changes, key);
-        });
-        self.key = key;
-        for ip in addrs(group) {
-            if let Some(holders) = self.by_addr.get_mut(&ip)
-                && remove_once(holders, id)
-            {
-                self.by_addr.remove(&ip);
             }
             self.changes.addrs.insert(ip);
         }
@@ -771,21 +745,6 @@ fn addrs(group: &Group) -> impl Iterator<Item = IpAddr> + '_ {
     v4.chain(group.v6.iter().map(|ip| IpAddr::V6(*ip)))
 }
 
-/// Adds `id` to a list of holders, once.
-fn insert_once(holders: &mut Vec<u32>, id: u32) {
-    if !holders.contains(&id) {
-        holders.push(id);
-    }
-}
-
-/// Removes `id` from a list of holders; `true` when the list is now empty.
-fn remove_once(holders: &mut Vec<u32>, id: u32) -> bool {
-    if let Some(at) = holders.iter().position(|&h| h == id) {
-        holders.swap_remove(at);
-    }
-    holders.is_empty()
-}
-
 fn is_empty(group: &Group) -> bool {
     group.names.is_empty() || (group.v4.is_empty() && group.v6.is_empty())
 }
@@ -797,7 +756,7 @@ mod tests {
     fn origin(id: &str) -> Origin {
         Origin {
             id: id.into(),
-            node_name: format!("node-{id}"),
+            node_name: format!("node-{id}").into(),
         }
     }
 
@@ -853,6 +812,39 @@ mod tests {
             keys,
             vec![Source::Static { name: "db".into() }, container("c2")]
         );
+    }
+
+    /// A peer's groups arrive with an origin of their own each (one per
+    /// message, copied per group of a full state): the registry keeps one
+    /// copy of its strings, not one per group.
+    #[test]
+    fn every_group_of_an_origin_shares_its_strings() {
+        let mut s = State::default();
+        s.apply(RegistryMsg::Replace {
+            origin: origin("a"),
+            kind: None,
+            groups: vec![
+                (container("c1"), group("web", "10.0.0.6")),
+                (container("c2"), group("api", "10.0.0.7")),
+            ],
+        });
+        s.apply(RegistryMsg::Upsert {
+            origin: origin("a"),
+            source: container("c3"),
+            group: group("db", "10.0.0.8"),
+        });
+        s.apply(RegistryMsg::Upsert {
+            origin: origin("b"),
+            source: container("c1"),
+            group: group("db", "10.0.0.9"),
+        });
+        let origins: Vec<&Origin> = s.groups().map(|((o, _), _)| o).collect();
+        assert_eq!(origins.len(), 4);
+        let (a, b) = (origins[0], origins[3]);
+        for o in &origins[1..3] {
+            assert!(Arc::ptr_eq(&o.id, &a.id) && Arc::ptr_eq(&o.node_name, &a.node_name));
+        }
+        assert!(!Arc::ptr_eq(&a.id, &b.id));
     }
 
     #[test]
@@ -932,7 +924,7 @@ mod tests {
         for (ip, _) in published.addresses() {
             assert!(fresh.reverse(ip).is_some(), "stale PTR of {ip}");
         }
-        assert_eq!(*published.groups, *fresh.groups);
+        assert_eq!(published.groups, fresh.groups);
         assert_eq!(published.conflicts, fresh.conflicts);
         assert_eq!(published.n_records(), fresh.n_records());
     }
@@ -1097,7 +1089,7 @@ mod tests {
     #[test]
     fn a_new_ttl_is_published_and_kept_by_later_bursts() {
         let table = crate::table::shared("glued.internal", 5);
-        let reg = Registry::spawn(table.clone(), Arc::default(), "a".into(), None);
+        let reg = Registry::spawn(table.clone(), Arc::default(), "a", None);
         let upsert = |i: u8| RegistryMsg::Upsert {
             origin: origin("a"),
             source: container(&i.to_string()),
@@ -1127,7 +1119,7 @@ mod tests {
     fn the_thread_publishes_one_table_per_burst() {
         let table = crate::table::shared("glued.internal", 5);
         let stats = Arc::new(RegistryStats::default());
-        let reg = Registry::spawn(table.clone(), stats.clone(), "a".into(), None);
+        let reg = Registry::spawn(table.clone(), stats.clone(), "a", None);
         for i in 0..100u8 {
             reg.tx
                 .send(RegistryMsg::Upsert {

@@ -27,12 +27,160 @@ pub const MAX_NAME_WIRE_LEN: usize = 255;
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 /// Who published a group of records: a node of the cluster.
+///
+/// Shared strings: every group of an origin holds the same two (the
+/// registry hands a new group the strings of the origin's other groups), so
+/// a peer's 10 000 groups do not carry 10 000 copies of its 64-hex id.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
 pub struct Origin {
     /// Endpoint id (hex) of the node that owns the records.
-    pub id: String,
+    pub id: Arc<str>,
     /// The node's `GLUED_NODE_NAME`, used for `name.<node>.<domain>`.
-    pub node_name: String,
+    pub node_name: Arc<str>,
+}
+
+/// A group's owner and producer: the key of every group.
+pub type GroupKey = (Origin, Source);
+
+/// One group with its key, in one allocation that the registry, every
+/// table it publishes and their readers share.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Held {
+    pub key: GroupKey,
+    pub group: Group,
+}
+
+/// A [`Held`] group ordered by its key alone.
+#[derive(Clone, Debug)]
+struct ByKey(Arc<Held>);
+
+impl PartialEq for ByKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.key == other.0.key
+    }
+}
+
+impl Eq for ByKey {}
+
+impl PartialOrd for ByKey {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for ByKey {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.key.cmp(&other.0.key)
+    }
+}
+
+impl std::borrow::Borrow<GroupKey> for ByKey {
+    fn borrow(&self) -> &GroupKey {
+        &self.0.key
+    }
+}
+
+/// Every group, in key order: a persistent B-tree of shared [`Held`]
+/// groups. A clone costs one pointer and a change copies one path of
+/// nodes, so the registry and each table it publishes hold the same groups
+/// instead of a copy each.
+#[derive(Clone, Default)]
+pub struct Groups(imbl::OrdSet<ByKey>);
+
+impl Groups {
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Every group with its key, in key order.
+    pub fn iter(&self) -> impl DoubleEndedIterator<Item = (&GroupKey, &Group)> + '_ {
+        self.0.iter().map(|h| (&h.0.key, &h.0.group))
+    }
+
+    /// The groups from `lo` (included) on, in key order.
+    pub fn range_from<'a>(
+        &'a self,
+        lo: &GroupKey,
+    ) -> impl Iterator<Item = (&'a GroupKey, &'a Group)> + use<'a> {
+        use std::ops::Bound;
+        self.0
+            .range::<_, GroupKey>((Bound::Included(lo), Bound::Unbounded))
+            .map(|h| (&h.0.key, &h.0.group))
+    }
+
+    /// The shared groups from `lo` (included) on, in key order.
+    pub(crate) fn held_from<'a>(
+        &'a self,
+        lo: &GroupKey,
+    ) -> impl Iterator<Item = &'a Arc<Held>> + use<'a> {
+        use std::ops::Bound;
+        self.0
+            .range::<_, GroupKey>((Bound::Included(lo), Bound::Unbounded))
+            .map(|h| &h.0)
+    }
+
+    pub fn get(&self, key: &GroupKey) -> Option<&Group> {
+        self.0.get(key).map(|h| &h.0.group)
+    }
+
+    pub(crate) fn held(&self, key: &GroupKey) -> Option<&Arc<Held>> {
+        self.0.get(key).map(|h| &h.0)
+    }
+
+    /// Inserts or replaces the group of `held.key`.
+    pub(crate) fn insert(&mut self, held: Arc<Held>) -> Option<Arc<Held>> {
+        self.0.insert(ByKey(held)).map(|h| h.0)
+    }
+
+    pub(crate) fn remove(&mut self, key: &GroupKey) -> Option<Arc<Held>> {
+        self.0.remove(key).map(|h| h.0)
+    }
+
+    /// Whether both are the same version (one is a clone of the other,
+    /// unchanged since): equal without comparing a group.
+    pub fn ptr_eq(&self, other: &Groups) -> bool {
+        self.0.ptr_eq(&other.0)
+    }
+}
+
+impl PartialEq for Groups {
+    fn eq(&self, other: &Self) -> bool {
+        self.ptr_eq(other) || (self.len() == other.len() && self.iter().eq(other.iter()))
+    }
+}
+
+impl Eq for Groups {}
+
+impl std::fmt::Debug for Groups {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map().entries(self.iter()).finish()
+    }
+}
+
+impl FromIterator<(GroupKey, Group)> for Groups {
+    fn from_iter<I: IntoIterator<Item = (GroupKey, Group)>>(iter: I) -> Groups {
+        Groups(
+            iter.into_iter()
+                .map(|(key, group)| ByKey(Arc::new(Held { key, group })))
+                .collect(),
+        )
+    }
+}
+
+impl From<BTreeMap<GroupKey, Group>> for Groups {
+    fn from(map: BTreeMap<GroupKey, Group>) -> Groups {
+        map.into_iter().collect()
+    }
+}
+
+impl From<Arc<BTreeMap<GroupKey, Group>>> for Groups {
+    fn from(map: Arc<BTreeMap<GroupKey, Group>>) -> Groups {
+        Arc::unwrap_or_clone(map).into()
+    }
 }
 
 /// What produced a group, inside one origin.
@@ -297,7 +445,7 @@ impl EntryBuilder {
             if any_good && !group.health.is_good() {
                 continue;
             }
-            let local = !local_id.is_empty() && origin.id == local_id;
+            let local = !local_id.is_empty() && *origin.id == *local_id;
             if holds & KeyKind::Addr.bit() != 0 {
                 if local {
                     self.v4_local.extend_from_slice(&group.v4);
@@ -436,24 +584,20 @@ pub struct Table {
     /// address of the table.
     reverse_v4: Vec<u32>,
     reverse_v6: Vec<u128>,
-    /// Every group, by owner, for `/records` and gossip full state.
-    pub groups: Arc<BTreeMap<(Origin, Source), Group>>,
+    /// Every group, by owner, for `/records` and gossip full state: the
+    /// registry's own groups (shared, not copied).
+    pub groups: Groups,
 }
 
 impl Table {
     /// An empty table for `domain` (lowercase, no trailing dot).
     pub fn empty(domain: &str, ttl_secs: u32) -> Table {
-        Table::build(domain, ttl_secs, 0, Arc::new(BTreeMap::new()))
+        Table::build(domain, ttl_secs, 0, Groups::default())
     }
 
     /// Builds the lookup maps from every group, with no node as this host.
-    pub fn build(
-        domain: &str,
-        ttl_secs: u32,
-        serial: u32,
-        groups: Arc<BTreeMap<(Origin, Source), Group>>,
-    ) -> Table {
-        Table::build_for(domain, ttl_secs, serial, groups, "")
+    pub fn build(domain: &str, ttl_secs: u32, serial: u32, groups: impl Into<Groups>) -> Table {
+        Table::build_for(domain, ttl_secs, serial, groups.into(), "")
     }
 
     /// Builds the lookup maps from every group. `serial` should grow with
@@ -468,13 +612,14 @@ impl Table {
         domain: &str,
         ttl_secs: u32,
         serial: u32,
-        groups: Arc<BTreeMap<(Origin, Source), Group>>,
+        groups: impl Into<Groups>,
         local_id: &str,
     ) -> Table {
+        let groups = groups.into();
         let domain = domain.trim_end_matches('.').to_ascii_lowercase();
         let domain_wire = name_to_wire(&domain);
-        let n_keys: usize = groups.values().map(|g| 2 * g.names.len()).sum();
-        let n_addrs: usize = groups.values().map(|g| g.v4.len() + g.v6.len()).sum();
+        let n_keys: usize = groups.iter().map(|(_, g)| 2 * g.names.len()).sum();
+        let n_addrs: usize = groups.iter().map(|(_, g)| g.v4.len() + g.v6.len()).sum();
         // Name key → every group answering it.
         type Holders<'a> = FastMap<Box<[u8]>, Vec<(&'a (Origin, Source), &'a Group, Holds)>>;
         let mut holders = Holders::with_capacity_and_hasher(n_keys, Default::default());
@@ -604,8 +749,8 @@ impl Table {
     /// Number of (name, address) records across all groups.
     pub fn n_records(&self) -> usize {
         self.groups
-            .values()
-            .map(|g| g.names.len() * (g.v4.len() + g.v6.len()))
+            .iter()
+            .map(|(_, g)| g.names.len() * (g.v4.len() + g.v6.len()))
             .sum()
     }
 
@@ -697,21 +842,6 @@ impl Table {
             match ip {
                 IpAddr::V4(a) => sorted_remove(&mut self.reverse_v4, u32::from(*a)),
                 IpAddr::V6(a) => sorted_remove(&mut self.reverse_v6, u128::from(*a)),
-            }
-        }
-    }
-
-    /// Sets (or with `None` removes) one group of [`Table::groups`]. Clones
-    /// the map only when someone else holds it.
-    pub(crate) fn set_group(&mut self, key: &(Origin, Source), group: Option<&Group>) {
-        let groups = Arc::make_mut(&mut self.groups);
-        match (group, groups.get_mut(key)) {
-            (Some(group), Some(slot)) => slot.clone_from(group),
-            (Some(group), None) => {
-                groups.insert(key.clone(), group.clone());
-            }
-            (None, _) => {
-                groups.remove(key);
             }
         }
     }
@@ -945,7 +1075,7 @@ pub(crate) mod tests {
             "glued.internal",
             5,
             1,
-            Arc::new(replicas(20).into_iter().collect()),
+            replicas(20).into_iter().collect::<Groups>(),
             "a",
         );
         assert_eq!(KEYS_WRITTEN.with(|n| n.get()), 20 * REPLICA_KEYS);

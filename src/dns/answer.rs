@@ -830,7 +830,7 @@ mod tests {
                 (
                     Origin {
                         id: (*node).into(),
-                        node_name: format!("node-{node}"),
+                        node_name: format!("node-{node}").into(),
                     },
                     Source::Container {
                         id: format!("c{i}"),
@@ -885,8 +885,11 @@ mod tests {
 
     #[test]
     fn static_and_container_holders_of_a_name_conflict() {
-        let mut groups =
-            (*scoped_table(&[("a", "", "db", Health::None, "10.0.1.1", "")]).groups).clone();
+        let mut groups = scoped_table(&[("a", "", "db", Health::None, "10.0.1.1", "")])
+            .groups
+            .iter()
+            .map(|(k, g)| (k.clone(), g.clone()))
+            .collect::<BTreeMap<_, _>>();
         assert!(
             Table::build("d", 5, 1, Arc::new(groups.clone()))
                 .conflicts
@@ -1132,8 +1135,8 @@ mod tests {
             groups.insert(
                 (
                     Origin {
-                        id: node.to_string(),
-                        node_name: node.to_string(),
+                        id: node.into(),
+                        node_name: node.into(),
                     },
                     Source::Container {
                         id: name.to_string(),
@@ -1457,7 +1460,11 @@ mod tests {
     #[test]
     fn random_and_mutated_queries_never_panic_or_exceed_the_limit() {
         let mut t = table();
-        let mut groups = (*t.groups).clone();
+        let mut groups: BTreeMap<_, _> = t
+            .groups
+            .iter()
+            .map(|(k, g)| (k.clone(), g.clone()))
+            .collect();
         groups.insert(
             (
                 Origin {

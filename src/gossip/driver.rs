@@ -302,8 +302,8 @@ pub fn registry_msgs(op: RegistryOp, mut out: impl FnMut(RegistryMsg)) {
             groups,
         } => out(RegistryMsg::Replace {
             origin: Origin {
-                id: origin_id(&origin),
-                node_name: node_name.to_string(),
+                id: origin_id(&origin).into(),
+                node_name,
             },
             kind: None,
             groups: groups
@@ -317,8 +317,8 @@ pub fn registry_msgs(op: RegistryOp, mut out: impl FnMut(RegistryMsg)) {
             changes,
         } => {
             let origin = Origin {
-                id: origin_id(&origin),
-                node_name: node_name.to_string(),
+                id: origin_id(&origin).into(),
+                node_name,
             };
             for c in changes {
                 out(match c {

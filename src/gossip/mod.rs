@@ -463,7 +463,7 @@ impl Gossip {
         );
         let key = load_key(&config.data_dir)?;
         anyhow::ensure!(
-            key.public().to_string() == origin.id,
+            key.public().to_string() == *origin.id,
             "origin id does not match {}",
             config.data_dir.join(KEY_FILE).display()
         );

@@ -7,9 +7,8 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
-use std::ops::Bound as RangeBound;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -31,7 +30,7 @@ use super::wire::{
 use super::{Bound, Command, GossipStats, PeerStatus, Peers};
 use crate::config::{Config, KeyId, Keyring};
 use crate::registry::RegistryMsg;
-use crate::table::{Group, Origin, SharedTable, Source};
+use crate::table::{Group, Groups, Origin, SharedTable, Source};
 
 /// Period of the housekeeping tick (leases, pulls, heartbeats, re-joins).
 pub const TICK: Duration = Duration::from_millis(100);
@@ -369,9 +368,9 @@ struct Node {
     /// Smallest key of this node's groups in the table (the table is sorted
     /// by origin, then source): where the range over them starts.
     local_lo: (Origin, Source),
-    /// The table snapshot `me.published.groups` was last brought up to date
-    /// with (a weak pointer: compared, never read).
-    last_seen: Weak<BTreeMap<(Origin, Source), Group>>,
+    /// The table's groups `me.published.groups` was last brought up to
+    /// date with (compared by pointer, never read).
+    last_seen: Option<Groups>,
     next_heartbeat: Instant,
     last_hello_answer: Option<Instant>,
     next_rejoin: Instant,
@@ -688,7 +687,7 @@ impl Node {
         let local_lo = (
             Origin {
                 id: origin.id.clone(),
-                node_name: String::new(),
+                node_name: "".into(),
             },
             Source::Static {
                 name: String::new(),
@@ -713,7 +712,7 @@ impl Node {
             started: now,
             last_local_change: now,
             local_lo,
-            last_seen: Weak::new(),
+            last_seen: None,
             next_heartbeat: now,
             last_hello_answer: None,
             next_rejoin: now + REJOIN_EVERY,
@@ -1142,10 +1141,10 @@ impl Node {
     /// `wire` (and there are any), and whether anything changed.
     fn sync_published(&mut self, p: &mut Published, wire: bool) -> (Vec<Change>, bool) {
         let groups = self.table.load().groups.clone();
-        if Weak::ptr_eq(&self.last_seen, &Arc::downgrade(&groups)) {
+        if self.last_seen.as_ref().is_some_and(|l| l.ptr_eq(&groups)) {
             return (Vec::new(), false);
         }
-        self.last_seen = Arc::downgrade(&groups);
+        self.last_seen = Some(groups.clone());
         let d = diff(&p.groups, local_range(&groups, &self.local_lo));
         if d.is_empty() {
             return (Vec::new(), false);
@@ -1470,8 +1469,8 @@ impl Node {
             return self.drop_msg(DropReason::Replay, &format!("stale delta from {id}"));
         }
         let origin = Origin {
-            id: id.to_string(),
-            node_name: o.node_name.clone(),
+            id: id.to_string().into(),
+            node_name: o.node_name.as_str().into(),
         };
         if !apply.is_empty() {
             o.holds = true;
@@ -1542,8 +1541,8 @@ impl Node {
         o.holds = true;
         o.advertised = o.advertised.max(version);
         let origin = Origin {
-            id: p.id.to_string(),
-            node_name: o.node_name.clone(),
+            id: p.id.to_string().into(),
+            node_name: o.node_name.as_str().into(),
         };
         send_registry(
             &self.registry,
@@ -1793,8 +1792,8 @@ impl Node {
         let admitted = self.auth.admitted();
         let mut records: HashMap<&str, usize> = HashMap::new();
         let table = self.table.load();
-        for (o, _) in table.groups.keys() {
-            *records.entry(o.id.as_str()).or_default() += 1;
+        for ((o, _), _) in table.groups.iter() {
+            *records.entry(&*o.id).or_default() += 1;
         }
         let forget = self.lease * PEER_FORGET_LEASES;
         let mut ids: HashSet<EndpointId> = admitted
@@ -2087,14 +2086,14 @@ async fn push(endpoint: &Endpoint, id: EndpointId, bytes: &[u8]) -> Result<(), S
 /// one node name; groups filed under another one (never made by the
 /// registry) are left out.
 fn local_range<'a>(
-    groups: &'a BTreeMap<(Origin, Source), Group>,
+    groups: &'a Groups,
     lo: &'a (Origin, Source),
 ) -> impl Iterator<Item = (&'a Source, &'a Group)> + 'a {
     let mut node_name: Option<&'a str> = None;
     groups
-        .range((RangeBound::Included(lo), RangeBound::Unbounded))
+        .range_from(lo)
         .take_while(move |((o, _), _)| o.id == lo.0.id)
-        .filter(move |((o, _), _)| *node_name.get_or_insert(o.node_name.as_str()) == o.node_name)
+        .filter(move |((o, _), _)| *node_name.get_or_insert(&o.node_name) == &*o.node_name)
         .map(|((_, s), g)| (s, g))
 }
 
@@ -2175,7 +2174,7 @@ mod tests {
     fn origin(id: &str) -> Origin {
         Origin {
             id: id.into(),
-            node_name: format!("node-{id}"),
+            node_name: format!("node-{id}").into(),
         }
     }
 
@@ -2219,10 +2218,11 @@ mod tests {
             ),
             g("10.0.0.2"),
         );
+        let table = Groups::from(table);
         let lo = (
             Origin {
                 id: "b".into(),
-                node_name: String::new(),
+                node_name: "".into(),
             },
             s(""),
         );

@@ -97,7 +97,7 @@ fn start_with(o: Opts, edit: impl FnOnce(&mut Config)) -> Node {
         .collect();
     edit(&mut config);
     let origin = Origin {
-        id: glued::gossip::local_id(&config.data_dir).unwrap(),
+        id: glued::gossip::local_id(&config.data_dir).unwrap().into(),
         node_name: o.name.into(),
     };
     let table = table::shared(&config.domain, config.ttl_secs);
@@ -182,7 +182,7 @@ impl Node {
             .load()
             .groups
             .iter()
-            .filter(|((o, _), _)| o.id == id)
+            .filter(|((o, _), _)| *o.id == *id)
             .map(|((_, s), g)| (s.clone(), g.clone()))
             .collect()
     }
@@ -325,7 +325,13 @@ fn a_node_with_another_secret_is_refused_and_exchanges_no_records() {
     assert!(a.resolves("evil").is_none());
     assert!(b.resolves("evil").is_none());
     assert!(x.groups_of(&a.origin.id).is_empty());
-    assert!(!a.peers.lock().unwrap().iter().any(|p| p.id == x.origin.id));
+    assert!(
+        !a.peers
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|p| *p.id == *x.origin.id)
+    );
     for n in [a, b, x] {
         n.stop();
     }
@@ -1591,7 +1597,7 @@ fn a_key_rotates_in_three_steps_while_new_records_keep_arriving() {
             .lock()
             .unwrap()
             .iter()
-            .any(|p| p.id == d.origin.id && p.authenticated)
+            .any(|p| *p.id == *d.origin.id && p.authenticated)
     );
     for n in [a, b, c, d] {
         n.stop();
@@ -1962,7 +1968,7 @@ fn a_flood_of_raw_admissions_from_one_address_does_not_keep_a_real_peer_out() {
             .lock()
             .unwrap()
             .iter()
-            .any(|p| p.id == b_id && p.authenticated)
+            .any(|p| *p.id == *b_id && p.authenticated)
             || a.stats.auth_ok.load(Ordering::Relaxed) > 0
     });
     let took = t0.elapsed();
@@ -2030,7 +2036,7 @@ fn nodes_one_protocol_version_apart_form_one_cluster() {
         .lock()
         .unwrap()
         .iter()
-        .find(|p| p.id == b.origin.id)
+        .find(|p| *p.id == *b.origin.id)
         .cloned()
         .unwrap();
     assert_eq!(b_at_a.protocol_version, Some(previous), "{b_at_a:?}");

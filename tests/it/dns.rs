@@ -48,7 +48,7 @@ impl Drop for Server {
 
 fn origin(node: &str) -> Origin {
     Origin {
-        id: format!("id-{node}"),
+        id: format!("id-{node}").into(),
         node_name: node.into(),
     }
 }
@@ -100,7 +100,7 @@ fn start_with(config: Config, limits: TcpLimits) -> Server {
     let registry = Registry::spawn(
         table.clone(),
         Arc::new(RegistryStats::default()),
-        "id-node-a".into(),
+        "id-node-a",
         None,
     );
     for msg in [

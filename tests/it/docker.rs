@@ -284,7 +284,7 @@ impl Glued {
         let table = table::shared(&config.domain, config.ttl_secs);
         let origin = Origin {
             id: "test-node".into(),
-            node_name: config.node_name.clone(),
+            node_name: config.node_name.as_str().into(),
         };
         let registry = Registry::spawn(
             table.clone(),

@@ -98,7 +98,7 @@ fn unknown_path_is_404_and_post_is_405() {
 fn records_lists_every_group_as_json() {
     let s = server();
     let origin = Origin {
-        id: "ab".repeat(32),
+        id: "ab".repeat(32).into(),
         node_name: "node-a".into(),
     };
     let mut groups = BTreeMap::new();
@@ -316,7 +316,7 @@ fn a_client_reading_a_large_answer_slowly_does_not_hold_the_server() {
     let s = server();
     // `/records` of several MB: more than the kernel buffers of both ends.
     let origin = Origin {
-        id: "ab".repeat(32),
+        id: "ab".repeat(32).into(),
         node_name: "node-a".into(),
     };
     let v6 = (0..600_000u32)
