@@ -2,8 +2,8 @@
 //! (issue 9 item 6), counted by a global allocator: one peer's full state of
 //! N static names (one address each, as `bench/remote-rss.sh` and
 //! `bench/cluster.sh` publish) goes through the real [`Registry`] thread as
-//! one `Replace` (as the gossip driver sends it), then one more burst so the
-//! spare table is brought up to date too.
+//! one `Replace` (as the gossip driver sends it), then one more burst (the
+//! published table a patched clone of the first, sharing its shards).
 //!
 //! ```sh
 //! cargo run --release --example remote_mem -- 10000

@@ -5,16 +5,16 @@
 //! `(Origin, Source)`, drains its inbox in bursts, and publishes one new
 //! [`Table`] per burst through the shared `ArcSwap`.
 //!
-//! A publish costs what the burst changed, not the size of the table: the
-//! thread keeps two tables, the published one and a *spare* that no reader
-//! holds (double buffering). [`State`] indexes its groups by name key and by
-//! address and records which keys a burst touched; those entries alone are
-//! recomputed into the spare, which is then swapped in. The table that comes
-//! back from the swap becomes the next spare: before it is written to, the
-//! thread waits (at most [`SPARE_WAIT`]) until the last reader has let go of
-//! it, then brings it up to date with the changes it missed. A spare still
-//! held after that wait is dropped and the next table is built from scratch
-//! (counted in [`RegistryStats::full_builds`]).
+//! A publish costs what the burst changed, not the size of the table. The
+//! next table starts as a clone of the published one, which shares all of
+//! its shards (`table.rs`); [`State`] indexes its groups by name key and by
+//! address and records which keys a burst touched, and those entries alone
+//! are recomputed into the clone, copying the shards they fall in, before it
+//! is swapped in. Tables at rest share every shard that did not change
+//! between them: one copy of the maps, whoever holds an older table. A table
+//! stored by someone else, or a burst that changed most of the table, is
+//! replaced by one built from every group (counted in
+//! [`RegistryStats::full_builds`]).
 //!
 //! Invariants: only this thread stores into the [`SharedTable`] (a table
 //! stored by anyone else is never written to: the registry notices the
@@ -30,7 +30,6 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError, bounded};
 
@@ -44,20 +43,13 @@ use crate::table::{
 pub const INBOX_CAPACITY: usize = 4096;
 /// Most messages applied before one table publish.
 pub const MAX_BATCH: usize = 4096;
-/// Longest wait for readers to let go of the spare table before it is
-/// dropped and the next table is built from scratch. DNS threads hold a
-/// table for one query (microseconds); HTTP and gossip for one pass over the
-/// groups.
-pub const SPARE_WAIT: Duration = Duration::from_millis(2);
-/// Busy-wait rounds between two `yield_now` while waiting for the spare.
-const SPIN_ROUNDS: u32 = 64;
 /// Entries a cleared change set keeps room for; a bigger one (a peer's full
 /// state of thousands of groups) gives its memory back.
 const CHANGES_KEEP: usize = 1024;
 /// A burst that changed at least this many name keys, and at least half of
-/// the table's, is not kept for the spare: the spare is dropped with it and
-/// the next publish builds from scratch (about what patching that many keys
-/// costs), instead of holding a copy of every changed key until then.
+/// the table's, is published as a table built from scratch (about what
+/// patching that many keys costs; its maps come out sized to fit), and the
+/// allocator's free memory is given back after it.
 const BIG_BURST: usize = 4096;
 
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::FixedState>;
@@ -95,8 +87,8 @@ pub struct RegistryStats {
     pub updates: AtomicU64,
     /// Tables published (one per burst that changed something).
     pub rebuilds: AtomicU64,
-    /// Tables built from every group instead of updated in place: the first
-    /// one, and each time a reader held the spare longer than [`SPARE_WAIT`].
+    /// Tables built from every group instead of patched: after a burst that
+    /// changed most of the table, or a table stored by someone else.
     pub full_builds: AtomicU64,
     pub groups: AtomicU64,
     /// Liveness of the registry thread.
@@ -231,21 +223,17 @@ fn run(
     }
 }
 
-/// The publishing half of the registry: the shared table and the spare copy.
+/// The publishing half of the registry: the shared table and the table it
+/// published last.
 struct Writer {
     table: SharedTable,
     domain: String,
     ttl_secs: u32,
     serial: u32,
-    /// The table published last, as (address, serial), to recognise it when
-    /// the swap hands it back. Only compared, never dereferenced.
-    published: Option<(usize, u32)>,
-    /// The copy no reader should hold; `None` until the first publish and
-    /// after it had to be given up.
-    spare: Option<Arc<Table>>,
-    /// What the spare misses besides the burst being published: the previous
-    /// burst's changes.
-    spare_behind: Changes,
+    /// The table published last: the next one is a clone of it. `None`
+    /// until the first publish (unless the shared table is an empty one to
+    /// adopt).
+    last: Option<Arc<Table>>,
     scratch: Scratch,
 }
 
@@ -258,51 +246,50 @@ struct Scratch {
 
 impl Writer {
     fn new(table: SharedTable) -> Writer {
-        let current = table.load();
-        // An empty table is in step with the registry's empty state: adopt it
-        // as the spare once the first publish hands it back.
+        let current = table.load_full();
+        // An empty table is in step with the registry's empty state: the
+        // first publish patches a clone of it.
         let adopt = current.n_names() == 0
             && current.groups.is_empty()
             && current.addresses().next().is_none();
         let (domain, ttl_secs, serial) = (current.domain.clone(), current.ttl_secs, current.serial);
-        let published = adopt.then(|| (Arc::as_ptr(&current) as usize, serial));
-        drop(current);
         Writer {
             table,
             domain,
             ttl_secs,
             serial,
-            published,
-            spare: None,
-            spare_behind: Changes::default(),
+            last: adopt.then_some(current),
             scratch: Scratch::default(),
         }
     }
 
     /// Changes the TTL of the tables published from now on; true when it
-    /// differs (the next publish is then a full build).
+    /// differs.
     fn set_ttl(&mut self, ttl_secs: u32) -> bool {
         if ttl_secs == self.ttl_secs {
             return false;
         }
         self.ttl_secs = ttl_secs;
-        self.spare = None;
         true
     }
 
     /// Publishes the registry's groups as they are now, with the changes
     /// `state` recorded since the last publish.
     fn publish(&mut self, state: &mut State, stats: &RegistryStats) {
-        let mut behind = std::mem::take(&mut self.spare_behind);
         self.serial = self.serial.wrapping_add(1);
         state.note_conflicts();
+        let current = self.table.load_full();
+        let changed = state.index.changes.names.len();
+        let base = self.last.take().filter(|last| {
+            Arc::ptr_eq(last, &current) && changed < BIG_BURST.max(last.n_names() / 2)
+        });
+        drop(current);
         let mut trim = false;
-        let next = match self.spare.take().and_then(wait_until_unshared) {
-            Some(mut next) => {
-                let t = Arc::get_mut(&mut next).expect("unshared spare");
-                apply_changes(t, state, &behind, &mut self.scratch);
-                apply_changes(t, state, &state.index.changes, &mut self.scratch);
-                t.serial = self.serial;
+        let mut next = match base {
+            Some(last) => {
+                let mut next = (*last).clone();
+                drop(last);
+                apply_changes(&mut next, state, &state.index.changes, &mut self.scratch);
                 next
             }
             None => {
@@ -311,66 +298,31 @@ impl Writer {
                 // Its scratch maps (every key with its holders) are freed:
                 // given back once the table is out.
                 trim = table.n_names() >= BIG_BURST;
-                Arc::new(table)
+                table
             }
         };
-        // The burst's change set is what the old table will miss; the one
-        // applied above is empty again and keeps its buffers for the next.
-        behind.clear();
-        let burst = std::mem::replace(&mut state.index.changes, behind);
-        let next_id = (Arc::as_ptr(&next) as usize, self.serial);
-        let big = burst.names.len() >= BIG_BURST.max(next.n_names() / 2);
-        let old = self.table.swap(next);
-        // A table of another TTL is no spare: patching it would bring the
-        // old TTL back.
-        if big {
-            self.spare = None;
-            self.spare_behind = Changes::default();
-            drop((old, burst));
-            trim = true;
-        } else if self.published == Some((Arc::as_ptr(&old) as usize, old.serial))
-            && old.ttl_secs == self.ttl_secs
-        {
-            self.spare = Some(old);
-            self.spare_behind = burst;
-        } else {
-            // Someone else stored this table: it is not ours to write to.
-            self.spare = None;
-        }
-        self.published = Some(next_id);
+        next.serial = self.serial;
+        next.ttl_secs = self.ttl_secs;
+        let next = Arc::new(next);
+        self.table.store(next.clone());
+        self.last = Some(next);
+        state.index.changes.clear();
         if trim {
             give_back_free_memory();
         }
     }
 }
 
-/// Returns the allocator's free pages to the system after a big burst or a
-/// full build of a big table: the peer's full state, its decoded copies and
-/// the build's scratch maps are freed by then, but glibc keeps freed memory
-/// inside its heaps (resident) unless asked. Walks every arena:
-/// milliseconds, as rare as full builds.
+/// Returns the allocator's free pages to the system after a full build of
+/// a big table: the peer's full state, its decoded copies and the build's
+/// scratch maps are freed by then, but glibc keeps freed memory inside its
+/// heaps (resident) unless asked. Walks every arena: milliseconds, as rare
+/// as full builds.
 fn give_back_free_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only releases free memory of the allocator.
     unsafe {
         libc::malloc_trim(0);
-    }
-}
-
-/// Waits (at most [`SPARE_WAIT`]) until `table` has no other holder.
-fn wait_until_unshared(mut table: Arc<Table>) -> Option<Arc<Table>> {
-    let deadline = Instant::now() + SPARE_WAIT;
-    loop {
-        for _ in 0..SPIN_ROUNDS {
-            if Arc::get_mut(&mut table).is_some() {
-                return Some(table);
-            }
-            std::hint::spin_loop();
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        std::thread::yield_now();
     }
 }
 
@@ -752,6 +704,7 @@ fn is_empty(group: &Group) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn origin(id: &str) -> Origin {
         Origin {
@@ -895,12 +848,11 @@ mod tests {
             group: group.clone(),
         });
         writer.publish(&mut state, &stats);
-        // The first publish is a full build, the second a patch of every
-        // key of both bursts.
-        assert_eq!(stats.full_builds.load(Ordering::Relaxed), 1);
+        // Both publishes patch (the first one the empty table it adopted).
+        assert_eq!(stats.full_builds.load(Ordering::Relaxed), 0);
         // Index: 20 groups added, then one removed and added again; the
-        // full build: 20 groups; the patch: none.
-        assert_eq!(KEYS_WRITTEN.with(|n| n.get()), (20 + 2 + 20) * REPLICA_KEYS);
+        // patches: none.
+        assert_eq!(KEYS_WRITTEN.with(|n| n.get()), (20 + 2) * REPLICA_KEYS);
         let published = table.load();
         assert_eq!(published.lookup(b"name-3").unwrap().v4.len(), 19);
         assert_same_as_build(&published, &state);
@@ -910,6 +862,11 @@ mod tests {
     /// scratch from `state` answers.
     fn assert_same_as_build(published: &Table, state: &State) {
         let fresh = state.build(&published.domain, published.ttl_secs, published.serial);
+        assert_same(published, &fresh);
+    }
+
+    /// Asserts that `published` answers exactly what `fresh` answers.
+    fn assert_same(published: &Table, fresh: &Table) {
         for (key, entry) in fresh.names() {
             let name = String::from_utf8_lossy(key);
             assert_eq!(published.lookup(key), Some(entry), "name {name}");
@@ -1018,21 +975,56 @@ mod tests {
         }
     }
 
+    /// One changed group of a peer's 10 000 copies the few shards its keys
+    /// and addresses fall in, not the table; the table published before
+    /// it is left as it was.
+    #[test]
+    fn a_small_change_to_a_big_table_copies_only_the_shards_it_touches() {
+        let table = crate::table::shared("glued.internal", 5);
+        let stats = RegistryStats::default();
+        let mut state = State::for_local("a");
+        let mut writer = Writer::new(table.clone());
+        let name = |i: u32| format!("host{i}");
+        let ip = |i: u32| format!("10.1.{}.{}", i / 250, i % 250 + 1);
+        state.apply(RegistryMsg::Replace {
+            origin: origin("b"),
+            kind: None,
+            groups: (0..10_000)
+                .map(|i| (Source::Static { name: name(i) }, group(&name(i), &ip(i))))
+                .collect(),
+        });
+        writer.publish(&mut state, &stats);
+        let before = table.load_full();
+        let fresh_before = state.build("glued.internal", 5, before.serial);
+        state.apply(RegistryMsg::Upsert {
+            origin: origin("b"),
+            source: Source::Static { name: name(7) },
+            group: group(&name(7), "10.9.0.1"),
+        });
+        writer.publish(&mut state, &stats);
+        let after = table.load_full();
+        // `host7` and `host7.node-b`; the PTR of the old and the new address.
+        let copied = after.shards_not_shared_with(&before);
+        assert!((1..=4).contains(&copied), "{copied} shards copied");
+        assert_eq!(stats.full_builds.load(Ordering::Relaxed), 1);
+        assert_same_as_build(&after, &state);
+        assert_same(&before, &fresh_before);
+    }
+
     #[test]
     fn incremental_publishes_equal_a_full_build_after_random_bursts() {
         const BURSTS: usize = 3000;
-        /// Every this many publishes, a reader holds the published table
-        /// across the next two publishes (so the spare is still shared).
-        const HOLD_EVERY: usize = 400;
         let table = crate::table::shared("Glued.Internal.", 5);
         let stats = RegistryStats::default();
         // Origin "b" is this node: its holders come first.
         let mut state = State::for_local("b");
         let mut writer = Writer::new(table.clone());
         let mut rng = fastrand::Rng::with_seed(0x91ed);
-        let (mut n_messages, mut n_publishes, mut n_held) = (0, 0, 0);
+        let (mut n_messages, mut n_publishes) = (0, 0);
         let (mut n_conflicts, mut n_srv, mut n_local) = (0, 0, 0);
-        let mut held: Option<(Arc<Table>, usize)> = None;
+        // The table published before, held by a reader, with what it
+        // answered then: the next publish must leave it as it was.
+        let mut held: Option<(Arc<Table>, Table)> = None;
         let mut serial = table.load().serial;
         for burst in 0..BURSTS {
             let mut changed = false;
@@ -1055,6 +1047,9 @@ mod tests {
             let published = table.load();
             assert_eq!(published.serial, serial);
             assert_same_as_build(&published, &state);
+            if let Some((old, then)) = held.take() {
+                assert_same(&old, &then);
+            }
             n_conflicts += usize::from(!published.conflicts.is_empty());
             n_srv += usize::from(published.names().any(|(_, e)| !e.srv.is_empty()));
             n_local += usize::from(
@@ -1062,14 +1057,9 @@ mod tests {
                     .names()
                     .any(|(_, e)| e.v4_local > 0 && e.v4.len() > e.v4_local as usize),
             );
-            if let Some((_, left)) = &mut held {
-                *left -= 1;
-                if *left == 0 {
-                    held = None;
-                }
-            } else if n_publishes % HOLD_EVERY == 0 {
-                held = Some((table.load_full(), 2));
-                n_held += 1;
+            if burst != BURSTS / 2 - 1 {
+                let then = state.build(&published.domain, published.ttl_secs, published.serial);
+                held = Some((table.load_full(), then));
             }
         }
         assert!(n_messages > 10_000 && n_publishes > 2000, "{n_publishes}");
@@ -1078,12 +1068,9 @@ mod tests {
             n_conflicts > 100 && n_srv > 100 && n_local > 100,
             "{n_conflicts} {n_srv} {n_local}"
         );
-        // The first publish, each held spare and the foreign table.
-        assert_eq!(
-            stats.full_builds.load(Ordering::Relaxed),
-            1 + n_held + 1,
-            "full builds"
-        );
+        // The foreign table alone: the first publish patches the empty
+        // table it adopted, and a reader holding a table costs nothing.
+        assert_eq!(stats.full_builds.load(Ordering::Relaxed), 1, "full builds");
     }
 
     #[test]
@@ -1105,7 +1092,7 @@ mod tests {
             }
         };
         wait(&|t| t.ttl_secs == 30 && t.lookup(b"c1").is_some());
-        // Later bursts patch a spare: it must not be a table of the old TTL.
+        // Later bursts patch a clone of the last table: it must keep the new TTL.
         for i in 2..6u8 {
             reg.tx.send(upsert(i)).unwrap();
             wait(&|t| t.lookup(format!("c{i}").as_bytes()).is_some());

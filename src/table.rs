@@ -3,17 +3,20 @@
 //! The registry thread is the only writer: it publishes tables through
 //! [`SharedTable`] (an `ArcSwap`), and the DNS threads read them with one
 //! `load()` per query. [`Table::build`] makes a table from every group (at
-//! start-up, in tests); otherwise the registry brings its spare copy up to
-//! date entry by entry (the `pub(crate)` setters) while no reader holds it,
-//! and swaps it in (see `registry.rs`).
+//! start-up, in tests); otherwise the registry clones the published table
+//! (which shares its shards) and brings the clone up to date entry by entry
+//! (the `pub(crate)` setters copy the shards they touch), then swaps it in
+//! (see `registry.rs`).
 //!
 //! Invariants: every lookup here runs without allocating; a published table
-//! is never mutated; an incrementally updated table answers exactly what
-//! `Table::build` of the same groups answers. Keys are lowercase
+//! is never mutated (a shard is copied before a shared one is written); an
+//! incrementally updated table answers exactly what `Table::build` of the
+//! same groups answers. Keys are lowercase
 //! ASCII names *relative to the cluster domain* (`api`, `api.node-1`);
 //! callers lowercase the query name into a stack buffer before looking it up.
-//! The maps hash with a per-map random seed: names come from containers, so
-//! nobody can choose names that collide.
+//! The maps hash with a per-map random seed, and a key's shard is picked by
+//! a hash with a random seed per built table: names come from containers,
+//! so nobody can choose names that collide.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -555,11 +558,20 @@ impl Entry {
     }
 }
 
+/// Shards of a table's maps. A power of two.
+pub const SHARDS: usize = 256;
+
 /// The immutable snapshot the DNS threads answer from.
 ///
-/// Only the registry changes a table, and only one that no reader holds
-/// (its spare copy, see `registry.rs`); once published it is never mutated.
-#[derive(Debug)]
+/// Its name, empty non-terminal and PTR maps are split by key hash into
+/// [`SHARDS`] shards, each behind an `Arc`: a clone of a table shares every
+/// shard, and a change to the clone copies the shards it touches and no
+/// other. The registry publishes each burst as such a clone of the table
+/// before it, so the published tables share all they have in common and a
+/// publish costs what the burst changed (see `registry.rs`). Only the
+/// registry changes a table, and only its own clone before publishing it;
+/// once published a table is never mutated.
+#[derive(Clone, Debug)]
 pub struct Table {
     /// Lowercase domain without trailing dot, e.g. `glued.internal`.
     pub domain: String,
@@ -568,25 +580,35 @@ pub struct Table {
     pub ttl_secs: u32,
     /// Bumped on every publish; used as the SOA serial.
     pub serial: u32,
-    names: FastMap<Box<[u8]>, Entry>,
-    /// Proper suffix of a key (`node` of `name.node`, `project` of
-    /// `service.project`, `_tcp.name` of `_http._tcp.name`) → number of
-    /// keys below it: the empty non-terminals.
-    nodes: FastMap<Box<[u8]>, u32>,
+    /// The maps, by [`Table::shard`] of their keys.
+    shards: Box<[Arc<Shard>]>,
+    /// Picks a key's shard: random per built table (and kept by its clones).
+    pick: foldhash::fast::RandomState,
+    n_names: usize,
     /// Endpoint id of this node: its holders are answered first.
     pub local_id: Box<str>,
     /// Single-label names published by containers of different Compose
     /// projects, or by static records and containers (SPEC §3).
     pub conflicts: Arc<std::collections::BTreeSet<String>>,
-    /// Address → primary name under the domain, wire format.
-    reverse: FastMap<IpAddr, Box<[u8]>>,
-    /// The keys of `reverse`, sorted: which reverse names lie above an
-    /// address of the table.
-    reverse_v4: Vec<u32>,
-    reverse_v6: Vec<u128>,
+    /// The addresses with a PTR answer, sorted: which reverse names lie
+    /// above an address of the table.
+    reverse_v4: Sorted<u32>,
+    reverse_v6: Sorted<u128>,
     /// Every group, by owner, for `/records` and gossip full state: the
     /// registry's own groups (shared, not copied).
     pub groups: Groups,
+}
+
+/// One shard of a table's maps.
+#[derive(Clone, Debug, Default)]
+struct Shard {
+    names: FastMap<Box<[u8]>, Entry>,
+    /// Proper suffix of a key (`node` of `name.node`, `project` of
+    /// `service.project`, `_tcp.name` of `_http._tcp.name`) → number of
+    /// keys below it: the empty non-terminals.
+    nodes: FastMap<Box<[u8]>, u32>,
+    /// Address → primary name under the domain, wire format.
+    reverse: FastMap<IpAddr, Box<[u8]>>,
 }
 
 impl Table {
@@ -619,12 +641,12 @@ impl Table {
         let domain = domain.trim_end_matches('.').to_ascii_lowercase();
         let domain_wire = name_to_wire(&domain);
         let n_keys: usize = groups.iter().map(|(_, g)| 2 * g.names.len()).sum();
-        let n_addrs: usize = groups.iter().map(|(_, g)| g.v4.len() + g.v6.len()).sum();
         // Name key → every group answering it.
         type Holders<'a> = FastMap<Box<[u8]>, Vec<(&'a (Origin, Source), &'a Group, Holds)>>;
         let mut holders = Holders::with_capacity_and_hasher(n_keys, Default::default());
-        let mut reverse: FastMap<IpAddr, Box<[u8]>> =
-            FastMap::with_capacity_and_hasher(n_addrs, Default::default());
+        let pick = foldhash::fast::RandomState::default();
+        let mut shards: Vec<Shard> = (0..SHARDS).map(|_| Shard::default()).collect();
+        let (mut reverse_v4, mut reverse_v6) = (Vec::new(), Vec::new());
         let mut key = Vec::with_capacity(MAX_NAME_WIRE_LEN);
         let mut target = Vec::with_capacity(MAX_NAME_WIRE_LEN);
         for (owner, group) in groups.iter() {
@@ -645,14 +667,20 @@ impl Table {
                 write_target(&mut target, primary, &domain_wire);
                 let ips = group.v4.iter().map(|ip| IpAddr::V4(*ip));
                 for ip in ips.chain(group.v6.iter().map(|ip| IpAddr::V6(*ip))) {
-                    reverse.entry(ip).or_insert_with(|| Box::from(&target[..]));
+                    let reverse = &mut shards[shard(&pick, &ip)].reverse;
+                    if let std::collections::hash_map::Entry::Vacant(v) = reverse.entry(ip) {
+                        v.insert(Box::from(&target[..]));
+                        match ip {
+                            IpAddr::V4(a) => reverse_v4.push(u32::from(a)),
+                            IpAddr::V6(a) => reverse_v6.push(u128::from(a)),
+                        }
+                    }
                 }
             }
         }
         let mut builder = EntryBuilder::default();
         let mut conflicts = std::collections::BTreeSet::new();
-        let mut names: FastMap<Box<[u8]>, Entry> =
-            FastMap::with_capacity_and_hasher(holders.len(), Default::default());
+        let n_names = holders.len();
         for (key, list) in holders {
             let entry = builder.build(
                 list.iter().map(|&(o, g, holds)| (&o.0, g, holds)),
@@ -662,20 +690,17 @@ impl Table {
             if is_conflict(&key, list.iter().map(|&(o, g, _)| (&o.1, g))) {
                 conflicts.insert(String::from_utf8_lossy(&key).into_owned());
             }
-            names.insert(key, entry);
-        }
-        let mut nodes = FastMap::default();
-        for key in names.keys() {
-            for_each_suffix(key, |suffix| {
-                *nodes.entry(Box::from(suffix)).or_insert(0) += 1
+            for_each_suffix(&key, |suffix| {
+                *shards[shard(&pick, suffix)]
+                    .nodes
+                    .entry(Box::from(suffix))
+                    .or_insert(0) += 1
             });
+            shards[shard(&pick, &*key)].names.insert(key, entry);
         }
-        let (mut reverse_v4, mut reverse_v6) = (Vec::new(), Vec::new());
-        for ip in reverse.keys() {
-            match ip {
-                IpAddr::V4(a) => reverse_v4.push(u32::from(*a)),
-                IpAddr::V6(a) => reverse_v6.push(u128::from(*a)),
-            }
+        for s in &mut shards {
+            s.names.shrink_to_fit();
+            s.reverse.shrink_to_fit();
         }
         reverse_v4.sort_unstable();
         reverse_v6.sort_unstable();
@@ -684,28 +709,39 @@ impl Table {
             domain_wire,
             ttl_secs,
             serial,
-            names,
-            nodes,
+            shards: shards.into_iter().map(Arc::new).collect(),
+            pick,
+            n_names,
             local_id: local_id.into(),
             conflicts: Arc::new(conflicts),
-            reverse,
-            reverse_v4,
-            reverse_v6,
+            reverse_v4: Sorted::from_sorted(&reverse_v4),
+            reverse_v6: Sorted::from_sorted(&reverse_v6),
             groups,
         }
+    }
+
+    /// The shard of a key (a name key, a suffix or an address).
+    #[inline]
+    fn shard<K: std::hash::Hash + ?Sized>(&self, key: &K) -> &Shard {
+        &self.shards[shard(&self.pick, key)]
+    }
+
+    /// The shard of a key, copied first if another table shares it.
+    fn shard_mut<K: std::hash::Hash + ?Sized>(&mut self, key: &K) -> &mut Shard {
+        Arc::make_mut(&mut self.shards[shard(&self.pick, key)])
     }
 
     /// Looks up a lowercase name relative to the domain (`api` or
     /// `api.node-1`). Never allocates.
     #[inline]
     pub fn lookup(&self, key: &[u8]) -> Option<&Entry> {
-        self.names.get(key)
+        self.shard(key).names.get(key)
     }
 
     /// The primary name (wire format, under the domain) of an address.
     #[inline]
     pub fn reverse(&self, ip: &IpAddr) -> Option<&[u8]> {
-        self.reverse.get(ip).map(|b| &**b)
+        self.shard(ip).reverse.get(ip).map(|b| &**b)
     }
 
     /// Whether `key` (lowercase, relative to the domain) is an empty
@@ -713,37 +749,34 @@ impl Table {
     /// Compose project, the `_tcp.name` of an SRV name. Never allocates.
     #[inline]
     pub fn is_node(&self, label: &[u8]) -> bool {
-        self.nodes.contains_key(label)
+        self.shard(label).nodes.contains_key(label)
     }
 
     /// Whether an address of the table starts with the first `bits` bits
     /// of `prefix` (its reverse name lies at or below the reverse name of
     /// that prefix). Never allocates.
     pub fn has_address_in(&self, prefix: IpAddr, bits: u32) -> bool {
-        /// Whether a value of `sorted` has the high bits of `low` under `mask`.
-        fn any_in<T: Copy + Ord + std::ops::BitAnd<Output = T>>(
-            sorted: &[T],
-            low: T,
-            mask: T,
-        ) -> bool {
-            let at = sorted.partition_point(|&a| a < low);
-            sorted.get(at).is_some_and(|&a| a & mask == low)
-        }
         match prefix {
             IpAddr::V4(a) => {
                 let mask = u32::MAX.checked_shl(32 - bits.min(32)).unwrap_or(0);
-                any_in(&self.reverse_v4, u32::from(a) & mask, mask)
+                let low = u32::from(a) & mask;
+                self.reverse_v4
+                    .first_from(low)
+                    .is_some_and(|a| a & mask == low)
             }
             IpAddr::V6(a) => {
                 let mask = u128::MAX.checked_shl(128 - bits.min(128)).unwrap_or(0);
-                any_in(&self.reverse_v6, u128::from(a) & mask, mask)
+                let low = u128::from(a) & mask;
+                self.reverse_v6
+                    .first_from(low)
+                    .is_some_and(|a| a & mask == low)
             }
         }
     }
 
     /// Number of distinct names answered (pinned names included).
     pub fn n_names(&self) -> usize {
-        self.names.len()
+        self.n_names
     }
 
     /// Number of (name, address) records across all groups.
@@ -757,40 +790,58 @@ impl Table {
     /// Every answered name (key relative to the domain) with its addresses,
     /// in no particular order.
     pub fn names(&self) -> impl Iterator<Item = (&[u8], &Entry)> {
-        self.names.iter().map(|(k, e)| (&**k, e))
+        self.shards
+            .iter()
+            .flat_map(|s| s.names.iter().map(|(k, e)| (&**k, e)))
     }
 
     /// Every address with a PTR answer and its target (wire format), in no
     /// particular order.
     pub fn addresses(&self) -> impl Iterator<Item = (&IpAddr, &[u8])> {
-        self.reverse.iter().map(|(ip, t)| (ip, &**t))
+        self.shards
+            .iter()
+            .flat_map(|s| s.reverse.iter().map(|(ip, t)| (ip, &**t)))
+    }
+
+    /// How many shards `self` holds that `other` does not share: what a
+    /// change made `self` copy (for tests and measurements).
+    pub fn shards_not_shared_with(&self, other: &Table) -> usize {
+        self.shards
+            .iter()
+            .zip(other.shards.iter())
+            .filter(|(a, b)| !Arc::ptr_eq(a, b))
+            .count()
     }
 
     /// Sets the records of one name key. Reuses the entry's storage when
     /// the counts are unchanged.
     pub(crate) fn set_name(&mut self, key: &[u8], entry: Entry) {
-        match self.names.get_mut(key) {
-            Some(old) => {
-                copy_into(&mut old.v4, &entry.v4);
-                copy_into(&mut old.v6, &entry.v6);
-                old.v4_local = entry.v4_local;
-                old.v6_local = entry.v6_local;
-                if old.srv != entry.srv {
-                    old.srv = entry.srv;
-                }
-                old.srv_local = entry.srv_local;
+        if let Some(old) = self.shard(key).names.get(key) {
+            if *old == entry {
+                return;
             }
-            None => {
-                self.names.insert(Box::from(key), entry);
-                let nodes = &mut self.nodes;
-                for_each_suffix(key, |suffix| match nodes.get_mut(suffix) {
-                    Some(n) => *n += 1,
-                    None => {
-                        nodes.insert(Box::from(suffix), 1);
-                    }
-                });
+            let old = self.shard_mut(key).names.get_mut(key).expect("present");
+            copy_into(&mut old.v4, &entry.v4);
+            copy_into(&mut old.v6, &entry.v6);
+            old.v4_local = entry.v4_local;
+            old.v6_local = entry.v6_local;
+            if old.srv != entry.srv {
+                old.srv = entry.srv;
             }
+            old.srv_local = entry.srv_local;
+            return;
         }
+        self.shard_mut(key).names.insert(Box::from(key), entry);
+        self.n_names += 1;
+        for_each_suffix(key, |suffix| {
+            let nodes = &mut self.shard_mut(suffix).nodes;
+            match nodes.get_mut(suffix) {
+                Some(n) => *n += 1,
+                None => {
+                    nodes.insert(Box::from(suffix), 1);
+                }
+            }
+        });
     }
 
     /// Marks (or clears) `name` as a conflict.
@@ -808,29 +859,34 @@ impl Table {
 
     /// Forgets one name key.
     pub(crate) fn remove_name(&mut self, key: &[u8]) {
-        if self.names.remove(key).is_some() {
-            let nodes = &mut self.nodes;
-            for_each_suffix(key, |suffix| {
-                if let Some(n) = nodes.get_mut(suffix) {
-                    *n -= 1;
-                    if *n == 0 {
-                        nodes.remove(suffix);
-                    }
-                }
-            });
+        if !self.shard(key).names.contains_key(key) {
+            return;
         }
+        self.shard_mut(key).names.remove(key);
+        self.n_names -= 1;
+        for_each_suffix(key, |suffix| {
+            let nodes = &mut self.shard_mut(suffix).nodes;
+            if let Some(n) = nodes.get_mut(suffix) {
+                *n -= 1;
+                if *n == 0 {
+                    nodes.remove(suffix);
+                }
+            }
+        });
     }
 
     /// Points `ip` back to `target` (wire format, under the domain).
     pub(crate) fn set_reverse(&mut self, ip: IpAddr, target: &[u8]) {
-        match self.reverse.get_mut(&ip) {
+        match self.shard(&ip).reverse.get(&ip) {
             Some(old) if **old == *target => {}
-            Some(old) => *old = Box::from(target),
+            Some(_) => {
+                self.shard_mut(&ip).reverse.insert(ip, Box::from(target));
+            }
             None => {
-                self.reverse.insert(ip, Box::from(target));
+                self.shard_mut(&ip).reverse.insert(ip, Box::from(target));
                 match ip {
-                    IpAddr::V4(a) => sorted_insert(&mut self.reverse_v4, u32::from(a)),
-                    IpAddr::V6(a) => sorted_insert(&mut self.reverse_v6, u128::from(a)),
+                    IpAddr::V4(a) => self.reverse_v4.insert(u32::from(a)),
+                    IpAddr::V6(a) => self.reverse_v6.insert(u128::from(a)),
                 }
             }
         }
@@ -838,11 +894,91 @@ impl Table {
 
     /// Forgets the PTR answer of `ip`.
     pub(crate) fn remove_reverse(&mut self, ip: &IpAddr) {
-        if self.reverse.remove(ip).is_some() {
-            match ip {
-                IpAddr::V4(a) => sorted_remove(&mut self.reverse_v4, u32::from(*a)),
-                IpAddr::V6(a) => sorted_remove(&mut self.reverse_v6, u128::from(*a)),
+        if !self.shard(ip).reverse.contains_key(ip) {
+            return;
+        }
+        self.shard_mut(ip).reverse.remove(ip);
+        match ip {
+            IpAddr::V4(a) => self.reverse_v4.remove(u32::from(*a)),
+            IpAddr::V6(a) => self.reverse_v6.remove(u128::from(*a)),
+        }
+    }
+}
+
+/// The shard of `key` under `pick`: bits of its hash that a shard's own map
+/// (hashed with a seed of its own) does not depend on.
+#[inline]
+fn shard<K: std::hash::Hash + ?Sized>(pick: &foldhash::fast::RandomState, key: &K) -> usize {
+    use std::hash::BuildHasher;
+    (pick.hash_one(key) >> 32) as usize & (SHARDS - 1)
+}
+
+/// Values of a sorted set most in a chunk before it is split.
+const CHUNK: usize = 512;
+
+/// A sorted set in chunks shared between tables: a change copies the chunk
+/// it touches and the list of chunk pointers, not the set.
+#[derive(Clone, Debug, Default)]
+struct Sorted<T> {
+    /// Sorted, not overlapping, none empty.
+    chunks: Vec<Arc<Vec<T>>>,
+}
+
+impl<T: Copy + Ord> Sorted<T> {
+    fn from_sorted(values: &[T]) -> Sorted<T> {
+        Sorted {
+            chunks: values
+                .chunks(CHUNK / 2)
+                .map(|c| Arc::new(c.to_vec()))
+                .collect(),
+        }
+    }
+
+    /// The chunk that holds `value` or would: the last one starting at or
+    /// before it, or the first one.
+    fn chunk_of(&self, value: T) -> usize {
+        self.chunks
+            .partition_point(|c| c[0] <= value)
+            .saturating_sub(1)
+    }
+
+    fn insert(&mut self, value: T) {
+        if self.chunks.is_empty() {
+            self.chunks.push(Arc::new(vec![value]));
+            return;
+        }
+        let i = self.chunk_of(value);
+        if let Err(at) = self.chunks[i].binary_search(&value) {
+            let chunk = Arc::make_mut(&mut self.chunks[i]);
+            chunk.insert(at, value);
+            if chunk.len() > CHUNK {
+                let tail = chunk.split_off(CHUNK / 2);
+                self.chunks.insert(i + 1, Arc::new(tail));
             }
+        }
+    }
+
+    fn remove(&mut self, value: T) {
+        if self.chunks.is_empty() {
+            return;
+        }
+        let i = self.chunk_of(value);
+        if let Ok(at) = self.chunks[i].binary_search(&value) {
+            let chunk = Arc::make_mut(&mut self.chunks[i]);
+            chunk.remove(at);
+            if chunk.is_empty() {
+                self.chunks.remove(i);
+            }
+        }
+    }
+
+    /// The smallest value at or above `low`. Never allocates.
+    fn first_from(&self, low: T) -> Option<T> {
+        let i = self.chunk_of(low);
+        let chunk = self.chunks.get(i)?;
+        match chunk.get(chunk.partition_point(|&a| a < low)) {
+            Some(&a) => Some(a),
+            None => self.chunks.get(i + 1).map(|c| c[0]),
         }
     }
 }
@@ -882,18 +1018,6 @@ pub fn is_conflict<'a>(key: &[u8], holders: impl Iterator<Item = (&'a Source, &'
         }
     }
     false
-}
-
-fn sorted_insert<T: Ord>(sorted: &mut Vec<T>, value: T) {
-    if let Err(at) = sorted.binary_search(&value) {
-        sorted.insert(at, value);
-    }
-}
-
-fn sorted_remove<T: Ord>(sorted: &mut Vec<T>, value: T) {
-    if let Ok(at) = sorted.binary_search(&value) {
-        sorted.remove(at);
-    }
 }
 
 /// Overwrites `slot` with `from`, in place when the lengths match.

@@ -5,8 +5,8 @@
 //! Invariants: after the first batch a local answer (or a cache hit)
 //! allocates nothing (all buffers belong to the worker and are reused); no
 //! system call but the one `recvmmsg` and the `sendmmsg` of a batch; one
-//! `table.load()` per batch (held for microseconds: the registry's spare is
-//! never kept waiting); the access check runs before anything else that
+//! `table.load()` per batch (held for microseconds: an old table's copied
+//! shards are freed when its last reader lets go); the access check runs before anything else that
 //! costs; forwarded queries are handed over without blocking and the
 //! forwarder replies on the same socket.
 //!
