@@ -321,6 +321,11 @@ impl<S: Seal> Core<S> {
         self.ready
     }
 
+    /// This node's own `Alive` beat.
+    pub fn beat(&self) -> u64 {
+        self.beat
+    }
+
     /// The version of this node's records once announced.
     pub fn published_version(&self) -> Option<u64> {
         self.ready.then_some(self.version)
@@ -347,6 +352,11 @@ impl<S: Seal> Core<S> {
 
     pub fn origin(&self, id: &NodeId) -> Option<&OriginState> {
         self.origins.get(id)
+    }
+
+    /// How `origin` is wanted (tracing).
+    pub fn describe_want(&self, origin: &NodeId) -> String {
+        self.transfers.describe(origin)
     }
 
     pub fn n_wanted(&self) -> usize {
@@ -1042,9 +1052,15 @@ impl<S: Seal> Core<S> {
         let me = self.me;
         let neighbors = &self.members.neighbors;
         // A neighbour is up, whatever we last heard of its origin (a
-        // restarted node that left in its previous life).
-        let due = self.transfers.due(now, |p| {
-            *p != me && (neighbors.contains(p) || origins.get(p).is_none_or(|o| o.status.is_live()))
+        // restarted node that left in its previous life). So is the owner
+        // of a wanted origin: a dead one is wanted only when a peer showed
+        // it alive again (a higher beat or incarnation), and its refutation
+        // may not have reached this node yet.
+        let due = self.transfers.due(now, |p, wanted| {
+            *p != me
+                && (p == wanted
+                    || neighbors.contains(p)
+                    || origins.get(p).is_none_or(|o| o.status.is_live()))
         });
         for (from, ids) in due {
             self.stats.pulls += 1;
@@ -1085,6 +1101,7 @@ impl<S: Seal> Core<S> {
         let lease = self.params.lease;
         let forget = lease * FORGET_LEASES;
         let mut drops = Vec::new();
+        let mut dead = Vec::new();
         let mut wants = Vec::new();
         self.origins.retain(|id, o| {
             match o.status {
@@ -1098,6 +1115,7 @@ impl<S: Seal> Core<S> {
                     if o.holds {
                         drops.push(*id);
                     }
+                    dead.push(*id);
                     o.clear_records();
                 }
                 Status::Dead { since } | Status::Left { since }
@@ -1113,6 +1131,10 @@ impl<S: Seal> Core<S> {
             true
         });
         self.stats.deaths += drops.len() as u64;
+        for id in &dead {
+            // Only news that it lives again makes it wanted again.
+            self.transfers.done(id);
+        }
         for id in drops {
             self.out
                 .push(Output::Registry(RegistryOp::Drop { origin: id }));

@@ -24,6 +24,8 @@ pub const PULL_RETRY: Duration = Duration::from_millis(500);
 pub const PULL_DEADLINE: Duration = Duration::from_secs(10);
 /// Most origins named in one pull.
 pub const MAX_PULL_ORIGINS: usize = 4096;
+/// Most holders remembered per wanted origin (the oldest go first).
+pub const MAX_HINTS: usize = 16;
 
 /// What a pull asks for.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -59,6 +61,8 @@ struct Wanted {
     since: Instant,
     /// Holders to ask first (most recent last), then the owner.
     hints: Vec<NodeId>,
+    /// Sources asked (or skipped) since the last fresh hint: the next is
+    /// the newest hint not yet asked, then the owner, again and again.
     tries: u32,
     next_try: Instant,
     in_flight: bool,
@@ -82,7 +86,9 @@ pub struct Transfers {
 }
 
 impl Transfers {
-    /// Wants `origin`, perhaps from `holder`.
+    /// Wants `origin`, perhaps from `holder`. A holder named again (fresh
+    /// news from it) moves to the front: it is the next source asked, even
+    /// after every source was tried.
     pub fn want(&mut self, origin: NodeId, holder: Option<NodeId>, now: Instant) {
         let w = self.wanted.entry(origin).or_insert_with(|| Wanted {
             since: now,
@@ -93,9 +99,13 @@ impl Transfers {
         });
         if let Some(h) = holder
             && h != origin
-            && !w.hints.contains(&h)
         {
+            w.hints.retain(|x| *x != h);
+            if w.hints.len() >= MAX_HINTS {
+                w.hints.remove(0);
+            }
             w.hints.push(h);
+            w.tries = 0;
         }
     }
 
@@ -131,12 +141,12 @@ impl Transfers {
         );
     }
 
-    /// The pulls due now: (peer, origins). `usable` says whether a peer may
-    /// be asked (live, not this node).
+    /// The pulls due now: (peer, origins). `usable(peer, origin)` says
+    /// whether a peer may be asked for an origin (live, not this node).
     pub fn due(
         &mut self,
         now: Instant,
-        usable: impl Fn(&NodeId) -> bool,
+        usable: impl Fn(&NodeId, &NodeId) -> bool,
     ) -> Vec<(NodeId, Vec<NodeId>)> {
         let mut by_peer: HashMap<NodeId, Vec<NodeId>> = HashMap::new();
         let mut ready: Vec<(&NodeId, &mut Wanted)> = self
@@ -146,15 +156,18 @@ impl Transfers {
             .collect();
         ready.sort_unstable_by_key(|(o, w)| (w.since, **o));
         for (origin, w) in ready {
-            // Holders first (newest hint first), then the owner.
+            // Holders first (newest hint first), then the owner. A source
+            // that may not be asked is skipped, but the count never runs
+            // past the owner: a hint that comes later is still asked.
             let n = w.hints.len() as u32;
-            let source = if w.tries < n {
-                w.hints[(n - 1 - w.tries) as usize]
+            let k = w.tries.min(n);
+            let source = if k < n {
+                w.hints[(n - 1 - k) as usize]
             } else {
                 *origin
             };
-            if !usable(&source) {
-                w.tries += 1;
+            if !usable(&source, origin) {
+                w.tries = (k + 1).min(n);
                 continue;
             }
             let busy = self.in_flight.contains_key(&source);
@@ -167,6 +180,7 @@ impl Transfers {
             };
             list.push(*origin);
             w.in_flight = true;
+            w.tries = k.saturating_add(1);
         }
         let mut out: Vec<(NodeId, Vec<NodeId>)> = by_peer.into_iter().collect();
         out.sort_unstable();
@@ -192,7 +206,6 @@ impl Transfers {
         for origin in f.origins.unwrap_or_default() {
             if let Some(w) = self.wanted.get_mut(&origin) {
                 w.in_flight = false;
-                w.tries += 1;
                 w.next_try = now + PULL_RETRY;
             }
         }
@@ -218,6 +231,19 @@ impl Transfers {
             .retain(|o, w| keep(o) && now.saturating_duration_since(w.since) < after);
     }
 
+    /// How `origin` is wanted (tracing).
+    pub fn describe(&self, origin: &NodeId) -> String {
+        match self.wanted.get(origin) {
+            None => "not wanted".into(),
+            Some(w) => format!(
+                "wanted: {} hints, {} tries, in flight {}",
+                w.hints.len(),
+                w.tries,
+                w.in_flight
+            ),
+        }
+    }
+
     pub fn n_wanted(&self) -> usize {
         self.wanted.len()
     }
@@ -239,9 +265,9 @@ mod tests {
         let mut x = Transfers::default();
         x.want(id(1), Some(id(9)), t);
         x.want(id(2), Some(id(9)), t);
-        assert!(x.due(t, |_| true).is_empty(), "batch wait");
+        assert!(x.due(t, |_, _| true).is_empty(), "batch wait");
         let t = t + PULL_BATCH;
-        let due = x.due(t, |_| true);
+        let due = x.due(t, |_, _| true);
         assert_eq!(
             due,
             vec![(id(9), vec![id(1), id(2)])],
@@ -251,8 +277,32 @@ mod tests {
         x.done(&id(1));
         x.finished(&id(9), t);
         let t = t + PULL_RETRY;
-        let due = x.due(t, |_| true);
+        let due = x.due(t, |_, _| true);
         assert_eq!(due, vec![(id(2), vec![id(2)])], "then the owner");
+    }
+
+    #[test]
+    fn a_holder_that_shows_the_origin_after_every_source_failed_is_asked() {
+        let t = Instant::now();
+        let mut x = Transfers::default();
+        x.want(id(1), Some(id(9)), t);
+        let t = t + PULL_BATCH;
+        assert_eq!(x.due(t, |_, _| true), vec![(id(9), vec![id(1)])]);
+        x.finished(&id(9), t);
+        // The owner may not be asked, for many ticks.
+        let mut t = t;
+        for _ in 0..50 {
+            t += PULL_RETRY;
+            assert!(x.due(t, |p, _| *p != id(1)).is_empty());
+        }
+        // A peer's digest shows the origin: that peer is asked next.
+        x.want(id(1), Some(id(8)), t);
+        assert_eq!(x.due(t, |p, _| *p != id(1)), vec![(id(8), vec![id(1)])]);
+        x.finished(&id(8), t);
+        // And a holder named again is asked again.
+        x.want(id(1), Some(id(9)), t);
+        let t = t + PULL_RETRY;
+        assert_eq!(x.due(t, |p, _| *p != id(1)), vec![(id(9), vec![id(1)])]);
     }
 
     #[test]
