@@ -817,26 +817,21 @@ impl<S: Seal> Core<S> {
         }
     }
 
-    fn adopt_death(&mut self, now: Instant, e: &Entry) {
-        let Some(o) = self.origins.get_mut(&e.origin) else {
+    /// A member's digest shows `e.origin` dead or left. As memberlist does
+    /// when it merges a peer's state, this is taken as a suspicion, not a
+    /// death: this node suspects it (a signed `Suspect` goes out, so the
+    /// origin refutes if it lives) and drops it only when the suspicion
+    /// runs out. After a partition each side holds the other dead; taking
+    /// that word as a death made nodes drop peers of their own side that
+    /// nobody had told to refute.
+    fn suspect_from_digest(&mut self, now: Instant, e: &Entry) {
+        let Some(o) = self.origins.get(&e.origin) else {
             return;
         };
-        if !o.status.is_live() || e.incarnation != o.incarnation || e.beat < o.beat {
+        if o.status != Status::Alive || e.incarnation != o.incarnation || e.beat < o.beat {
             return;
         }
-        log::info!(
-            "gossip: {} ({}) is dead for a peer, dropping its records",
-            hex(&e.origin),
-            o.node_name
-        );
-        o.status = Status::Dead { since: now };
-        if o.holds {
-            self.out
-                .push(Output::Registry(RegistryOp::Drop { origin: e.origin }));
-        }
-        o.clear_records();
-        self.stats.deaths += 1;
-        self.transfers.done(&e.origin);
+        self.suspect(now, e.origin);
     }
 
     fn refute(&mut self, beat: u64) {
@@ -932,9 +927,9 @@ impl<S: Seal> Core<S> {
                 }
             } else if e.gone {
                 // A member saw it die (suspected for a whole lease, or
-                // left): take its word, as SWIM takes a confirmation; if
-                // it is in fact alive it refutes with a higher beat.
-                self.adopt_death(now, &e);
+                // left): suspect it; if it is in fact alive it refutes
+                // with a higher beat.
+                self.suspect_from_digest(now, &e);
             } else {
                 let want = match self.origins.get(&e.origin) {
                     None => e.beat > 0,

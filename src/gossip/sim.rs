@@ -1218,6 +1218,37 @@ mod tests {
     }
 
     #[test]
+    fn after_a_heal_no_node_drops_a_peer_of_its_own_side() {
+        // Each half holds the other dead when the cut ends; a digest from
+        // across it once made nodes drop peers of their own side.
+        let mut sim = Sim::new(SimConfig::new(N, 1));
+        let lease = sim.config.lease;
+        assert!(form(&mut sim).is_some());
+        let half = |i: usize| i < N / 2;
+        sim.partition((0..N).map(|i| half(i) as u8).collect());
+        sim.run_for(lease * 2);
+        assert!(!sim.holds(0, N - 1), "each half dropped the other");
+        sim.heal();
+        let mut dropped = 0;
+        let t = sim.run_until(STEP_LIMIT, CHECK_EVERY, |s| {
+            for i in 0..N {
+                for j in 0..N {
+                    if i != j && half(i) == half(j) && !s.holds(i, j) {
+                        dropped += 1;
+                    }
+                }
+            }
+            s.converged()
+        });
+        assert!(t.is_some(), "healed");
+        assert_eq!(
+            dropped, 0,
+            "(node, peer of its side) dropped, summed over checks"
+        );
+        assert!(sim.registries_match());
+    }
+
+    #[test]
     fn a_node_restarted_after_ten_quiet_minutes_converges_and_nobody_blinks() {
         let mut sim = Sim::new(SimConfig::new(N, 4));
         assert!(form(&mut sim).is_some());
