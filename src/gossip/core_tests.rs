@@ -231,3 +231,34 @@ fn two_live_origins_with_one_node_name_are_reported_once() {
     core.handle(now, Input::Gossip { from: C, msg });
     assert_eq!(core.stats.duplicate_names, 2);
 }
+
+#[test]
+fn a_peer_digest_showing_a_held_origin_dead_makes_it_suspect_not_dropped() {
+    let now = Instant::now();
+    let mut core = holding_b(now);
+    let gone = Entry {
+        origin: B,
+        incarnation: 1,
+        version: 0,
+        beat: 1,
+        gone: true,
+    };
+    let msg = Direct::DigestFull {
+        entries: vec![gone],
+        answer: false,
+    };
+    core.handle(now, Input::Direct { from: C, msg });
+    let out: Vec<Output> = core.drain().collect();
+    assert!(
+        !out.iter()
+            .any(|o| matches!(o, Output::Registry(RegistryOp::Drop { .. }))),
+        "B dropped on a peer's word: {out:?}"
+    );
+    assert!(
+        out.iter().any(|o| matches!(o, Output::Broadcast(_))),
+        "a Suspect goes out so that B can refute: {out:?}"
+    );
+    let b = core.origin(&B).unwrap();
+    assert!(matches!(b.status, Status::Suspect { .. }), "{:?}", b.status);
+    assert_eq!(b.known, Some(1), "records kept");
+}
