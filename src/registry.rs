@@ -32,6 +32,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError, bounded};
+use smallvec::SmallVec;
 
 use crate::table::{
     EntryBuilder, Group, GroupKey, Groups, Held, Holds, Origin, SharedTable, Source, SourceKind,
@@ -403,15 +404,18 @@ pub struct State {
     index: Index,
 }
 
-/// The groups answering one name key, and how each holds it.
-type NameHolders = Vec<(Arc<Held>, Holds)>;
+/// The groups answering one name key, and how each holds it: most keys
+/// have one, kept inline (no allocation of its own).
+type NameHolders = SmallVec<[(Arc<Held>, Holds); 1]>;
+/// The groups holding one address: most have one, inline.
+type AddrHolders = SmallVec<[Arc<Held>; 2]>;
 
 /// The indexes of [`State`] and the changes recorded since the last publish.
 /// A holder is the group's [`Held`] (compared by address).
 #[derive(Default)]
 struct Index {
     by_name: FastMap<Box<[u8]>, NameHolders>,
-    by_addr: FastMap<IpAddr, Vec<Arc<Held>>>,
+    by_addr: FastMap<IpAddr, AddrHolders>,
     changes: Changes,
     /// Scratch buffer for one name key.
     key: Vec<u8>,
@@ -437,7 +441,7 @@ impl State {
                 .index
                 .by_name
                 .get(key)
-                .map(Vec::as_slice)
+                .map(|h| h.as_slice())
                 .unwrap_or_default();
             let held = holders.iter().map(|(h, _)| h);
             if is_conflict(key, held.clone().map(|h| (&h.key.1, &h.group))) {
@@ -639,8 +643,8 @@ impl Index {
                         None => holders.push((held.clone(), kind.bit())),
                     },
                     None => {
-                        self.by_name
-                            .insert(Box::from(key), vec![(held.clone(), kind.bit())]);
+                        let one = smallvec::smallvec![(held.clone(), kind.bit())];
+                        self.by_name.insert(Box::from(key), one);
                     }
                 }
                 mark_name(&mut self.changes, key);
@@ -854,7 +858,7 @@ mod tests {
         // patches: none.
         assert_eq!(KEYS_WRITTEN.with(|n| n.get()), (20 + 2) * REPLICA_KEYS);
         let published = table.load();
-        assert_eq!(published.lookup(b"name-3").unwrap().v4.len(), 19);
+        assert_eq!(published.lookup(b"name-3").unwrap().v4().len(), 19);
         assert_same_as_build(&published, &state);
     }
 
@@ -1051,11 +1055,11 @@ mod tests {
                 assert_same(&old, &then);
             }
             n_conflicts += usize::from(!published.conflicts.is_empty());
-            n_srv += usize::from(published.names().any(|(_, e)| !e.srv.is_empty()));
+            n_srv += usize::from(published.names().any(|(_, e)| !e.srv().is_empty()));
             n_local += usize::from(
                 published
                     .names()
-                    .any(|(_, e)| e.v4_local > 0 && e.v4.len() > e.v4_local as usize),
+                    .any(|(_, e)| e.v4_local() > 0 && e.v4().len() > e.v4_local() as usize),
             );
             if burst != BURSTS / 2 - 1 {
                 let then = state.build(&published.domain, published.ttl_secs, published.serial);

@@ -491,14 +491,14 @@ impl EntryBuilder {
         let (v4, v4_local) = local_first(&mut self.v4_local, &mut self.v4);
         let (v6, v6_local) = local_first(&mut self.v6_local, &mut self.v6);
         let (srv, srv_local) = local_first_owned(&mut self.srv_local, &mut self.srv);
-        Entry {
+        Entry::new(Records {
             v4,
             v6,
             v4_local,
             v6_local,
             srv,
             srv_local,
-        }
+        })
     }
 }
 
@@ -539,8 +539,27 @@ pub struct Srv {
 /// What one name answers: its addresses, this host's first (sorted among
 /// themselves, then the others sorted, no duplicates), after the health
 /// filter; and its SRV records, in the same order (this host's first).
+///
+/// 16 bytes in the table's map: most names answer one IPv4 address and
+/// nothing else, kept inline; any other entry is one boxed [`Records`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry(Repr);
+
+/// The forms of an [`Entry`]; each entry has exactly one ([`Entry::new`]),
+/// so equal entries are equal values.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Repr {
+    /// One IPv4 address (this host's when `local`), no other record.
+    V4 {
+        ip: Ipv4Addr,
+        local: bool,
+    },
+    Records(Box<Records>),
+}
+
+/// Every record of an [`Entry`].
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Entry {
+pub struct Records {
     pub v4: Box<[Ipv4Addr]>,
     pub v6: Box<[Ipv6Addr]>,
     /// How many of `v4` (`v6`), from the start, are this host's.
@@ -551,10 +570,81 @@ pub struct Entry {
     pub srv_local: u32,
 }
 
+impl Default for Entry {
+    fn default() -> Entry {
+        Entry::new(Records::default())
+    }
+}
+
 impl Entry {
+    /// The entry of these records, in its compact form when it has one.
+    pub fn new(records: Records) -> Entry {
+        match (&*records.v4, &*records.v6, &*records.srv) {
+            (&[ip], [], []) => Entry(Repr::V4 {
+                ip,
+                local: records.v4_local == 1,
+            }),
+            _ => Entry(Repr::Records(Box::new(records))),
+        }
+    }
+
+    /// The IPv4 addresses, this host's first.
+    #[inline]
+    pub fn v4(&self) -> &[Ipv4Addr] {
+        match &self.0 {
+            Repr::V4 { ip, .. } => std::slice::from_ref(ip),
+            Repr::Records(r) => &r.v4,
+        }
+    }
+
+    /// How many of [`Entry::v4`], from the start, are this host's.
+    #[inline]
+    pub fn v4_local(&self) -> u32 {
+        match &self.0 {
+            Repr::V4 { local, .. } => u32::from(*local),
+            Repr::Records(r) => r.v4_local,
+        }
+    }
+
+    /// The IPv6 addresses, this host's first.
+    #[inline]
+    pub fn v6(&self) -> &[Ipv6Addr] {
+        match &self.0 {
+            Repr::V4 { .. } => &[],
+            Repr::Records(r) => &r.v6,
+        }
+    }
+
+    /// How many of [`Entry::v6`], from the start, are this host's.
+    #[inline]
+    pub fn v6_local(&self) -> u32 {
+        match &self.0 {
+            Repr::V4 { .. } => 0,
+            Repr::Records(r) => r.v6_local,
+        }
+    }
+
+    /// The SRV records, this host's first.
+    #[inline]
+    pub fn srv(&self) -> &[Srv] {
+        match &self.0 {
+            Repr::V4 { .. } => &[],
+            Repr::Records(r) => &r.srv,
+        }
+    }
+
+    /// How many of [`Entry::srv`], from the start, are this host's.
+    #[inline]
+    pub fn srv_local(&self) -> u32 {
+        match &self.0 {
+            Repr::V4 { .. } => 0,
+            Repr::Records(r) => r.srv_local,
+        }
+    }
+
     /// Whether the entry holds no record at all.
     pub fn is_empty(&self) -> bool {
-        self.v4.is_empty() && self.v6.is_empty() && self.srv.is_empty()
+        self.v4().is_empty() && self.v6().is_empty() && self.srv().is_empty()
     }
 }
 
@@ -813,22 +903,12 @@ impl Table {
             .count()
     }
 
-    /// Sets the records of one name key. Reuses the entry's storage when
-    /// the counts are unchanged.
+    /// Sets the records of one name key.
     pub(crate) fn set_name(&mut self, key: &[u8], entry: Entry) {
         if let Some(old) = self.shard(key).names.get(key) {
-            if *old == entry {
-                return;
+            if *old != entry {
+                *self.shard_mut(key).names.get_mut(key).expect("present") = entry;
             }
-            let old = self.shard_mut(key).names.get_mut(key).expect("present");
-            copy_into(&mut old.v4, &entry.v4);
-            copy_into(&mut old.v6, &entry.v6);
-            old.v4_local = entry.v4_local;
-            old.v6_local = entry.v6_local;
-            if old.srv != entry.srv {
-                old.srv = entry.srv;
-            }
-            old.srv_local = entry.srv_local;
             return;
         }
         self.shard_mut(key).names.insert(Box::from(key), entry);
@@ -1020,15 +1100,6 @@ pub fn is_conflict<'a>(key: &[u8], holders: impl Iterator<Item = (&'a Source, &'
     false
 }
 
-/// Overwrites `slot` with `from`, in place when the lengths match.
-fn copy_into<T: Copy>(slot: &mut Box<[T]>, from: &[T]) {
-    if slot.len() == from.len() {
-        slot.copy_from_slice(from);
-    } else {
-        *slot = Box::from(from);
-    }
-}
-
 /// Writes the lookup key of `name` into `key`: the lowercase name, then
 /// `.node` (lowercase) when `node` is given.
 pub fn write_key(key: &mut Vec<u8>, name: &str, node: Option<&str>) {
@@ -1204,13 +1275,37 @@ pub(crate) mod tests {
         );
         assert_eq!(KEYS_WRITTEN.with(|n| n.get()), 20 * REPLICA_KEYS);
         let e = t.lookup(b"_s3._tcp.name-7.node-a").unwrap();
-        assert_eq!((e.srv.len(), e.srv_local), (20, 20));
-        assert!(e.srv.iter().all(|s| s.port == 3) && e.v4.is_empty());
+        assert_eq!((e.srv().len(), e.srv_local()), (20, 20));
+        assert!(e.srv().iter().all(|s| s.port == 3) && e.v4().is_empty());
         let e = t.lookup(b"svc.p").unwrap();
-        assert_eq!((e.v4.len(), e.v4_local), (20, 20));
-        assert!(e.srv.is_empty());
-        assert_eq!(t.lookup(b"_s1._tcp.c3").unwrap().srv.len(), 1);
+        assert_eq!((e.v4().len(), e.v4_local()), (20, 20));
+        assert!(e.srv().is_empty());
+        assert_eq!(t.lookup(b"_s1._tcp.c3").unwrap().srv().len(), 1);
         assert!(t.is_node(b"_tcp.svc.p.node-a"));
+    }
+
+    /// Most names answer one IPv4 address: their entry is 16 bytes in the
+    /// map and no allocation of its own; the same records always make the
+    /// same form, so entries compare by value.
+    #[test]
+    fn an_entry_of_one_ipv4_address_is_kept_inline() {
+        assert_eq!(std::mem::size_of::<Entry>(), 16);
+        let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+        let one = Entry::new(Records {
+            v4: Box::new([ip("10.0.0.1")]),
+            v4_local: 1,
+            ..Default::default()
+        });
+        assert!(matches!(one.0, Repr::V4 { local: true, .. }));
+        assert_eq!((one.v4(), one.v4_local()), (&[ip("10.0.0.1")][..], 1));
+        assert!(one.v6().is_empty() && one.srv().is_empty() && !one.is_empty());
+        let two = Entry::new(Records {
+            v4: Box::new([ip("10.0.0.1"), ip("10.0.0.2")]),
+            ..Default::default()
+        });
+        assert!(matches!(two.0, Repr::Records(_)));
+        assert_eq!((two.v4().len(), two.v4_local()), (2, 0));
+        assert!(Entry::default().is_empty());
     }
 
     fn origin(id: &str, node: &str) -> Origin {
@@ -1244,11 +1339,11 @@ pub(crate) mod tests {
         let table = Table::build("Glued.Internal.", 5, 1, Arc::new(groups));
         assert_eq!(table.domain, "glued.internal");
         let all = table.lookup(b"api").unwrap();
-        assert_eq!(all.v4.len(), 2);
-        assert_eq!(all.v6.len(), 1);
+        assert_eq!(all.v4().len(), 2);
+        assert_eq!(all.v6().len(), 1);
         let pinned = table.lookup(b"api.host-a").unwrap();
-        assert_eq!(&*pinned.v4, &["10.0.0.1".parse::<Ipv4Addr>().unwrap()]);
-        assert!(pinned.v6.is_empty());
+        assert_eq!(pinned.v4(), &["10.0.0.1".parse::<Ipv4Addr>().unwrap()]);
+        assert!(pinned.v6().is_empty());
         assert!(table.lookup(b"nope").is_none());
         let ptr = table.reverse(&"fd00::2".parse().unwrap()).unwrap();
         assert_eq!(ptr, &*name_to_wire("api.glued.internal"));

@@ -492,14 +492,14 @@ impl<'a> Writer<'a> {
     /// starting at `rotation`; stops at the first that does not fit.
     fn addresses(&mut self, entry: &Entry, qtype: u16, rotation: usize) {
         if matches!(qtype, TYPE_A | TYPE_ANY) {
-            for ip in nearest_first(&entry.v4, entry.v4_local, rotation) {
+            for ip in nearest_first(entry.v4(), entry.v4_local(), rotation) {
                 if !self.rr_qname(TYPE_A, &ip.octets()) {
                     return;
                 }
             }
         }
         if matches!(qtype, TYPE_AAAA | TYPE_ANY) {
-            for ip in nearest_first(&entry.v6, entry.v6_local, rotation) {
+            for ip in nearest_first(entry.v6(), entry.v6_local(), rotation) {
                 if !self.rr_qname(TYPE_AAAA, &ip.octets()) {
                     return;
                 }
@@ -514,10 +514,10 @@ impl<'a> Writer<'a> {
     /// the same order, as many as fit (additional data may be left out
     /// without TC).
     fn srv(&mut self, entry: &Entry, table: &Table, qtype: u16, rotation: usize) {
-        if !matches!(qtype, TYPE_SRV | TYPE_ANY) || entry.srv.is_empty() {
+        if !matches!(qtype, TYPE_SRV | TYPE_ANY) || entry.srv().is_empty() {
             return;
         }
-        let order = || nearest_first(&entry.srv, entry.srv_local, rotation);
+        let order = || nearest_first(entry.srv(), entry.srv_local(), rotation);
         for srv in order() {
             let [p0, p1] = srv.port.to_be_bytes();
             let rdlen = 6 + srv.target.len();
@@ -539,12 +539,12 @@ impl<'a> Writer<'a> {
             let Some(target) = table.lookup(&srv.target_key) else {
                 continue;
             };
-            for ip in target.v4.iter() {
+            for ip in target.v4().iter() {
                 if !self.additional(&srv.target, TYPE_A, &ip.octets()) {
                     return;
                 }
             }
-            for ip in target.v6.iter() {
+            for ip in target.v6().iter() {
                 if !self.additional(&srv.target, TYPE_AAAA, &ip.octets()) {
                     return;
                 }

@@ -171,7 +171,7 @@ impl Node {
         self.table
             .load()
             .lookup(name.as_bytes())
-            .map(|e| e.v4.to_vec())
+            .map(|e| e.v4().to_vec())
     }
     fn gossip(&self) -> &Gossip {
         self.gossip.as_ref().unwrap()
@@ -2101,7 +2101,7 @@ fn a_peer_one_version_behind_gets_groups_without_the_new_facts() {
         a.table
             .load()
             .lookup(b"_redis._tcp.db")
-            .is_some_and(|e| e.srv.len() == 1)
+            .is_some_and(|e| e.srv().len() == 1)
     );
     for n in [a, c] {
         n.stop();

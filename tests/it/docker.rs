@@ -365,7 +365,7 @@ impl Glued {
     fn lookup(&self, name: &str) -> Option<(Vec<Ipv4Addr>, Vec<Ipv6Addr>)> {
         let t = self.table.load();
         t.lookup(name.as_bytes())
-            .map(|e| (e.v4.to_vec(), e.v6.to_vec()))
+            .map(|e| (e.v4().to_vec(), e.v6().to_vec()))
     }
 
     /// Waits until `name` answers exactly `want` (None: unknown).
