@@ -61,6 +61,11 @@ pub const DIGEST_ANY_ONE_IN: u32 = 4;
 pub const DIGEST_FAST: Duration = Duration::from_millis(250);
 /// Mean period of the reconnect to a random known non-neighbour (jittered).
 pub const RECONNECT_EVERY: Duration = Duration::from_secs(10);
+/// Mean period of a join of known peers while this node has no neighbour
+/// (jittered): iroh-gossip does not retry a join that failed (IROH.md
+/// trap 5), and the reconnect timer alone left a node alone for up to
+/// 1.5 × [`RECONNECT_EVERY`].
+pub const REJOIN_EVERY: Duration = Duration::from_secs(2);
 /// How long a version gap may last before a pull.
 pub const GAP_GRACE: Duration = Duration::from_millis(300);
 /// Period of the sweep over every origin (leases, gaps, forgetting).
@@ -288,6 +293,7 @@ impl<S: Seal> Core<S> {
         let next_digest = now + jitter(&mut rng, params.digest_every);
         let mut members = Membership::new(now);
         members.next_reconnect = now + jitter(&mut rng, params.reconnect_every);
+        members.next_rejoin = now + REJOIN_EVERY;
         Core {
             me,
             node_name: node_name.into(),
@@ -1026,6 +1032,24 @@ impl<S: Seal> Core<S> {
                 self.out.push(Output::Join(vec![peer]));
                 let sum = digest_sum(self.digest().iter());
                 self.send(peer, Direct::DigestSum { sum });
+            }
+        }
+        // Alone: join a sample of known peers again.
+        if self.members.neighbors.is_empty() && now >= self.members.next_rejoin {
+            self.members.next_rejoin = now + jitter(&mut self.rng, REJOIN_EVERY);
+            let mut known: Vec<NodeId> = self
+                .members
+                .known
+                .keys()
+                .filter(|id| **id != self.me)
+                .copied()
+                .collect();
+            known.sort_unstable();
+            let sample = join_sample(&mut self.rng, &known);
+            if let Some(first) = sample.first().copied() {
+                self.out.push(Output::Join(sample));
+                let sum = digest_sum(self.digest().iter());
+                self.send(first, Direct::DigestSum { sum });
             }
         }
         // A join whose bulk pull failed tries another neighbour.

@@ -43,6 +43,8 @@ pub struct Membership {
     pub probe: Option<Probe>,
     pub next_probe: Instant,
     pub next_reconnect: Instant,
+    /// Next join of known peers while there is no neighbour.
+    pub next_rejoin: Instant,
     nonce: u64,
 }
 
@@ -55,6 +57,7 @@ impl Membership {
             probe: None,
             next_probe: now,
             next_reconnect: now,
+            next_rejoin: now,
             nonce: 0,
         }
     }

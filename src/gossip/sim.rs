@@ -1218,6 +1218,18 @@ mod tests {
     }
 
     #[test]
+    fn a_node_whose_join_found_no_neighbour_joins_again_within_seconds() {
+        // With these seeds one node's join of the bootstrap node gave it
+        // no neighbour; it waited for the reconnect timer (formed in 10 and
+        // 15.05 s).
+        for seed in [6, 14] {
+            let mut sim = Sim::new(SimConfig::new(N, seed));
+            let t = form(&mut sim).expect("formed");
+            assert!(t < 5.0, "seed {seed}: formed in {t} s (SPEC §9: under 5 s)");
+        }
+    }
+
+    #[test]
     fn after_a_heal_no_node_drops_a_peer_of_its_own_side() {
         // Each half holds the other dead when the cut ends; a digest from
         // across it once made nodes drop peers of their own side.
