@@ -10,8 +10,10 @@
 //! ```
 //!
 //! Prints live heap bytes per record after each step, the peak during the
-//! first publish, and the parts: the registry's state alone and one table
-//! built from it (`State::build`).
+//! first publish, and the parts: the registry's state alone (its groups,
+//! shared with every table, and the changes it holds until the next
+//! publish) and one table built from it (`State::build`: the name and PTR
+//! maps, which also hold the registry's indexes).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::net::Ipv4Addr;
@@ -105,7 +107,7 @@ fn main() {
     let table = state.build("glued.internal", 5, 1);
     let table_bytes = live() - base - state_bytes;
     println!(
-        "parts: message {:.0} B/record (freed once applied), state {:.0}, one table {:.0}",
+        "parts: message {:.0} B/record (freed once applied), state (groups and pending changes) {:.0}, one table {:.0}",
         per(with_msg - base),
         per(state_bytes),
         per(table_bytes)

@@ -23,7 +23,7 @@
 //! groups; a burst of changes produces one publish; a group with no names or
 //! no addresses is the same as no group.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::net::IpAddr;
 #[cfg(test)]
 use std::net::{Ipv4Addr, Ipv6Addr};
@@ -32,7 +32,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError, bounded};
-use smallvec::SmallVec;
 
 use crate::table::{
     EntryBuilder, Group, GroupKey, Groups, Held, Holds, Origin, SharedTable, Source, SourceKind,
@@ -53,7 +52,6 @@ const CHANGES_KEEP: usize = 1024;
 /// allocator's free memory is given back after it.
 const BIG_BURST: usize = 4096;
 
-type FastMap<K, V> = HashMap<K, V, foldhash::fast::FixedState>;
 type FastSet<K> = HashSet<K, foldhash::fast::FixedState>;
 
 /// One change to the record set.
@@ -278,7 +276,6 @@ impl Writer {
     /// `state` recorded since the last publish.
     fn publish(&mut self, state: &mut State, stats: &RegistryStats) {
         self.serial = self.serial.wrapping_add(1);
-        state.note_conflicts();
         let current = self.table.load_full();
         let changed = state.index.changes.names.len();
         let base = self.last.take().filter(|last| {
@@ -290,7 +287,7 @@ impl Writer {
             Some(last) => {
                 let mut next = (*last).clone();
                 drop(last);
-                apply_changes(&mut next, state, &state.index.changes, &mut self.scratch);
+                apply_changes(&mut next, state, &mut self.scratch);
                 next
             }
             None => {
@@ -304,6 +301,7 @@ impl Writer {
         };
         next.serial = self.serial;
         next.ttl_secs = self.ttl_secs;
+        state.note_conflicts(&next);
         let next = Arc::new(next);
         self.table.store(next.clone());
         self.last = Some(next);
@@ -327,12 +325,21 @@ fn give_back_free_memory() {
     }
 }
 
-/// Recomputes, from `state`, every entry `changes` names into `table`,
-/// and hands it the registry's groups (shared, not copied).
-fn apply_changes(table: &mut Table, state: &State, changes: &Changes, scratch: &mut Scratch) {
+/// Brings `table` (a clone of the last published table) up to date with
+/// the changes `state` recorded: the holders gained and lost, then the
+/// entries and PTR answers they touched, and hands it the registry's groups
+/// (shared, not copied).
+fn apply_changes(table: &mut Table, state: &State, scratch: &mut Scratch) {
+    let changes = &state.index.changes;
+    for (key, held, holds) in &changes.name_holders {
+        match holds {
+            0 => table.remove_holder(key, held),
+            holds => table.add_holder(key, held, *holds),
+        }
+    }
     for key in &changes.names {
-        let Some(holders) = state.index.by_name.get(key) else {
-            table.remove_name(key);
+        let Some(holders) = table.holders(key).filter(|h| !h.is_empty()) else {
+            table.forget_name(key);
             table.set_conflict(key, false);
             continue;
         };
@@ -343,34 +350,43 @@ fn apply_changes(table: &mut Table, state: &State, changes: &Changes, scratch: &
             &state.local,
             &table.domain_wire,
         );
-        table.set_name(key, entry);
-        if !key.contains(&b'.') {
-            let groups = holders.iter().map(|(h, _)| (&h.key.1, &h.group));
-            table.set_conflict(key, is_conflict(key, groups));
+        let conflict = (!key.contains(&b'.'))
+            .then(|| is_conflict(key, holders.iter().map(|(h, _)| (&h.key.1, &h.group))));
+        table.set_entry(key, entry);
+        if let Some(conflict) = conflict {
+            table.set_conflict(key, conflict);
+        }
+    }
+    for (ip, held, gained) in &changes.addr_holders {
+        match gained {
+            true => table.add_addr_holder(*ip, held),
+            false => table.remove_addr_holder(ip, held),
         }
     }
     for ip in &changes.addrs {
         // The PTR target is the primary name of the first holder in key
         // order, as `Table::build` finds it.
-        let first = state
-            .index
-            .by_addr
-            .get(ip)
+        let first = table
+            .addr_holders(ip)
             .and_then(|holders| holders.iter().min_by(|a, b| a.key.cmp(&b.key)));
-        match first.and_then(|h| h.group.names.first()) {
-            Some(primary) => {
-                write_target(&mut scratch.target, primary, &table.domain_wire);
-                table.set_reverse(*ip, &scratch.target);
-            }
-            None => table.remove_reverse(ip),
-        }
+        let Some(primary) = first.and_then(|h| h.group.names.first()) else {
+            table.forget_addr(ip);
+            continue;
+        };
+        write_target(&mut scratch.target, primary, &table.domain_wire);
+        table.set_target(ip, &scratch.target);
     }
     table.groups = state.groups.clone();
 }
 
-/// What changed since the last publish: the table entries to recompute.
+/// What changed since the last publish: the holders gained and lost, in
+/// order, and the table entries to recompute.
 #[derive(Default)]
 struct Changes {
+    /// A group came to hold a name key as `Holds`, or (`0`) no longer does.
+    name_holders: Vec<(Box<[u8]>, Arc<Held>, Holds)>,
+    /// A group came to hold an address (`true`), or no longer does.
+    addr_holders: Vec<(IpAddr, Arc<Held>, bool)>,
     /// Name keys (as in [`Table::lookup`]) whose addresses may have changed.
     names: FastSet<Box<[u8]>>,
     /// Addresses whose PTR answer may have changed.
@@ -379,8 +395,12 @@ struct Changes {
 
 impl Changes {
     fn clear(&mut self) {
+        self.name_holders.clear();
+        self.addr_holders.clear();
         self.names.clear();
         self.addrs.clear();
+        self.name_holders.shrink_to(CHANGES_KEEP);
+        self.addr_holders.shrink_to(CHANGES_KEEP);
         self.names.shrink_to(CHANGES_KEEP);
         self.addrs.shrink_to(CHANGES_KEEP);
     }
@@ -389,10 +409,11 @@ impl Changes {
 /// The registry's own record set: pure, so it is tested without threads.
 ///
 /// Each group is one shared [`Held`] in [`Groups`] (the map every table
-/// shares); besides it the state keeps two indexes, name key → groups
-/// answering it and address → groups holding it, so that one changed group
-/// recomputes only its own names and addresses, whatever the size of the
-/// table.
+/// shares). The indexes, name key → groups answering it and address →
+/// groups holding it, live in the table itself (each entry with its
+/// holders): the state records which holders a change gains and loses, and
+/// the next publish applies them, so that one changed group recomputes only
+/// its own names and addresses, whatever the size of the table.
 #[derive(Default)]
 pub struct State {
     /// Endpoint id of this node: its holders are answered first.
@@ -404,18 +425,10 @@ pub struct State {
     index: Index,
 }
 
-/// The groups answering one name key, and how each holds it: most keys
-/// have one, kept inline (no allocation of its own).
-type NameHolders = SmallVec<[(Arc<Held>, Holds); 1]>;
-/// The groups holding one address: most have one, inline.
-type AddrHolders = SmallVec<[Arc<Held>; 2]>;
-
-/// The indexes of [`State`] and the changes recorded since the last publish.
-/// A holder is the group's [`Held`] (compared by address).
+/// The changes recorded since the last publish. A holder is the group's
+/// [`Held`] (compared by address).
 #[derive(Default)]
 struct Index {
-    by_name: FastMap<Box<[u8]>, NameHolders>,
-    by_addr: FastMap<IpAddr, AddrHolders>,
     changes: Changes,
     /// Scratch buffer for one name key.
     key: Vec<u8>,
@@ -431,18 +444,14 @@ impl State {
     }
 
     /// Logs one info line for each name of the burst that became a
-    /// conflict (SPEC §3), and forgets those that are no longer one.
-    fn note_conflicts(&mut self) {
+    /// conflict (SPEC §3) in `table` (the table about to be published), and
+    /// forgets those that are no longer one.
+    fn note_conflicts(&mut self, table: &Table) {
         for key in &self.index.changes.names {
             if key.contains(&b'.') {
                 continue;
             }
-            let holders = self
-                .index
-                .by_name
-                .get(key)
-                .map(|h| h.as_slice())
-                .unwrap_or_default();
+            let holders = table.holders(key).map(|h| h.as_slice()).unwrap_or_default();
             let held = holders.iter().map(|(h, _)| h);
             if is_conflict(key, held.clone().map(|h| (&h.key.1, &h.group))) {
                 if self.conflicts.insert(key.clone()) {
@@ -641,59 +650,37 @@ impl State {
 }
 
 impl Index {
-    /// Adds `held`'s names and addresses to the indexes, marking them changed.
+    /// Records that `held`'s names and addresses are gained.
     fn add(&mut self, held: &Arc<Held>) {
         let mut key = std::mem::take(&mut self.key);
+        let changes = &mut self.changes;
         held.group
             .for_each_key(&held.key.0.node_name, &mut key, |key, kind| {
-                match self.by_name.get_mut(key) {
-                    Some(holders) => match holders.iter_mut().find(|(h, _)| Arc::ptr_eq(h, held)) {
-                        Some((_, holds)) => *holds |= kind.bit(),
-                        None => holders.push((held.clone(), kind.bit())),
-                    },
-                    None => {
-                        let one = smallvec::smallvec![(held.clone(), kind.bit())];
-                        self.by_name.insert(Box::from(key), one);
-                    }
-                }
-                mark_name(&mut self.changes, key);
+                changes
+                    .name_holders
+                    .push((Box::from(key), held.clone(), kind.bit()));
+                mark_name(changes, key);
             });
         self.key = key;
         for ip in addrs(&held.group) {
-            let holders = self.by_addr.entry(ip).or_default();
-            if !holders.iter().any(|h| Arc::ptr_eq(h, held)) {
-                holders.push(held.clone());
-            }
+            self.changes.addr_holders.push((ip, held.clone(), true));
             self.changes.addrs.insert(ip);
         }
     }
 
-    /// Takes `held`'s names and addresses out of the indexes, marking them
-    /// changed.
+    /// Records that `held`'s names and addresses are lost.
     fn remove(&mut self, held: &Arc<Held>) {
         let mut key = std::mem::take(&mut self.key);
+        let changes = &mut self.changes;
         held.group
             .for_each_key(&held.key.0.node_name, &mut key, |key, _| {
-                if let Some(holders) = self.by_name.get_mut(key) {
-                    if let Some(at) = holders.iter().position(|(h, _)| Arc::ptr_eq(h, held)) {
-                        holders.swap_remove(at);
-                    }
-                    if holders.is_empty() {
-                        self.by_name.remove(key);
-                    }
-                }
-                mark_name(&mut self.changes, key);
+                // A key held under several kinds is lost at the first.
+                changes.name_holders.push((Box::from(key), held.clone(), 0));
+                mark_name(changes, key);
             });
         self.key = key;
         for ip in addrs(&held.group) {
-            if let Some(holders) = self.by_addr.get_mut(&ip) {
-                if let Some(at) = holders.iter().position(|h| Arc::ptr_eq(h, held)) {
-                    holders.swap_remove(at);
-                }
-                if holders.is_empty() {
-                    self.by_addr.remove(&ip);
-                }
-            }
+            self.changes.addr_holders.push((ip, held.clone(), false));
             self.changes.addrs.insert(ip);
         }
     }

@@ -23,6 +23,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use smallvec::SmallVec;
 
 /// Longest DNS name in wire format (RFC 1035 §2.3.4).
 pub const MAX_NAME_WIRE_LEN: usize = 255;
@@ -113,6 +114,11 @@ impl Groups {
         self.0
             .range::<_, GroupKey>((Bound::Included(lo), Bound::Unbounded))
             .map(|h| (&h.0.key, &h.0.group))
+    }
+
+    /// Every shared group, in key order.
+    pub(crate) fn held_iter(&self) -> impl Iterator<Item = &Arc<Held>> + '_ {
+        self.0.iter().map(|h| &h.0)
     }
 
     /// The shared groups from `lo` (included) on, in key order.
@@ -692,13 +698,35 @@ pub struct Table {
 /// One shard of a table's maps.
 #[derive(Clone, Debug, Default)]
 struct Shard {
-    names: FastMap<Box<[u8]>, Entry>,
+    names: FastMap<Box<[u8]>, Name>,
     /// Proper suffix of a key (`node` of `name.node`, `project` of
     /// `service.project`, `_tcp.name` of `_http._tcp.name`) → number of
     /// keys below it: the empty non-terminals.
     nodes: FastMap<Box<[u8]>, u32>,
     /// Address → primary name under the domain, wire format.
-    reverse: FastMap<IpAddr, Box<[u8]>>,
+    reverse: FastMap<IpAddr, Ptr>,
+}
+
+/// The groups answering one name key, and how each holds it: most keys
+/// have one, kept inline.
+pub(crate) type NameHolders = SmallVec<[(Arc<Held>, Holds); 1]>;
+/// The groups holding one address: most have one, inline.
+pub(crate) type AddrHolders = SmallVec<[Arc<Held>; 1]>;
+
+/// What a name key answers and the groups it is built from: the registry's
+/// name index lives here, once, not in a map of its own beside the table.
+#[derive(Clone, Debug)]
+struct Name {
+    entry: Entry,
+    holders: NameHolders,
+}
+
+/// The PTR answer of an address and the groups holding it (the registry's
+/// address index).
+#[derive(Clone, Debug)]
+struct Ptr {
+    target: Box<[u8]>,
+    holders: AddrHolders,
 }
 
 impl Table {
@@ -732,24 +760,25 @@ impl Table {
         let domain_wire = name_to_wire(&domain);
         let n_keys: usize = groups.iter().map(|(_, g)| 2 * g.names.len()).sum();
         // Name key → every group answering it.
-        type Holders<'a> = FastMap<Box<[u8]>, Vec<(&'a (Origin, Source), &'a Group, Holds)>>;
-        let mut holders = Holders::with_capacity_and_hasher(n_keys, Default::default());
+        let mut holders: FastMap<Box<[u8]>, NameHolders> =
+            FastMap::with_capacity_and_hasher(n_keys, Default::default());
         let pick = foldhash::fast::RandomState::default();
         let mut shards: Vec<Shard> = (0..SHARDS).map(|_| Shard::default()).collect();
         let (mut reverse_v4, mut reverse_v6) = (Vec::new(), Vec::new());
         let mut key = Vec::with_capacity(MAX_NAME_WIRE_LEN);
         let mut target = Vec::with_capacity(MAX_NAME_WIRE_LEN);
-        for (owner, group) in groups.iter() {
-            let origin = &owner.0;
-            group.for_each_key(&origin.node_name, &mut key, |key, kind| {
+        for held in groups.held_iter() {
+            let group = &held.group;
+            group.for_each_key(&held.key.0.node_name, &mut key, |key, kind| {
                 match holders.get_mut(key) {
                     // A group's keys come together: a repeat is its last holder.
                     Some(list) => match list.last_mut() {
-                        Some((o, _, holds)) if std::ptr::eq(*o, owner) => *holds |= kind.bit(),
-                        _ => list.push((owner, group, kind.bit())),
+                        Some((h, holds)) if Arc::ptr_eq(h, held) => *holds |= kind.bit(),
+                        _ => list.push((held.clone(), kind.bit())),
                     },
                     None => {
-                        holders.insert(Box::from(key), vec![(owner, group, kind.bit())]);
+                        let one = smallvec::smallvec![(held.clone(), kind.bit())];
+                        holders.insert(Box::from(key), one);
                     }
                 }
             });
@@ -757,12 +786,23 @@ impl Table {
                 write_target(&mut target, primary, &domain_wire);
                 let ips = group.v4.iter().map(|ip| IpAddr::V4(*ip));
                 for ip in ips.chain(group.v6.iter().map(|ip| IpAddr::V6(*ip))) {
-                    let reverse = &mut shards[shard(&pick, &ip)].reverse;
-                    if let std::collections::hash_map::Entry::Vacant(v) = reverse.entry(ip) {
-                        v.insert(Box::from(&target[..]));
-                        match ip {
-                            IpAddr::V4(a) => reverse_v4.push(u32::from(a)),
-                            IpAddr::V6(a) => reverse_v6.push(u128::from(a)),
+                    // Groups come in key order: the first holder names it.
+                    match shards[shard(&pick, &ip)].reverse.entry(ip) {
+                        std::collections::hash_map::Entry::Vacant(v) => {
+                            v.insert(Ptr {
+                                target: Box::from(&target[..]),
+                                holders: smallvec::smallvec![held.clone()],
+                            });
+                            match ip {
+                                IpAddr::V4(a) => reverse_v4.push(u32::from(a)),
+                                IpAddr::V6(a) => reverse_v6.push(u128::from(a)),
+                            }
+                        }
+                        std::collections::hash_map::Entry::Occupied(mut o) => {
+                            let holders = &mut o.get_mut().holders;
+                            if !holders.iter().any(|h| Arc::ptr_eq(h, held)) {
+                                holders.push(held.clone());
+                            }
                         }
                     }
                 }
@@ -773,11 +813,11 @@ impl Table {
         let n_names = holders.len();
         for (key, list) in holders {
             let entry = builder.build(
-                list.iter().map(|&(o, g, holds)| (&o.0, g, holds)),
+                list.iter().map(|(h, holds)| (&h.key.0, &h.group, *holds)),
                 local_id,
                 &domain_wire,
             );
-            if is_conflict(&key, list.iter().map(|&(o, g, _)| (&o.1, g))) {
+            if is_conflict(&key, list.iter().map(|(h, _)| (&h.key.1, &h.group))) {
                 conflicts.insert(String::from_utf8_lossy(&key).into_owned());
             }
             for_each_suffix(&key, |suffix| {
@@ -786,7 +826,11 @@ impl Table {
                     .entry(Box::from(suffix))
                     .or_insert(0) += 1
             });
-            shards[shard(&pick, &*key)].names.insert(key, entry);
+            let name = Name {
+                entry,
+                holders: list,
+            };
+            shards[shard(&pick, &*key)].names.insert(key, name);
         }
         for s in &mut shards {
             s.names.shrink_to_fit();
@@ -825,13 +869,13 @@ impl Table {
     /// `api.node-1`). Never allocates.
     #[inline]
     pub fn lookup(&self, key: &[u8]) -> Option<&Entry> {
-        self.shard(key).names.get(key)
+        self.shard(key).names.get(key).map(|n| &n.entry)
     }
 
     /// The primary name (wire format, under the domain) of an address.
     #[inline]
     pub fn reverse(&self, ip: &IpAddr) -> Option<&[u8]> {
-        self.shard(ip).reverse.get(ip).map(|b| &**b)
+        self.shard(ip).reverse.get(ip).map(|p| &*p.target)
     }
 
     /// Whether `key` (lowercase, relative to the domain) is an empty
@@ -882,7 +926,7 @@ impl Table {
     pub fn names(&self) -> impl Iterator<Item = (&[u8], &Entry)> {
         self.shards
             .iter()
-            .flat_map(|s| s.names.iter().map(|(k, e)| (&**k, e)))
+            .flat_map(|s| s.names.iter().map(|(k, n)| (&**k, &n.entry)))
     }
 
     /// Every address with a PTR answer and its target (wire format), in no
@@ -890,7 +934,7 @@ impl Table {
     pub fn addresses(&self) -> impl Iterator<Item = (&IpAddr, &[u8])> {
         self.shards
             .iter()
-            .flat_map(|s| s.reverse.iter().map(|(ip, t)| (ip, &**t)))
+            .flat_map(|s| s.reverse.iter().map(|(ip, p)| (ip, &*p.target)))
     }
 
     /// How many shards `self` holds that `other` does not share: what a
@@ -903,15 +947,26 @@ impl Table {
             .count()
     }
 
-    /// Sets the records of one name key.
-    pub(crate) fn set_name(&mut self, key: &[u8], entry: Entry) {
-        if let Some(old) = self.shard(key).names.get(key) {
-            if *old != entry {
-                *self.shard_mut(key).names.get_mut(key).expect("present") = entry;
+    /// The groups answering `key`, and how each holds it.
+    pub(crate) fn holders(&self, key: &[u8]) -> Option<&NameHolders> {
+        self.shard(key).names.get(key).map(|n| &n.holders)
+    }
+
+    /// Records that `held` holds `key` as `holds` (added to how it already
+    /// does). A new key answers nothing until [`Table::set_entry`].
+    pub(crate) fn add_holder(&mut self, key: &[u8], held: &Arc<Held>, holds: Holds) {
+        if let Some(name) = self.shard_mut(key).names.get_mut(key) {
+            match name.holders.iter_mut().find(|(h, _)| Arc::ptr_eq(h, held)) {
+                Some((_, old)) => *old |= holds,
+                None => name.holders.push((held.clone(), holds)),
             }
             return;
         }
-        self.shard_mut(key).names.insert(Box::from(key), entry);
+        let name = Name {
+            entry: Entry::default(),
+            holders: smallvec::smallvec![(held.clone(), holds)],
+        };
+        self.shard_mut(key).names.insert(Box::from(key), name);
         self.n_names += 1;
         for_each_suffix(key, |suffix| {
             let nodes = &mut self.shard_mut(suffix).nodes;
@@ -924,22 +979,20 @@ impl Table {
         });
     }
 
-    /// Marks (or clears) `name` as a conflict.
-    pub(crate) fn set_conflict(&mut self, name: &[u8], conflict: bool) {
-        let name = String::from_utf8_lossy(name);
-        if conflict != self.conflicts.contains(&*name) {
-            let set = Arc::make_mut(&mut self.conflicts);
-            if conflict {
-                set.insert(name.into_owned());
-            } else {
-                set.remove(&*name);
-            }
+    /// Records that `held` no longer holds `key` (a key left with no
+    /// holder stays until [`Table::forget_name`]: a change often gives it
+    /// back).
+    pub(crate) fn remove_holder(&mut self, key: &[u8], held: &Arc<Held>) {
+        let holds = |n: &Name| n.holders.iter().position(|(h, _)| Arc::ptr_eq(h, held));
+        if let Some(at) = self.shard(key).names.get(key).and_then(holds) {
+            let name = self.shard_mut(key).names.get_mut(key).expect("present");
+            name.holders.swap_remove(at);
         }
     }
 
-    /// Forgets one name key.
-    pub(crate) fn remove_name(&mut self, key: &[u8]) {
-        if !self.shard(key).names.contains_key(key) {
+    /// Forgets `key` if no group holds it.
+    pub(crate) fn forget_name(&mut self, key: &[u8]) {
+        if !self.holders(key).is_some_and(|h| h.is_empty()) {
             return;
         }
         self.shard_mut(key).names.remove(key);
@@ -955,32 +1008,84 @@ impl Table {
         });
     }
 
-    /// Points `ip` back to `target` (wire format, under the domain).
-    pub(crate) fn set_reverse(&mut self, ip: IpAddr, target: &[u8]) {
-        match self.shard(&ip).reverse.get(&ip) {
-            Some(old) if **old == *target => {}
-            Some(_) => {
-                self.shard_mut(&ip).reverse.insert(ip, Box::from(target));
-            }
-            None => {
-                self.shard_mut(&ip).reverse.insert(ip, Box::from(target));
-                match ip {
-                    IpAddr::V4(a) => self.reverse_v4.insert(u32::from(a)),
-                    IpAddr::V6(a) => self.reverse_v6.insert(u128::from(a)),
-                }
+    /// Sets the records of a key that has holders.
+    pub(crate) fn set_entry(&mut self, key: &[u8], entry: Entry) {
+        if self.lookup(key).is_some_and(|old| *old != entry) {
+            self.shard_mut(key)
+                .names
+                .get_mut(key)
+                .expect("present")
+                .entry = entry;
+        }
+    }
+
+    /// Marks (or clears) `name` as a conflict.
+    pub(crate) fn set_conflict(&mut self, name: &[u8], conflict: bool) {
+        let name = String::from_utf8_lossy(name);
+        if conflict != self.conflicts.contains(&*name) {
+            let set = Arc::make_mut(&mut self.conflicts);
+            if conflict {
+                set.insert(name.into_owned());
+            } else {
+                set.remove(&*name);
             }
         }
     }
 
-    /// Forgets the PTR answer of `ip`.
-    pub(crate) fn remove_reverse(&mut self, ip: &IpAddr) {
-        if !self.shard(ip).reverse.contains_key(ip) {
+    /// The groups holding `ip`.
+    pub(crate) fn addr_holders(&self, ip: &IpAddr) -> Option<&AddrHolders> {
+        self.shard(ip).reverse.get(ip).map(|p| &p.holders)
+    }
+
+    /// Records that `held` holds `ip`. A new address has no PTR answer
+    /// until [`Table::set_target`].
+    pub(crate) fn add_addr_holder(&mut self, ip: IpAddr, held: &Arc<Held>) {
+        if let Some(ptr) = self.shard(&ip).reverse.get(&ip) {
+            if !ptr.holders.iter().any(|h| Arc::ptr_eq(h, held)) {
+                let ptr = self.shard_mut(&ip).reverse.get_mut(&ip).expect("present");
+                ptr.holders.push(held.clone());
+            }
+            return;
+        }
+        let ptr = Ptr {
+            target: Box::default(),
+            holders: smallvec::smallvec![held.clone()],
+        };
+        self.shard_mut(&ip).reverse.insert(ip, ptr);
+        match ip {
+            IpAddr::V4(a) => self.reverse_v4.insert(u32::from(a)),
+            IpAddr::V6(a) => self.reverse_v6.insert(u128::from(a)),
+        }
+    }
+
+    /// Records that `held` no longer holds `ip` (kept with no holder until
+    /// [`Table::forget_addr`]).
+    pub(crate) fn remove_addr_holder(&mut self, ip: &IpAddr, held: &Arc<Held>) {
+        let holds = |p: &Ptr| p.holders.iter().position(|h| Arc::ptr_eq(h, held));
+        if let Some(at) = self.shard(ip).reverse.get(ip).and_then(holds) {
+            let ptr = self.shard_mut(ip).reverse.get_mut(ip).expect("present");
+            ptr.holders.swap_remove(at);
+        }
+    }
+
+    /// Forgets `ip` if no group holds it.
+    pub(crate) fn forget_addr(&mut self, ip: &IpAddr) {
+        if !self.addr_holders(ip).is_some_and(|h| h.is_empty()) {
             return;
         }
         self.shard_mut(ip).reverse.remove(ip);
         match ip {
             IpAddr::V4(a) => self.reverse_v4.remove(u32::from(*a)),
             IpAddr::V6(a) => self.reverse_v6.remove(u128::from(*a)),
+        }
+    }
+
+    /// Points an address that has holders back to `target` (wire format,
+    /// under the domain).
+    pub(crate) fn set_target(&mut self, ip: &IpAddr, target: &[u8]) {
+        if self.reverse(ip).is_some_and(|old| old != target) {
+            let ptr = self.shard_mut(ip).reverse.get_mut(ip).expect("present");
+            ptr.target = Box::from(target);
         }
     }
 }
@@ -1402,13 +1507,24 @@ pub(crate) mod tests {
         assert!(t.has_address_in(ip("10.0.0.0"), 8));
         assert!(!t.has_address_in(ip("10.0.2.0"), 24));
         assert!(!t.has_address_in(ip("fd00::"), 8));
-        t.remove_name(b"web.host-b");
+        let web = t.holders(b"web.host-b").unwrap()[0].0.clone();
+        t.remove_holder(b"web.host-b", &web);
+        assert!(t.is_node(b"host-b"), "kept until forgotten");
+        t.forget_name(b"web.host-b");
         assert!(!t.is_node(b"host-b"));
-        t.set_name(b"db.host-c", Entry::default());
+        let db = Arc::new(Held {
+            key: (
+                origin("host-c", "host-c"),
+                Source::Static { name: "db".into() },
+            ),
+            group: Group::default(),
+        });
+        t.add_holder(b"db.host-c", &db, KeyKind::Addr.bit());
         assert!(t.is_node(b"host-c"));
-        t.remove_reverse(&ip("10.0.1.2"));
+        t.remove_addr_holder(&ip("10.0.1.2"), &web);
+        t.forget_addr(&ip("10.0.1.2"));
         assert!(!t.has_address_in(ip("10.0.1.0"), 24));
-        t.set_reverse(ip("fd00::5"), b"\x02db\x00");
+        t.add_addr_holder(ip("fd00::5"), &db);
         assert!(t.has_address_in(ip("fd00::"), 16));
         assert!(t.has_address_in(ip("fd00::5"), 128));
         assert!(!t.has_address_in(ip("fd00::6"), 128));
