@@ -698,13 +698,68 @@ pub struct Table {
 /// One shard of a table's maps.
 #[derive(Clone, Debug, Default)]
 struct Shard {
-    names: FastMap<Box<[u8]>, Name>,
+    names: Keyed<Name>,
     /// Proper suffix of a key (`node` of `name.node`, `project` of
     /// `service.project`, `_tcp.name` of `_http._tcp.name`) → number of
     /// keys below it: the empty non-terminals.
-    nodes: FastMap<Box<[u8]>, u32>,
+    nodes: Keyed<u32>,
     /// Address → primary name under the domain, wire format.
     reverse: FastMap<IpAddr, Ptr>,
+}
+
+/// A map from name keys hashed with the table's `pick`, the hash that also
+/// picks the key's shard: one hash per lookup.
+#[derive(Clone, Debug)]
+struct Keyed<V>(hashbrown::HashTable<(Box<[u8]>, V)>);
+
+impl<V> Default for Keyed<V> {
+    fn default() -> Keyed<V> {
+        Keyed(hashbrown::HashTable::new())
+    }
+}
+
+impl<V> Keyed<V> {
+    #[inline]
+    fn get(&self, hash: u64, key: &[u8]) -> Option<&V> {
+        self.0.find(hash, |(k, _)| **k == *key).map(|(_, v)| v)
+    }
+
+    fn get_mut(&mut self, hash: u64, key: &[u8]) -> Option<&mut V> {
+        self.0.find_mut(hash, |(k, _)| **k == *key).map(|(_, v)| v)
+    }
+
+    /// Inserts a key that is not in the map.
+    fn insert(&mut self, pick: &foldhash::fast::RandomState, hash: u64, key: &[u8], value: V) {
+        let rehash = |(k, _): &(Box<[u8]>, V)| key_hash(pick, k);
+        self.0.insert_unique(hash, (Box::from(key), value), rehash);
+    }
+
+    fn remove(&mut self, hash: u64, key: &[u8]) -> Option<V> {
+        let found = self.0.find_entry(hash, |(k, _)| **k == *key).ok()?;
+        Some(found.remove().0.1)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&[u8], &V)> {
+        self.0.iter().map(|(k, v)| (&**k, v))
+    }
+
+    fn shrink_to_fit(&mut self, pick: &foldhash::fast::RandomState) {
+        self.0.shrink_to_fit(|(k, _)| key_hash(pick, k));
+    }
+}
+
+/// The hash of a name key under `pick`.
+#[inline]
+fn key_hash(pick: &foldhash::fast::RandomState, key: &[u8]) -> u64 {
+    use std::hash::BuildHasher;
+    pick.hash_one(key)
+}
+
+/// The shard of a hash: bits that neither the bucket (low bits) nor the
+/// tag (top 7 bits) of a shard's own table depend on.
+#[inline]
+fn shard_of(hash: u64) -> usize {
+    (hash >> 32) as usize & (SHARDS - 1)
 }
 
 /// The groups answering one name key, and how each holds it: most keys
@@ -821,19 +876,22 @@ impl Table {
                 conflicts.insert(String::from_utf8_lossy(&key).into_owned());
             }
             for_each_suffix(&key, |suffix| {
-                *shards[shard(&pick, suffix)]
-                    .nodes
-                    .entry(Box::from(suffix))
-                    .or_insert(0) += 1
+                let hash = key_hash(&pick, suffix);
+                let nodes = &mut shards[shard_of(hash)].nodes;
+                match nodes.get_mut(hash, suffix) {
+                    Some(n) => *n += 1,
+                    None => nodes.insert(&pick, hash, suffix, 1),
+                }
             });
             let name = Name {
                 entry,
                 holders: list,
             };
-            shards[shard(&pick, &*key)].names.insert(key, name);
+            let hash = key_hash(&pick, &key);
+            shards[shard_of(hash)].names.insert(&pick, hash, &key, name);
         }
         for s in &mut shards {
-            s.names.shrink_to_fit();
+            s.names.shrink_to_fit(&pick);
             s.reverse.shrink_to_fit();
         }
         reverse_v4.sort_unstable();
@@ -854,22 +912,42 @@ impl Table {
         }
     }
 
-    /// The shard of a key (a name key, a suffix or an address).
+    /// The shard of an address.
     #[inline]
-    fn shard<K: std::hash::Hash + ?Sized>(&self, key: &K) -> &Shard {
-        &self.shards[shard(&self.pick, key)]
+    fn shard(&self, ip: &IpAddr) -> &Shard {
+        &self.shards[shard(&self.pick, ip)]
     }
 
-    /// The shard of a key, copied first if another table shares it.
-    fn shard_mut<K: std::hash::Hash + ?Sized>(&mut self, key: &K) -> &mut Shard {
-        Arc::make_mut(&mut self.shards[shard(&self.pick, key)])
+    /// The shard of an address, copied first if another table shares it.
+    fn shard_mut(&mut self, ip: &IpAddr) -> &mut Shard {
+        Arc::make_mut(&mut self.shards[shard(&self.pick, ip)])
+    }
+
+    /// The hash of a name key and its shard.
+    #[inline]
+    fn keyed(&self, key: &[u8]) -> (u64, &Shard) {
+        let hash = key_hash(&self.pick, key);
+        (hash, &self.shards[shard_of(hash)])
+    }
+
+    /// The shard of a name key's hash, copied first if another table
+    /// shares it.
+    fn keyed_mut(&mut self, hash: u64) -> &mut Shard {
+        Arc::make_mut(&mut self.shards[shard_of(hash)])
+    }
+
+    /// What the table holds for a name key.
+    #[inline]
+    fn name(&self, key: &[u8]) -> Option<&Name> {
+        let (hash, shard) = self.keyed(key);
+        shard.names.get(hash, key)
     }
 
     /// Looks up a lowercase name relative to the domain (`api` or
     /// `api.node-1`). Never allocates.
     #[inline]
     pub fn lookup(&self, key: &[u8]) -> Option<&Entry> {
-        self.shard(key).names.get(key).map(|n| &n.entry)
+        self.name(key).map(|n| &n.entry)
     }
 
     /// The primary name (wire format, under the domain) of an address.
@@ -883,7 +961,8 @@ impl Table {
     /// Compose project, the `_tcp.name` of an SRV name. Never allocates.
     #[inline]
     pub fn is_node(&self, label: &[u8]) -> bool {
-        self.shard(label).nodes.contains_key(label)
+        let (hash, shard) = self.keyed(label);
+        shard.nodes.get(hash, label).is_some()
     }
 
     /// Whether an address of the table starts with the first `bits` bits
@@ -926,7 +1005,7 @@ impl Table {
     pub fn names(&self) -> impl Iterator<Item = (&[u8], &Entry)> {
         self.shards
             .iter()
-            .flat_map(|s| s.names.iter().map(|(k, n)| (&**k, &n.entry)))
+            .flat_map(|s| s.names.iter().map(|(k, n)| (k, &n.entry)))
     }
 
     /// Every address with a PTR answer and its target (wire format), in no
@@ -949,13 +1028,14 @@ impl Table {
 
     /// The groups answering `key`, and how each holds it.
     pub(crate) fn holders(&self, key: &[u8]) -> Option<&NameHolders> {
-        self.shard(key).names.get(key).map(|n| &n.holders)
+        self.name(key).map(|n| &n.holders)
     }
 
     /// Records that `held` holds `key` as `holds` (added to how it already
     /// does). A new key answers nothing until [`Table::set_entry`].
     pub(crate) fn add_holder(&mut self, key: &[u8], held: &Arc<Held>, holds: Holds) {
-        if let Some(name) = self.shard_mut(key).names.get_mut(key) {
+        let hash = key_hash(&self.pick, key);
+        if let Some(name) = self.keyed_mut(hash).names.get_mut(hash, key) {
             match name.holders.iter_mut().find(|(h, _)| Arc::ptr_eq(h, held)) {
                 Some((_, old)) => *old |= holds,
                 None => name.holders.push((held.clone(), holds)),
@@ -966,15 +1046,15 @@ impl Table {
             entry: Entry::default(),
             holders: smallvec::smallvec![(held.clone(), holds)],
         };
-        self.shard_mut(key).names.insert(Box::from(key), name);
+        let pick = self.pick.clone();
+        self.keyed_mut(hash).names.insert(&pick, hash, key, name);
         self.n_names += 1;
         for_each_suffix(key, |suffix| {
-            let nodes = &mut self.shard_mut(suffix).nodes;
-            match nodes.get_mut(suffix) {
+            let hash = key_hash(&pick, suffix);
+            let nodes = &mut self.keyed_mut(hash).nodes;
+            match nodes.get_mut(hash, suffix) {
                 Some(n) => *n += 1,
-                None => {
-                    nodes.insert(Box::from(suffix), 1);
-                }
+                None => nodes.insert(&pick, hash, suffix, 1),
             }
         });
     }
@@ -984,9 +1064,10 @@ impl Table {
     /// back).
     pub(crate) fn remove_holder(&mut self, key: &[u8], held: &Arc<Held>) {
         let holds = |n: &Name| n.holders.iter().position(|(h, _)| Arc::ptr_eq(h, held));
-        if let Some(at) = self.shard(key).names.get(key).and_then(holds) {
-            let name = self.shard_mut(key).names.get_mut(key).expect("present");
-            name.holders.swap_remove(at);
+        if let Some(at) = self.name(key).and_then(holds) {
+            let hash = key_hash(&self.pick, key);
+            let name = self.keyed_mut(hash).names.get_mut(hash, key);
+            name.expect("present").holders.swap_remove(at);
         }
     }
 
@@ -995,14 +1076,17 @@ impl Table {
         if !self.holders(key).is_some_and(|h| h.is_empty()) {
             return;
         }
-        self.shard_mut(key).names.remove(key);
+        let hash = key_hash(&self.pick, key);
+        self.keyed_mut(hash).names.remove(hash, key);
         self.n_names -= 1;
+        let pick = self.pick.clone();
         for_each_suffix(key, |suffix| {
-            let nodes = &mut self.shard_mut(suffix).nodes;
-            if let Some(n) = nodes.get_mut(suffix) {
+            let hash = key_hash(&pick, suffix);
+            let nodes = &mut self.keyed_mut(hash).nodes;
+            if let Some(n) = nodes.get_mut(hash, suffix) {
                 *n -= 1;
                 if *n == 0 {
-                    nodes.remove(suffix);
+                    nodes.remove(hash, suffix);
                 }
             }
         });
@@ -1011,11 +1095,9 @@ impl Table {
     /// Sets the records of a key that has holders.
     pub(crate) fn set_entry(&mut self, key: &[u8], entry: Entry) {
         if self.lookup(key).is_some_and(|old| *old != entry) {
-            self.shard_mut(key)
-                .names
-                .get_mut(key)
-                .expect("present")
-                .entry = entry;
+            let hash = key_hash(&self.pick, key);
+            let name = self.keyed_mut(hash).names.get_mut(hash, key);
+            name.expect("present").entry = entry;
         }
     }
 
