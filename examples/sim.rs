@@ -37,6 +37,7 @@ fn main() {
             }
         }
     }
+    let wall = std::time::Instant::now();
     let config = SimConfig::new(nodes, seed);
     let lease = config.lease;
     let mut s = Sim::new(config);
@@ -54,20 +55,31 @@ fn main() {
             let all = scenario == "all";
             if all || scenario == "form" || scenario == "change" {
                 let (m, b) = sim::steady(&mut s, Duration::from_secs(60));
+                eprintln!(
+                    "steady minute after forming: msgs_per_node_s={m:.2} bytes_per_node_s={b:.0}"
+                );
                 f.msgs_per_node_s = Some(m);
                 f.bytes_per_node_s = Some(b);
             }
-            if all || scenario == "change" {
-                f.change_p99_ms = sim::changes(&mut s, 20);
+            if (all || scenario == "change")
+                && let Some((p50, p99)) = sim::changes(&mut s, 20)
+            {
+                f.change_p50_ms = Some(p50);
+                f.change_p99_ms = Some(p99);
             }
             if all || scenario == "partition" {
                 f.heal_s = sim::partition(&mut s, lease * 2).0;
             }
             if all || scenario == "restart" {
+                // Quiet: ten minutes of nothing (these figures replace the
+                // minute after forming).
                 let (m, b) = sim::steady(&mut s, Duration::from_secs(600));
                 f.msgs_per_node_s = Some(m);
                 f.bytes_per_node_s = Some(b);
-                f.restart_s = sim::restart(&mut s, nodes / 3, Duration::ZERO);
+                let (t, used) = sim::restart(&mut s, nodes / 3, Duration::ZERO);
+                f.restart_s = t;
+                f.join_one_msgs = Some(used.msgs);
+                f.join_one_bytes = Some(used.bytes);
             }
         }
         other => {
@@ -79,8 +91,9 @@ fn main() {
     }
     let st = s.core_stats();
     eprintln!(
-        "nodes={nodes} seed={seed} sim_s={:.1} suspects={} refutes={} deaths={} pulls={} dup_keys={} dup_names={}",
+        "nodes={nodes} seed={seed} sim_s={:.1} wall_s={:.1} suspects={} refutes={} deaths={} pulls={} dup_keys={} dup_names={}",
         s.elapsed().as_secs_f64(),
+        wall.elapsed().as_secs_f64(),
         st.suspects,
         st.refutes,
         st.deaths,

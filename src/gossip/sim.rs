@@ -112,6 +112,13 @@ impl Seal for SimSeal {
 }
 
 fn open(raw: &[u8]) -> Option<Signed> {
+    open_shared(&Arc::from(raw))
+}
+
+/// Opens a message whose bytes are already shared (a transfer: the client
+/// keeps the server's copy, so a fleet of 1 000 holds one copy of each
+/// pulled message, not one per holder).
+fn open_shared(raw: &Arc<[u8]>) -> Option<Signed> {
     let body = raw.get(..raw.len().checked_sub(SEAL_BYTES)?)?;
     let env: Envelope = postcard::from_bytes(body).ok()?;
     Some(Signed {
@@ -119,7 +126,7 @@ fn open(raw: &[u8]) -> Option<Signed> {
         node_name: env.node_name.into(),
         incarnation: env.incarnation,
         body: env.body,
-        raw: raw.into(),
+        raw: raw.clone(),
     })
 }
 
@@ -699,7 +706,7 @@ impl Sim {
                 if !self.is_up(client) {
                     return;
                 }
-                let msgs = msgs.map(|m| m.iter().filter_map(|r| open(r)).collect());
+                let msgs = msgs.map(|m| m.iter().filter_map(open_shared).collect());
                 self.core_in(
                     client,
                     Input::Transfer {
@@ -938,12 +945,17 @@ impl Sim {
 #[derive(Clone, Debug, Default)]
 pub struct Figures {
     pub form_s: Option<f64>,
+    pub change_p50_ms: Option<f64>,
     pub change_p99_ms: Option<f64>,
     pub heal_s: Option<f64>,
     pub restart_s: Option<f64>,
     pub msgs_per_node_s: Option<f64>,
     pub bytes_per_node_s: Option<f64>,
     pub join_msgs_total: Option<u64>,
+    /// Messages and bytes received fleet-wide from one node's restart
+    /// (a join into a formed fleet) until every node holds its new state.
+    pub join_one_msgs: Option<u64>,
+    pub join_one_bytes: Option<u64>,
 }
 
 impl std::fmt::Display for Figures {
@@ -954,14 +966,17 @@ impl std::fmt::Display for Figures {
         let r = |v: Option<f64>| v.map(|v| (v * 100.0).round() / 100.0);
         write!(
             f,
-            "form_s={} change_p99_ms={} heal_s={} restart_s={} msgs_per_node_s={} bytes_per_node_s={} join_msgs_total={}",
+            "form_s={} change_p50_ms={} change_p99_ms={} heal_s={} restart_s={} msgs_per_node_s={} bytes_per_node_s={} join_msgs_total={} join_one_msgs={} join_one_bytes={}",
             o(&r(self.form_s)),
+            o(&r(self.change_p50_ms)),
             o(&r(self.change_p99_ms)),
             o(&r(self.heal_s)),
             o(&r(self.restart_s)),
             o(&r(self.msgs_per_node_s)),
             o(&r(self.bytes_per_node_s)),
-            o(&self.join_msgs_total)
+            o(&self.join_msgs_total),
+            o(&self.join_one_msgs),
+            o(&self.join_one_bytes)
         )
     }
 }
@@ -1009,9 +1024,10 @@ pub fn steady(sim: &mut Sim, window: Duration) -> (f64, f64) {
     )
 }
 
-/// `k` changes at random nodes, one per second; the 99th percentile of
-/// the time until each node holds each change, in milliseconds.
-pub fn changes(sim: &mut Sim, k: usize) -> Option<f64> {
+/// `k` changes at random nodes, one per second; the 50th and 99th
+/// percentiles of the time until each node holds each change, in
+/// milliseconds.
+pub fn changes(sim: &mut Sim, k: usize) -> Option<(f64, f64)> {
     let n = sim.config.nodes;
     let mut lat = Vec::new();
     for _ in 0..k {
@@ -1043,8 +1059,11 @@ pub fn changes(sim: &mut Sim, k: usize) -> Option<f64> {
         sim.run_for(Duration::from_secs(1));
     }
     lat.sort_by(f64::total_cmp);
-    let idx = ((lat.len() as f64 * 0.99).ceil() as usize).saturating_sub(1);
-    lat.get(idx).copied()
+    let pct = |p: f64| {
+        let idx = ((lat.len() as f64 * p).ceil() as usize).saturating_sub(1);
+        lat.get(idx).copied()
+    };
+    Some((pct(0.5)?, pct(0.99)?))
 }
 
 /// Cuts the fleet in halves for `cut`, with a change on each side, then
@@ -1125,15 +1144,26 @@ pub fn partition(sim: &mut Sim, cut: Duration) -> (Option<f64>, bool) {
 
 /// After `quiet` of nothing, crashes node `i`, restarts it one second later
 /// with changed records; returns the seconds from the restart until every
-/// node holds its new state.
-pub fn restart(sim: &mut Sim, i: usize, quiet: Duration) -> Option<f64> {
+/// node holds its new state, and the traffic (fleet-wide) until then.
+pub fn restart(sim: &mut Sim, i: usize, quiet: Duration) -> (Option<f64>, Traffic) {
     sim.run_for(quiet);
     sim.crash(i);
     sim.run_for(Duration::from_secs(1));
     sim.changes += 1;
+    let before = sim.total();
     sim.start(i, vec![0]);
-    sim.run_until(STEP_LIMIT, CHECK_EVERY, |s| s.converged())
-        .map(|d| d.as_secs_f64())
+    let t = sim
+        .run_until(STEP_LIMIT, CHECK_EVERY, |s| s.converged())
+        .map(|d| d.as_secs_f64());
+    let after = sim.total();
+    let used = Traffic {
+        msgs: after.msgs - before.msgs,
+        bytes: after.bytes - before.bytes,
+        gossip_msgs: after.gossip_msgs - before.gossip_msgs,
+        direct_msgs: after.direct_msgs - before.direct_msgs,
+        pulls: after.pulls - before.pulls,
+    };
+    (t, used)
 }
 
 /// Starts every node at once (within 100 ms), each given node 0; returns
