@@ -34,8 +34,8 @@ use std::thread::JoinHandle;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError, bounded};
 
 use crate::table::{
-    EntryBuilder, Group, GroupKey, Groups, Held, Holds, Origin, SharedTable, Source, SourceKind,
-    Table, is_conflict, write_target,
+    EntryBuilder, Group, GroupKey, Groups, Held, Origin, SharedTable, Source, SourceKind, Table,
+    is_conflict, write_target,
 };
 
 /// Capacity of the registry inbox. Senders block when it is full, which
@@ -46,11 +46,14 @@ pub const MAX_BATCH: usize = 4096;
 /// Entries a cleared change set keeps room for; a bigger one (a peer's full
 /// state of thousands of groups) gives its memory back.
 const CHANGES_KEEP: usize = 1024;
-/// A burst that changed at least this many name keys, and at least half of
+/// A burst that changed at least this many groups, and at least half of
 /// the table's, is published as a table built from scratch (about what
-/// patching that many keys costs; its maps come out sized to fit), and the
+/// patching that many costs; its maps come out sized to fit), and the
 /// allocator's free memory is given back after it.
-const BIG_BURST: usize = 4096;
+const BIG_BURST: usize = 2048;
+/// A table with at least this many names built from scratch is followed by
+/// giving the allocator's free memory back.
+const BIG_TABLE: usize = 4096;
 
 type FastSet<K> = HashSet<K, foldhash::fast::FixedState>;
 
@@ -236,11 +239,16 @@ struct Writer {
     scratch: Scratch,
 }
 
-/// Buffers reused for every recomputed entry.
+/// Buffers reused for every publish.
 #[derive(Default)]
 struct Scratch {
     entry: EntryBuilder,
     target: Vec<u8>,
+    key: Vec<u8>,
+    /// Name keys (as in [`Table::lookup`]) whose entries may have changed.
+    names: FastSet<Box<[u8]>>,
+    /// Addresses whose PTR answer may have changed.
+    addrs: FastSet<IpAddr>,
 }
 
 impl Writer {
@@ -277,9 +285,9 @@ impl Writer {
     fn publish(&mut self, state: &mut State, stats: &RegistryStats) {
         self.serial = self.serial.wrapping_add(1);
         let current = self.table.load_full();
-        let changed = state.index.changes.names.len();
+        let changed = state.index.changes.groups.len();
         let base = self.last.take().filter(|last| {
-            Arc::ptr_eq(last, &current) && changed < BIG_BURST.max(last.n_names() / 2)
+            Arc::ptr_eq(last, &current) && changed < BIG_BURST.max(last.groups.len() / 2)
         });
         drop(current);
         let mut trim = false;
@@ -295,7 +303,7 @@ impl Writer {
                 let table = state.build(&self.domain, self.ttl_secs, self.serial);
                 // Its scratch maps (every key with its holders) are freed:
                 // given back once the table is out.
-                trim = table.n_names() >= BIG_BURST;
+                trim = table.n_names() >= BIG_TABLE;
                 table
             }
         };
@@ -326,18 +334,35 @@ fn give_back_free_memory() {
 }
 
 /// Brings `table` (a clone of the last published table) up to date with
-/// the changes `state` recorded: the holders gained and lost, then the
-/// entries and PTR answers they touched, and hands it the registry's groups
-/// (shared, not copied).
+/// the changes `state` recorded: the name keys and addresses each gained or
+/// lost group holds (enumerated here, once), then the entries and PTR
+/// answers they touched, and hands it the registry's groups (shared, not
+/// copied).
 fn apply_changes(table: &mut Table, state: &State, scratch: &mut Scratch) {
-    let changes = &state.index.changes;
-    for (key, held, holds) in &changes.name_holders {
-        match holds {
-            0 => table.remove_holder(key, held),
-            holds => table.add_holder(key, held, *holds),
+    scratch.names.clear();
+    scratch.addrs.clear();
+    for (held, gained) in &state.index.changes.groups {
+        let (names, addrs) = (&mut scratch.names, &mut scratch.addrs);
+        held.group
+            .for_each_key(&held.key.0.node_name, &mut scratch.key, |key, kind| {
+                match gained {
+                    true => table.add_holder(key, held, kind.bit()),
+                    // A key held under several kinds is lost at the first.
+                    false => table.remove_holder(key, held),
+                }
+                if !names.contains(key) {
+                    names.insert(Box::from(key));
+                }
+            });
+        for ip in addrs_of(&held.group) {
+            match gained {
+                true => table.add_addr_holder(ip, held),
+                false => table.remove_addr_holder(&ip, held),
+            }
+            addrs.insert(ip);
         }
     }
-    for key in &changes.names {
+    for key in &scratch.names {
         let Some(holders) = table.holders(key).filter(|h| !h.is_empty()) else {
             table.forget_name(key);
             table.set_conflict(key, false);
@@ -357,13 +382,7 @@ fn apply_changes(table: &mut Table, state: &State, scratch: &mut Scratch) {
             table.set_conflict(key, conflict);
         }
     }
-    for (ip, held, gained) in &changes.addr_holders {
-        match gained {
-            true => table.add_addr_holder(*ip, held),
-            false => table.remove_addr_holder(ip, held),
-        }
-    }
-    for ip in &changes.addrs {
+    for ip in &scratch.addrs {
         // The PTR target is the primary name of the first holder in key
         // order, as `Table::build` finds it.
         let first = table
@@ -376,33 +395,25 @@ fn apply_changes(table: &mut Table, state: &State, scratch: &mut Scratch) {
         write_target(&mut scratch.target, primary, &table.domain_wire);
         table.set_target(ip, &scratch.target);
     }
+    scratch.names.clear();
+    scratch.addrs.clear();
+    scratch.names.shrink_to(CHANGES_KEEP);
+    scratch.addrs.shrink_to(CHANGES_KEEP);
     table.groups = state.groups.clone();
 }
 
-/// What changed since the last publish: the holders gained and lost, in
-/// order, and the table entries to recompute.
+/// What changed since the last publish: the groups gained (`true`) and
+/// lost, in order (a changed group is its old one lost and its new one
+/// gained).
 #[derive(Default)]
 struct Changes {
-    /// A group came to hold a name key as `Holds`, or (`0`) no longer does.
-    name_holders: Vec<(Box<[u8]>, Arc<Held>, Holds)>,
-    /// A group came to hold an address (`true`), or no longer does.
-    addr_holders: Vec<(IpAddr, Arc<Held>, bool)>,
-    /// Name keys (as in [`Table::lookup`]) whose addresses may have changed.
-    names: FastSet<Box<[u8]>>,
-    /// Addresses whose PTR answer may have changed.
-    addrs: FastSet<IpAddr>,
+    groups: Vec<(Arc<Held>, bool)>,
 }
 
 impl Changes {
     fn clear(&mut self) {
-        self.name_holders.clear();
-        self.addr_holders.clear();
-        self.names.clear();
-        self.addrs.clear();
-        self.name_holders.shrink_to(CHANGES_KEEP);
-        self.addr_holders.shrink_to(CHANGES_KEEP);
-        self.names.shrink_to(CHANGES_KEEP);
-        self.addrs.shrink_to(CHANGES_KEEP);
+        self.groups.clear();
+        self.groups.shrink_to(CHANGES_KEEP);
     }
 }
 
@@ -420,7 +431,7 @@ pub struct State {
     local: String,
     /// Names in conflict at the last publish (for the log line when one
     /// appears).
-    conflicts: FastSet<Box<[u8]>>,
+    conflicts: Arc<std::collections::BTreeSet<String>>,
     groups: Groups,
     index: Index,
 }
@@ -430,8 +441,6 @@ pub struct State {
 #[derive(Default)]
 struct Index {
     changes: Changes,
-    /// Scratch buffer for one name key.
-    key: Vec<u8>,
 }
 
 impl State {
@@ -443,42 +452,33 @@ impl State {
         }
     }
 
-    /// Logs one info line for each name of the burst that became a
-    /// conflict (SPEC §3) in `table` (the table about to be published), and
-    /// forgets those that are no longer one.
+    /// Logs one info line for each name that became a conflict (SPEC §3)
+    /// in `table` (the table about to be published) since the last one.
     fn note_conflicts(&mut self, table: &Table) {
-        for key in &self.index.changes.names {
-            if key.contains(&b'.') {
+        for name in table.conflicts.iter() {
+            if self.conflicts.contains(name) {
                 continue;
             }
-            let holders = table.holders(key).map(|h| h.as_slice()).unwrap_or_default();
-            let held = holders.iter().map(|(h, _)| h);
-            if is_conflict(key, held.clone().map(|h| (&h.key.1, &h.group))) {
-                if self.conflicts.insert(key.clone()) {
-                    let mut who: Vec<String> = held
-                        .map(|h| {
-                            let what = match (&h.key.1, &h.group.scope) {
-                                (Source::Static { .. }, _) => "static record".to_string(),
-                                (Source::Container { .. }, Some(scope)) => {
-                                    format!("project {}", scope.project)
-                                }
-                                (Source::Container { .. }, None) => "container".to_string(),
-                            };
-                            format!("{what} on {}", h.key.0.node_name)
-                        })
-                        .collect();
-                    who.sort();
-                    who.dedup();
-                    log::info!(
-                        "Name conflict: {} is published by {}",
-                        String::from_utf8_lossy(key),
-                        who.join(", ")
-                    );
-                }
-            } else {
-                self.conflicts.remove(key);
-            }
+            let holders = table.holders(name.as_bytes());
+            let mut who: Vec<String> = holders
+                .into_iter()
+                .flatten()
+                .map(|(h, _)| {
+                    let what = match (&h.key.1, &h.group.scope) {
+                        (Source::Static { .. }, _) => "static record".to_string(),
+                        (Source::Container { .. }, Some(scope)) => {
+                            format!("project {}", scope.project)
+                        }
+                        (Source::Container { .. }, None) => "container".to_string(),
+                    };
+                    format!("{what} on {}", h.key.0.node_name)
+                })
+                .collect();
+            who.sort();
+            who.dedup();
+            log::info!("Name conflict: {name} is published by {}", who.join(", "));
         }
+        self.conflicts = table.conflicts.clone();
     }
 
     /// Applies one message; returns the id of the origin whose records
@@ -652,47 +652,16 @@ impl State {
 impl Index {
     /// Records that `held`'s names and addresses are gained.
     fn add(&mut self, held: &Arc<Held>) {
-        let mut key = std::mem::take(&mut self.key);
-        let changes = &mut self.changes;
-        held.group
-            .for_each_key(&held.key.0.node_name, &mut key, |key, kind| {
-                changes
-                    .name_holders
-                    .push((Box::from(key), held.clone(), kind.bit()));
-                mark_name(changes, key);
-            });
-        self.key = key;
-        for ip in addrs(&held.group) {
-            self.changes.addr_holders.push((ip, held.clone(), true));
-            self.changes.addrs.insert(ip);
-        }
+        self.changes.groups.push((held.clone(), true));
     }
 
     /// Records that `held`'s names and addresses are lost.
     fn remove(&mut self, held: &Arc<Held>) {
-        let mut key = std::mem::take(&mut self.key);
-        let changes = &mut self.changes;
-        held.group
-            .for_each_key(&held.key.0.node_name, &mut key, |key, _| {
-                // A key held under several kinds is lost at the first.
-                changes.name_holders.push((Box::from(key), held.clone(), 0));
-                mark_name(changes, key);
-            });
-        self.key = key;
-        for ip in addrs(&held.group) {
-            self.changes.addr_holders.push((ip, held.clone(), false));
-            self.changes.addrs.insert(ip);
-        }
+        self.changes.groups.push((held.clone(), false));
     }
 }
 
-fn mark_name(changes: &mut Changes, key: &[u8]) {
-    if !changes.names.contains(key) {
-        changes.names.insert(Box::from(key));
-    }
-}
-
-fn addrs(group: &Group) -> impl Iterator<Item = IpAddr> + '_ {
+fn addrs_of(group: &Group) -> impl Iterator<Item = IpAddr> + '_ {
     let v4 = group.v4.iter().map(|ip| IpAddr::V4(*ip));
     v4.chain(group.v6.iter().map(|ip| IpAddr::V6(*ip)))
 }

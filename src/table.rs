@@ -729,9 +729,9 @@ impl<V> Keyed<V> {
     }
 
     /// Inserts a key that is not in the map.
-    fn insert(&mut self, pick: &foldhash::fast::RandomState, hash: u64, key: &[u8], value: V) {
+    fn insert(&mut self, pick: &foldhash::fast::RandomState, hash: u64, key: Box<[u8]>, value: V) {
         let rehash = |(k, _): &(Box<[u8]>, V)| key_hash(pick, k);
-        self.0.insert_unique(hash, (Box::from(key), value), rehash);
+        self.0.insert_unique(hash, (key, value), rehash);
     }
 
     fn remove(&mut self, hash: u64, key: &[u8]) -> Option<V> {
@@ -880,7 +880,7 @@ impl Table {
                 let nodes = &mut shards[shard_of(hash)].nodes;
                 match nodes.get_mut(hash, suffix) {
                     Some(n) => *n += 1,
-                    None => nodes.insert(&pick, hash, suffix, 1),
+                    None => nodes.insert(&pick, hash, Box::from(suffix), 1),
                 }
             });
             let name = Name {
@@ -888,7 +888,7 @@ impl Table {
                 holders: list,
             };
             let hash = key_hash(&pick, &key);
-            shards[shard_of(hash)].names.insert(&pick, hash, &key, name);
+            shards[shard_of(hash)].names.insert(&pick, hash, key, name);
         }
         for s in &mut shards {
             s.names.shrink_to_fit(&pick);
@@ -1047,14 +1047,16 @@ impl Table {
             holders: smallvec::smallvec![(held.clone(), holds)],
         };
         let pick = self.pick.clone();
-        self.keyed_mut(hash).names.insert(&pick, hash, key, name);
+        self.keyed_mut(hash)
+            .names
+            .insert(&pick, hash, Box::from(key), name);
         self.n_names += 1;
         for_each_suffix(key, |suffix| {
             let hash = key_hash(&pick, suffix);
             let nodes = &mut self.keyed_mut(hash).nodes;
             match nodes.get_mut(hash, suffix) {
                 Some(n) => *n += 1,
-                None => nodes.insert(&pick, hash, suffix, 1),
+                None => nodes.insert(&pick, hash, Box::from(suffix), 1),
             }
         });
     }
