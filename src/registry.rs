@@ -35,7 +35,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError, bounde
 
 use crate::table::{
     EntryBuilder, Group, GroupKey, Groups, Held, Origin, SharedTable, Source, SourceKind, Table,
-    is_conflict, write_target,
+    is_conflict,
 };
 
 /// Capacity of the registry inbox. Senders block when it is full, which
@@ -243,7 +243,6 @@ struct Writer {
 #[derive(Default)]
 struct Scratch {
     entry: EntryBuilder,
-    target: Vec<u8>,
     key: Vec<u8>,
     /// Name keys (as in [`Table::lookup`]) whose entries may have changed.
     names: FastSet<Box<[u8]>>,
@@ -383,17 +382,7 @@ fn apply_changes(table: &mut Table, state: &State, scratch: &mut Scratch) {
         }
     }
     for ip in &scratch.addrs {
-        // The PTR target is the primary name of the first holder in key
-        // order, as `Table::build` finds it.
-        let first = table
-            .addr_holders(ip)
-            .and_then(|holders| holders.iter().min_by(|a, b| a.key.cmp(&b.key)));
-        let Some(primary) = first.and_then(|h| h.group.names.first()) else {
-            table.forget_addr(ip);
-            continue;
-        };
-        write_target(&mut scratch.target, primary, &table.domain_wire);
-        table.set_target(ip, &scratch.target);
+        table.forget_addr(ip);
     }
     scratch.names.clear();
     scratch.addrs.clear();

@@ -703,8 +703,9 @@ struct Shard {
     /// `service.project`, `_tcp.name` of `_http._tcp.name`) → number of
     /// keys below it: the empty non-terminals.
     nodes: Keyed<u32>,
-    /// Address → primary name under the domain, wire format.
-    reverse: FastMap<IpAddr, Ptr>,
+    /// Address → the groups holding it, in key order: the first one's
+    /// primary name is the PTR answer ([`Target`]).
+    reverse: FastMap<IpAddr, AddrHolders>,
 }
 
 /// A map from name keys hashed with the table's `pick`, the hash that also
@@ -776,12 +777,48 @@ struct Name {
     holders: NameHolders,
 }
 
-/// The PTR answer of an address and the groups holding it (the registry's
-/// address index).
-#[derive(Clone, Debug)]
-struct Ptr {
-    target: Box<[u8]>,
-    holders: AddrHolders,
+/// The PTR answer of an address: the primary name of its first holder (in
+/// key order), under the domain. Written into the answer from the group
+/// itself (no copy of the name per address).
+#[derive(Clone, Copy, Debug)]
+pub struct Target<'a> {
+    primary: &'a str,
+    domain_wire: &'a [u8],
+}
+
+impl Target<'_> {
+    /// Labels of the primary name, as [`write_target`] writes them.
+    fn labels(&self) -> impl Iterator<Item = &[u8]> {
+        let labels = self.primary.split('.').filter(|l| !l.is_empty());
+        labels.map(|l| &l.as_bytes()[..l.len().min(MAX_LABEL_LEN)])
+    }
+
+    /// Length in wire format.
+    pub fn wire_len(&self) -> usize {
+        self.labels().map(|l| 1 + l.len()).sum::<usize>() + self.domain_wire.len()
+    }
+
+    /// Appends the name in wire format, lowercase, to `out`.
+    pub fn write_to(&self, out: &mut Vec<u8>) {
+        for label in self.labels() {
+            out.push(label.len() as u8);
+            out.extend(label.iter().map(|b| b.to_ascii_lowercase()));
+        }
+        out.extend_from_slice(self.domain_wire);
+    }
+
+    /// The name in wire format.
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.wire_len());
+        self.write_to(&mut out);
+        out
+    }
+}
+
+impl PartialEq for Target<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.to_vec() == other.to_vec()
+    }
 }
 
 impl Table {
@@ -821,7 +858,6 @@ impl Table {
         let mut shards: Vec<Shard> = (0..SHARDS).map(|_| Shard::default()).collect();
         let (mut reverse_v4, mut reverse_v6) = (Vec::new(), Vec::new());
         let mut key = Vec::with_capacity(MAX_NAME_WIRE_LEN);
-        let mut target = Vec::with_capacity(MAX_NAME_WIRE_LEN);
         for held in groups.held_iter() {
             let group = &held.group;
             group.for_each_key(&held.key.0.node_name, &mut key, |key, kind| {
@@ -837,24 +873,20 @@ impl Table {
                     }
                 }
             });
-            if let Some(primary) = group.names.first() {
-                write_target(&mut target, primary, &domain_wire);
+            if !group.names.is_empty() {
                 let ips = group.v4.iter().map(|ip| IpAddr::V4(*ip));
                 for ip in ips.chain(group.v6.iter().map(|ip| IpAddr::V6(*ip))) {
-                    // Groups come in key order: the first holder names it.
+                    // Groups come in key order: holders stay in key order.
                     match shards[shard(&pick, &ip)].reverse.entry(ip) {
                         std::collections::hash_map::Entry::Vacant(v) => {
-                            v.insert(Ptr {
-                                target: Box::from(&target[..]),
-                                holders: smallvec::smallvec![held.clone()],
-                            });
+                            v.insert(smallvec::smallvec![held.clone()]);
                             match ip {
                                 IpAddr::V4(a) => reverse_v4.push(u32::from(a)),
                                 IpAddr::V6(a) => reverse_v6.push(u128::from(a)),
                             }
                         }
                         std::collections::hash_map::Entry::Occupied(mut o) => {
-                            let holders = &mut o.get_mut().holders;
+                            let holders = o.get_mut();
                             if !holders.iter().any(|h| Arc::ptr_eq(h, held)) {
                                 holders.push(held.clone());
                             }
@@ -952,8 +984,12 @@ impl Table {
 
     /// The primary name (wire format, under the domain) of an address.
     #[inline]
-    pub fn reverse(&self, ip: &IpAddr) -> Option<&[u8]> {
-        self.shard(ip).reverse.get(ip).map(|p| &*p.target)
+    pub fn reverse(&self, ip: &IpAddr) -> Option<Target<'_>> {
+        let first = self.shard(ip).reverse.get(ip)?.first()?;
+        Some(Target {
+            primary: first.group.names.first()?,
+            domain_wire: &self.domain_wire,
+        })
     }
 
     /// Whether `key` (lowercase, relative to the domain) is an empty
@@ -1010,10 +1046,11 @@ impl Table {
 
     /// Every address with a PTR answer and its target (wire format), in no
     /// particular order.
-    pub fn addresses(&self) -> impl Iterator<Item = (&IpAddr, &[u8])> {
-        self.shards
-            .iter()
-            .flat_map(|s| s.reverse.iter().map(|(ip, p)| (ip, &*p.target)))
+    pub fn addresses(&self) -> impl Iterator<Item = (&IpAddr, Target<'_>)> {
+        let shards = self.shards.iter();
+        shards
+            .flat_map(|s| s.reverse.keys())
+            .filter_map(|ip| Some((ip, self.reverse(ip)?)))
     }
 
     /// How many shards `self` holds that `other` does not share: what a
@@ -1116,39 +1153,38 @@ impl Table {
         }
     }
 
-    /// The groups holding `ip`.
+    /// The groups holding `ip`, in key order.
     pub(crate) fn addr_holders(&self, ip: &IpAddr) -> Option<&AddrHolders> {
-        self.shard(ip).reverse.get(ip).map(|p| &p.holders)
+        self.shard(ip).reverse.get(ip)
     }
 
-    /// Records that `held` holds `ip`. A new address has no PTR answer
-    /// until [`Table::set_target`].
+    /// Records that `held` holds `ip` (in key order among its holders).
     pub(crate) fn add_addr_holder(&mut self, ip: IpAddr, held: &Arc<Held>) {
-        if let Some(ptr) = self.shard(&ip).reverse.get(&ip) {
-            if !ptr.holders.iter().any(|h| Arc::ptr_eq(h, held)) {
-                let ptr = self.shard_mut(&ip).reverse.get_mut(&ip).expect("present");
-                ptr.holders.push(held.clone());
+        let at = |holders: &AddrHolders| holders.binary_search_by(|h| h.key.cmp(&held.key));
+        match self.addr_holders(&ip).map(at) {
+            Some(Ok(_)) => {}
+            Some(Err(at)) => {
+                let holders = self.shard_mut(&ip).reverse.get_mut(&ip).expect("present");
+                holders.insert(at, held.clone());
             }
-            return;
-        }
-        let ptr = Ptr {
-            target: Box::default(),
-            holders: smallvec::smallvec![held.clone()],
-        };
-        self.shard_mut(&ip).reverse.insert(ip, ptr);
-        match ip {
-            IpAddr::V4(a) => self.reverse_v4.insert(u32::from(a)),
-            IpAddr::V6(a) => self.reverse_v6.insert(u128::from(a)),
+            None => {
+                let one = smallvec::smallvec![held.clone()];
+                self.shard_mut(&ip).reverse.insert(ip, one);
+                match ip {
+                    IpAddr::V4(a) => self.reverse_v4.insert(u32::from(a)),
+                    IpAddr::V6(a) => self.reverse_v6.insert(u128::from(a)),
+                }
+            }
         }
     }
 
     /// Records that `held` no longer holds `ip` (kept with no holder until
     /// [`Table::forget_addr`]).
     pub(crate) fn remove_addr_holder(&mut self, ip: &IpAddr, held: &Arc<Held>) {
-        let holds = |p: &Ptr| p.holders.iter().position(|h| Arc::ptr_eq(h, held));
-        if let Some(at) = self.shard(ip).reverse.get(ip).and_then(holds) {
-            let ptr = self.shard_mut(ip).reverse.get_mut(ip).expect("present");
-            ptr.holders.swap_remove(at);
+        let holds = |h: &AddrHolders| h.iter().position(|h| Arc::ptr_eq(h, held));
+        if let Some(at) = self.addr_holders(ip).and_then(holds) {
+            let holders = self.shard_mut(ip).reverse.get_mut(ip).expect("present");
+            holders.remove(at);
         }
     }
 
@@ -1161,15 +1197,6 @@ impl Table {
         match ip {
             IpAddr::V4(a) => self.reverse_v4.remove(u32::from(*a)),
             IpAddr::V6(a) => self.reverse_v6.remove(u128::from(*a)),
-        }
-    }
-
-    /// Points an address that has holders back to `target` (wire format,
-    /// under the domain).
-    pub(crate) fn set_target(&mut self, ip: &IpAddr, target: &[u8]) {
-        if self.reverse(ip).is_some_and(|old| old != target) {
-            let ptr = self.shard_mut(ip).reverse.get_mut(ip).expect("present");
-            ptr.target = Box::from(target);
         }
     }
 }
@@ -1535,7 +1562,7 @@ pub(crate) mod tests {
         assert!(pinned.v6().is_empty());
         assert!(table.lookup(b"nope").is_none());
         let ptr = table.reverse(&"fd00::2".parse().unwrap()).unwrap();
-        assert_eq!(ptr, &*name_to_wire("api.glued.internal"));
+        assert_eq!(ptr.to_vec(), &*name_to_wire("api.glued.internal"));
     }
 
     fn groups(names: &[(&str, &str, &str)]) -> Arc<BTreeMap<(Origin, Source), Group>> {

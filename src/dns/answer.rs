@@ -20,7 +20,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use crate::table::{Entry, Table};
+use crate::table::{Entry, Table, Target};
 
 use super::wire::{
     self, CLASS_ANY, CLASS_CH, CLASS_IN, EDNS_FLAG_DO, Edns, FLAG_AA, FLAG_CD, FLAG_QR, FLAG_RA,
@@ -270,7 +270,7 @@ pub fn answer(query: &[u8], table: &Table, ctx: &Context, out: &mut Vec<u8>) -> 
                 .reverse(&prefix)
                 .filter(|_| bits == prefix_width(prefix))
         {
-            w.rr_qname(TYPE_PTR, target);
+            w.rr_qname_name(TYPE_PTR, target);
         }
         // No SOA: the reverse zone is not ours to describe.
         return w.finish(RCODE_NOERROR, true, qtype);
@@ -483,6 +483,19 @@ impl<'a> Writer<'a> {
         self.out
             .extend_from_slice(&rr_fields(rtype, self.ttl, rdata.len()));
         self.out.extend_from_slice(rdata);
+        self.ancount += 1;
+        true
+    }
+
+    /// [`Writer::rr_qname`] with a name as the data.
+    fn rr_qname_name(&mut self, rtype: u16, name: Target<'_>) -> bool {
+        let len = name.wire_len();
+        if !self.fits(QNAME_PTR.len() + 10 + len) {
+            return false;
+        }
+        self.out.extend_from_slice(&QNAME_PTR);
+        self.out.extend_from_slice(&rr_fields(rtype, self.ttl, len));
+        name.write_to(self.out);
         self.ancount += 1;
         true
     }

@@ -509,11 +509,8 @@ fn every_name_of_a_container_answers_its_inspected_addresses() {
         .chain(want.1.iter().map(|ip| IpAddr::V6(*ip)))
     {
         assert_eq!(
-            t.reverse(&ip),
-            Some(&*table::name_to_wire(&format!(
-                "{}.glued.internal",
-                web.name
-            ))),
+            t.reverse(&ip).map(|t| t.to_vec()),
+            Some(table::name_to_wire(&format!("{}.glued.internal", web.name)).to_vec()),
             "PTR of {ip}"
         );
     }
