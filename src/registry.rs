@@ -7,10 +7,11 @@
 //!
 //! A publish costs what the burst changed, not the size of the table. The
 //! next table starts as a clone of the published one, which shares all of
-//! its shards (`table.rs`); [`State`] indexes its groups by name key and by
-//! address and records which keys a burst touched, and those entries alone
-//! are recomputed into the clone, copying the shards they fall in, before it
-//! is swapped in. Tables at rest share every shard that did not change
+//! its shards (`table.rs`). The name and address indexes (key → the groups
+//! holding it) live in the table, each entry with its holders; [`State`]
+//! records which groups a burst gained and lost, and the publish enumerates
+//! their keys once, updates the holders and recomputes those entries alone
+//! in the clone, copying the shards they fall in, before it is swapped in. Tables at rest share every shard that did not change
 //! between them: one copy of the maps, whoever holds an older table. A table
 //! stored by someone else, or a burst that changed most of the table, is
 //! replaced by one built from every group (counted in
