@@ -432,7 +432,7 @@ fn records_json(state: &State) -> serde_json::Result<String> {
                 .map(|ip| ip.to_string())
                 .chain(group.v6.iter().map(|ip| ip.to_string()))
                 .collect(),
-            scope: group.scope.as_ref(),
+            scope: group.scope.as_deref(),
             health: group.health,
             srv: &group.srv,
             conflicts: group

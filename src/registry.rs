@@ -889,10 +889,10 @@ mod tests {
                 .collect(),
             scope: match rng.u8(..3) {
                 0 => None,
-                p => Some(Scope {
+                p => Some(Box::new(Scope {
                     project: format!("p{p}"),
                     service: ["db", "web"][rng.usize(..2)].into(),
-                }),
+                })),
             },
             health: [
                 Health::None,

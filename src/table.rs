@@ -228,9 +228,10 @@ pub struct Group {
     pub v4: Vec<Ipv4Addr>,
     pub v6: Vec<Ipv6Addr>,
     /// Compose project and service (both valid labels, or neither): the
-    /// group also answers `service.project` (SPEC §3).
+    /// group also answers `service.project` (SPEC §3). Boxed: 8 bytes in
+    /// every group held, 48 more only in those with a scope.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub scope: Option<Scope>,
+    pub scope: Option<Box<Scope>>,
     /// Docker's health status of the container.
     #[serde(default)]
     pub health: Health,
@@ -1454,10 +1455,10 @@ pub(crate) mod tests {
                         .chain((0..49).map(|n| format!("name-{n}")))
                         .collect(),
                     v4: vec![Ipv4Addr::new(10, 0, 0, i)],
-                    scope: Some(Scope {
+                    scope: Some(Box::new(Scope {
                         project: "p".into(),
                         service: "svc".into(),
-                    }),
+                    })),
                     srv: (1..=4)
                         .map(|port| SrvPort {
                             service: format!("s{port}"),

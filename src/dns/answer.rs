@@ -853,7 +853,7 @@ mod tests {
                 Group {
                     names: vec![name, (*service).into()],
                     v4: vec![ip.parse().unwrap()],
-                    scope,
+                    scope: scope.map(Box::new),
                     health: *health,
                     srv: srv.split(',').filter_map(crate::table::parse_srv).collect(),
                     ..Default::default()

@@ -132,7 +132,7 @@ impl ContainerInfo {
                 names: self.names(ep),
                 v4: ep.v4.into_iter().collect(),
                 v6: ep.v6.into_iter().collect(),
-                scope,
+                scope: scope.map(Box::new),
                 health: self.health,
                 srv,
             };
@@ -467,8 +467,8 @@ mod tests {
         ]);
         let g = &c.groups(&["glued_net".into()])["glued_net"];
         assert_eq!(
-            g.scope,
-            Some(Scope {
+            g.scope.as_deref(),
+            Some(&Scope {
                 project: "shop".into(),
                 service: "db".into()
             })

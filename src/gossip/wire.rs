@@ -272,7 +272,7 @@ impl From<&Group> for WireGroup {
             v4: g.v4.clone(),
             v6: g.v6.clone(),
             facts: Facts {
-                scope: g.scope.clone(),
+                scope: g.scope.as_deref().cloned(),
                 health: g.health,
                 srv: g.srv.clone(),
             },
@@ -313,7 +313,7 @@ impl From<WireGroup> for Group {
                 .collect(),
             v4: g.v4.into_iter().take(MAX_ADDRS_PER_GROUP).collect(),
             v6: g.v6.into_iter().take(MAX_ADDRS_PER_GROUP).collect(),
-            scope,
+            scope: scope.map(Box::new),
             health: g.facts.health,
             srv,
         }
@@ -1051,7 +1051,11 @@ mod version_tests {
         let group = Group::from(g.clone());
         assert_eq!(
             (group.scope, group.health, group.srv),
-            (facts.scope.clone(), facts.health, facts.srv.clone())
+            (
+                facts.scope.clone().map(Box::new),
+                facts.health,
+                facts.srv.clone()
+            )
         );
         // v3: the same bytes as a header without facts, read with defaults.
         let v3_bytes = seal(FACTS_VERSION - 1, payload.clone());

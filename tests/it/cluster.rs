@@ -2064,10 +2064,10 @@ fn a_peer_one_version_behind_gets_groups_without_the_new_facts() {
     let full = Group {
         names: vec!["shop-db-1".into(), "db".into()],
         v4: vec![ip(7)],
-        scope: Some(Scope {
+        scope: Some(Box::new(Scope {
             project: "shop".into(),
             service: "db".into(),
-        }),
+        })),
         health: Health::Healthy,
         srv: vec![SrvPort {
             service: "redis".into(),
