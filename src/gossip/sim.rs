@@ -13,8 +13,10 @@
 //! between two peers without a recent connection pays a handshake
 //! ([`HANDSHAKE_BYTES`]); signed messages carry the real wire overhead.
 //! Used by `examples/sim.rs` and the `sim` tests. `GLUED_SIM_TRACE=1`
-//! prints convergence once per simulated second while a fleet forms, and
-//! what each half holds when a cut ends.
+//! prints convergence once per simulated second while a fleet forms, what
+//! each half holds when a cut ends, and once per second after the heal the
+//! (node, origin) pairs still missing by kind (the node's view of the
+//! origin, same side or across, its beat against the origin's own).
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
