@@ -13,9 +13,9 @@
 //! their keys once, updates the holders and recomputes those entries alone
 //! in the clone, copying the shards they fall in, before it is swapped in. Tables at rest share every shard that did not change
 //! between them: one copy of the maps, whoever holds an older table. A table
-//! stored by someone else, or a burst that changed most of the table, is
-//! replaced by one built from every group (counted in
-//! [`RegistryStats::full_builds`]).
+//! stored by someone else, a burst that changed most of the table, or a
+//! table that grew to 4× the names per shard it was built for, is replaced
+//! by one built from every group (counted in [`RegistryStats::full_builds`]).
 //!
 //! Invariants: only this thread stores into the [`SharedTable`] (a table
 //! stored by anyone else is never written to: the registry notices the
@@ -287,7 +287,9 @@ impl Writer {
         let current = self.table.load_full();
         let changed = state.index.changes.groups.len();
         let base = self.last.take().filter(|last| {
-            Arc::ptr_eq(last, &current) && changed < BIG_BURST.max(last.groups.len() / 2)
+            Arc::ptr_eq(last, &current)
+                && changed < BIG_BURST.max(last.groups.len() / 2)
+                && !last.overfull()
         });
         drop(current);
         let mut trim = false;
@@ -968,6 +970,33 @@ mod tests {
         assert_eq!(stats.full_builds.load(Ordering::Relaxed), 1);
         assert_same_as_build(&after, &state);
         assert_same(&before, &fresh_before);
+    }
+
+    /// A table that grows by small bursts keeps its shards' size bounded:
+    /// once it holds 4× the names per shard it was built for, the next
+    /// publish builds it again with more shards (amortised, as a hash
+    /// table grows), so a change never copies shards of the whole table.
+    #[test]
+    fn a_table_grown_by_small_bursts_is_rebuilt_with_more_shards() {
+        use crate::table::{MAX_NAMES_PER_SHARD, MIN_SHARDS};
+        let table = crate::table::shared("glued.internal", 5);
+        let stats = RegistryStats::default();
+        let mut state = State::for_local("a");
+        let mut writer = Writer::new(table.clone());
+        assert_eq!(table.load().shard_count(), MIN_SHARDS);
+        // Two names a group: past the bound after half as many groups.
+        let n = (MAX_NAMES_PER_SHARD * MIN_SHARDS / 2 + 8) as u32;
+        for i in 0..n {
+            state.apply(RegistryMsg::Upsert {
+                origin: origin("b"),
+                source: container(&i.to_string()),
+                group: group(&format!("c{i}"), &format!("10.{}.{}.1", i / 250, i % 250)),
+            });
+            writer.publish(&mut state, &stats);
+        }
+        assert_eq!(stats.full_builds.load(Ordering::Relaxed), 1);
+        assert!(table.load().shard_count() > MIN_SHARDS);
+        assert_same_as_build(&table.load(), &state);
     }
 
     #[test]

@@ -655,13 +655,23 @@ impl Entry {
     }
 }
 
-/// Shards of a table's maps. A power of two.
-pub const SHARDS: usize = 256;
+/// Fewest shards of a table's maps. A power of two.
+pub const MIN_SHARDS: usize = 16;
+/// Most shards of a table. A power of two.
+pub const MAX_SHARDS: usize = 1 << 16;
+/// Names per shard a built table aims at: a change copies a shard of about
+/// that many.
+pub const NAMES_PER_SHARD: usize = 32;
+/// A table whose shards hold on average more than this many names is no
+/// longer patched but built again with more shards (amortised: the table
+/// grew 4× since it was built).
+pub const MAX_NAMES_PER_SHARD: usize = 4 * NAMES_PER_SHARD;
 
 /// The immutable snapshot the DNS threads answer from.
 ///
 /// Its name, empty non-terminal and PTR maps are split by key hash into
-/// [`SHARDS`] shards, each behind an `Arc`: a clone of a table shares every
+/// shards (about [`NAMES_PER_SHARD`] names each when built), each behind an
+/// `Arc`: a clone of a table shares every
 /// shard, and a change to the clone copies the shards it touches and no
 /// other. The registry publishes each burst as such a clone of the table
 /// before it, so the published tables share all they have in common and a
@@ -712,7 +722,54 @@ struct Shard {
 /// A map from name keys hashed with the table's `pick`, the hash that also
 /// picks the key's shard: one hash per lookup.
 #[derive(Clone, Debug)]
-struct Keyed<V>(hashbrown::HashTable<(Box<[u8]>, V)>);
+struct Keyed<V>(hashbrown::HashTable<(Key, V)>);
+
+/// Longest name key kept inline in a [`Key`].
+const KEY_INLINE: usize = 22;
+
+/// A name key: up to [`KEY_INLINE`] bytes inline (`name` and `name.node`
+/// for most names: no allocation of their own, so copying a shard copies
+/// no key), longer ones boxed. 24 bytes.
+#[derive(Clone, Debug)]
+enum Key {
+    Inline { len: u8, bytes: [u8; KEY_INLINE] },
+    Boxed(Box<[u8]>),
+}
+
+impl Key {
+    #[inline]
+    fn as_bytes(&self) -> &[u8] {
+        match self {
+            Key::Inline { len, bytes } => &bytes[..usize::from(*len)],
+            Key::Boxed(b) => b,
+        }
+    }
+}
+
+impl From<&[u8]> for Key {
+    fn from(key: &[u8]) -> Key {
+        match key.len() {
+            len @ 0..=KEY_INLINE => {
+                let mut bytes = [0; KEY_INLINE];
+                bytes[..len].copy_from_slice(key);
+                Key::Inline {
+                    len: len as u8,
+                    bytes,
+                }
+            }
+            _ => Key::Boxed(Box::from(key)),
+        }
+    }
+}
+
+impl From<Box<[u8]>> for Key {
+    fn from(key: Box<[u8]>) -> Key {
+        match key.len() {
+            0..=KEY_INLINE => Key::from(&*key),
+            _ => Key::Boxed(key),
+        }
+    }
+}
 
 impl<V> Default for Keyed<V> {
     fn default() -> Keyed<V> {
@@ -723,30 +780,33 @@ impl<V> Default for Keyed<V> {
 impl<V> Keyed<V> {
     #[inline]
     fn get(&self, hash: u64, key: &[u8]) -> Option<&V> {
-        self.0.find(hash, |(k, _)| **k == *key).map(|(_, v)| v)
+        self.0
+            .find(hash, |(k, _)| k.as_bytes() == key)
+            .map(|(_, v)| v)
     }
 
     fn get_mut(&mut self, hash: u64, key: &[u8]) -> Option<&mut V> {
-        self.0.find_mut(hash, |(k, _)| **k == *key).map(|(_, v)| v)
+        let found = self.0.find_mut(hash, |(k, _)| k.as_bytes() == key);
+        found.map(|(_, v)| v)
     }
 
     /// Inserts a key that is not in the map.
-    fn insert(&mut self, pick: &foldhash::fast::RandomState, hash: u64, key: Box<[u8]>, value: V) {
-        let rehash = |(k, _): &(Box<[u8]>, V)| key_hash(pick, k);
+    fn insert(&mut self, pick: &foldhash::fast::RandomState, hash: u64, key: Key, value: V) {
+        let rehash = |(k, _): &(Key, V)| key_hash(pick, k.as_bytes());
         self.0.insert_unique(hash, (key, value), rehash);
     }
 
     fn remove(&mut self, hash: u64, key: &[u8]) -> Option<V> {
-        let found = self.0.find_entry(hash, |(k, _)| **k == *key).ok()?;
+        let found = self.0.find_entry(hash, |(k, _)| k.as_bytes() == key).ok()?;
         Some(found.remove().0.1)
     }
 
     fn iter(&self) -> impl Iterator<Item = (&[u8], &V)> {
-        self.0.iter().map(|(k, v)| (&**k, v))
+        self.0.iter().map(|(k, v)| (k.as_bytes(), v))
     }
 
     fn shrink_to_fit(&mut self, pick: &foldhash::fast::RandomState) {
-        self.0.shrink_to_fit(|(k, _)| key_hash(pick, k));
+        self.0.shrink_to_fit(|(k, _)| key_hash(pick, k.as_bytes()));
     }
 }
 
@@ -760,8 +820,8 @@ fn key_hash(pick: &foldhash::fast::RandomState, key: &[u8]) -> u64 {
 /// The shard of a hash: bits that neither the bucket (low bits) nor the
 /// tag (top 7 bits) of a shard's own table depend on.
 #[inline]
-fn shard_of(hash: u64) -> usize {
-    (hash >> 32) as usize & (SHARDS - 1)
+fn shard_of(hash: u64, shards: usize) -> usize {
+    (hash >> 32) as usize & (shards - 1)
 }
 
 /// The groups answering one name key, and how each holds it: most keys
@@ -856,7 +916,10 @@ impl Table {
         let mut holders: FastMap<Box<[u8]>, NameHolders> =
             FastMap::with_capacity_and_hasher(n_keys, Default::default());
         let pick = foldhash::fast::RandomState::default();
-        let mut shards: Vec<Shard> = (0..SHARDS).map(|_| Shard::default()).collect();
+        let n_shards = (n_keys / NAMES_PER_SHARD)
+            .next_power_of_two()
+            .clamp(MIN_SHARDS, MAX_SHARDS);
+        let mut shards: Vec<Shard> = (0..n_shards).map(|_| Shard::default()).collect();
         let (mut reverse_v4, mut reverse_v6) = (Vec::new(), Vec::new());
         let mut key = Vec::with_capacity(MAX_NAME_WIRE_LEN);
         for held in groups.held_iter() {
@@ -878,7 +941,7 @@ impl Table {
                 let ips = group.v4.iter().map(|ip| IpAddr::V4(*ip));
                 for ip in ips.chain(group.v6.iter().map(|ip| IpAddr::V6(*ip))) {
                     // Groups come in key order: holders stay in key order.
-                    match shards[shard(&pick, &ip)].reverse.entry(ip) {
+                    match shards[shard(&pick, &ip, n_shards)].reverse.entry(ip) {
                         std::collections::hash_map::Entry::Vacant(v) => {
                             v.insert(smallvec::smallvec![held.clone()]);
                             match ip {
@@ -910,10 +973,10 @@ impl Table {
             }
             for_each_suffix(&key, |suffix| {
                 let hash = key_hash(&pick, suffix);
-                let nodes = &mut shards[shard_of(hash)].nodes;
+                let nodes = &mut shards[shard_of(hash, n_shards)].nodes;
                 match nodes.get_mut(hash, suffix) {
                     Some(n) => *n += 1,
-                    None => nodes.insert(&pick, hash, Box::from(suffix), 1),
+                    None => nodes.insert(&pick, hash, Key::from(suffix), 1),
                 }
             });
             let name = Name {
@@ -921,7 +984,9 @@ impl Table {
                 holders: list,
             };
             let hash = key_hash(&pick, &key);
-            shards[shard_of(hash)].names.insert(&pick, hash, key, name);
+            shards[shard_of(hash, n_shards)]
+                .names
+                .insert(&pick, hash, Key::from(key), name);
         }
         for s in &mut shards {
             s.names.shrink_to_fit(&pick);
@@ -948,25 +1013,27 @@ impl Table {
     /// The shard of an address.
     #[inline]
     fn shard(&self, ip: &IpAddr) -> &Shard {
-        &self.shards[shard(&self.pick, ip)]
+        &self.shards[shard(&self.pick, ip, self.shards.len())]
     }
 
     /// The shard of an address, copied first if another table shares it.
     fn shard_mut(&mut self, ip: &IpAddr) -> &mut Shard {
-        Arc::make_mut(&mut self.shards[shard(&self.pick, ip)])
+        let at = shard(&self.pick, ip, self.shards.len());
+        Arc::make_mut(&mut self.shards[at])
     }
 
     /// The hash of a name key and its shard.
     #[inline]
     fn keyed(&self, key: &[u8]) -> (u64, &Shard) {
         let hash = key_hash(&self.pick, key);
-        (hash, &self.shards[shard_of(hash)])
+        (hash, &self.shards[shard_of(hash, self.shards.len())])
     }
 
     /// The shard of a name key's hash, copied first if another table
     /// shares it.
     fn keyed_mut(&mut self, hash: u64) -> &mut Shard {
-        Arc::make_mut(&mut self.shards[shard_of(hash)])
+        let at = shard_of(hash, self.shards.len());
+        Arc::make_mut(&mut self.shards[at])
     }
 
     /// What the table holds for a name key.
@@ -1054,6 +1121,17 @@ impl Table {
             .filter_map(|ip| Some((ip, self.reverse(ip)?)))
     }
 
+    /// Number of shards.
+    pub fn shard_count(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// Whether the table grew past [`MAX_NAMES_PER_SHARD`] names per shard
+    /// on average: the next one should be built with more shards.
+    pub fn overfull(&self) -> bool {
+        self.n_names > MAX_NAMES_PER_SHARD * self.shards.len() && self.shards.len() < MAX_SHARDS
+    }
+
     /// How many shards `self` holds that `other` does not share: what a
     /// change made `self` copy (for tests and measurements).
     pub fn shards_not_shared_with(&self, other: &Table) -> usize {
@@ -1087,14 +1165,14 @@ impl Table {
         let pick = self.pick.clone();
         self.keyed_mut(hash)
             .names
-            .insert(&pick, hash, Box::from(key), name);
+            .insert(&pick, hash, Key::from(key), name);
         self.n_names += 1;
         for_each_suffix(key, |suffix| {
             let hash = key_hash(&pick, suffix);
             let nodes = &mut self.keyed_mut(hash).nodes;
             match nodes.get_mut(hash, suffix) {
                 Some(n) => *n += 1,
-                None => nodes.insert(&pick, hash, Box::from(suffix), 1),
+                None => nodes.insert(&pick, hash, Key::from(suffix), 1),
             }
         });
     }
@@ -1205,9 +1283,13 @@ impl Table {
 /// The shard of `key` under `pick`: bits of its hash that a shard's own map
 /// (hashed with a seed of its own) does not depend on.
 #[inline]
-fn shard<K: std::hash::Hash + ?Sized>(pick: &foldhash::fast::RandomState, key: &K) -> usize {
+fn shard<K: std::hash::Hash + ?Sized>(
+    pick: &foldhash::fast::RandomState,
+    key: &K,
+    shards: usize,
+) -> usize {
     use std::hash::BuildHasher;
-    (pick.hash_one(key) >> 32) as usize & (SHARDS - 1)
+    shard_of(pick.hash_one(key), shards)
 }
 
 /// Values of a sorted set most in a chunk before it is split.
@@ -1503,10 +1585,18 @@ pub(crate) mod tests {
 
     /// Most names answer one IPv4 address: their entry is 16 bytes in the
     /// map and no allocation of its own; the same records always make the
-    /// same form, so entries compare by value.
+    /// same form, so entries compare by value. Most keys (`name`,
+    /// `name.node`) are short: kept inline too.
     #[test]
-    fn an_entry_of_one_ipv4_address_is_kept_inline() {
+    fn an_entry_of_one_ipv4_address_and_a_short_key_are_kept_inline() {
         assert_eq!(std::mem::size_of::<Entry>(), 16);
+        assert_eq!(std::mem::size_of::<Key>(), 24);
+        let short: &[u8] = b"host1234.node-1";
+        assert!(matches!(Key::from(short), Key::Inline { .. }));
+        assert_eq!(Key::from(short).as_bytes(), short);
+        let long = [b'a'; KEY_INLINE + 1];
+        assert!(matches!(Key::from(&long[..]), Key::Boxed(_)));
+        assert_eq!(Key::from(Box::from(&long[..])).as_bytes(), long);
         let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
         let one = Entry::new(Records {
             v4: Box::new([ip("10.0.0.1")]),
