@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -30,7 +30,7 @@ use super::wire::{
 use super::{Bound, Command, GossipStats, PeerStatus, Peers};
 use crate::config::{Config, KeyId, Keyring};
 use crate::registry::RegistryMsg;
-use crate::table::{Group, Groups, Origin, SharedTable, Source};
+use crate::table::{Group, Groups, Origin, SharedTable, Source, Table};
 
 /// Period of the housekeeping tick (leases, pulls, heartbeats, re-joins).
 pub const TICK: Duration = Duration::from_millis(100);
@@ -368,9 +368,9 @@ struct Node {
     /// Smallest key of this node's groups in the table (the table is sorted
     /// by origin, then source): where the range over them starts.
     local_lo: (Origin, Source),
-    /// The table's groups `me.published.groups` was last brought up to
-    /// date with (compared by pointer, never read).
-    last_seen: Option<Groups>,
+    /// The table `me.published.groups` was last brought up to date with (a
+    /// weak pointer: compared, never read, and it keeps no group alive).
+    last_seen: Weak<Table>,
     next_heartbeat: Instant,
     last_hello_answer: Option<Instant>,
     next_rejoin: Instant,
@@ -712,7 +712,7 @@ impl Node {
             started: now,
             last_local_change: now,
             local_lo,
-            last_seen: None,
+            last_seen: Weak::new(),
             next_heartbeat: now,
             last_hello_answer: None,
             next_rejoin: now + REJOIN_EVERY,
@@ -1140,12 +1140,13 @@ impl Node {
     /// the groups that changed. Returns the changes as wire messages when
     /// `wire` (and there are any), and whether anything changed.
     fn sync_published(&mut self, p: &mut Published, wire: bool) -> (Vec<Change>, bool) {
-        let groups = self.table.load().groups.clone();
-        if self.last_seen.as_ref().is_some_and(|l| l.ptr_eq(&groups)) {
+        let table = self.table.load_full();
+        if Weak::ptr_eq(&self.last_seen, &Arc::downgrade(&table)) {
             return (Vec::new(), false);
         }
-        self.last_seen = Some(groups.clone());
-        let d = diff(&p.groups, local_range(&groups, &self.local_lo));
+        self.last_seen = Arc::downgrade(&table);
+        let groups = &table.groups;
+        let d = diff(&p.groups, local_range(groups, &self.local_lo));
         if d.is_empty() {
             return (Vec::new(), false);
         }
