@@ -500,31 +500,47 @@ impl Sim {
         missing
     }
 
+    /// The (holder, origin) pairs where the holder lacks the origin's
+    /// published version: holder index and node, origin index and node,
+    /// the holder's state of the origin, the version (tracing).
+    #[allow(clippy::type_complexity)]
+    fn lagging(
+        &self,
+    ) -> impl Iterator<
+        Item = (
+            usize,
+            &SimNode,
+            usize,
+            &SimNode,
+            Option<&super::origins::OriginState>,
+            u64,
+        ),
+    > {
+        let nodes = self.nodes.iter().enumerate();
+        nodes
+            .filter_map(|(i, n)| Some((i, n.as_ref()?)))
+            .flat_map(move |(i, n)| {
+                self.nodes.iter().enumerate().filter_map(move |(j, m)| {
+                    let m = m.as_ref()?;
+                    let v = m.core.published_version()?;
+                    let o = n.core.origin(&node_id(j));
+                    let ok = o.is_some_and(|o| o.known == Some(v) && o.status.is_live());
+                    (i != j && !ok).then_some((i, n, j, m, o, v))
+                })
+            })
+    }
+
     /// Prints the pairs that are not up to date (tracing).
     pub fn debug_missing(&self) {
-        for (i, n) in self.nodes.iter().enumerate() {
-            let Some(n) = n else { continue };
-            for (j, m) in self.nodes.iter().enumerate() {
-                let Some(m) = m else { continue };
-                let Some(v) = m.core.published_version() else {
-                    continue;
-                };
-                if i == j {
-                    continue;
-                }
-                let o = n.core.origin(&node_id(j));
-                let ok = o.is_some_and(|o| o.known == Some(v) && o.status.is_live());
-                if !ok {
-                    eprintln!(
-                        "  {i} lacks {j}@{v} (beat {}): {:?} {} wanted={} neighbors={}",
-                        m.core.beat(),
-                        o.map(|o| (o.incarnation, o.known, o.advertised, o.beat, o.status)),
-                        n.core.describe_want(&node_id(j)),
-                        n.core.n_wanted(),
-                        n.core.neighbors().len()
-                    );
-                }
-            }
+        for (i, n, j, m, o, v) in self.lagging() {
+            eprintln!(
+                "  {i} lacks {j}@{v} (beat {}): {:?} {} wanted={} neighbors={}",
+                m.core.beat(),
+                o.map(|o| (o.incarnation, o.known, o.advertised, o.beat, o.status)),
+                n.core.describe_want(&node_id(j)),
+                n.core.n_wanted(),
+                n.core.neighbors().len()
+            );
         }
     }
 
@@ -533,50 +549,35 @@ impl Sim {
     /// of the last cut, and whether the origin's own beat moved past it.
     pub fn missing_kinds(&self, half: usize) -> BTreeMap<String, usize> {
         let mut out = BTreeMap::new();
-        for (i, n) in self.nodes.iter().enumerate() {
-            let Some(n) = n else { continue };
-            for (j, m) in self.nodes.iter().enumerate() {
-                let Some(m) = m else { continue };
-                let Some(v) = m.core.published_version() else {
-                    continue;
-                };
-                if i == j {
-                    continue;
+        for (i, _, j, m, o, _) in self.lagging() {
+            let side = if (i < half) == (j < half) {
+                "same"
+            } else {
+                "cross"
+            };
+            let k = match o {
+                None => "none".to_string(),
+                Some(o) => {
+                    let st = match o.status {
+                        super::origins::Status::Alive => "alive",
+                        super::origins::Status::Suspect { .. } => "suspect",
+                        super::origins::Status::Dead { .. } => "dead",
+                        super::origins::Status::Left { .. } => "left",
+                    };
+                    let beat = match o.beat.cmp(&m.core.beat()) {
+                        std::cmp::Ordering::Less => "beat<",
+                        std::cmp::Ordering::Equal => "beat=",
+                        std::cmp::Ordering::Greater => "beat>",
+                    };
+                    let known = if o.known.is_none() {
+                        "noknown"
+                    } else {
+                        "stale"
+                    };
+                    format!("{st}/{beat}/{known}")
                 }
-                let o = n.core.origin(&node_id(j));
-                let ok = o.is_some_and(|o| o.known == Some(v) && o.status.is_live());
-                if ok {
-                    continue;
-                }
-                let side = if (i < half) == (j < half) {
-                    "same"
-                } else {
-                    "cross"
-                };
-                let k = match o {
-                    None => "none".to_string(),
-                    Some(o) => {
-                        let st = match o.status {
-                            super::origins::Status::Alive => "alive",
-                            super::origins::Status::Suspect { .. } => "suspect",
-                            super::origins::Status::Dead { .. } => "dead",
-                            super::origins::Status::Left { .. } => "left",
-                        };
-                        let beat = match o.beat.cmp(&m.core.beat()) {
-                            std::cmp::Ordering::Less => "beat<",
-                            std::cmp::Ordering::Equal => "beat=",
-                            std::cmp::Ordering::Greater => "beat>",
-                        };
-                        let known = if o.known.is_none() {
-                            "noknown"
-                        } else {
-                            "stale"
-                        };
-                        format!("{st}/{beat}/{known}")
-                    }
-                };
-                *out.entry(format!("{side}:{k}")).or_default() += 1;
-            }
+            };
+            *out.entry(format!("{side}:{k}")).or_default() += 1;
         }
         out
     }
