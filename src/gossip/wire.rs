@@ -1126,21 +1126,18 @@ mod version_tests {
     #[test]
     fn a_core_message_travels_in_v4() {
         let ring = Ring::for_tests("s");
+        // Seals `body` as message `seq` of node-a, opens it back.
+        let round_trip = |seq: u64, body: &crate::gossip::core::Body| {
+            let payload = Payload::Core(body.clone());
+            let bytes = seal_own(&ring, Encoding::CURRENT, &key(), "node-a", 1, seq, payload);
+            open(&ring, Versions::speaking(PROTOCOL_VERSION), &bytes, 4096).unwrap()
+        };
         let body = crate::gossip::core::Body::Alive {
             beat: 3,
             version: 7,
             addrs: vec!["10.0.0.1:9254".parse().unwrap()],
         };
-        let bytes = seal_own(
-            &ring,
-            Encoding::CURRENT,
-            &key(),
-            "node-a",
-            1,
-            1,
-            Payload::Core(body.clone()),
-        );
-        let o = open(&ring, Versions::speaking(PROTOCOL_VERSION), &bytes, 4096).unwrap();
+        let o = round_trip(1, &body);
         assert_eq!(o.header.payload, Payload::Core(body));
         assert_eq!(o.version, 4);
         // A core full state keeps its groups' facts.
@@ -1153,16 +1150,7 @@ mod version_tests {
             version: 2,
             groups: vec![(WireSource::Static("web".into()), g)],
         };
-        let bytes = seal_own(
-            &ring,
-            Encoding::CURRENT,
-            &key(),
-            "node-a",
-            1,
-            2,
-            Payload::Core(body.clone()),
-        );
-        let o = open(&ring, Versions::speaking(PROTOCOL_VERSION), &bytes, 4096).unwrap();
+        let o = round_trip(2, &body);
         assert_eq!(o.header.payload, Payload::Core(body));
     }
 
