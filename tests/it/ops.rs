@@ -73,6 +73,9 @@ fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     }
 }
 
+/// Starts of a daemon whose gossip port was taken meanwhile.
+const GOSSIP_BIND_TRIES: usize = 5;
+
 /// A free loopback port for UDP (gossip binds it).
 fn free_port() -> u16 {
     UdpSocket::bind("127.0.0.1:0")
@@ -92,12 +95,39 @@ fn spawn(name: &str, record: &str, extra: &[(&str, String)]) -> Glued {
         format!("[[records]]\nname = \"{record}\"\nip = \"10.9.9.9\"\n"),
     )
     .unwrap();
-    let gossip: SocketAddr = ([127, 0, 0, 1], free_port()).into();
     let log = dir.join("glued.log");
+    // The free port can be taken by a parallel test before the daemon binds
+    // it: start again on another one.
+    for _ in 0..GOSSIP_BIND_TRIES {
+        let gossip: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let mut g = spawn_at(name, &dir, &config, &log, gossip, extra);
+        let lost_port =
+            || std::fs::read_to_string(&log).is_ok_and(|l| l.contains("binding gossip on"));
+        // Until the endpoint is up, or the daemon stopped.
+        wait_until(CONVERGE, || {
+            g.log().contains("Gossip endpoint created")
+                || g.child.try_wait().is_ok_and(|exit| exit.is_some())
+        });
+        if !lost_port() {
+            return g;
+        }
+    }
+    panic!("{name}: no free gossip port in {GOSSIP_BIND_TRIES} tries");
+}
+
+/// Starts `glued run` once, its gossip endpoint bound to `gossip`.
+fn spawn_at(
+    name: &str,
+    dir: &Path,
+    config: &Path,
+    log: &Path,
+    gossip: SocketAddr,
+    extra: &[(&str, String)],
+) -> Glued {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_glued"));
     cmd.arg("run")
         .arg("--config")
-        .arg(&config)
+        .arg(config)
         .env_clear()
         .env("GLUED_DNS_BIND", "127.0.0.1:0")
         .env("GLUED_DNS_THREADS", "1")
@@ -106,20 +136,20 @@ fn spawn(name: &str, record: &str, extra: &[(&str, String)]) -> Glued {
         .env("GLUED_UPSTREAMS", "none")
         .env("GLUED_NETWORK_NAME", support::unique("glued-absent-net"))
         .env("GLUED_DOCKER_HOST", "unix:///nonexistent/docker.sock")
-        .env("GLUED_DATA_DIR", &dir)
+        .env("GLUED_DATA_DIR", dir)
         .env("GLUED_GOSSIP_BIND", gossip.to_string())
         .env("GLUED_MDNS", "false")
         .env("GLUED_CLUSTER_SECRET", support::key_b64("ops-test-secret"))
         .env("RUST_LOG", "info,iroh=warn,iroh_gossip=warn")
         .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap());
+        .stderr(std::fs::File::create(log).unwrap());
     for (k, v) in extra {
         cmd.env(k, v);
     }
     Glued {
         child: cmd.spawn().unwrap(),
-        log,
-        dir,
+        log: log.to_owned(),
+        dir: dir.to_owned(),
         gossip,
     }
 }
