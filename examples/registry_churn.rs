@@ -133,9 +133,11 @@ fn main() {
     let t = table.load();
     assert!(t.lookup(b"web-1").is_some() && t.lookup(b"host0").is_some());
     println!(
-        "{n_changes} changes, {} names in the table, {rebuilds} publishes, \
-         {full_builds} built from scratch",
-        t.n_names()
+        "{n_changes} changes, {} names in the table ({} slots, {} shards), \
+         {rebuilds} publishes, {full_builds} built from scratch",
+        t.n_names(),
+        t.n_name_slots(),
+        t.shard_count()
     );
     println!(
         "wall {:.1} µs/change, process CPU {:.1} µs/change",

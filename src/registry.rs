@@ -14,7 +14,7 @@
 //! in the clone, copying the shards they fall in, before it is swapped in. Tables at rest share every shard that did not change
 //! between them: one copy of the maps, whoever holds an older table. A table
 //! stored by someone else, a burst that changed most of the table, or a
-//! table that grew to 4× the names per shard it was built for, is replaced
+//! table that grew to 4× the entries per shard it was built for, is replaced
 //! by one built from every group (counted in [`RegistryStats::full_builds`]).
 //!
 //! Invariants: only this thread stores into the [`SharedTable`] (a table
@@ -339,7 +339,10 @@ fn give_back_free_memory() {
 /// the changes `state` recorded: the name keys and addresses each gained or
 /// lost group holds (enumerated here, once), then the entries and PTR
 /// answers they touched, and hands it the registry's groups (shared, not
-/// copied).
+/// copied). The keys touched, and the pinned keys the table gave a slot so
+/// that they keep their answer (`Table::add_holder`), are compacted first
+/// (`Table::compact`: a pinned key its base implies again gives its slot
+/// back), then have their entries recomputed.
 fn apply_changes(table: &mut Table, state: &State, scratch: &mut Scratch) {
     scratch.names.clear();
     scratch.addrs.clear();
@@ -347,10 +350,16 @@ fn apply_changes(table: &mut Table, state: &State, scratch: &mut Scratch) {
         let (names, addrs) = (&mut scratch.names, &mut scratch.addrs);
         held.group
             .for_each_key(&held.key.0.node_name, &mut scratch.key, |key, kind| {
+                // A pinned key given a slot so that it keeps its answer.
+                let noted = |pinned: &[u8]| {
+                    if !names.contains(pinned) {
+                        names.insert(Box::from(pinned));
+                    }
+                };
                 match gained {
-                    true => table.add_holder(key, held, kind.bit()),
+                    true => table.add_holder(key, held, kind.bit(), noted),
                     // A key held under several kinds is lost at the first.
-                    false => table.remove_holder(key, held),
+                    false => table.remove_holder(key, held, noted),
                 }
                 if !names.contains(key) {
                     names.insert(Box::from(key));
@@ -364,7 +373,16 @@ fn apply_changes(table: &mut Table, state: &State, scratch: &mut Scratch) {
             addrs.insert(ip);
         }
     }
+    // Holders are set: a pinned key its base implies again gives its slot
+    // back, and needs no entry of its own (its base's is set here if it
+    // changed).
     for key in &scratch.names {
+        table.compact(key);
+    }
+    for key in &scratch.names {
+        if table.is_implied(key) {
+            continue;
+        }
         let Some(holders) = table.holders(key).filter(|h| !h.is_empty()) else {
             table.forget_name(key);
             table.set_conflict(key, false);
@@ -819,6 +837,68 @@ mod tests {
         assert_same_as_build(&published, &state);
     }
 
+    /// A name held by one node has one slot, its pinned key implied. A
+    /// second node taking the name gives each node's pinned key a slot of
+    /// its own, and the first node's still answers its own address alone;
+    /// once either lets go, the table answers as a fresh build and gives
+    /// the slots back.
+    #[test]
+    fn a_second_node_taking_a_name_keeps_each_pinned_key_to_its_node() {
+        let table = crate::table::shared("glued.internal", 5);
+        let stats = RegistryStats::default();
+        let mut state = State::for_local("a");
+        let mut writer = Writer::new(table.clone());
+        let api = || Source::Static { name: "api".into() };
+        let upsert = |id: &str, ip: &str| RegistryMsg::Upsert {
+            origin: origin(id),
+            source: api(),
+            group: group("api", ip),
+        };
+        let v4 = |t: &Table, key: &str| -> Vec<String> {
+            let e = t.lookup(key.as_bytes());
+            e.map(|e| e.v4().iter().map(|ip| ip.to_string()).collect())
+                .unwrap_or_default()
+        };
+        state.apply(upsert("b", "10.0.0.2"));
+        writer.publish(&mut state, &stats);
+        let t = table.load_full();
+        assert_eq!((t.n_names(), t.n_name_slots()), (2, 1));
+        assert_eq!(v4(&t, "api.node-b"), ["10.0.0.2"]);
+
+        state.apply(upsert("c", "10.0.0.3"));
+        writer.publish(&mut state, &stats);
+        let t = table.load_full();
+        assert_eq!(v4(&t, "api"), ["10.0.0.2", "10.0.0.3"]);
+        assert_eq!(v4(&t, "api.node-b"), ["10.0.0.2"]);
+        assert_eq!(v4(&t, "api.node-c"), ["10.0.0.3"]);
+        assert!(t.lookup(b"api.node-b.node-b").is_none());
+        assert_eq!((t.n_names(), t.n_name_slots()), (3, 3));
+        assert_same_as_build(&t, &state);
+
+        state.apply(RegistryMsg::Remove {
+            origin: origin("c"),
+            source: api(),
+        });
+        writer.publish(&mut state, &stats);
+        let t = table.load_full();
+        assert_eq!(v4(&t, "api"), ["10.0.0.2"]);
+        assert!(t.lookup(b"api.node-c").is_none());
+        assert_eq!((t.n_names(), t.n_name_slots()), (2, 1));
+        assert_same_as_build(&t, &state);
+
+        // The other way round: the first node lets go.
+        state.apply(upsert("c", "10.0.0.3"));
+        writer.publish(&mut state, &stats);
+        state.apply(RegistryMsg::DropOrigin { id: "b".into() });
+        writer.publish(&mut state, &stats);
+        let t = table.load_full();
+        assert_eq!(v4(&t, "api.node-c"), ["10.0.0.3"]);
+        assert!(t.lookup(b"api.node-b").is_none());
+        assert_eq!((t.n_names(), t.n_name_slots()), (2, 1));
+        assert_same_as_build(&t, &state);
+        assert_eq!(stats.full_builds.load(Ordering::Relaxed), 0);
+    }
+
     /// Asserts that `published` answers exactly what a table built from
     /// scratch from `state` answers.
     fn assert_same_as_build(published: &Table, state: &State) {
@@ -826,21 +906,44 @@ mod tests {
         assert_same(published, &fresh);
     }
 
-    /// Asserts that `published` answers exactly what `fresh` answers.
+    /// Asserts that `published` answers exactly what `fresh` answers: every
+    /// name either holds (implied pinned keys included), the same name
+    /// pinned to each node of either, every empty non-terminal above them,
+    /// every PTR.
     fn assert_same(published: &Table, fresh: &Table) {
-        for (key, entry) in fresh.names() {
+        let mut nodes: Vec<String> = (fresh.groups.iter().chain(published.groups.iter()))
+            .map(|((o, _), _)| o.node_name.to_ascii_lowercase())
+            .collect();
+        nodes.sort();
+        nodes.dedup();
+        let keys: Vec<Vec<u8>> = (fresh.names().chain(published.names()))
+            .map(|(k, _)| k.into_owned())
+            .collect();
+        for key in &keys {
             let name = String::from_utf8_lossy(key);
-            assert_eq!(published.lookup(key), Some(entry), "name {name}");
+            assert_eq!(published.lookup(key), fresh.lookup(key), "name {name}");
+            for node in &nodes {
+                let mut pinned = key.clone();
+                pinned.push(b'.');
+                pinned.extend_from_slice(node.as_bytes());
+                let what = format!("name {name}.{node}");
+                assert_eq!(published.lookup(&pinned), fresh.lookup(&pinned), "{what}");
+            }
+            for (at, _) in key.iter().enumerate().filter(|(_, b)| **b == b'.') {
+                let suffix = &key[at + 1..];
+                let what = format!("node {}", String::from_utf8_lossy(suffix));
+                assert_eq!(published.is_node(suffix), fresh.is_node(suffix), "{what}");
+            }
         }
-        for (key, _) in published.names() {
-            let name = String::from_utf8_lossy(key);
-            assert!(fresh.lookup(key).is_some(), "stale name {name}");
-        }
+        assert_eq!(published.n_names(), fresh.n_names());
+        // A slot given to a pinned key by a change is given back once its
+        // base implies it again: no more slots than a fresh build.
+        assert_eq!(published.n_name_slots(), fresh.n_name_slots(), "slots");
         for (ip, target) in fresh.addresses() {
-            assert_eq!(published.reverse(ip), Some(target), "PTR of {ip}");
+            assert_eq!(published.reverse(&ip), Some(target), "PTR of {ip}");
         }
         for (ip, _) in published.addresses() {
-            assert!(fresh.reverse(ip).is_some(), "stale PTR of {ip}");
+            assert!(fresh.reverse(&ip).is_some(), "stale PTR of {ip}");
         }
         assert_eq!(published.groups, fresh.groups);
         assert_eq!(published.conflicts, fresh.conflicts);
@@ -849,12 +952,15 @@ mod tests {
 
     fn random_origin(rng: &mut fastrand::Rng) -> Origin {
         // Origin "a" is also seen under a second node name (a rename).
+        // Origin "b" is also seen as node `P1`: its name `db` pinned is
+        // `db.p1`, the scoped key of service `db` of project `p1`.
         let (id, node) = [
             ("a", "Node-A"),
             ("a", "node-a2"),
             ("b", "node-b"),
             ("c", "NODE-C"),
-        ][rng.usize(..4)];
+            ("b", "P1"),
+        ][rng.usize(..5)];
         Origin {
             id: id.into(),
             node_name: node.into(),
@@ -973,19 +1079,20 @@ mod tests {
     }
 
     /// A table that grows by small bursts keeps its shards' size bounded:
-    /// once it holds 4× the names per shard it was built for, the next
+    /// once it holds 4× the entries per shard it was built for, the next
     /// publish builds it again with more shards (amortised, as a hash
     /// table grows), so a change never copies shards of the whole table.
     #[test]
     fn a_table_grown_by_small_bursts_is_rebuilt_with_more_shards() {
-        use crate::table::{MAX_NAMES_PER_SHARD, MIN_SHARDS};
+        use crate::table::{MAX_ENTRIES_PER_SHARD, MIN_SHARDS};
         let table = crate::table::shared("glued.internal", 5);
         let stats = RegistryStats::default();
         let mut state = State::for_local("a");
         let mut writer = Writer::new(table.clone());
         assert_eq!(table.load().shard_count(), MIN_SHARDS);
-        // Two names a group: past the bound after half as many groups.
-        let n = (MAX_NAMES_PER_SHARD * MIN_SHARDS / 2 + 8) as u32;
+        // A name slot and an address a group (its pinned key is implied):
+        // past the bound after half as many groups.
+        let n = (MAX_ENTRIES_PER_SHARD * MIN_SHARDS / 2 + 8) as u32;
         for i in 0..n {
             state.apply(RegistryMsg::Upsert {
                 origin: origin("b"),

@@ -14,9 +14,18 @@
 //! same groups answers. Keys are lowercase
 //! ASCII names *relative to the cluster domain* (`api`, `api.node-1`);
 //! callers lowercase the query name into a stack buffer before looking it up.
-//! The maps hash with a per-map random seed, and a key's shard is picked by
-//! a hash with a random seed per built table: names come from containers,
-//! so nobody can choose names that collide.
+//! A key's hash under a random seed per built table picks its shard and
+//! probes the shard's map (the address maps likewise): names come from
+//! containers, so nobody can choose names that collide.
+//!
+//! A pinned key `name.node` held by exactly the holders of `name`, all of
+//! `node` (the common case: a name held by one node), has no slot: a lookup
+//! that misses a key with a dot looks its base up and answers the base's
+//! entry when the base implies the key ([`implied_node`]). Unpinned keys
+//! cost one hash lookup as before; such pinned keys two. The writer gives
+//! an implied key a slot (a copy) before it or its base changes, and drops
+//! it again once implied ([`Table::compact`]), so a change never alters
+//! what another key answers, and the slots stay those of a fresh build.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -659,25 +668,33 @@ impl Entry {
 pub const MIN_SHARDS: usize = 16;
 /// Most shards of a table. A power of two.
 pub const MAX_SHARDS: usize = 1 << 16;
-/// Names per shard a built table aims at: a change copies a shard of about
-/// that many.
-pub const NAMES_PER_SHARD: usize = 32;
-/// A table whose shards hold on average more than this many names is no
+/// Entries per shard a built table aims at: name slots (about one per name:
+/// a pinned key its base implies has none) and addresses. A change copies a
+/// shard of about that many.
+pub const ENTRIES_PER_SHARD: usize = 32;
+/// A table whose shards hold on average more than this many entries is no
 /// longer patched but built again with more shards (amortised: the table
 /// grew 4× since it was built).
-pub const MAX_NAMES_PER_SHARD: usize = 4 * NAMES_PER_SHARD;
+pub const MAX_ENTRIES_PER_SHARD: usize = 4 * ENTRIES_PER_SHARD;
 
 /// The immutable snapshot the DNS threads answer from.
 ///
 /// Its name, empty non-terminal and PTR maps are split by key hash into
-/// shards (about [`NAMES_PER_SHARD`] names each when built), each behind an
-/// `Arc`: a clone of a table shares every
+/// shards (about [`ENTRIES_PER_SHARD`] entries each when built), each
+/// behind an `Arc`: a clone of a table shares every
 /// shard, and a change to the clone copies the shards it touches and no
 /// other. The registry publishes each burst as such a clone of the table
 /// before it, so the published tables share all they have in common and a
 /// publish costs what the burst changed (see `registry.rs`). Only the
 /// registry changes a table, and only its own clone before publishing it;
 /// once published a table is never mutated.
+///
+/// A pinned key `name.node` whose base `name` is held by groups of `node`
+/// alone and by nothing else answers what the base answers: it has no slot
+/// of its own ([`implied_node`]), and a lookup that misses a key with a dot
+/// looks its base up instead. A key keeps a slot when it answers anything
+/// else (its base held on several nodes, a static name or a Compose scope
+/// equal to a pinned key).
 #[derive(Clone, Debug)]
 pub struct Table {
     /// Lowercase domain without trailing dot, e.g. `glued.internal`.
@@ -687,11 +704,16 @@ pub struct Table {
     pub ttl_secs: u32,
     /// Bumped on every publish; used as the SOA serial.
     pub serial: u32,
-    /// The maps, by [`Table::shard`] of their keys.
+    /// The maps, by [`shard_of`] the hash of their keys.
     shards: Box<[Arc<Shard>]>,
     /// Picks a key's shard: random per built table (and kept by its clones).
     pick: foldhash::fast::RandomState,
+    /// Name keys answered, implied pinned keys included.
     n_names: usize,
+    /// Name keys with a slot of their own: `n_names` less the implied ones.
+    n_slots: usize,
+    /// Addresses with a PTR answer.
+    n_addrs: usize,
     /// Endpoint id of this node: its holders are answered first.
     pub local_id: Box<str>,
     /// Single-label names published by containers of different Compose
@@ -709,14 +731,19 @@ pub struct Table {
 /// One shard of a table's maps.
 #[derive(Clone, Debug, Default)]
 struct Shard {
+    /// Name key → its entry and holders; no slot for a pinned key its base
+    /// implies.
     names: Keyed<Name>,
     /// Proper suffix of a key (`node` of `name.node`, `project` of
     /// `service.project`, `_tcp.name` of `_http._tcp.name`) → number of
-    /// keys below it: the empty non-terminals.
+    /// keys below it (implied pinned keys included): the empty
+    /// non-terminals.
     nodes: Keyed<u32>,
-    /// Address → the groups holding it, in key order: the first one's
+    /// IPv4 address → the groups holding it, in key order: the first one's
     /// primary name is the PTR answer ([`Target`]).
-    reverse: FastMap<IpAddr, AddrHolders>,
+    ptr_v4: Ptrs<Ipv4Addr>,
+    /// The same for IPv6 addresses.
+    ptr_v6: Ptrs<Ipv6Addr>,
 }
 
 /// A map from name keys hashed with the table's `pick`, the hash that also
@@ -827,8 +854,6 @@ fn shard_of(hash: u64, shards: usize) -> usize {
 /// The groups answering one name key, and how each holds it: most keys
 /// have one, kept inline.
 pub(crate) type NameHolders = SmallVec<[(Arc<Held>, Holds); 1]>;
-/// The groups holding one address: most have one, inline.
-pub(crate) type AddrHolders = SmallVec<[Arc<Held>; 1]>;
 
 /// What a name key answers and the groups it is built from: the registry's
 /// name index lives here, once, not in a map of its own beside the table.
@@ -836,6 +861,232 @@ pub(crate) type AddrHolders = SmallVec<[Arc<Held>; 1]>;
 struct Name {
     entry: Entry,
     holders: NameHolders,
+}
+
+/// The node whose pinned key `key.<node>` answers exactly what `key`
+/// answers when no other group holds that pinned key: the one node of every
+/// holder of `key` (node names compared ASCII-case-insensitively, as keys
+/// are lowercase), a label, when `key` is not itself pinned to it (the
+/// holders of `name.node` need not hold `name.node.node`). A group holds
+/// each of its keys `k` pinned to its node too ([`Group::for_each_key`]),
+/// under the same kinds, so every holder of `key` holds `key.<node>`;
+/// whether another group holds it as well (a collision) is the writer's to
+/// check: the pinned key then keeps a slot of its own.
+fn implied_node<'a>(key: &[u8], holders: &'a [(Arc<Held>, Holds)]) -> Option<&'a str> {
+    let ((first, _), rest) = holders.split_first()?;
+    let node: &'a Arc<str> = &first.key.0.node_name;
+    let same = |(h, _): &(Arc<Held>, Holds)| {
+        Arc::ptr_eq(&h.key.0.node_name, node) || h.key.0.node_name.eq_ignore_ascii_case(node)
+    };
+    let pinned_to_it = key.len() > node.len()
+        && key[key.len() - node.len() - 1] == b'.'
+        && key[key.len() - node.len()..].eq_ignore_ascii_case(node.as_bytes());
+    let label = !node.is_empty() && !node.contains('.');
+    (label && !pinned_to_it && rest.iter().all(same)).then_some(&**node)
+}
+
+/// A pinned key: most fit on the stack.
+type PinnedKey = SmallVec<[u8; 96]>;
+
+/// Writes `base.node` (the node lowercase, as [`Group::for_each_key`]
+/// writes it) into `out`.
+fn write_pinned(out: &mut PinnedKey, base: &[u8], node: &str) {
+    out.clear();
+    out.extend_from_slice(base);
+    out.push(b'.');
+    out.extend(node.bytes().map(|b| b.to_ascii_lowercase()));
+}
+
+/// Whether both lists hold the same groups, each the same way, in any
+/// order (a list holds a group once).
+fn same_holders(a: &[(Arc<Held>, Holds)], b: &[(Arc<Held>, Holds)]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    // A copy and its original changed alike stay in the same order.
+    let same =
+        |(h, x): &(Arc<Held>, Holds), (g, y): &(Arc<Held>, Holds)| Arc::ptr_eq(h, g) && x == y;
+    if a.iter().zip(b).all(|(x, y)| same(x, y)) {
+        return true;
+    }
+    if a.len() <= 16 {
+        let has = |(h, holds): &(Arc<Held>, Holds)| {
+            b.iter().any(|(g, gh)| Arc::ptr_eq(h, g) && holds == gh)
+        };
+        return a.iter().all(has);
+    }
+    let sorted = |list: &[(Arc<Held>, Holds)]| {
+        let mut v: Vec<(*const Held, Holds)> =
+            list.iter().map(|(h, x)| (Arc::as_ptr(h), *x)).collect();
+        v.sort_unstable();
+        v
+    };
+    sorted(a) == sorted(b)
+}
+
+/// An address of a PTR map, hashed with the table's `pick` (which also
+/// picks its shard: one hash per lookup), and its map in a shard.
+trait PtrAddr: Copy + Eq + 'static {
+    fn hash(self, pick: &foldhash::fast::RandomState) -> u64;
+    fn map(shard: &Shard) -> &Ptrs<Self>;
+    fn map_mut(shard: &mut Shard) -> &mut Ptrs<Self>;
+}
+
+impl PtrAddr for Ipv4Addr {
+    #[inline]
+    fn hash(self, pick: &foldhash::fast::RandomState) -> u64 {
+        use std::hash::BuildHasher;
+        pick.hash_one(u32::from(self))
+    }
+    #[inline]
+    fn map(shard: &Shard) -> &Ptrs<Ipv4Addr> {
+        &shard.ptr_v4
+    }
+    fn map_mut(shard: &mut Shard) -> &mut Ptrs<Ipv4Addr> {
+        &mut shard.ptr_v4
+    }
+}
+
+impl PtrAddr for Ipv6Addr {
+    #[inline]
+    fn hash(self, pick: &foldhash::fast::RandomState) -> u64 {
+        use std::hash::BuildHasher;
+        pick.hash_one(u128::from(self))
+    }
+    #[inline]
+    fn map(shard: &Shard) -> &Ptrs<Ipv6Addr> {
+        &shard.ptr_v6
+    }
+    fn map_mut(shard: &mut Shard) -> &mut Ptrs<Ipv6Addr> {
+        &mut shard.ptr_v6
+    }
+}
+
+/// One address of a PTR map and the groups holding it, in key order. Most
+/// addresses have one holder, kept inline: an IPv4 slot is 16 bytes (an
+/// `IpAddr` and a list took 48).
+#[derive(Clone, Debug)]
+enum Ptr<A> {
+    One(A, Arc<Held>),
+    /// Any other number of holders (none until [`Table::forget_addr`]).
+    /// A thin pointer to the list: a `Vec` (24 bytes) or a boxed slice (16)
+    /// would make every slot bigger for the rare address held twice.
+    #[allow(clippy::box_collection)]
+    Many(A, Box<Vec<Arc<Held>>>),
+}
+
+impl<A: Copy> Ptr<A> {
+    #[inline]
+    fn addr(&self) -> A {
+        match self {
+            Ptr::One(a, _) | Ptr::Many(a, _) => *a,
+        }
+    }
+
+    #[inline]
+    fn holders(&self) -> &[Arc<Held>] {
+        match self {
+            Ptr::One(_, h) => std::slice::from_ref(h),
+            Ptr::Many(_, list) => list,
+        }
+    }
+
+    /// Inserts `held` at `at` among the holders.
+    fn insert(&mut self, at: usize, held: Arc<Held>) {
+        match self {
+            Ptr::Many(_, list) => list.insert(at, held),
+            Ptr::One(a, first) => {
+                let mut list = vec![first.clone()];
+                list.insert(at, held);
+                let a = *a;
+                *self = Ptr::Many(a, Box::new(list));
+            }
+        }
+    }
+
+    /// Removes the holder at `at`.
+    fn remove(&mut self, at: usize) {
+        match self {
+            Ptr::One(a, _) => {
+                let a = *a;
+                *self = Ptr::Many(a, Box::default());
+            }
+            Ptr::Many(a, list) => {
+                list.remove(at);
+                if let [one] = list.as_slice() {
+                    let (a, one) = (*a, one.clone());
+                    *self = Ptr::One(a, one);
+                }
+            }
+        }
+    }
+}
+
+/// A PTR map: addresses hashed with the table's `pick`.
+#[derive(Clone, Debug)]
+struct Ptrs<A>(hashbrown::HashTable<Ptr<A>>);
+
+impl<A> Default for Ptrs<A> {
+    fn default() -> Ptrs<A> {
+        Ptrs(hashbrown::HashTable::new())
+    }
+}
+
+impl<A: PtrAddr> Ptrs<A> {
+    #[inline]
+    fn get(&self, hash: u64, addr: A) -> Option<&Ptr<A>> {
+        self.0.find(hash, |p| p.addr() == addr)
+    }
+
+    fn get_mut(&mut self, hash: u64, addr: A) -> Option<&mut Ptr<A>> {
+        self.0.find_mut(hash, |p| p.addr() == addr)
+    }
+
+    /// Inserts an address that is not in the map.
+    fn insert(&mut self, pick: &foldhash::fast::RandomState, hash: u64, slot: Ptr<A>) {
+        self.0.insert_unique(hash, slot, |p| p.addr().hash(pick));
+    }
+
+    fn remove(&mut self, hash: u64, addr: A) {
+        if let Ok(found) = self.0.find_entry(hash, |p| p.addr() == addr) {
+            found.remove();
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Ptr<A>> {
+        self.0.iter()
+    }
+
+    fn shrink_to_fit(&mut self, pick: &foldhash::fast::RandomState) {
+        self.0.shrink_to_fit(|p| p.addr().hash(pick));
+    }
+}
+
+/// Adds `held` to the holders of `addr` in a table being built (groups
+/// come in key order: holders stay in key order); true when the address is
+/// new.
+fn build_ptr<A: PtrAddr>(
+    shards: &mut [Shard],
+    pick: &foldhash::fast::RandomState,
+    addr: A,
+    held: &Arc<Held>,
+) -> bool {
+    let hash = addr.hash(pick);
+    let n_shards = shards.len();
+    let map = A::map_mut(&mut shards[shard_of(hash, n_shards)]);
+    match map.get_mut(hash, addr) {
+        Some(slot) => {
+            let n = slot.holders().len();
+            if !slot.holders().iter().any(|h| Arc::ptr_eq(h, held)) {
+                slot.insert(n, held.clone());
+            }
+            false
+        }
+        None => {
+            map.insert(pick, hash, Ptr::One(addr, held.clone()));
+            true
+        }
+    }
 }
 
 /// The PTR answer of an address: the primary name of its first holder (in
@@ -881,7 +1132,6 @@ impl PartialEq for Target<'_> {
         self.to_vec() == other.to_vec()
     }
 }
-
 impl Table {
     /// An empty table for `domain` (lowercase, no trailing dot).
     pub fn empty(domain: &str, ttl_secs: u32) -> Table {
@@ -900,7 +1150,8 @@ impl Table {
     /// each name `n` of a group owned by node `node`, the Compose scope and
     /// the SRV names) answers the records of its holders merged by
     /// [`EntryBuilder`]. An address points back (PTR) to the primary name of
-    /// the first group holding it, in `groups` order.
+    /// the first group holding it, in `groups` order. A pinned key that its
+    /// base implies ([`implied_node`]) gets no slot.
     pub fn build_for(
         domain: &str,
         ttl_secs: u32,
@@ -911,12 +1162,19 @@ impl Table {
         let groups = groups.into();
         let domain = domain.trim_end_matches('.').to_ascii_lowercase();
         let domain_wire = name_to_wire(&domain);
-        let n_keys: usize = groups.iter().map(|(_, g)| 2 * g.names.len()).sum();
-        // Name key → every group answering it.
-        let mut holders: FastMap<Box<[u8]>, NameHolders> =
-            FastMap::with_capacity_and_hasher(n_keys, Default::default());
+        // About one slot per name: its pinned key is mostly implied.
+        let n_bases: usize = groups.iter().map(|(_, g)| g.names.len()).sum();
+        // Name key → every group answering it, and whether its base
+        // implies it.
+        let mut holders: FastMap<Box<[u8]>, (NameHolders, std::cell::Cell<bool>)> =
+            FastMap::with_capacity_and_hasher(2 * n_bases, Default::default());
         let pick = foldhash::fast::RandomState::default();
-        let n_shards = (n_keys / NAMES_PER_SHARD)
+        let n_addrs: usize = groups
+            .iter()
+            .filter(|(_, g)| !g.names.is_empty())
+            .map(|(_, g)| g.v4.len() + g.v6.len())
+            .sum();
+        let n_shards = ((n_bases + n_addrs) / ENTRIES_PER_SHARD)
             .next_power_of_two()
             .clamp(MIN_SHARDS, MAX_SHARDS);
         let mut shards: Vec<Shard> = (0..n_shards).map(|_| Shard::default()).collect();
@@ -927,50 +1185,48 @@ impl Table {
             group.for_each_key(&held.key.0.node_name, &mut key, |key, kind| {
                 match holders.get_mut(key) {
                     // A group's keys come together: a repeat is its last holder.
-                    Some(list) => match list.last_mut() {
+                    Some((list, _)) => match list.last_mut() {
                         Some((h, holds)) if Arc::ptr_eq(h, held) => *holds |= kind.bit(),
                         _ => list.push((held.clone(), kind.bit())),
                     },
                     None => {
                         let one = smallvec::smallvec![(held.clone(), kind.bit())];
-                        holders.insert(Box::from(key), one);
+                        holders.insert(Box::from(key), (one, Default::default()));
                     }
                 }
             });
             if !group.names.is_empty() {
-                let ips = group.v4.iter().map(|ip| IpAddr::V4(*ip));
-                for ip in ips.chain(group.v6.iter().map(|ip| IpAddr::V6(*ip))) {
-                    // Groups come in key order: holders stay in key order.
-                    match shards[shard(&pick, &ip, n_shards)].reverse.entry(ip) {
-                        std::collections::hash_map::Entry::Vacant(v) => {
-                            v.insert(smallvec::smallvec![held.clone()]);
-                            match ip {
-                                IpAddr::V4(a) => reverse_v4.push(u32::from(a)),
-                                IpAddr::V6(a) => reverse_v6.push(u128::from(a)),
-                            }
-                        }
-                        std::collections::hash_map::Entry::Occupied(mut o) => {
-                            let holders = o.get_mut();
-                            if !holders.iter().any(|h| Arc::ptr_eq(h, held)) {
-                                holders.push(held.clone());
-                            }
-                        }
+                for &ip in group.v4.iter() {
+                    if build_ptr(&mut shards, &pick, ip, held) {
+                        reverse_v4.push(u32::from(ip));
                     }
                 }
+                for &ip in group.v6.iter() {
+                    if build_ptr(&mut shards, &pick, ip, held) {
+                        reverse_v6.push(u128::from(ip));
+                    }
+                }
+            }
+        }
+        // A pinned key its base implies, held by no other group, gets no
+        // slot.
+        let mut pinned = PinnedKey::new();
+        for (key, (list, _)) in &holders {
+            let Some(node) = implied_node(key, list) else {
+                continue;
+            };
+            write_pinned(&mut pinned, key, node);
+            if let Some((pinned_list, implied)) = holders.get(&pinned[..])
+                && same_holders(list, pinned_list)
+            {
+                implied.set(true);
             }
         }
         let mut builder = EntryBuilder::default();
         let mut conflicts = std::collections::BTreeSet::new();
         let n_names = holders.len();
-        for (key, list) in holders {
-            let entry = builder.build(
-                list.iter().map(|(h, holds)| (&h.key.0, &h.group, *holds)),
-                local_id,
-                &domain_wire,
-            );
-            if is_conflict(&key, list.iter().map(|(h, _)| (&h.key.1, &h.group))) {
-                conflicts.insert(String::from_utf8_lossy(&key).into_owned());
-            }
+        let mut n_slots = 0;
+        for (key, (list, implied)) in holders {
             for_each_suffix(&key, |suffix| {
                 let hash = key_hash(&pick, suffix);
                 let nodes = &mut shards[shard_of(hash, n_shards)].nodes;
@@ -979,6 +1235,17 @@ impl Table {
                     None => nodes.insert(&pick, hash, Key::from(suffix), 1),
                 }
             });
+            if implied.get() {
+                continue;
+            }
+            let entry = builder.build(
+                list.iter().map(|(h, holds)| (&h.key.0, &h.group, *holds)),
+                local_id,
+                &domain_wire,
+            );
+            if is_conflict(&key, list.iter().map(|(h, _)| (&h.key.1, &h.group))) {
+                conflicts.insert(String::from_utf8_lossy(&key).into_owned());
+            }
             let name = Name {
                 entry,
                 holders: list,
@@ -987,10 +1254,12 @@ impl Table {
             shards[shard_of(hash, n_shards)]
                 .names
                 .insert(&pick, hash, Key::from(key), name);
+            n_slots += 1;
         }
         for s in &mut shards {
             s.names.shrink_to_fit(&pick);
-            s.reverse.shrink_to_fit();
+            s.ptr_v4.shrink_to_fit(&pick);
+            s.ptr_v6.shrink_to_fit(&pick);
         }
         reverse_v4.sort_unstable();
         reverse_v6.sort_unstable();
@@ -1002,24 +1271,14 @@ impl Table {
             shards: shards.into_iter().map(Arc::new).collect(),
             pick,
             n_names,
+            n_slots,
+            n_addrs: reverse_v4.len() + reverse_v6.len(),
             local_id: local_id.into(),
             conflicts: Arc::new(conflicts),
             reverse_v4: Sorted::from_sorted(&reverse_v4),
             reverse_v6: Sorted::from_sorted(&reverse_v6),
             groups,
         }
-    }
-
-    /// The shard of an address.
-    #[inline]
-    fn shard(&self, ip: &IpAddr) -> &Shard {
-        &self.shards[shard(&self.pick, ip, self.shards.len())]
-    }
-
-    /// The shard of an address, copied first if another table shares it.
-    fn shard_mut(&mut self, ip: &IpAddr) -> &mut Shard {
-        let at = shard(&self.pick, ip, self.shards.len());
-        Arc::make_mut(&mut self.shards[at])
     }
 
     /// The hash of a name key and its shard.
@@ -1029,33 +1288,95 @@ impl Table {
         (hash, &self.shards[shard_of(hash, self.shards.len())])
     }
 
-    /// The shard of a name key's hash, copied first if another table
-    /// shares it.
+    /// The shard of a key's hash, copied first if another table shares it.
     fn keyed_mut(&mut self, hash: u64) -> &mut Shard {
         let at = shard_of(hash, self.shards.len());
         Arc::make_mut(&mut self.shards[at])
     }
 
-    /// What the table holds for a name key.
+    /// What the table holds for a name key: its slot or, for a pinned key
+    /// without one, its base's ([`Table::implied`]). Never allocates.
     #[inline]
     fn name(&self, key: &[u8]) -> Option<&Name> {
+        match self.stored(key) {
+            Some(name) => Some(name),
+            None => self.implied(key),
+        }
+    }
+
+    /// The slot of a name key. One hash lookup.
+    #[inline]
+    fn stored(&self, key: &[u8]) -> Option<&Name> {
         let (hash, shard) = self.keyed(key);
         shard.names.get(hash, key)
     }
 
+    /// What a key `base.node` with no slot answers: what `base` answers,
+    /// if `base` implies it ([`implied_node`]). A second hash lookup, on a
+    /// miss of a key with a dot only. Never allocates.
+    fn implied(&self, key: &[u8]) -> Option<&Name> {
+        let dot = key.iter().rposition(|&b| b == b'.')?;
+        let (base, node) = (&key[..dot], &key[dot + 1..]);
+        let name = self.stored(base)?;
+        let (first, _) = name.holders.first()?;
+        if !first.key.0.node_name.as_bytes().eq_ignore_ascii_case(node) {
+            return None;
+        }
+        implied_node(base, &name.holders).map(|_| name)
+    }
+
+    /// The pinned key `key` implies (written into `out`) when it has no
+    /// slot of its own.
+    fn implies_unstored(&self, key: &[u8], out: &mut PinnedKey) -> bool {
+        let Some(name) = self.stored(key) else {
+            return false;
+        };
+        let Some(node) = implied_node(key, &name.holders) else {
+            return false;
+        };
+        write_pinned(out, key, node);
+        self.stored(out).is_none()
+    }
+
     /// Looks up a lowercase name relative to the domain (`api` or
-    /// `api.node-1`). Never allocates.
+    /// `api.node-1`). Never allocates. A key without a dot costs one hash
+    /// lookup; a key with one that has no slot (an implied pinned key, or
+    /// no such name) costs a second, of its base.
     #[inline]
     pub fn lookup(&self, key: &[u8]) -> Option<&Entry> {
         self.name(key).map(|n| &n.entry)
     }
 
+    /// The groups holding an address, in key order. Never allocates.
+    #[inline]
+    fn ptr<A: PtrAddr>(&self, addr: A) -> Option<&[Arc<Held>]> {
+        let hash = addr.hash(&self.pick);
+        let shard = &self.shards[shard_of(hash, self.shards.len())];
+        A::map(shard).get(hash, addr).map(Ptr::holders)
+    }
+
+    /// The PTR slot of an address, its shard copied first if another table
+    /// shares it.
+    fn ptr_mut<A: PtrAddr>(&mut self, addr: A) -> Option<&mut Ptr<A>> {
+        let hash = addr.hash(&self.pick);
+        A::map_mut(self.keyed_mut(hash)).get_mut(hash, addr)
+    }
+
+    /// The groups holding `ip`, in key order.
+    #[inline]
+    fn addr_holders(&self, ip: &IpAddr) -> Option<&[Arc<Held>]> {
+        match *ip {
+            IpAddr::V4(a) => self.ptr(a),
+            IpAddr::V6(a) => self.ptr(a),
+        }
+    }
+
     /// The primary name (wire format, under the domain) of an address.
     #[inline]
     pub fn reverse(&self, ip: &IpAddr) -> Option<Target<'_>> {
-        let first = self.shard(ip).reverse.get(ip)?.first()?;
+        let first = self.addr_holders(ip)?.first()?;
         Some(Target {
-            primary: first.group.names.first()?,
+            primary: first.group.names.first()?.as_str(),
             domain_wire: &self.domain_wire,
         })
     }
@@ -1096,6 +1417,12 @@ impl Table {
         self.n_names
     }
 
+    /// Number of names with a slot of their own: [`Table::n_names`] less
+    /// the pinned keys their base implies.
+    pub fn n_name_slots(&self) -> usize {
+        self.n_slots
+    }
+
     /// Number of (name, address) records across all groups.
     pub fn n_records(&self) -> usize {
         self.groups
@@ -1104,21 +1431,28 @@ impl Table {
             .sum()
     }
 
-    /// Every answered name (key relative to the domain) with its addresses,
-    /// in no particular order.
-    pub fn names(&self) -> impl Iterator<Item = (&[u8], &Entry)> {
-        self.shards
-            .iter()
-            .flat_map(|s| s.names.iter().map(|(k, n)| (k, &n.entry)))
+    /// Every answered name (key relative to the domain) with its records,
+    /// in no particular order: implied pinned keys too, written out (an
+    /// allocation each: for tests and diagnostics).
+    pub fn names(&self) -> impl Iterator<Item = (std::borrow::Cow<'_, [u8]>, &Entry)> {
+        let stored = self.shards.iter().flat_map(|s| s.names.iter());
+        stored.flat_map(move |(key, name)| {
+            let mut pinned = PinnedKey::new();
+            let implied = self
+                .implies_unstored(key, &mut pinned)
+                .then(|| (std::borrow::Cow::Owned(pinned.to_vec()), &name.entry));
+            std::iter::once((std::borrow::Cow::Borrowed(key), &name.entry)).chain(implied)
+        })
     }
 
     /// Every address with a PTR answer and its target (wire format), in no
     /// particular order.
-    pub fn addresses(&self) -> impl Iterator<Item = (&IpAddr, Target<'_>)> {
-        let shards = self.shards.iter();
-        shards
-            .flat_map(|s| s.reverse.keys())
-            .filter_map(|ip| Some((ip, self.reverse(ip)?)))
+    pub fn addresses(&self) -> impl Iterator<Item = (IpAddr, Target<'_>)> {
+        let v4 = self.shards.iter().flat_map(|s| s.ptr_v4.iter());
+        let v4 = v4.map(|p| IpAddr::V4(p.addr()));
+        let v6 = self.shards.iter().flat_map(|s| s.ptr_v6.iter());
+        let v6 = v6.map(|p| IpAddr::V6(p.addr()));
+        v4.chain(v6).filter_map(|ip| Some((ip, self.reverse(&ip)?)))
     }
 
     /// Number of shards.
@@ -1126,10 +1460,12 @@ impl Table {
         self.shards.len()
     }
 
-    /// Whether the table grew past [`MAX_NAMES_PER_SHARD`] names per shard
-    /// on average: the next one should be built with more shards.
+    /// Whether the table grew past [`MAX_ENTRIES_PER_SHARD`] name slots
+    /// and addresses per shard on average: the next one should be built
+    /// with more shards.
     pub fn overfull(&self) -> bool {
-        self.n_names > MAX_NAMES_PER_SHARD * self.shards.len() && self.shards.len() < MAX_SHARDS
+        let n_entries = self.n_slots + self.n_addrs;
+        n_entries > MAX_ENTRIES_PER_SHARD * self.shards.len() && self.shards.len() < MAX_SHARDS
     }
 
     /// How many shards `self` holds that `other` does not share: what a
@@ -1147,26 +1483,27 @@ impl Table {
         self.name(key).map(|n| &n.holders)
     }
 
-    /// Records that `held` holds `key` as `holds` (added to how it already
-    /// does). A new key answers nothing until [`Table::set_entry`].
-    pub(crate) fn add_holder(&mut self, key: &[u8], held: &Arc<Held>, holds: Holds) {
+    /// Whether `key` has no slot and is answered by its base's.
+    pub(crate) fn is_implied(&self, key: &[u8]) -> bool {
+        self.stored(key).is_none() && self.implied(key).is_some()
+    }
+
+    /// Gives `key` a slot: `name`, a copy of what it answers already.
+    fn insert_slot(&mut self, key: &[u8], name: Name) {
         let hash = key_hash(&self.pick, key);
-        if let Some(name) = self.keyed_mut(hash).names.get_mut(hash, key) {
-            match name.holders.iter_mut().find(|(h, _)| Arc::ptr_eq(h, held)) {
-                Some((_, old)) => *old |= holds,
-                None => name.holders.push((held.clone(), holds)),
-            }
-            return;
-        }
-        let name = Name {
-            entry: Entry::default(),
-            holders: smallvec::smallvec![(held.clone(), holds)],
-        };
         let pick = self.pick.clone();
         self.keyed_mut(hash)
             .names
             .insert(&pick, hash, Key::from(key), name);
+        self.n_slots += 1;
+    }
+
+    /// Adds a name key that was not answered: a slot of its own, counted
+    /// in [`Table::n_names`] and the empty non-terminals above it.
+    fn insert_name(&mut self, key: &[u8], name: Name) {
+        self.insert_slot(key, name);
         self.n_names += 1;
+        let pick = self.pick.clone();
         for_each_suffix(key, |suffix| {
             let hash = key_hash(&pick, suffix);
             let nodes = &mut self.keyed_mut(hash).nodes;
@@ -1177,26 +1514,103 @@ impl Table {
         });
     }
 
+    /// Before the holders of `key` change: gives `key` a slot if its base
+    /// implies it (a copy of the base's), and so the pinned key `key`
+    /// implies (a copy of `key`'s), so that the change reaches `key` alone.
+    /// `noted` gets that pinned key.
+    fn keep_implied(&mut self, key: &[u8], noted: &mut impl FnMut(&[u8])) {
+        if self.stored(key).is_none()
+            && let Some(name) = self.implied(key).cloned()
+        {
+            self.insert_slot(key, name);
+        }
+        let mut pinned = PinnedKey::new();
+        if self.implies_unstored(key, &mut pinned) {
+            let name = self.stored(key).expect("implies").clone();
+            self.insert_slot(&pinned, name);
+            noted(&pinned);
+        }
+    }
+
+    /// Records that `held` holds `key` as `holds` (added to how it already
+    /// does). A new key answers nothing until [`Table::set_entry`].
+    ///
+    /// An implied pinned key, or one `key` implies, is given a slot first
+    /// (see [`Table::keep_implied`]); a key this call gives a slot to other
+    /// than `key` is passed to `noted`: the caller sets its entry and
+    /// compacts it ([`Table::compact`]) with the keys it changed.
+    pub(crate) fn add_holder(
+        &mut self,
+        key: &[u8],
+        held: &Arc<Held>,
+        holds: Holds,
+        mut noted: impl FnMut(&[u8]),
+    ) {
+        let has = |n: &Name| {
+            n.holders
+                .iter()
+                .any(|(h, old)| Arc::ptr_eq(h, held) && old & holds == holds)
+        };
+        if self.name(key).is_some_and(has) {
+            return;
+        }
+        self.keep_implied(key, &mut noted);
+        let hash = key_hash(&self.pick, key);
+        if self.stored(key).is_some() {
+            let name = self.keyed_mut(hash).names.get_mut(hash, key);
+            let name = name.expect("present");
+            match name.holders.iter_mut().find(|(h, _)| Arc::ptr_eq(h, held)) {
+                Some((_, old)) => *old |= holds,
+                None => name.holders.push((held.clone(), holds)),
+            }
+        } else {
+            let name = Name {
+                entry: Entry::default(),
+                holders: smallvec::smallvec![(held.clone(), holds)],
+            };
+            self.insert_name(key, name);
+        }
+        // `key` now implies a pinned key it did not before (one it implied
+        // has a slot: `keep_implied`), which no group held: the pinned key
+        // of `held` itself, which it writes after `key`. It is a new name
+        // from now on, with a slot.
+        let mut pinned = PinnedKey::new();
+        if self.implies_unstored(key, &mut pinned) {
+            let name = self.stored(key).expect("implies").clone();
+            self.insert_name(&pinned, name);
+            noted(&pinned);
+        }
+    }
+
     /// Records that `held` no longer holds `key` (a key left with no
     /// holder stays until [`Table::forget_name`]: a change often gives it
-    /// back).
-    pub(crate) fn remove_holder(&mut self, key: &[u8], held: &Arc<Held>) {
+    /// back). Implied keys and `noted` as for [`Table::add_holder`].
+    pub(crate) fn remove_holder(
+        &mut self,
+        key: &[u8],
+        held: &Arc<Held>,
+        mut noted: impl FnMut(&[u8]),
+    ) {
         let holds = |n: &Name| n.holders.iter().position(|(h, _)| Arc::ptr_eq(h, held));
-        if let Some(at) = self.name(key).and_then(holds) {
-            let hash = key_hash(&self.pick, key);
-            let name = self.keyed_mut(hash).names.get_mut(hash, key);
-            name.expect("present").holders.swap_remove(at);
+        if self.name(key).and_then(holds).is_none() {
+            return;
         }
+        self.keep_implied(key, &mut noted);
+        let at = self.stored(key).and_then(holds).expect("present");
+        let hash = key_hash(&self.pick, key);
+        let name = self.keyed_mut(hash).names.get_mut(hash, key);
+        name.expect("present").holders.swap_remove(at);
     }
 
     /// Forgets `key` if no group holds it.
     pub(crate) fn forget_name(&mut self, key: &[u8]) {
-        if !self.holders(key).is_some_and(|h| h.is_empty()) {
+        if !self.stored(key).is_some_and(|n| n.holders.is_empty()) {
             return;
         }
         let hash = key_hash(&self.pick, key);
         self.keyed_mut(hash).names.remove(hash, key);
         self.n_names -= 1;
+        self.n_slots -= 1;
         let pick = self.pick.clone();
         for_each_suffix(key, |suffix| {
             let hash = key_hash(&pick, suffix);
@@ -1210,12 +1624,52 @@ impl Table {
         });
     }
 
-    /// Sets the records of a key that has holders.
+    /// Sets the records of a key that has holders (given a slot if it
+    /// answered others).
     pub(crate) fn set_entry(&mut self, key: &[u8], entry: Entry) {
-        if self.lookup(key).is_some_and(|old| *old != entry) {
+        if self.lookup(key).is_none_or(|old| *old == entry) {
+            return;
+        }
+        if self.stored(key).is_none() {
+            let name = self.implied(key).expect("present").clone();
+            self.insert_slot(key, name);
+        }
+        let hash = key_hash(&self.pick, key);
+        let name = self.keyed_mut(hash).names.get_mut(hash, key);
+        name.expect("present").entry = entry;
+    }
+
+    /// Drops the slot of `key`, and of the pinned key `key` implies, where
+    /// its base implies exactly what it holds (a slot a change gave it and
+    /// that is implied again): the table keeps the slots of a fresh build
+    /// as it changes. Its answers are then its base's: call it once the
+    /// holders are set, before the entries (a key it dropped needs none).
+    pub(crate) fn compact(&mut self, key: &[u8]) {
+        self.drop_if_implied(key);
+        let mut pinned = PinnedKey::new();
+        if let Some(name) = self.stored(key)
+            && let Some(node) = implied_node(key, &name.holders)
+        {
+            write_pinned(&mut pinned, key, node);
+            self.drop_if_implied(&pinned);
+        }
+    }
+
+    /// Drops the slot of `key` if its base implies what it answers.
+    fn drop_if_implied(&mut self, key: &[u8]) {
+        let Some(dot) = key.iter().rposition(|&b| b == b'.') else {
+            return;
+        };
+        let (base, node) = (&key[..dot], &key[dot + 1..]);
+        let (Some(name), Some(of_base)) = (self.stored(key), self.stored(base)) else {
+            return;
+        };
+        let implied = implied_node(base, &of_base.holders)
+            .is_some_and(|n| n.as_bytes().eq_ignore_ascii_case(node));
+        if implied && same_holders(&name.holders, &of_base.holders) {
             let hash = key_hash(&self.pick, key);
-            let name = self.keyed_mut(hash).names.get_mut(hash, key);
-            name.expect("present").entry = entry;
+            self.keyed_mut(hash).names.remove(hash, key);
+            self.n_slots -= 1;
         }
     }
 
@@ -1232,27 +1686,32 @@ impl Table {
         }
     }
 
-    /// The groups holding `ip`, in key order.
-    pub(crate) fn addr_holders(&self, ip: &IpAddr) -> Option<&AddrHolders> {
-        self.shard(ip).reverse.get(ip)
-    }
-
     /// Records that `held` holds `ip` (in key order among its holders).
     pub(crate) fn add_addr_holder(&mut self, ip: IpAddr, held: &Arc<Held>) {
-        let at = |holders: &AddrHolders| holders.binary_search_by(|h| h.key.cmp(&held.key));
-        match self.addr_holders(&ip).map(at) {
-            Some(Ok(_)) => {}
+        match ip {
+            IpAddr::V4(a) if self.add_ptr(a, held) => self.reverse_v4.insert(u32::from(a)),
+            IpAddr::V6(a) if self.add_ptr(a, held) => self.reverse_v6.insert(u128::from(a)),
+            _ => return,
+        }
+        self.n_addrs += 1;
+    }
+
+    /// Adds `held` to the holders of `addr`; true when the address is new.
+    fn add_ptr<A: PtrAddr>(&mut self, addr: A, held: &Arc<Held>) -> bool {
+        let at = |holders: &[Arc<Held>]| holders.binary_search_by(|h| h.key.cmp(&held.key));
+        match self.ptr(addr).map(at) {
+            Some(Ok(_)) => false,
             Some(Err(at)) => {
-                let holders = self.shard_mut(&ip).reverse.get_mut(&ip).expect("present");
-                holders.insert(at, held.clone());
+                let slot = self.ptr_mut(addr).expect("present");
+                slot.insert(at, held.clone());
+                false
             }
             None => {
-                let one = smallvec::smallvec![held.clone()];
-                self.shard_mut(&ip).reverse.insert(ip, one);
-                match ip {
-                    IpAddr::V4(a) => self.reverse_v4.insert(u32::from(a)),
-                    IpAddr::V6(a) => self.reverse_v6.insert(u128::from(a)),
-                }
+                let hash = addr.hash(&self.pick);
+                let pick = self.pick.clone();
+                let map = A::map_mut(self.keyed_mut(hash));
+                map.insert(&pick, hash, Ptr::One(addr, held.clone()));
+                true
             }
         }
     }
@@ -1260,10 +1719,16 @@ impl Table {
     /// Records that `held` no longer holds `ip` (kept with no holder until
     /// [`Table::forget_addr`]).
     pub(crate) fn remove_addr_holder(&mut self, ip: &IpAddr, held: &Arc<Held>) {
-        let holds = |h: &AddrHolders| h.iter().position(|h| Arc::ptr_eq(h, held));
-        if let Some(at) = self.addr_holders(ip).and_then(holds) {
-            let holders = self.shard_mut(ip).reverse.get_mut(ip).expect("present");
-            holders.remove(at);
+        match *ip {
+            IpAddr::V4(a) => self.remove_ptr(a, held),
+            IpAddr::V6(a) => self.remove_ptr(a, held),
+        }
+    }
+
+    fn remove_ptr<A: PtrAddr>(&mut self, addr: A, held: &Arc<Held>) {
+        let holds = |h: &[Arc<Held>]| h.iter().position(|h| Arc::ptr_eq(h, held));
+        if let Some(at) = self.ptr(addr).and_then(holds) {
+            self.ptr_mut(addr).expect("present").remove(at);
         }
     }
 
@@ -1272,24 +1737,23 @@ impl Table {
         if !self.addr_holders(ip).is_some_and(|h| h.is_empty()) {
             return;
         }
-        self.shard_mut(ip).reverse.remove(ip);
-        match ip {
-            IpAddr::V4(a) => self.reverse_v4.remove(u32::from(*a)),
-            IpAddr::V6(a) => self.reverse_v6.remove(u128::from(*a)),
+        self.n_addrs -= 1;
+        match *ip {
+            IpAddr::V4(a) => {
+                self.forget_ptr(a);
+                self.reverse_v4.remove(u32::from(a));
+            }
+            IpAddr::V6(a) => {
+                self.forget_ptr(a);
+                self.reverse_v6.remove(u128::from(a));
+            }
         }
     }
-}
 
-/// The shard of `key` under `pick`: bits of its hash that a shard's own map
-/// (hashed with a seed of its own) does not depend on.
-#[inline]
-fn shard<K: std::hash::Hash + ?Sized>(
-    pick: &foldhash::fast::RandomState,
-    key: &K,
-    shards: usize,
-) -> usize {
-    use std::hash::BuildHasher;
-    shard_of(pick.hash_one(key), shards)
+    fn forget_ptr<A: PtrAddr>(&mut self, addr: A) {
+        let hash = addr.hash(&self.pick);
+        A::map_mut(self.keyed_mut(hash)).remove(hash, addr);
+    }
 }
 
 /// Values of a sorted set most in a chunk before it is split.
@@ -1615,6 +2079,14 @@ pub(crate) mod tests {
         assert!(Entry::default().is_empty());
     }
 
+    /// Most addresses have one holder: an IPv4 PTR slot is 16 bytes (a map
+    /// keyed by `IpAddr` with a list of holders took 48).
+    #[test]
+    fn a_ptr_slot_of_one_ipv4_address_is_16_bytes() {
+        assert_eq!(std::mem::size_of::<Ptr<Ipv4Addr>>(), 16);
+        assert_eq!(std::mem::size_of::<Ptr<Ipv6Addr>>(), 32);
+    }
+
     fn origin(id: &str, node: &str) -> Origin {
         Origin {
             id: id.into(),
@@ -1654,6 +2126,100 @@ pub(crate) mod tests {
         assert!(table.lookup(b"nope").is_none());
         let ptr = table.reverse(&"fd00::2".parse().unwrap()).unwrap();
         assert_eq!(ptr.to_vec(), &*name_to_wire("api.glued.internal"));
+    }
+
+    /// A name held by one node answers its pinned key from the name's own
+    /// slot: a table of one-holder names keeps one slot per name (it kept
+    /// two), answers every pinned key, and no other.
+    #[test]
+    fn one_holder_names_keep_no_pinned_slot_yet_answer_it() {
+        let list: Vec<(String, Ipv4Addr)> = (0..100u8)
+            .map(|i| (format!("host{i}"), Ipv4Addr::new(10, 1, 0, i)))
+            .collect();
+        let mut groups = BTreeMap::new();
+        for (name, ip) in &list {
+            groups.insert(
+                (origin("b", "Node-B"), Source::Static { name: name.clone() }),
+                Group {
+                    names: vec![name.clone()],
+                    v4: vec![*ip],
+                    ..Default::default()
+                },
+            );
+        }
+        let t = Table::build("glued.internal", 5, 1, Arc::new(groups));
+        assert_eq!((t.n_names(), t.n_name_slots()), (200, 100));
+        for (name, ip) in &list {
+            let pinned = format!("{name}.node-b");
+            assert_eq!(t.lookup(pinned.as_bytes()).unwrap().v4(), &[*ip]);
+            assert!(t.lookup(format!("{name}.node-c").as_bytes()).is_none());
+            assert!(t.lookup(format!("{pinned}.node-b").as_bytes()).is_none());
+        }
+        assert!(t.is_node(b"node-b") && !t.is_node(b"host1"));
+        assert_eq!(t.names().count(), 200);
+    }
+
+    /// The pinned keys of a Compose scope and of SRV names are implied the
+    /// same way, and answered.
+    #[test]
+    fn pinned_scope_and_srv_keys_are_answered_without_slots() {
+        let mut groups = BTreeMap::new();
+        groups.insert(
+            (
+                origin("b", "node-b"),
+                Source::Container {
+                    id: "c1".into(),
+                    network: "net".into(),
+                },
+            ),
+            Group {
+                names: vec!["web".into()],
+                v4: vec![Ipv4Addr::new(10, 0, 0, 1)],
+                scope: Some(Box::new(Scope {
+                    project: "proj".into(),
+                    service: "svc".into(),
+                })),
+                srv: vec![parse_srv("http=80").unwrap()],
+                ..Default::default()
+            },
+        );
+        let t = Table::build("glued.internal", 5, 1, Arc::new(groups));
+        // `web`, `svc.proj` and the SRV name of each, each pinned too.
+        assert_eq!((t.n_names(), t.n_name_slots()), (8, 4));
+        for base in ["web", "svc.proj", "_http._tcp.web", "_http._tcp.svc.proj"] {
+            let pinned = format!("{base}.node-b");
+            let entry = t.lookup(pinned.as_bytes());
+            assert!(
+                entry.is_some() && entry == t.lookup(base.as_bytes()),
+                "{pinned}"
+            );
+        }
+        let srv = t.lookup(b"_http._tcp.svc.proj.node-b").unwrap().srv();
+        assert_eq!((srv.len(), srv[0].port), (1, 80));
+        assert!(t.is_node(b"_tcp.svc.proj.node-b") && t.is_node(b"proj.node-b"));
+        assert!(t.lookup(b"svc.proj.node-a").is_none());
+    }
+
+    /// A static name equal to the pinned key of another node's name (or a
+    /// scope key equal to one) is held by both: that key keeps a slot
+    /// answering both.
+    #[test]
+    fn a_name_equal_to_a_pinned_key_keeps_a_slot() {
+        let t = Table::build(
+            "glued.internal",
+            5,
+            1,
+            groups(&[
+                ("node-b", "api", "10.0.0.1"),
+                ("node-a", "api.node-b", "10.0.0.2"),
+            ]),
+        );
+        assert_eq!(t.lookup(b"api.node-b").unwrap().v4().len(), 2);
+        assert_eq!(t.lookup(b"api").unwrap().v4().len(), 1);
+        // `api`, `api.node-b`, `api.node-b.node-a` (two holders: no base
+        // implies it).
+        assert_eq!((t.n_names(), t.n_name_slots()), (3, 3));
+        assert_eq!(t.lookup(b"api.node-b.node-a").unwrap().v4().len(), 1);
     }
 
     fn groups(names: &[(&str, &str, &str)]) -> Arc<BTreeMap<(Origin, Source), Group>> {
@@ -1710,7 +2276,7 @@ pub(crate) mod tests {
         assert!(!t.has_address_in(ip("10.0.2.0"), 24));
         assert!(!t.has_address_in(ip("fd00::"), 8));
         let web = t.holders(b"web.host-b").unwrap()[0].0.clone();
-        t.remove_holder(b"web.host-b", &web);
+        t.remove_holder(b"web.host-b", &web, |_| {});
         assert!(t.is_node(b"host-b"), "kept until forgotten");
         t.forget_name(b"web.host-b");
         assert!(!t.is_node(b"host-b"));
@@ -1721,7 +2287,7 @@ pub(crate) mod tests {
             ),
             group: Group::default(),
         });
-        t.add_holder(b"db.host-c", &db, KeyKind::Addr.bit());
+        t.add_holder(b"db.host-c", &db, KeyKind::Addr.bit(), |_| {});
         assert!(t.is_node(b"host-c"));
         t.remove_addr_holder(&ip("10.0.1.2"), &web);
         t.forget_addr(&ip("10.0.1.2"));
