@@ -24,6 +24,7 @@ use glued::config::{Config, Keyring};
 use glued::gossip::{Gossip, GossipStats, Peers};
 use glued::registry::{Registry, RegistryMsg, RegistryStats};
 use glued::table::{self, Group, Origin, Source};
+use smallvec::smallvec;
 
 /// Static names of the node.
 const NAMES: u32 = 1_000;
@@ -90,9 +91,9 @@ fn config() -> Config {
 
 fn group(i: u32, generation: u32) -> Group {
     Group {
-        names: vec![format!("host{i}")],
-        v4: vec![Ipv4Addr::from(0x0a00_0000 + (generation << 12) + i)],
-        v6: vec![],
+        names: smallvec![format!("host{i}").into()],
+        v4: smallvec![Ipv4Addr::from(0x0a00_0000 + (generation << 12) + i)],
+        v6: smallvec![],
         ..Default::default()
     }
 }
@@ -118,7 +119,7 @@ fn main() -> anyhow::Result<()> {
         .map(|i| {
             (
                 Source::Static {
-                    name: format!("host{i}"),
+                    name: format!("host{i}").into(),
                 },
                 group(i, 0),
             )
@@ -156,7 +157,7 @@ fn main() -> anyhow::Result<()> {
         registry.tx.send(RegistryMsg::Upsert {
             origin: origin.clone(),
             source: Source::Static {
-                name: format!("host{i}"),
+                name: format!("host{i}").into(),
             },
             group: group(i, 1 + k / NAMES),
         })?;

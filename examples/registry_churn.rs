@@ -23,6 +23,7 @@ use crossbeam_channel::bounded;
 
 use glued::registry::{Registry, RegistryMsg, RegistryStats};
 use glued::table::{self, Group, Origin, Source, SourceKind};
+use smallvec::smallvec;
 
 /// Containers that churn.
 const CONTAINERS: u32 = 32;
@@ -41,13 +42,13 @@ fn container(origin: &Origin, i: u32, round: u32) -> RegistryMsg {
     RegistryMsg::Upsert {
         origin: origin.clone(),
         source: Source::Container {
-            id: format!("{i:064x}"),
+            id: format!("{i:064x}").into(),
             network: "glued_net".into(),
         },
         group: Group {
-            names: vec![format!("web-{i}"), "web".into()],
-            v4: vec![Ipv4Addr::new(172, 18, (round % 200) as u8, i as u8 + 2)],
-            v6: vec![],
+            names: smallvec![format!("web-{i}").into(), "web".into()],
+            v4: smallvec![Ipv4Addr::new(172, 18, (round % 200) as u8, i as u8 + 2)],
+            v6: smallvec![],
             ..Default::default()
         },
     }
@@ -73,11 +74,11 @@ fn main() {
     );
     let statics = (0..n_static)
         .map(|i| {
-            let name = format!("host{i}");
+            let name = compact_str::format_compact!("host{i}");
             let group = Group {
-                names: vec![name.clone()],
-                v4: vec![Ipv4Addr::new(10, 1, (i / 250) as u8, (i % 250 + 1) as u8)],
-                v6: vec![],
+                names: smallvec![name.clone()],
+                v4: smallvec![Ipv4Addr::new(10, 1, (i / 250) as u8, (i % 250 + 1) as u8)],
+                v6: smallvec![],
                 ..Default::default()
             };
             (Source::Static { name }, group)

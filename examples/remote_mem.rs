@@ -20,8 +20,10 @@ use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::{Duration, Instant};
 
+use compact_str::CompactString;
 use glued::registry::{Registry, RegistryMsg, RegistryStats, State};
 use glued::table::{self, Group, Origin, Source};
+use smallvec::smallvec;
 
 struct Counting;
 
@@ -72,10 +74,10 @@ fn full_state(n: u32) -> RegistryMsg {
         kind: None,
         groups: (0..n)
             .map(|i| {
-                let name = format!("host{i}");
+                let name = CompactString::from(format!("host{i}"));
                 let group = Group {
-                    names: vec![name.clone()],
-                    v4: vec![Ipv4Addr::new(10, 1, (i / 250) as u8, (i % 250 + 1) as u8)],
+                    names: smallvec![name.clone()],
+                    v4: smallvec![Ipv4Addr::new(10, 1, (i / 250) as u8, (i % 250 + 1) as u8)],
                     ..Default::default()
                 };
                 (Source::Static { name }, group)
@@ -137,8 +139,8 @@ fn main() {
                 name: "other".into(),
             },
             group: Group {
-                names: vec!["other".into()],
-                v4: vec![Ipv4Addr::new(10, 9, 0, 1)],
+                names: smallvec!["other".into()],
+                v4: smallvec![Ipv4Addr::new(10, 9, 0, 1)],
                 ..Default::default()
             },
         })

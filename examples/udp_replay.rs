@@ -28,6 +28,7 @@ use glued::dns::forward::{ForwardStats, Forwarder};
 use glued::dns::stats::DnsStats;
 use glued::dns::udp::{self, UdpWorker};
 use glued::table::{Group, Origin, Source, Table};
+use smallvec::smallvec;
 
 /// Names in the zone, as in `bench/lib.sh`.
 const ZONE_NAMES: u32 = 1000;
@@ -35,7 +36,7 @@ const ZONE_NAMES: u32 = 1000;
 fn table() -> Table {
     let mut groups = BTreeMap::new();
     for i in 0..ZONE_NAMES {
-        let name = format!("host{i}");
+        let name = compact_str::format_compact!("host{i}");
         groups.insert(
             (
                 Origin {
@@ -45,9 +46,9 @@ fn table() -> Table {
                 Source::Static { name: name.clone() },
             ),
             Group {
-                names: vec![name],
-                v4: vec![Ipv4Addr::new(10, 1, (i / 250) as u8, (i % 250 + 1) as u8)],
-                v6: vec![],
+                names: smallvec![name],
+                v4: smallvec![Ipv4Addr::new(10, 1, (i / 250) as u8, (i % 250 + 1) as u8)],
+                v6: smallvec![],
                 ..Default::default()
             },
         );

@@ -1446,7 +1446,7 @@ fn parse_in_range<T: std::str::FromStr + PartialOrd>(s: &str, min: T, max: T) ->
 /// A single DNS label of letters, digits, `-` and `_`, not starting or
 /// ending with `-`, lowercased ([`crate::table::label`]).
 pub fn parse_label(s: &str) -> Option<String> {
-    crate::table::label(s)
+    crate::table::label(s).map(String::from)
 }
 
 fn parse_domain(s: &str) -> Option<String> {
@@ -2012,7 +2012,10 @@ fn static_records(
             crate::table::record_name,
         )?;
         let ip = setting("ip", record.ip.0).one("an IPv4 or IPv6 address", parse_ip)?;
-        out.push(StaticRecord { name, ip });
+        out.push(StaticRecord {
+            name: name.into(),
+            ip,
+        });
     }
     Ok(out)
 }

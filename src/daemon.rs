@@ -314,7 +314,7 @@ fn static_records(origin: &Origin, config: &Config) -> RegistryMsg {
     let mut by_name: BTreeMap<&str, Group> = BTreeMap::new();
     for r in &config.records {
         let g = by_name.entry(&r.name).or_insert_with(|| Group {
-            names: vec![r.name.clone()],
+            names: smallvec::smallvec![r.name.as_str().into()],
             ..Group::default()
         });
         match r.ip {

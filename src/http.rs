@@ -20,6 +20,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use compact_str::CompactString;
+
 use crate::dns::cache::Cache;
 use crate::gossip::Peers;
 use crate::metrics::Metrics;
@@ -402,7 +404,7 @@ struct RecordJson<'a> {
     origin: &'a str,
     node_name: &'a str,
     source: &'a Source,
-    names: &'a [String],
+    names: &'a [CompactString],
     addresses: Vec<String>,
     /// Compose project and service, when the container has them.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -438,8 +440,8 @@ fn records_json(state: &State) -> serde_json::Result<String> {
             conflicts: group
                 .names
                 .iter()
+                .map(CompactString::as_str)
                 .filter(|n| table.conflicts.contains(*n))
-                .map(String::as_str)
                 .collect(),
         })
         .collect();

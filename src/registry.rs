@@ -580,7 +580,7 @@ impl State {
                 node_name: "".into(),
             },
             Source::Static {
-                name: String::new(),
+                name: Default::default(),
             },
         );
         self.groups
@@ -608,10 +608,14 @@ impl State {
     /// Creates or replaces one group; `false` when nothing changed.
     ///
     /// What is kept (here and in [`State::replace`]) is a copy made by this
-    /// thread, sized to fit: a peer's groups are decoded on a gossip runtime
-    /// thread, and kept as they came they would pin that thread's allocator
-    /// arena, their small allocations interleaved with the freed message
-    /// (about 230 bytes of resident memory per remote record, measured).
+    /// thread, sized to fit. A peer's groups are decoded on a gossip runtime
+    /// thread. The usual one, one short name and a few addresses, owns no
+    /// allocation ([`Group`]), so its copy is a plain copy; one with heap
+    /// parts (several or long names, a container's id, a scope, SRV ports)
+    /// kept as it came would pin that thread's allocator arena, its small
+    /// allocations interleaved with the freed message (about 230 bytes of
+    /// resident memory per remote record, measured before groups were kept
+    /// inline).
     fn put(&mut self, key: GroupKey, group: Group) -> bool {
         if let Some(held) = self.groups.held(&key) {
             let held = held.clone();
@@ -683,6 +687,7 @@ fn is_empty(group: &Group) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use smallvec::smallvec;
     use std::time::Duration;
 
     fn origin(id: &str) -> Origin {
@@ -694,9 +699,9 @@ mod tests {
 
     fn group(name: &str, ip: &str) -> Group {
         Group {
-            names: vec![name.into()],
-            v4: vec![ip.parse().unwrap()],
-            v6: vec![],
+            names: smallvec![name.into()],
+            v4: smallvec![ip.parse().unwrap()],
+            v6: smallvec![],
             ..Default::default()
         }
     }
@@ -974,7 +979,7 @@ mod tests {
             }
         } else {
             Source::Container {
-                id: format!("c{}", rng.usize(..4)),
+                id: format!("c{}", rng.usize(..4)).into(),
                 network: ["n1", "n2"][rng.usize(..2)].into(),
             }
         }
@@ -998,7 +1003,7 @@ mod tests {
             scope: match rng.u8(..3) {
                 0 => None,
                 p => Some(Box::new(Scope {
-                    project: format!("p{p}"),
+                    project: format!("p{p}").into(),
                     service: ["db", "web"][rng.usize(..2)].into(),
                 })),
             },
@@ -1057,7 +1062,14 @@ mod tests {
             origin: origin("b"),
             kind: None,
             groups: (0..10_000)
-                .map(|i| (Source::Static { name: name(i) }, group(&name(i), &ip(i))))
+                .map(|i| {
+                    (
+                        Source::Static {
+                            name: name(i).into(),
+                        },
+                        group(&name(i), &ip(i)),
+                    )
+                })
                 .collect(),
         });
         writer.publish(&mut state, &stats);
@@ -1065,7 +1077,9 @@ mod tests {
         let fresh_before = state.build("glued.internal", 5, before.serial);
         state.apply(RegistryMsg::Upsert {
             origin: origin("b"),
-            source: Source::Static { name: name(7) },
+            source: Source::Static {
+                name: name(7).into(),
+            },
             group: group(&name(7), "10.9.0.1"),
         });
         writer.publish(&mut state, &stats);

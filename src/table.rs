@@ -32,6 +32,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use compact_str::CompactString;
 use smallvec::SmallVec;
 
 /// Longest DNS name in wire format (RFC 1035 §2.3.4).
@@ -206,9 +207,12 @@ impl From<Arc<BTreeMap<GroupKey, Group>>> for Groups {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Source {
     /// One `[[records]]` name of the configuration file.
-    Static { name: String },
+    Static { name: CompactString },
     /// One container on one watched network.
-    Container { id: String, network: String },
+    Container {
+        id: CompactString,
+        network: CompactString,
+    },
 }
 
 impl Source {
@@ -227,15 +231,28 @@ pub enum SourceKind {
     Container,
 }
 
+/// A group's names: one name of up to 24 bytes is kept inline, without an
+/// allocation of its own.
+pub type Names = SmallVec<[CompactString; 1]>;
+/// A group's IPv4 addresses: up to 4 kept inline (as big as a `Vec`).
+pub type V4Addrs = SmallVec<[Ipv4Addr; 4]>;
+/// A group's IPv6 addresses: one kept inline (as big as a `Vec`).
+pub type V6Addrs = SmallVec<[Ipv6Addr; 1]>;
+
 /// A set of names that all resolve to the same addresses: one container on
 /// one network, or one static name.
+///
+/// A group of one short name (up to 24 bytes) and a few addresses, with no
+/// scope and no SRV port, owns no allocation: a peer's 10 000 static names
+/// cost the registry one shared [`Held`] each, nothing more (issue 9).
+/// Serialized as if its lists were `Vec`s and its strings `String`s.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Group {
     /// Names relative to the domain, lowercase, single labels. The first one
     /// is the primary name, the target of PTR and SRV answers.
-    pub names: Vec<String>,
-    pub v4: Vec<Ipv4Addr>,
-    pub v6: Vec<Ipv6Addr>,
+    pub names: Names,
+    pub v4: V4Addrs,
+    pub v6: V6Addrs,
     /// Compose project and service (both valid labels, or neither): the
     /// group also answers `service.project` (SPEC §3). Boxed: 8 bytes in
     /// every group held, 48 more only in those with a scope.
@@ -254,8 +271,8 @@ pub struct Group {
     Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
 )]
 pub struct Scope {
-    pub project: String,
-    pub service: String,
+    pub project: CompactString,
+    pub service: CompactString,
 }
 
 /// Docker's health status of a container (`none`: no health check).
@@ -335,7 +352,7 @@ impl Proto {
 )]
 pub struct SrvPort {
     /// Service label without the underscore, a valid label.
-    pub service: String,
+    pub service: CompactString,
     pub proto: Proto,
     pub port: u16,
 }
@@ -1921,8 +1938,13 @@ pub fn is_valid_label(name: &str) -> bool {
 }
 
 /// `name` lowercased, when that is a valid label ([`is_valid_label`]).
-pub fn label(name: &str) -> Option<String> {
-    let lower = name.to_ascii_lowercase();
+pub fn label(name: &str) -> Option<CompactString> {
+    // Lowercasing keeps the length: a longer input is no label, not copied.
+    if name.len() > MAX_LABEL_LEN {
+        return None;
+    }
+    let mut lower = CompactString::new(name);
+    lower.make_ascii_lowercase();
     is_valid_label(&lower).then_some(lower)
 }
 
@@ -1938,7 +1960,7 @@ pub fn is_valid_name(name: &str) -> bool {
 }
 
 /// `name` lowercased, when that is a valid name ([`is_valid_name`]).
-pub fn record_name(name: &str) -> Option<String> {
+pub fn record_name(name: &str) -> Option<CompactString> {
     label(name).filter(|n| !RESERVED_NAMES.contains(&n.as_str()))
 }
 
@@ -1962,7 +1984,7 @@ pub fn parse_srv(item: &str) -> Option<SrvPort> {
         return None;
     }
     Some(SrvPort {
-        service,
+        service: service.into(),
         proto,
         port,
     })
@@ -1979,6 +2001,7 @@ pub fn shared(domain: &str, ttl_secs: u32) -> SharedTable {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use smallvec::smallvec;
 
     /// `n` replicas on node-a sharing 49 names, a Compose scope and 4 SRV
     /// ports, each with its own primary name: (50 names + the scope) ×
@@ -1992,22 +2015,23 @@ pub(crate) mod tests {
                         node_name: "node-a".into(),
                     },
                     Source::Container {
-                        id: format!("c{i}"),
+                        id: format!("c{i}").into(),
                         network: "net".into(),
                     },
                 );
                 let group = Group {
                     names: std::iter::once(format!("c{i}"))
                         .chain((0..49).map(|n| format!("name-{n}")))
+                        .map(CompactString::from)
                         .collect(),
-                    v4: vec![Ipv4Addr::new(10, 0, 0, i)],
+                    v4: smallvec![Ipv4Addr::new(10, 0, 0, i)],
                     scope: Some(Box::new(Scope {
                         project: "p".into(),
                         service: "svc".into(),
                     })),
                     srv: (1..=4)
                         .map(|port| SrvPort {
-                            service: format!("s{port}"),
+                            service: format!("s{port}").into(),
                             proto: Proto::Tcp,
                             port,
                         })
@@ -2087,6 +2111,63 @@ pub(crate) mod tests {
         assert_eq!(std::mem::size_of::<Ptr<Ipv6Addr>>(), 32);
     }
 
+    /// Issue 9: a remote record costs one shared [`Held`], and its lists
+    /// kept inline must not make it bigger: an `Arc<Held>` (with its two
+    /// counts) stays one 224-byte chunk of glibc's malloc, as it was with
+    /// `Vec`s (`Held` was 192 bytes then).
+    #[test]
+    fn a_held_group_stays_one_allocation_of_the_same_size() {
+        assert!(size_of::<Held>() <= 208, "{}", size_of::<Held>());
+        // The inline lists are as big as the `Vec`s they replace, the names
+        // one word more (a whole `CompactString` inline).
+        assert_eq!(size_of::<V4Addrs>(), size_of::<Vec<Ipv4Addr>>());
+        assert_eq!(size_of::<V6Addrs>(), size_of::<Vec<Ipv6Addr>>());
+        assert_eq!(size_of::<Names>(), size_of::<Vec<String>>() + 8);
+        assert_eq!(size_of::<Source>(), 2 * size_of::<String>());
+    }
+
+    /// `/records`, `glued records` and anything else that shows groups as
+    /// JSON see what they saw when names and addresses were `Vec`s and
+    /// strings `String`s.
+    #[test]
+    fn groups_and_sources_keep_their_json() {
+        let group = Group {
+            names: smallvec!["db".into(), "a-name-longer-than-24-bytes".into()],
+            v4: smallvec!["10.0.0.5".parse().unwrap()],
+            v6: smallvec!["fd00::5".parse().unwrap()],
+            scope: Some(Box::new(Scope {
+                project: "p".into(),
+                service: "svc".into(),
+            })),
+            health: Health::Healthy,
+            srv: vec![SrvPort {
+                service: "http".into(),
+                proto: Proto::Udp,
+                port: 8080,
+            }],
+        };
+        let json = r#"{"names":["db","a-name-longer-than-24-bytes"],"v4":["10.0.0.5"],"v6":["fd00::5"],"scope":{"project":"p","service":"svc"},"health":"healthy","srv":[{"service":"http","proto":"udp","port":8080}]}"#;
+        assert_eq!(serde_json::to_string(&group).unwrap(), json);
+        assert_eq!(serde_json::from_str::<Group>(json).unwrap(), group);
+        let plain = r#"{"names":["web"],"v4":[],"v6":[],"health":"none"}"#;
+        let web = Group {
+            names: smallvec!["web".into()],
+            ..Group::default()
+        };
+        assert_eq!(serde_json::to_string(&web).unwrap(), plain);
+        let sources = [
+            Source::Static { name: "db".into() },
+            Source::Container {
+                id: "c0ffee".into(),
+                network: "net".into(),
+            },
+        ];
+        assert_eq!(
+            serde_json::to_string(&sources).unwrap(),
+            r#"[{"kind":"static","name":"db"},{"kind":"container","id":"c0ffee","network":"net"}]"#
+        );
+    }
+
     fn origin(id: &str, node: &str) -> Origin {
         Origin {
             id: id.into(),
@@ -2100,18 +2181,18 @@ pub(crate) mod tests {
         groups.insert(
             (origin("a", "host-a"), Source::Static { name: "api".into() }),
             Group {
-                names: vec!["API".into()],
-                v4: vec!["10.0.0.1".parse().unwrap()],
-                v6: vec![],
+                names: smallvec!["API".into()],
+                v4: smallvec!["10.0.0.1".parse().unwrap()],
+                v6: smallvec![],
                 ..Default::default()
             },
         );
         groups.insert(
             (origin("b", "host-b"), Source::Static { name: "api".into() }),
             Group {
-                names: vec!["api".into()],
-                v4: vec!["10.0.0.2".parse().unwrap()],
-                v6: vec!["fd00::2".parse().unwrap()],
+                names: smallvec!["api".into()],
+                v4: smallvec!["10.0.0.2".parse().unwrap()],
+                v6: smallvec!["fd00::2".parse().unwrap()],
                 ..Default::default()
             },
         );
@@ -2133,16 +2214,21 @@ pub(crate) mod tests {
     /// two), answers every pinned key, and no other.
     #[test]
     fn one_holder_names_keep_no_pinned_slot_yet_answer_it() {
-        let list: Vec<(String, Ipv4Addr)> = (0..100u8)
-            .map(|i| (format!("host{i}"), Ipv4Addr::new(10, 1, 0, i)))
+        let list: Vec<(CompactString, Ipv4Addr)> = (0..100u8)
+            .map(|i| {
+                (
+                    compact_str::format_compact!("host{i}"),
+                    Ipv4Addr::new(10, 1, 0, i),
+                )
+            })
             .collect();
         let mut groups = BTreeMap::new();
         for (name, ip) in &list {
             groups.insert(
                 (origin("b", "Node-B"), Source::Static { name: name.clone() }),
                 Group {
-                    names: vec![name.clone()],
-                    v4: vec![*ip],
+                    names: smallvec![name.clone()],
+                    v4: smallvec![*ip],
                     ..Default::default()
                 },
             );
@@ -2173,8 +2259,8 @@ pub(crate) mod tests {
                 },
             ),
             Group {
-                names: vec!["web".into()],
-                v4: vec![Ipv4Addr::new(10, 0, 0, 1)],
+                names: smallvec!["web".into()],
+                v4: smallvec![Ipv4Addr::new(10, 0, 0, 1)],
                 scope: Some(Box::new(Scope {
                     project: "proj".into(),
                     service: "svc".into(),
@@ -2233,9 +2319,9 @@ pub(crate) mod tests {
                     },
                 ),
                 Group {
-                    names: vec![(*name).into()],
-                    v4: vec![ip.parse().unwrap()],
-                    v6: vec![],
+                    names: smallvec![(*name).into()],
+                    v4: smallvec![ip.parse().unwrap()],
+                    v6: smallvec![],
                     ..Default::default()
                 },
             );

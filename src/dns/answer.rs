@@ -756,6 +756,7 @@ mod tests {
 
     use super::*;
     use crate::table::{Group, Health, Origin, Scope, Source};
+    use smallvec::smallvec;
 
     fn table() -> Table {
         let mut groups = BTreeMap::new();
@@ -769,7 +770,7 @@ mod tests {
                     Source::Static { name: name.into() },
                 ),
                 Group {
-                    names: vec![name.into()],
+                    names: smallvec![name.into()],
                     v4: v4.iter().map(|a| a.parse().unwrap()).collect(),
                     v6: v6.iter().map(|a| a.parse().unwrap()).collect(),
                     ..Default::default()
@@ -846,13 +847,13 @@ mod tests {
                         node_name: format!("node-{node}").into(),
                     },
                     Source::Container {
-                        id: format!("c{i}"),
+                        id: format!("c{i}").into(),
                         network: "net".into(),
                     },
                 ),
                 Group {
-                    names: vec![name, (*service).into()],
-                    v4: vec![ip.parse().unwrap()],
+                    names: smallvec![name.into(), (*service).into()],
+                    v4: smallvec![ip.parse().unwrap()],
                     scope: scope.map(Box::new),
                     health: *health,
                     srv: srv.split(',').filter_map(crate::table::parse_srv).collect(),
@@ -917,8 +918,8 @@ mod tests {
                 Source::Static { name: "db".into() },
             ),
             Group {
-                names: vec!["db".into()],
-                v4: vec!["10.0.9.9".parse().unwrap()],
+                names: smallvec!["db".into()],
+                v4: smallvec!["10.0.9.9".parse().unwrap()],
                 ..Default::default()
             },
         );
@@ -1152,13 +1153,13 @@ mod tests {
                         node_name: node.into(),
                     },
                     Source::Container {
-                        id: name.to_string(),
+                        id: name.into(),
                         network: "net".into(),
                     },
                 ),
                 Group {
-                    names: vec![name.to_string(), "web".into()],
-                    v4: vec![ip.parse().unwrap()],
+                    names: smallvec![name.into(), "web".into()],
+                    v4: smallvec![ip.parse().unwrap()],
                     srv: crate::table::parse_srv("http=80").into_iter().collect(),
                     ..Default::default()
                 },
@@ -1370,11 +1371,11 @@ mod tests {
                 Source::Static { name: "big".into() },
             ),
             Group {
-                names: vec!["big".into()],
+                names: smallvec!["big".into()],
                 v4: (0..60)
                     .map(|i| std::net::Ipv4Addr::new(10, 1, 0, i))
                     .collect(),
-                v6: vec![],
+                v6: smallvec![],
                 ..Default::default()
             },
         );
@@ -1487,7 +1488,7 @@ mod tests {
                 Source::Static { name: "big".into() },
             ),
             Group {
-                names: vec!["big".into()],
+                names: smallvec!["big".into()],
                 v4: (0..=255).map(|i| Ipv4Addr::new(10, 2, 0, i)).collect(),
                 v6: (0..100)
                     .map(|i| Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, i))

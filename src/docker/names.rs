@@ -9,8 +9,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use bollard::models::{ContainerInspectResponse, EndpointSettings};
+use compact_str::CompactString;
 
-use crate::table::{Group, Health, MAX_NAMES_PER_GROUP, MAX_SRV_PORTS, Scope, SrvPort};
+use crate::table::{Group, Health, MAX_NAMES_PER_GROUP, MAX_SRV_PORTS, Names, Scope, SrvPort};
 
 /// Label holding extra names, comma-separated.
 pub const LABEL_NAMES: &str = "glued.names";
@@ -197,8 +198,8 @@ impl ContainerInfo {
 
     /// Names on one network, in SPEC §3 order: container name (the PTR
     /// primary), aliases, Compose service, short id, `glued.names`.
-    fn names(&self, ep: &Endpoint) -> Vec<String> {
-        let mut names: Vec<String> = Vec::new();
+    fn names(&self, ep: &Endpoint) -> Names {
+        let mut names = Names::new();
         let candidates = std::iter::once(self.name.as_str())
             .chain(ep.aliases.iter().map(String::as_str))
             .chain(self.labels.get(LABEL_COMPOSE_SERVICE).map(String::as_str))
@@ -210,7 +211,8 @@ impl ContainerInfo {
                     .flat_map(|v| v.split(',')),
             );
         for raw in candidates {
-            let name = raw.trim().to_ascii_lowercase();
+            let mut name = CompactString::new(raw.trim());
+            name.make_ascii_lowercase();
             if name.is_empty() {
                 continue;
             }
@@ -325,14 +327,15 @@ pub fn change_lines(
 mod tests {
     use super::*;
     use crate::table::Proto;
+    use smallvec::smallvec;
 
     const ID: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 
     #[test]
     fn a_change_logs_one_line_per_name_added_removed_or_readdressed() {
         let group = |names: &[&str], v4: &str| Group {
-            names: names.iter().map(|n| n.to_string()).collect(),
-            v4: vec![v4.parse().unwrap()],
+            names: names.iter().map(|n| (*n).into()).collect(),
+            v4: smallvec![v4.parse().unwrap()],
             ..Group::default()
         };
         let old = BTreeMap::from([
@@ -404,9 +407,12 @@ mod tests {
         ]);
         let groups = c.groups(&["glued_net".into()]);
         let g = &groups["glued_net"];
-        assert_eq!(g.names, ["my_app", "web", "0123456789ab", "api", "extra"]);
-        assert_eq!(g.v4, ["172.20.0.5".parse::<Ipv4Addr>().unwrap()]);
-        assert_eq!(g.v6, ["fd00::5".parse::<Ipv6Addr>().unwrap()]);
+        assert_eq!(
+            g.names[..],
+            ["my_app", "web", "0123456789ab", "api", "extra"]
+        );
+        assert_eq!(g.v4[..], ["172.20.0.5".parse::<Ipv4Addr>().unwrap()]);
+        assert_eq!(g.v6[..], ["fd00::5".parse::<Ipv6Addr>().unwrap()]);
     }
 
     #[test]
@@ -414,7 +420,7 @@ mod tests {
         let c = info(&[]);
         let groups = c.groups(&["other".into(), "absent".into()]);
         assert_eq!(groups.keys().collect::<Vec<_>>(), ["other"]);
-        assert_eq!(groups["other"].names, ["my_app", "0123456789ab"]);
+        assert_eq!(groups["other"].names[..], ["my_app", "0123456789ab"]);
     }
 
     #[test]
@@ -601,9 +607,9 @@ mod tests {
         let c: ContainerInspectResponse = serde_json::from_value(json).unwrap();
         let c = ContainerInfo::from_inspect(c).unwrap();
         let g = &c.groups(&["glued_net".into()])["glued_net"];
-        assert_eq!(g.names, ["db", "database", "0123456789ab", "postgres"]);
+        assert_eq!(g.names[..], ["db", "database", "0123456789ab", "postgres"]);
         assert_eq!(g.health, Health::Unhealthy);
-        assert_eq!(g.v4, ["10.1.0.2".parse::<Ipv4Addr>().unwrap()]);
+        assert_eq!(g.v4[..], ["10.1.0.2".parse::<Ipv4Addr>().unwrap()]);
         assert!(g.v6.is_empty());
     }
 

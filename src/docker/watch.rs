@@ -492,8 +492,8 @@ async fn inspect(
 
 fn source(id: &str, network: &str) -> Source {
     Source::Container {
-        id: id.to_owned(),
-        network: network.to_owned(),
+        id: id.into(),
+        network: network.into(),
     }
 }
 

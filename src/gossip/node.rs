@@ -690,7 +690,7 @@ impl Node {
                 node_name: "".into(),
             },
             Source::Static {
-                name: String::new(),
+                name: Default::default(),
             },
         );
         let node = Node {
@@ -2158,12 +2158,13 @@ fn diff<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use smallvec::smallvec;
 
     fn g(ip: &str) -> Group {
         Group {
-            names: vec!["x".into()],
-            v4: vec![ip.parse().unwrap()],
-            v6: vec![],
+            names: smallvec!["x".into()],
+            v4: smallvec![ip.parse().unwrap()],
+            v6: smallvec![],
             ..Default::default()
         }
     }

@@ -227,20 +227,25 @@ pub enum WireSource {
 impl From<&Source> for WireSource {
     fn from(s: &Source) -> WireSource {
         match s {
-            Source::Static { name } => WireSource::Static(name.clone()),
+            Source::Static { name } => WireSource::Static(name.as_str().into()),
             Source::Container { id, network } => WireSource::Container {
-                id: id.clone(),
-                network: network.clone(),
+                id: id.as_str().into(),
+                network: network.as_str().into(),
             },
         }
     }
 }
 
+/// A peer's source as the registry keeps it: a name of up to 24 bytes
+/// inline, so a static group's key owns no allocation.
 impl From<WireSource> for Source {
     fn from(s: WireSource) -> Source {
         match s {
-            WireSource::Static(name) => Source::Static { name },
-            WireSource::Container { id, network } => Source::Container { id, network },
+            WireSource::Static(name) => Source::Static { name: name.into() },
+            WireSource::Container { id, network } => Source::Container {
+                id: id.into(),
+                network: network.into(),
+            },
         }
     }
 }
@@ -268,9 +273,9 @@ pub struct Facts {
 impl From<&Group> for WireGroup {
     fn from(g: &Group) -> WireGroup {
         WireGroup {
-            names: g.names.clone(),
-            v4: g.v4.clone(),
-            v6: g.v6.clone(),
+            names: g.names.iter().map(|n| n.as_str().into()).collect(),
+            v4: g.v4.to_vec(),
+            v6: g.v6.to_vec(),
             facts: Facts {
                 scope: g.scope.as_deref().cloned(),
                 health: g.health,
@@ -741,9 +746,35 @@ mod tests {
             ..Default::default()
         }
         .into();
-        assert_eq!(g.names, ["api", "db_1"]);
+        assert_eq!(g.names[..], ["api", "db_1"]);
     }
     use super::*;
+
+    /// A group's facts keep the postcard bytes of the v4 release, whose
+    /// `Scope` and `SrvPort` held `String`s: v4 peers read what this node
+    /// sends, and this node reads theirs.
+    #[test]
+    fn facts_keep_the_bytes_of_the_v4_release() {
+        let facts = Facts {
+            scope: Some(Scope {
+                project: "p".into(),
+                service: "svc".into(),
+            }),
+            health: Health::Healthy,
+            srv: vec![SrvPort {
+                service: "http".into(),
+                proto: crate::table::Proto::Udp,
+                port: 8080,
+            }],
+        };
+        let bytes = [
+            1, 1, b'p', 3, b's', b'v', b'c', // Some(scope): project, service
+            2,    // healthy
+            1, 4, b'h', b't', b't', b'p', 1, 0x90, 0x3f, // one port: http, udp, 8080
+        ];
+        assert_eq!(postcard::to_allocvec(&facts).unwrap(), bytes);
+        assert_eq!(postcard::from_bytes::<Facts>(&bytes).unwrap(), facts);
+    }
 
     const ACCEPT: Versions = Versions {
         min: OLDEST_VERSION,

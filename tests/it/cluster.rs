@@ -15,6 +15,7 @@ use glued::gossip::wire::{self, Change, Encoding, Header, Payload, Ring, WireGro
 use glued::gossip::{DropReason, Gossip, GossipStats, Peers, Refusal, load_key};
 use glued::registry::{Registry, RegistryMsg, RegistryStats};
 use glued::table::{self, Group, Origin, SharedTable, Source};
+use smallvec::smallvec;
 
 use crate::support;
 
@@ -137,9 +138,9 @@ fn start_with(o: Opts, edit: impl FnOnce(&mut Config)) -> Node {
 
 fn group(name: &str, ip: Ipv4Addr) -> Group {
     Group {
-        names: vec![name.into()],
-        v4: vec![ip],
-        v6: vec![],
+        names: smallvec![name.into()],
+        v4: smallvec![ip],
+        v6: smallvec![],
         ..Default::default()
     }
 }
@@ -268,7 +269,12 @@ fn a_late_joiner_receives_the_full_state_of_10000_records() {
     let groups: Vec<(Source, Group)> = (0..10_000u32)
         .map(|i| {
             let name = format!("svc-{i}");
-            (Source::Static { name: name.clone() }, group(&name, ip(i)))
+            (
+                Source::Static {
+                    name: (&name).into(),
+                },
+                group(&name, ip(i)),
+            )
         })
         .collect();
     a.tx()
@@ -1118,15 +1124,15 @@ fn a_group_too_large_for_one_message_arrives_through_the_full_state() {
     // At most 64 names per group (table::MAX_NAMES_PER_GROUP), long ones: more
     // than one gossip message can carry.
     let long = |i: usize| format!("alias-{i:02}-{}", "x".repeat(50));
-    let names: Vec<String> = (0..60).map(long).collect();
+    let names = (0..60).map(|i| long(i).into()).collect();
     a.tx()
         .send(RegistryMsg::Upsert {
             origin: a.origin.clone(),
             source: Source::Static { name: "big".into() },
             group: Group {
                 names,
-                v4: vec![ip(2)],
-                v6: vec![],
+                v4: smallvec![ip(2)],
+                v6: smallvec![],
                 ..Default::default()
             },
         })
@@ -2061,8 +2067,8 @@ fn a_peer_one_version_behind_gets_groups_without_the_new_facts() {
         network: "net".into(),
     };
     let full = Group {
-        names: vec!["shop-db-1".into(), "db".into()],
-        v4: vec![ip(7)],
+        names: smallvec!["shop-db-1".into(), "db".into()],
+        v4: smallvec![ip(7)],
         scope: Some(Box::new(Scope {
             project: "shop".into(),
             service: "db".into(),

@@ -17,6 +17,7 @@ use glued::dns::stats::DnsStats;
 use glued::dns::tcp::TCP_PER_CLIENT;
 use glued::registry::{Registry, RegistryMsg, RegistryStats};
 use glued::table::{self, Group, Origin, Source};
+use smallvec::smallvec;
 
 use crate::support::test_config;
 
@@ -58,7 +59,7 @@ fn upsert(node: &str, name: &str, ips: &[IpAddr]) -> RegistryMsg {
         origin: origin(node),
         source: Source::Static { name: name.into() },
         group: Group {
-            names: vec![name.into()],
+            names: smallvec![name.into()],
             v4: ips
                 .iter()
                 .filter_map(|i| match i {

@@ -20,6 +20,7 @@ use glued::registry::{Registry, RegistryMsg, RegistryStats};
 use glued::table::{self, Group, Origin, SharedTable, Source, SourceKind};
 use hickory_proto::op::{Message, Query};
 use hickory_proto::rr::{Name, RData, RecordType};
+use smallvec::smallvec;
 
 use crate::support::{in_ci, test_config, unique};
 
@@ -297,7 +298,7 @@ impl Glued {
             .iter()
             .map(|r| {
                 let mut g = Group {
-                    names: vec![r.name.clone()],
+                    names: smallvec![r.name.as_str().into()],
                     ..Group::default()
                 };
                 match r.ip {
@@ -306,7 +307,7 @@ impl Glued {
                 }
                 (
                     Source::Static {
-                        name: r.name.clone(),
+                        name: r.name.as_str().into(),
                     },
                     g,
                 )
@@ -392,7 +393,7 @@ impl Glued {
                     network: network.into(),
                 },
             ))
-            .map(|g| g.names.clone())
+            .map(|g| g.names.iter().map(|n| n.to_string()).collect())
     }
 }
 

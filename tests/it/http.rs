@@ -13,6 +13,7 @@ use glued::gossip::{PeerStatus, Peers};
 use glued::http::{ANSWER_DEADLINE, HttpServer, MAX_REQUEST_BYTES, REQUEST_DEADLINE};
 use glued::metrics::Metrics;
 use glued::table::{self, Group, Origin, SharedTable, Source, Table};
+use smallvec::smallvec;
 
 use crate::support;
 
@@ -105,9 +106,9 @@ fn records_lists_every_group_as_json() {
     groups.insert(
         (origin.clone(), Source::Static { name: "db".into() }),
         Group {
-            names: vec!["db".into()],
-            v4: vec!["10.0.0.5".parse().unwrap()],
-            v6: vec!["fd00::5".parse().unwrap()],
+            names: smallvec!["db".into()],
+            v4: smallvec!["10.0.0.5".parse().unwrap()],
+            v6: smallvec!["fd00::5".parse().unwrap()],
             ..Default::default()
         },
     );
@@ -120,9 +121,9 @@ fn records_lists_every_group_as_json() {
             },
         ),
         Group {
-            names: vec!["api".into(), "web".into()],
-            v4: vec!["172.18.0.2".parse().unwrap()],
-            v6: vec![],
+            names: smallvec!["api".into(), "web".into()],
+            v4: smallvec!["172.18.0.2".parse().unwrap()],
+            v6: smallvec![],
             ..Default::default()
         },
     );
@@ -326,8 +327,8 @@ fn a_client_reading_a_large_answer_slowly_does_not_hold_the_server() {
     groups.insert(
         (origin, Source::Static { name: "big".into() }),
         Group {
-            names: vec!["big".into()],
-            v4: vec![],
+            names: smallvec!["big".into()],
+            v4: smallvec![],
             v6,
             ..Default::default()
         },
