@@ -344,8 +344,7 @@ fn give_back_free_memory() {
 /// (`Table::compact`: a pinned key its base implies again gives its slot
 /// back), then have their entries recomputed.
 fn apply_changes(table: &mut Table, state: &State, scratch: &mut Scratch) {
-    scratch.names.clear();
-    scratch.addrs.clear();
+    // Both sets were left empty by the last call.
     for (held, gained) in &state.index.changes.groups {
         let (names, addrs) = (&mut scratch.names, &mut scratch.addrs);
         held.group
@@ -810,10 +809,7 @@ mod tests {
     fn a_change_of_one_replica_writes_its_keys_and_no_other() {
         use crate::table::tests::{REPLICA_KEYS, replicas};
         use crate::table::{Health, KEYS_WRITTEN};
-        let table = crate::table::shared("glued.internal", 5);
-        let stats = RegistryStats::default();
-        let mut state = State::for_local("a");
-        let mut writer = Writer::new(table.clone());
+        let (table, stats, mut state, mut writer) = empty_writer();
         let mut all = replicas(20);
         KEYS_WRITTEN.with(|n| n.set(0));
         for ((origin, source), group) in all.clone() {
@@ -849,10 +845,7 @@ mod tests {
     /// the slots back.
     #[test]
     fn a_second_node_taking_a_name_keeps_each_pinned_key_to_its_node() {
-        let table = crate::table::shared("glued.internal", 5);
-        let stats = RegistryStats::default();
-        let mut state = State::for_local("a");
-        let mut writer = Writer::new(table.clone());
+        let (table, stats, mut state, mut writer) = empty_writer();
         let api = || Source::Static { name: "api".into() };
         let upsert = |id: &str, ip: &str| RegistryMsg::Upsert {
             origin: origin(id),
@@ -902,6 +895,18 @@ mod tests {
         assert_eq!((t.n_names(), t.n_name_slots()), (2, 1));
         assert_same_as_build(&t, &state);
         assert_eq!(stats.full_builds.load(Ordering::Relaxed), 0);
+    }
+
+    /// An empty published table, the state of node "a" and its writer.
+    fn empty_writer() -> (SharedTable, RegistryStats, State, Writer) {
+        let table = crate::table::shared("glued.internal", 5);
+        let writer = Writer::new(table.clone());
+        (
+            table,
+            RegistryStats::default(),
+            State::for_local("a"),
+            writer,
+        )
     }
 
     /// Asserts that `published` answers exactly what a table built from
@@ -1052,10 +1057,7 @@ mod tests {
     /// it is left as it was.
     #[test]
     fn a_small_change_to_a_big_table_copies_only_the_shards_it_touches() {
-        let table = crate::table::shared("glued.internal", 5);
-        let stats = RegistryStats::default();
-        let mut state = State::for_local("a");
-        let mut writer = Writer::new(table.clone());
+        let (table, stats, mut state, mut writer) = empty_writer();
         let name = |i: u32| format!("host{i}");
         let ip = |i: u32| format!("10.1.{}.{}", i / 250, i % 250 + 1);
         state.apply(RegistryMsg::Replace {
@@ -1099,10 +1101,7 @@ mod tests {
     #[test]
     fn a_table_grown_by_small_bursts_is_rebuilt_with_more_shards() {
         use crate::table::{MAX_ENTRIES_PER_SHARD, MIN_SHARDS};
-        let table = crate::table::shared("glued.internal", 5);
-        let stats = RegistryStats::default();
-        let mut state = State::for_local("a");
-        let mut writer = Writer::new(table.clone());
+        let (table, stats, mut state, mut writer) = empty_writer();
         assert_eq!(table.load().shard_count(), MIN_SHARDS);
         // A name slot and an address a group (its pinned key is implied):
         // past the bound after half as many groups.

@@ -1520,15 +1520,43 @@ impl Table {
     fn insert_name(&mut self, key: &[u8], name: Name) {
         self.insert_slot(key, name);
         self.n_names += 1;
+        self.count_below(key, true);
+    }
+
+    /// Counts one name key more (`true`) or less below each empty
+    /// non-terminal above `key`.
+    fn count_below(&mut self, key: &[u8], more: bool) {
         let pick = self.pick.clone();
         for_each_suffix(key, |suffix| {
             let hash = key_hash(&pick, suffix);
             let nodes = &mut self.keyed_mut(hash).nodes;
-            match nodes.get_mut(hash, suffix) {
-                Some(n) => *n += 1,
-                None => nodes.insert(&pick, hash, Key::from(suffix), 1),
+            match (nodes.get_mut(hash, suffix), more) {
+                (Some(n), true) => *n += 1,
+                (None, true) => nodes.insert(&pick, hash, Key::from(suffix), 1),
+                (Some(n), false) => {
+                    *n -= 1;
+                    if *n == 0 {
+                        nodes.remove(hash, suffix);
+                    }
+                }
+                (None, false) => {}
             }
         });
+    }
+
+    /// Gives the pinned key `key` implies a slot (a copy of `key`'s), and
+    /// passes it to `noted`; `new` when no group held it before (a name
+    /// the table did not answer).
+    fn slot_implied_pinned(&mut self, key: &[u8], new: bool, noted: &mut impl FnMut(&[u8])) {
+        let mut pinned = PinnedKey::new();
+        if self.implies_unstored(key, &mut pinned) {
+            let name = self.stored(key).expect("implies").clone();
+            match new {
+                true => self.insert_name(&pinned, name),
+                false => self.insert_slot(&pinned, name),
+            }
+            noted(&pinned);
+        }
     }
 
     /// Before the holders of `key` change: gives `key` a slot if its base
@@ -1541,12 +1569,7 @@ impl Table {
         {
             self.insert_slot(key, name);
         }
-        let mut pinned = PinnedKey::new();
-        if self.implies_unstored(key, &mut pinned) {
-            let name = self.stored(key).expect("implies").clone();
-            self.insert_slot(&pinned, name);
-            noted(&pinned);
-        }
+        self.slot_implied_pinned(key, false, noted);
     }
 
     /// Records that `held` holds `key` as `holds` (added to how it already
@@ -1591,12 +1614,7 @@ impl Table {
         // has a slot: `keep_implied`), which no group held: the pinned key
         // of `held` itself, which it writes after `key`. It is a new name
         // from now on, with a slot.
-        let mut pinned = PinnedKey::new();
-        if self.implies_unstored(key, &mut pinned) {
-            let name = self.stored(key).expect("implies").clone();
-            self.insert_name(&pinned, name);
-            noted(&pinned);
-        }
+        self.slot_implied_pinned(key, true, &mut noted);
     }
 
     /// Records that `held` no longer holds `key` (a key left with no
@@ -1628,17 +1646,7 @@ impl Table {
         self.keyed_mut(hash).names.remove(hash, key);
         self.n_names -= 1;
         self.n_slots -= 1;
-        let pick = self.pick.clone();
-        for_each_suffix(key, |suffix| {
-            let hash = key_hash(&pick, suffix);
-            let nodes = &mut self.keyed_mut(hash).nodes;
-            if let Some(n) = nodes.get_mut(hash, suffix) {
-                *n -= 1;
-                if *n == 0 {
-                    nodes.remove(hash, suffix);
-                }
-            }
-        });
+        self.count_below(key, false);
     }
 
     /// Sets the records of a key that has holders (given a slot if it
