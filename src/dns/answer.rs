@@ -476,26 +476,23 @@ impl<'a> Writer<'a> {
     /// fit (the answer is truncated: write nothing more).
     #[inline]
     fn rr_qname(&mut self, rtype: u16, rdata: &[u8]) -> bool {
-        if !self.fits(QNAME_PTR.len() + 10 + rdata.len()) {
-            return false;
-        }
-        self.out.extend_from_slice(&QNAME_PTR);
-        self.out
-            .extend_from_slice(&rr_fields(rtype, self.ttl, rdata.len()));
-        self.out.extend_from_slice(rdata);
-        self.ancount += 1;
-        true
+        self.rr_qname_with(rtype, rdata.len(), |out| out.extend_from_slice(rdata))
     }
 
     /// [`Writer::rr_qname`] with a name as the data.
     fn rr_qname_name(&mut self, rtype: u16, name: Target<'_>) -> bool {
-        let len = name.wire_len();
+        self.rr_qname_with(rtype, name.wire_len(), |out| name.write_to(out))
+    }
+
+    /// [`Writer::rr_qname`] with `len` bytes of data that `write` appends.
+    #[inline]
+    fn rr_qname_with(&mut self, rtype: u16, len: usize, write: impl FnOnce(&mut Vec<u8>)) -> bool {
         if !self.fits(QNAME_PTR.len() + 10 + len) {
             return false;
         }
         self.out.extend_from_slice(&QNAME_PTR);
         self.out.extend_from_slice(&rr_fields(rtype, self.ttl, len));
-        name.write_to(self.out);
+        write(self.out);
         self.ancount += 1;
         true
     }
